@@ -1,0 +1,176 @@
+"""Behaviour tests for vicuna_demo.ratings (Bradley-Terry fit, bootstrap CIs, ranks, win rates).
+
+Run: .venv/bin/python -m pytest tests/test_ratings.py -q
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from vicuna_demo.ratings import ModelRating, compute_leaderboard, plot_win_rates, win_rate_matrix
+
+TRUE_RATINGS = {"m0": 1200.0, "m1": 1100.0, "m2": 1000.0, "m3": 900.0, "m4": 800.0}
+
+
+def simulate(rng: np.random.Generator, true: dict[str, float], n: int, tie_share: float = 0.0):
+    """Battles between random distinct pairs, outcomes drawn from the Bradley-Terry model."""
+    names = list(true)
+    strength = np.array([true[m] for m in names])
+    a = rng.integers(0, len(names), n)
+    b = (a + rng.integers(1, len(names), n)) % len(names)
+    p_a = 1.0 / (1.0 + 10.0 ** (-(strength[a] - strength[b]) / 400.0))
+    u = rng.random(n)
+    tie = rng.random(n) < tie_share
+    winners = np.where(tie, "tie", np.where(u < p_a, "model_a", "model_b"))
+    return [(names[i], names[j], str(w)) for i, j, w in zip(a, b, winners)]
+
+
+def by_model(rows: list[ModelRating]) -> dict[str, ModelRating]:
+    return {r.model: r for r in rows}
+
+
+def test_order_is_recovered_and_cis_cover_true_ratings():
+    rng = np.random.default_rng(20261126)
+    mean = np.mean(list(TRUE_RATINGS.values()))
+    aligned = {m: r - mean + 1000.0 for m, r in TRUE_RATINGS.items()}  # anchor: mean is 1000
+    covered = total = 0
+    for sim in range(30):
+        rows = compute_leaderboard(simulate(rng, TRUE_RATINGS, 5000), seed=sim)
+        assert [r.model for r in rows] == list(TRUE_RATINGS)
+        for r in rows:
+            covered += r.ci_lower <= aligned[r.model] <= r.ci_upper
+            total += 1
+    print(f"95% CI coverage: {covered}/{total}")
+    assert covered / total >= 0.90
+
+
+def test_ratings_are_anchored_at_mean_1000_on_the_400_point_scale():
+    rows = compute_leaderboard(simulate(np.random.default_rng(3), TRUE_RATINGS, 20000), bootstrap_rounds=0)
+    assert np.mean([r.rating for r in rows]) == pytest.approx(1000.0, abs=1e-6)
+    spread = rows[0].rating - rows[-1].rating
+    assert spread == pytest.approx(400.0, abs=40.0)
+
+
+def test_a_pair_with_only_ties_gets_equal_ratings():
+    rows = by_model(compute_leaderboard([("a", "b", "tie")] * 5 + [("b", "a", "tie (bothbad)")] * 5))
+    assert rows["a"].rating == pytest.approx(rows["b"].rating, abs=1e-6)
+    assert rows["a"].rating == pytest.approx(1000.0, abs=1e-6)
+
+
+def test_tie_counts_as_half_a_win_for_each_side():
+    rows = by_model(compute_leaderboard([("a", "b", "model_a")] * 3 + [("a", "b", "tie")]))
+    diff = rows["a"].rating - rows["b"].rating
+    expected_score = 1.0 / (1.0 + 10.0 ** (-diff / 400.0))
+    assert expected_score == pytest.approx(3.5 / 4.0, abs=1e-4)
+
+
+def test_bothbad_tie_is_a_tie():
+    plain = compute_leaderboard([("a", "b", "model_a")] * 3 + [("a", "b", "tie")], seed=1)
+    bothbad = compute_leaderboard([("a", "b", "model_a")] * 3 + [("a", "b", "tie (bothbad)")], seed=1)
+    assert plain == bothbad
+
+
+def test_side_of_the_battle_does_not_matter():
+    forward = compute_leaderboard([("a", "b", "model_a"), ("a", "b", "model_b"), ("a", "b", "model_a")])
+    mirrored = compute_leaderboard([("b", "a", "model_b"), ("b", "a", "model_a"), ("b", "a", "model_b")])
+    assert [(r.model, round(r.rating, 6)) for r in forward] == [(r.model, round(r.rating, 6)) for r in mirrored]
+
+
+def test_hundred_thousand_battles_fit_and_bootstrap_quickly():
+    battles = simulate(np.random.default_rng(7), TRUE_RATINGS, 100_000, tie_share=0.2)
+    start = time.perf_counter()
+    rows = compute_leaderboard(battles, bootstrap_rounds=100)
+    elapsed = time.perf_counter() - start
+    print(f"100k battles, fit + 100 bootstrap rounds: {elapsed:.2f} s")
+    assert elapsed < 30.0
+    assert [r.model for r in rows] == list(TRUE_RATINGS)
+    assert sum(r.battles for r in rows) == 2 * 100_000
+
+
+def test_empty_input_gives_empty_leaderboard():
+    assert compute_leaderboard([]) == []
+    models, matrix = win_rate_matrix([])
+    assert models == [] and matrix.shape == (0, 0)
+
+
+def test_one_model_gets_the_anchor_rating():
+    [row] = compute_leaderboard([("solo", "solo", "tie")] * 3)
+    assert row == ModelRating("solo", 1000.0, 1000.0, 1000.0, 3, 1)
+
+
+def test_model_that_always_wins_stays_finite_and_first():
+    rows = compute_leaderboard([("champ", "b", "model_a")] * 20 + [("c", "champ", "model_b")] * 20
+                               + [("b", "c", "model_a"), ("b", "c", "model_b")])
+    assert rows[0].model == "champ"
+    for r in rows:
+        assert all(math.isfinite(x) for x in (r.rating, r.ci_lower, r.ci_upper))
+
+
+def test_models_that_never_met_get_finite_ratings():
+    rows = by_model(compute_leaderboard([("a", "b", "model_a"), ("a", "b", "model_b"), ("a", "b", "model_a"),
+                                         ("c", "d", "model_b"), ("d", "c", "tie")]))
+    assert set(rows) == {"a", "b", "c", "d"}
+    assert all(math.isfinite(r.rating) for r in rows.values())
+    assert rows["a"].rating > rows["b"].rating and rows["d"].rating > rows["c"].rating
+    models, matrix = win_rate_matrix([("a", "b", "model_a"), ("c", "d", "model_b")])
+    assert np.isnan(matrix[models.index("a"), models.index("c")])
+
+
+def test_rank_is_one_plus_models_whose_lower_bound_beats_my_upper_bound():
+    rng = np.random.default_rng(11)
+    true = {"top": 1300.0, "close": 1290.0, "mid": 1000.0, "low": 700.0}
+    rows = compute_leaderboard(simulate(rng, true, 6000))
+    for r in rows:
+        assert r.rank == 1 + sum(o.ci_lower > r.ci_upper for o in rows)
+    ranks = {r.model: r.rank for r in rows}
+    assert ranks["top"] == ranks["close"] == 1  # indistinguishable: they share rank 1
+    assert ranks["mid"] == 3 and ranks["low"] == 4
+
+
+def test_bootstrap_is_reproducible_with_a_seed():
+    battles = simulate(np.random.default_rng(5), TRUE_RATINGS, 2000)
+    assert compute_leaderboard(battles, seed=42) == compute_leaderboard(battles, seed=42)
+    assert compute_leaderboard(battles, seed=42) != compute_leaderboard(battles, seed=43)
+
+
+def test_battle_counts_per_model():
+    rows = by_model(compute_leaderboard([("a", "b", "model_a"), ("b", "c", "tie"), ("a", "c", "model_b")]))
+    assert {m: r.battles for m, r in rows.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_unknown_winner_is_rejected():
+    with pytest.raises(ValueError, match="winner"):
+        compute_leaderboard([("a", "b", "leftvote")])
+
+
+def test_win_rate_matrix_counts_ties_as_half_and_uses_both_sides():
+    battles = [("a", "b", "model_a")] * 3 + [("b", "a", "tie")] + [("b", "a", "model_a")] * 2
+    models, matrix = win_rate_matrix(battles)
+    assert models == ["a", "b"]
+    assert matrix[0, 1] == pytest.approx(3.5 / 6)
+    assert matrix[1, 0] == pytest.approx(2.5 / 6)
+    assert np.isnan(matrix[0, 0]) and np.isnan(matrix[1, 1])
+
+
+def test_win_rate_matrix_follows_a_given_model_order():
+    models, matrix = win_rate_matrix([("a", "b", "model_a")], models=["b", "a"])
+    assert models == ["b", "a"]
+    assert matrix[0, 1] == 0.0 and matrix[1, 0] == 1.0
+
+
+def test_plot_win_rates_draws_a_heatmap_with_numbers(tmp_path):
+    models, matrix = win_rate_matrix([("a", "b", "model_a"), ("a", "b", "tie"), ("c", "a", "model_b")])
+    fig = plot_win_rates(models, matrix)
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {"0.75", "0.25", "1.00", "0.00"} <= texts
+    fig.savefig(tmp_path / "win_rates.png")
+    assert (tmp_path / "win_rates.png").stat().st_size > 1000
+
+
+def test_plot_win_rates_handles_no_models():
+    fig = plot_win_rates([], np.zeros((0, 0)))
+    assert fig.axes

@@ -1,0 +1,1 @@
+"""vicuna-demo: a Gradio research demo for chat models with an anonymous battle arena."""
