@@ -1,0 +1,370 @@
+"""Behaviour tests for vicuna_demo.storage (SQLite turn/vote log: round trips, migrations,
+privacy, failure handling, crash safety).
+
+Run: .venv/bin/python -m pytest tests/test_storage.py -q
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vicuna_demo import storage
+from vicuna_demo.storage import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    NullStore,
+    Store,
+    TurnRecord,
+    VoteRecord,
+    open_store,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_turn(conversation_id="conv-1", turn_index=0, user="Hello", reply="Hi there!", **overrides) -> TurnRecord:
+    fields = dict(
+        conversation_id=conversation_id,
+        turn_index=turn_index,
+        tstamp=1_700_000_000.25 + turn_index,
+        client_hash="c" * 64,
+        model="vicuna-7b",
+        template="vicuna_v1.1",
+        params={"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 512},
+        messages=[{"role": "system", "content": "Be nice."}, {"role": "user", "content": user}],
+        reply=reply,
+        finish_reason="stop",
+        n_tokens=4,
+        ttft_s=0.12,
+        tok_s=15.5,
+        moderation="passed",
+        moderation_categories=(),
+    )
+    fields.update(overrides)
+    return TurnRecord(**fields)
+
+
+def make_vote(battle_id="battle-1", winner="model_a", **overrides) -> VoteRecord:
+    fields = dict(
+        battle_id=battle_id,
+        tstamp=1_700_000_100.5,
+        client_hash="d" * 64,
+        anony=True,
+        model_a="vicuna-7b",
+        model_b="smollm2",
+        winner=winner,
+        counted=True,
+        not_counted_reason=None,
+        conversation_a_id=f"{battle_id}-a",
+        conversation_b_id=f"{battle_id}-b",
+    )
+    fields.update(overrides)
+    return VoteRecord(**fields)
+
+
+def storage_warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "vicuna_demo.storage" and r.levelno >= logging.WARNING]
+
+
+def integrity(path: Path) -> str:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_turns_round_trip(tmp_path):
+    turn = make_turn(
+        moderation="flagged",
+        moderation_categories=("harassment", "violence"),
+        finish_reason="moderated",
+        error="boom",
+        battle_id="battle-1",
+        side="b",
+        ttft_s=None,
+        tok_s=None,
+        messages=[{"role": "user", "content": "héllo ✓"}],
+    )
+    with Store(tmp_path) as store:
+        assert store.log_turn(turn) is True
+        assert store.log_turn(make_turn(turn_index=1)) is True
+        assert store.turns() == [turn, make_turn(turn_index=1)]
+        assert store.count_turns() == 2
+
+
+def test_votes_round_trip_and_battles_for_ratings(tmp_path):
+    votes = [
+        make_vote("b1", "model_a"),
+        make_vote("b2", "tie (bothbad)", model_a="x", model_b="y"),
+        make_vote("b3", "model_b", anony=False),
+        make_vote("b4", "tie", counted=False, not_counted_reason="identity_leak"),
+    ]
+    with Store(tmp_path) as store:
+        assert all(store.log_vote(v) for v in votes)
+        assert store.count_votes() == 4
+        assert store.vote_rows() == [vars(v) for v in votes]
+        assert store.battles() == [("vicuna-7b", "smollm2", "model_a"), ("x", "y", "tie (bothbad)")]
+        assert store.battles(anony_only=False, counted_only=False) == [
+            (v.model_a, v.model_b, v.winner) for v in votes
+        ]
+
+
+def test_only_the_first_vote_of_a_battle_counts(tmp_path):
+    with Store(tmp_path) as store:
+        store.log_vote(make_vote("b1", "model_a"))
+        store.log_vote(make_vote("b1", "model_b"))
+        assert store.battles() == [("vicuna-7b", "smollm2", "model_a")]
+        assert store.count_votes() == 2
+        assert len(store.vote_rows(first_per_battle=False)) == 2
+
+
+def test_unknown_winner_is_a_caller_bug(tmp_path):
+    with Store(tmp_path) as store, pytest.raises(ValueError, match="winner"):
+        store.log_vote(make_vote(winner="left"))
+
+
+def test_rows_are_append_only(tmp_path):
+    with Store(tmp_path) as store:
+        store.log_turn(make_turn())
+        store.log_vote(make_vote())
+    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE turns SET reply = 'edited'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM votes")
+    db.close()
+
+
+def test_new_store_is_migrated_from_an_empty_file_in_wal_mode(tmp_path):
+    (tmp_path / "vicuna_demo.sqlite3").touch()
+    with Store(tmp_path) as store:
+        assert store.ok
+        assert store.log_turn(make_turn())
+    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(MIGRATIONS)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"turns", "votes"} <= tables
+    db.close()
+
+
+def test_reopen_is_idempotent_and_keeps_data(tmp_path):
+    with Store(tmp_path) as store:
+        store.log_turn(make_turn())
+        store.log_vote(make_vote())
+    with Store(tmp_path) as store:
+        assert store.ok
+        assert store.count_turns() == 1 and store.count_votes() == 1
+        store.log_turn(make_turn(turn_index=1))
+    with Store(tmp_path) as store:
+        assert store.count_turns() == 2
+    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_an_older_store_gets_only_the_missing_migrations(tmp_path):
+    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3", isolation_level=None)
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO turns (conversation_id, turn_index, tstamp, client_hash, model, template, params, "
+        "messages, reply, finish_reason, n_tokens, moderation, moderation_categories) "
+        "VALUES ('old', 0, 1.0, 'h', 'm', 't', '{}', '[]', 'r', 'stop', 1, 'off', '[]')"
+    )
+    db.close()
+    with Store(tmp_path) as store:
+        assert store.ok
+        assert [t.conversation_id for t in store.turns()] == ["old"]
+        assert store.log_vote(make_vote())
+    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_client_hash_is_salted_stable_and_never_the_ip(tmp_path):
+    ip = "203.0.113.7"
+    first = Store(tmp_path)
+    hashed = first.client_hash(ip)
+    first.close()
+    assert ip not in hashed and len(hashed) == 64
+    assert hashed == Store(tmp_path).client_hash(ip)  # same salt file -> same hash
+    assert hashed != Store(tmp_path / "other").client_hash(ip)  # another salt -> another hash
+    assert Store(tmp_path, salt=b"fixed").client_hash(ip) == Store(tmp_path / "x", salt=b"fixed").client_hash(ip)
+    assert first.client_hash("203.0.113.8") != hashed
+    salt_file = tmp_path / "salt"
+    assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600
+    assert len(salt_file.read_bytes()) == 32
+
+
+def test_unusable_log_dir_warns_once_and_never_raises(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file where a directory should be")
+    caplog.set_level(logging.DEBUG, logger="vicuna_demo.storage")
+    store = Store(blocker / "sub")  # mkdir fails even for root: the parent is a file
+    assert store.log_turn(make_turn()) is False
+    assert store.log_vote(make_vote()) is False
+    assert store.battles() == [] and store.conversations() == [] and store.count_turns() == 0
+    assert len(store.client_hash("1.2.3.4")) == 64
+    warnings = storage_warnings(caplog)
+    assert len(warnings) == 1
+    assert str(blocker / "sub") in warnings[0].getMessage()
+    assert not store.ok and store.problem
+
+
+def test_a_file_that_is_not_a_database_warns_once_and_is_left_alone(tmp_path, caplog):
+    junk = b"this is not an SQLite database" * 100
+    (tmp_path / "vicuna_demo.sqlite3").write_bytes(junk)
+    store = Store(tmp_path)
+    assert store.log_turn(make_turn()) is False
+    assert store.log_vote(make_vote()) is False
+    assert len(storage_warnings(caplog)) == 1
+    assert (tmp_path / "vicuna_demo.sqlite3").read_bytes() == junk
+
+
+def test_full_disk_warns_once_keeps_stored_rows_and_recovers(tmp_path, caplog, monkeypatch):
+    with Store(tmp_path) as store:
+        for i in range(3):
+            store.log_turn(make_turn(turn_index=i))
+    original_connect = Store._connect
+
+    def connect_to_a_full_disk(self):
+        db = original_connect(self)
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")  # any growth now fails with SQLITE_FULL
+        return db
+
+    monkeypatch.setattr(Store, "_connect", connect_to_a_full_disk)
+    store = Store(tmp_path)
+    big = "x" * 200_000
+    assert store.log_turn(make_turn(turn_index=3, reply=big)) is False
+    assert store.log_turn(make_turn(turn_index=4, reply=big)) is False
+    assert store.log_vote(make_vote()) in (True, False)  # a small row may still fit in free space
+    warnings = storage_warnings(caplog)
+    assert len(warnings) == 1 and "full" in warnings[0].getMessage()
+    assert [t.turn_index for t in store.turns()] == [0, 1, 2]
+    store.close()
+    monkeypatch.undo()
+    assert integrity(tmp_path / "vicuna_demo.sqlite3") == "ok"
+    with Store(tmp_path) as healed:
+        assert healed.log_turn(make_turn(turn_index=3, reply=big)) is True
+
+
+def test_concurrent_threads_all_get_logged(tmp_path):
+    store = Store(tmp_path)
+
+    def worker(n: int) -> None:
+        for i in range(50):
+            assert store.log_turn(make_turn(conversation_id=f"t{n}", turn_index=i))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.count_turns() == 400
+    store.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from vicuna_demo.storage import Store, TurnRecord
+    store = Store(sys.argv[1])
+    i = 0
+    while True:
+        store.log_turn(TurnRecord(
+            conversation_id=f"c{i % 7}", turn_index=i, tstamp=time.time(), client_hash="h",
+            model="m", template="t", params={}, messages=[{"role": "user", "content": "q" * 3000}],
+            reply="r" * (1000 + 37 * (i % 100)), finish_reason="stop", n_tokens=i, ttft_s=None,
+            tok_s=None, moderation="off", moderation_categories=()))
+        i += 1
+    """
+)
+
+
+def test_process_killed_mid_write_leaves_a_store_that_opens_intact(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for round_ in range(3):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], cwd=REPO, env=env)
+        try:
+            deadline = time.monotonic() + 20
+            target = 100 * (round_ + 1)
+            while time.monotonic() < deadline:
+                with Store(tmp_path, read_only=True) as reader:
+                    if reader.count_turns() >= target:
+                        break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the writer subprocess did not write in time")
+        finally:
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.wait()
+        assert writer.returncode == -signal.SIGKILL
+        assert integrity(tmp_path / "vicuna_demo.sqlite3") == "ok"
+        with Store(tmp_path) as store:
+            assert store.ok
+            count = store.count_turns()
+            assert count >= target
+            assert len(store.turns()) == count  # every stored row decodes
+            assert store.log_turn(make_turn(conversation_id=f"after-kill-{round_}"))
+
+
+def test_conversations_give_latest_state_with_regenerations_and_fitted_context(tmp_path):
+    system = {"role": "system", "content": "Be nice."}
+    with Store(tmp_path) as store:
+        store.log_turn(make_turn("c1", 0, user="Q1", reply="first draft"))
+        store.log_turn(make_turn("c1", 0, user="Q1", reply="A1"))  # regenerated
+        store.log_turn(make_turn("c2", 0, user="other", reply="x", model="smollm2"))
+        store.log_turn(make_turn(
+            "c1", 1, reply="", finish_reason="moderated", moderation="flagged", moderation_categories=("hate",),
+            # context fitting dropped the first exchange; content arrives as gradio text blocks
+            messages=[system, {"role": "user", "content": [{"type": "text", "text": "Q2"}]}],
+        ))
+        conversations = {c["conversation_id"]: c for c in store.conversations()}
+    assert list(conversations) == ["c1", "c2"]
+    c1 = conversations["c1"]
+    assert c1["n_turns"] == 2 and c1["system"] == "Be nice." and c1["model"] == "vicuna-7b"
+    assert [(t["user"], t["reply"], t["moderated"]) for t in c1["turns"]] == [("Q1", "A1", False), ("Q2", "", True)]
+    assert c1["turns"][1]["moderation_categories"] == ["hate"]
+    assert c1["messages"][-1] == {"role": "assistant", "content": ""}
+    assert c1["messages"][0] == system
+
+
+def test_read_only_store_reads_and_refuses_writes(tmp_path):
+    with Store(tmp_path) as store:
+        store.log_vote(make_vote())
+    reader = Store(tmp_path, read_only=True)
+    assert reader.ok and reader.count_votes() == 1
+    assert reader.log_vote(make_vote("b2")) is False
+    assert not Store(tmp_path / "nothing-here", read_only=True).ok
+    assert not (tmp_path / "nothing-here").exists()
+
+
+def test_null_store_keeps_nothing(tmp_path):
+    store = open_store("")
+    assert isinstance(store, NullStore)
+    assert store.log_turn(make_turn()) is False and store.log_vote(make_vote()) is False
+    assert store.battles() == [] and store.vote_rows() == [] and store.conversations() == []
+    assert store.count_turns() == 0 and store.count_votes() == 0
+    assert "1.2.3.4" not in store.client_hash("1.2.3.4")
+    store.close()
+    assert isinstance(open_store(tmp_path), Store)
+    assert list(tmp_path.iterdir()) != []
+
+
+def test_store_has_no_module_level_connection():
+    assert not any(isinstance(v, sqlite3.Connection) for v in vars(storage).values())

@@ -1,0 +1,582 @@
+"""Append-only SQLite log of chat turns and arena votes, kept in ``<log_dir>/vicuna_demo.sqlite3``.
+
+The app writes one row per model turn (``Store.log_turn``) and one per vote (``Store.log_vote``);
+ratings read ``Store.battles()``, ``python -m vicuna_demo.export`` reads the rest. Rows are never
+updated or deleted (triggers refuse it); a regenerated reply is a new row for the same turn.
+
+- Schema: ``MIGRATIONS`` is an ordered tuple of numbered functions; the number of those applied
+  is kept in ``PRAGMA user_version``. Opening a store applies the missing ones in a single
+  transaction, so an empty or new file becomes a current store and a reopen changes nothing.
+- Durability: WAL journal, one transaction per record. A process killed mid-write leaves the
+  store intact (the unfinished record is simply absent).
+- Threads: one connection shared behind a lock (gradio calls from many worker threads). Other
+  processes may open the same store; SQLite's own locking (30 s busy timeout) serialises them.
+- Failures: if the directory cannot be written, the file is not a database, or the disk is full,
+  the store logs ONE warning on logger ``vicuna_demo.storage`` and carries on: ``log_*`` return
+  False, reads return empty results, nothing raises. It retries on every call, so a store whose
+  disk frees up resumes logging. Bugs in the caller (e.g. an unknown winner) do raise ValueError.
+- Privacy: the store never sees raw IPs. ``client_hash(ip)`` is HMAC-SHA-256 keyed by a random
+  salt kept in ``<log_dir>/salt`` (mode 0600, created once) or passed in. With no writable log
+  dir, the salt is temporary and hashes change on restart. IPv4 space is small: anyone holding
+  the salt can reverse the hashes, so the salt file must not be published with exports.
+
+Use::
+
+    store = Store("logs")            # NullStore() when logging is disabled
+    store.log_turn(TurnRecord(...)); store.log_vote(VoteRecord(...))
+    compute_leaderboard(store.battles())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOGGER = logging.getLogger("vicuna_demo.storage")
+DB_FILENAME = "vicuna_demo.sqlite3"
+SALT_FILENAME = "salt"
+WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
+SIDES = (None, "a", "b")
+BUSY_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    conversation_id: str
+    turn_index: int
+    tstamp: float
+    client_hash: str
+    model: str
+    template: str
+    params: dict  # {"temperature": .., "top_p": .., "max_new_tokens": ..}
+    messages: list[dict]  # OpenAI-style messages sent to the model, system included, after context fitting
+    reply: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error" | "moderated"
+    n_tokens: int
+    ttft_s: float | None
+    tok_s: float | None
+    moderation: str  # moderation status, e.g. "passed" | "flagged" | "unavailable" | "off"
+    moderation_categories: tuple[str, ...]
+    error: str | None = None
+    battle_id: str | None = None
+    side: str | None = None  # "a" / "b" for comparison turns
+
+
+@dataclass(frozen=True)
+class VoteRecord:
+    battle_id: str
+    tstamp: float
+    client_hash: str
+    anony: bool
+    model_a: str
+    model_b: str
+    winner: str  # "model_a" | "model_b" | "tie" | "tie (bothbad)"
+    counted: bool
+    not_counted_reason: str | None  # e.g. "identity_leak", "error", "moderated"
+    conversation_a_id: str
+    conversation_b_id: str
+
+
+def is_moderated(turn: dict | TurnRecord) -> bool:
+    """True when a turn's reply was withheld or flagged by moderation (export omits such replies)."""
+    get = turn.get if isinstance(turn, dict) else lambda k: getattr(turn, k)
+    return get("finish_reason") == "moderated" or get("moderation") == "flagged"
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+def _m001_create_turns(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE turns (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL,
+            turn_index INTEGER NOT NULL,
+            tstamp REAL NOT NULL,
+            client_hash TEXT NOT NULL,
+            model TEXT NOT NULL,
+            template TEXT NOT NULL,
+            params TEXT NOT NULL,
+            messages TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            finish_reason TEXT NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            ttft_s REAL,
+            tok_s REAL,
+            moderation TEXT NOT NULL,
+            moderation_categories TEXT NOT NULL,
+            error TEXT,
+            battle_id TEXT,
+            side TEXT CHECK (side IS NULL OR side IN ('a', 'b'))
+        )"""
+    )
+
+
+def _m002_create_votes(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE votes (
+            id INTEGER PRIMARY KEY,
+            battle_id TEXT NOT NULL,
+            tstamp REAL NOT NULL,
+            client_hash TEXT NOT NULL,
+            anony INTEGER NOT NULL,
+            model_a TEXT NOT NULL,
+            model_b TEXT NOT NULL,
+            winner TEXT NOT NULL CHECK (winner IN ('model_a', 'model_b', 'tie', 'tie (bothbad)')),
+            counted INTEGER NOT NULL,
+            not_counted_reason TEXT,
+            conversation_a_id TEXT NOT NULL,
+            conversation_b_id TEXT NOT NULL
+        )"""
+    )
+
+
+def _m003_indexes(db: sqlite3.Connection) -> None:
+    db.execute("CREATE INDEX turns_by_conversation ON turns (conversation_id, turn_index)")
+    db.execute("CREATE INDEX votes_by_battle ON votes (battle_id)")
+
+
+def _m004_append_only(db: sqlite3.Connection) -> None:
+    for table in ("turns", "votes"):
+        for action in ("UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+            )
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _m001_create_turns,
+    _m002_create_votes,
+    _m003_indexes,
+    _m004_append_only,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Apply the migrations this database lacks, all in one transaction; return the new version.
+
+    ``db`` must be in autocommit mode (isolation_level=None).
+    """
+    db.execute("BEGIN IMMEDIATE")  # read the version under the write lock: safe across processes
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            step(db)
+            db.execute(f"PRAGMA user_version = {number}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return max(version, SCHEMA_VERSION)
+
+
+def store_path(log_dir: str | os.PathLike) -> Path:
+    return Path(log_dir) / DB_FILENAME
+
+
+# --- the store ----------------------------------------------------------------------------
+
+_TURN_COLUMNS = (
+    "conversation_id turn_index tstamp client_hash model template params messages reply "
+    "finish_reason n_tokens ttft_s tok_s moderation moderation_categories error battle_id side"
+).split()
+_VOTE_COLUMNS = (
+    "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
+    "conversation_a_id conversation_b_id"
+).split()
+_JSON_TURN_COLUMNS = ("params", "messages", "moderation_categories")
+
+
+class Store:
+    """The SQLite log. Never raises on I/O trouble: see the module docstring."""
+
+    def __init__(self, log_dir: str | os.PathLike, *, salt: bytes | None = None, read_only: bool = False):
+        """Open (creating and migrating) the store in ``log_dir``.
+
+        ``read_only=True`` (for export) creates nothing, runs no migrations, refuses writes, and
+        reports a missing or out-of-date store through ``problem``.
+        """
+        self.log_dir = Path(log_dir)
+        self.path = store_path(log_dir)
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+        self._warned = False
+        self._problem: str | None = None
+        salt_problem = None
+        if salt is not None:
+            self._salt = bytes(salt)
+        elif read_only:
+            self._salt = secrets.token_bytes(32)
+        else:
+            try:
+                self._salt = _load_or_create_salt(self.log_dir)
+            except OSError as exc:
+                self._salt = secrets.token_bytes(32)
+                salt_problem = f"cannot keep the client-hash salt in {self.log_dir / SALT_FILENAME} ({exc})"
+        if self._open() and salt_problem:
+            self._report(f"{salt_problem}; using a temporary salt, so client hashes change on restart")
+
+    # -- health --
+
+    @property
+    def ok(self) -> bool:
+        """True while the last operation succeeded."""
+        return self._problem is None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last operation failed, or None."""
+        return self._problem
+
+    def _report(self, problem: str) -> None:
+        with self._lock:
+            self._problem = problem
+            first = not self._warned
+            self._warned = True
+        if first:
+            LOGGER.warning(
+                "vicuna_demo storage problem: %s. The demo keeps running, but turns and votes "
+                "that fail to save are lost (store: %s). Further storage errors are logged at debug level.",
+                problem,
+                self.path,
+            )
+        else:
+            LOGGER.debug("vicuna_demo storage problem: %s", problem)
+
+    # -- connection --
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=ro"
+            return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+
+    def _open(self) -> bool:
+        """Make sure a migrated connection exists; report (once) and return False if not."""
+        with self._lock:
+            if self._db is not None:
+                return True
+            if self._closed:
+                self._report("the store was closed")
+                return False
+            db = None
+            try:
+                if self.read_only:
+                    if not self.path.is_file():
+                        raise FileNotFoundError(f"no store file {self.path}")
+                    db = self._connect()
+                    version = db.execute("PRAGMA user_version").fetchone()[0]
+                    if version < SCHEMA_VERSION:
+                        raise sqlite3.DatabaseError(
+                            f"schema version {version} is older than {SCHEMA_VERSION}; "
+                            "open it once read-write (e.g. start the app) to migrate it")
+                else:
+                    self.log_dir.mkdir(parents=True, exist_ok=True)
+                    db = self._connect()
+                    db.execute("PRAGMA journal_mode = WAL")
+                    version = migrate(db)
+                    if version > SCHEMA_VERSION:
+                        LOGGER.info("store %s has schema version %d, newer than this code (%d)",
+                                    self.path, version, SCHEMA_VERSION)
+            except (OSError, sqlite3.Error) as exc:
+                if db is not None:
+                    db.close()
+                self._report(f"cannot open {self.path}: {exc}")
+                return False
+            self._db = db
+            self._problem = None
+            return True
+
+    def _write(self, table: str, columns: list[str], values: tuple) -> bool:
+        if self.read_only:
+            self._report("the store was opened read-only")
+            return False
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        with self._lock:
+            if not self._open():
+                return False
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute(sql, values)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (OSError, sqlite3.Error) as exc:
+                self._report(f"could not save a row in {table}: {exc}")
+                return False
+            self._problem = None
+            return True
+
+    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            if not self._open():
+                return []
+            try:
+                cursor = self._db.execute(sql, params)
+                cursor.row_factory = sqlite3.Row
+                return cursor.fetchall()
+            except (OSError, sqlite3.Error) as exc:
+                self._report(f"could not read {self.path}: {exc}")
+                return []
+
+    # -- writing --
+
+    def client_hash(self, ip: str) -> str:
+        """Salted hash (HMAC-SHA-256, hex) of a client address; the raw address is never stored."""
+        return hmac.new(self._salt, ip.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def log_turn(self, rec: TurnRecord) -> bool:
+        """Append one model turn; False if it could not be stored (a warning is logged once)."""
+        if rec.side not in SIDES:
+            raise ValueError(f"side must be 'a', 'b' or None, got {rec.side!r}")
+        values = tuple(_encode(getattr(rec, c)) if c in _JSON_TURN_COLUMNS else getattr(rec, c)
+                       for c in _TURN_COLUMNS)
+        return self._write("turns", _TURN_COLUMNS, values)
+
+    def log_vote(self, rec: VoteRecord) -> bool:
+        """Append one vote; False if it could not be stored (a warning is logged once)."""
+        if rec.winner not in WINNERS:
+            raise ValueError(f"winner must be one of {', '.join(WINNERS)}, got {rec.winner!r}")
+        values = tuple(int(v) if c in ("anony", "counted") else v
+                       for c, v in ((c, getattr(rec, c)) for c in _VOTE_COLUMNS))
+        return self._write("votes", _VOTE_COLUMNS, values)
+
+    # -- reading --
+
+    def battles(self, *, anony_only: bool = True, counted_only: bool = True) -> list[tuple[str, str, str]]:
+        """(model_a, model_b, winner) per battle, oldest first, for ``compute_leaderboard``.
+
+        One vote per battle: the first recorded for a battle_id (later ones are ignored).
+        """
+        return [(r["model_a"], r["model_b"], r["winner"])
+                for r in self._vote_query(anony_only, counted_only, first_per_battle=True)]
+
+    def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
+                  first_per_battle: bool = True) -> list[dict]:
+        """Votes as dicts with VoteRecord's field names, oldest first (first vote per battle)."""
+        return [{c: bool(r[c]) if c in ("anony", "counted") else r[c] for c in _VOTE_COLUMNS}
+                for r in self._vote_query(anony_only, counted_only, first_per_battle)]
+
+    def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool) -> list[sqlite3.Row]:
+        where = []
+        if first_per_battle:
+            where.append("id IN (SELECT MIN(id) FROM votes GROUP BY battle_id)")
+        if anony_only:
+            where.append("anony = 1")
+        if counted_only:
+            where.append("counted = 1")
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return self._read(f"SELECT * FROM votes{clause} ORDER BY id")
+
+    def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
+        """Every stored turn (regenerations included), in insertion order."""
+        if conversation_id is None:
+            rows = self._read("SELECT * FROM turns ORDER BY id")
+        else:
+            rows = self._read("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        return [_turn_from_row(r) for r in rows]
+
+    def conversations(self) -> list[dict]:
+        """Latest state of each conversation, oldest conversation first.
+
+        Each dict: conversation_id, model, template, client_hash, battle_id, side, tstamp (last
+        turn), n_turns, ``messages`` (the last turn's messages plus its reply as an assistant
+        message), ``system`` (its system text or None) and ``turns``: per turn_index the latest
+        row (a regeneration replaces the earlier reply) as {turn_index, tstamp, user, reply,
+        finish_reason, moderation, moderation_categories, moderated, error}. ``turns`` keeps
+        every exchange even when context fitting dropped old messages from ``messages``.
+        """
+        latest: dict[str, dict[int, TurnRecord]] = {}
+        for turn in self.turns():
+            latest.setdefault(turn.conversation_id, {})[turn.turn_index] = turn
+        result = []
+        for conversation_id, by_index in latest.items():
+            ordered = [by_index[i] for i in sorted(by_index)]
+            last = ordered[-1]
+            system = next((_text(m.get("content")) for m in last.messages if m.get("role") == "system"), None)
+            result.append({
+                "conversation_id": conversation_id,
+                "model": last.model,
+                "template": last.template,
+                "client_hash": last.client_hash,
+                "battle_id": last.battle_id,
+                "side": last.side,
+                "tstamp": last.tstamp,
+                "n_turns": len(ordered),
+                "system": system,
+                "messages": [*last.messages, {"role": "assistant", "content": last.reply}],
+                "turns": [{
+                    "turn_index": t.turn_index,
+                    "tstamp": t.tstamp,
+                    "user": _last_user_text(t.messages),
+                    "reply": t.reply,
+                    "finish_reason": t.finish_reason,
+                    "moderation": t.moderation,
+                    "moderation_categories": list(t.moderation_categories),
+                    "moderated": is_moderated(t),
+                    "error": t.error,
+                } for t in ordered],
+            })
+        return result
+
+    def count_turns(self) -> int:
+        rows = self._read("SELECT COUNT(*) AS n FROM turns")
+        return rows[0]["n"] if rows else 0
+
+    def count_votes(self) -> int:
+        rows = self._read("SELECT COUNT(*) AS n FROM votes")
+        return rows[0]["n"] if rows else 0
+
+    def close(self) -> None:
+        """Close the connection; later calls store nothing and return empty results."""
+        with self._lock:
+            self._closed = True
+            if self._db is not None:
+                try:
+                    self._db.close()
+                except sqlite3.Error as exc:  # pragma: no cover - close of a healthy handle
+                    LOGGER.debug("closing %s: %s", self.path, exc)
+                self._db = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class NullStore:
+    """A Store that keeps nothing (logging disabled, e.g. ``--log-dir ''``)."""
+
+    ok = True
+    problem = None
+    read_only = False
+
+    def __init__(self, log_dir: str | os.PathLike | None = None, *, salt: bytes | None = None):
+        self._salt = bytes(salt) if salt is not None else secrets.token_bytes(32)
+
+    def client_hash(self, ip: str) -> str:
+        return hmac.new(self._salt, ip.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def log_turn(self, rec: TurnRecord) -> bool:
+        return False
+
+    def log_vote(self, rec: VoteRecord) -> bool:
+        return False
+
+    def battles(self, *, anony_only: bool = True, counted_only: bool = True) -> list[tuple[str, str, str]]:
+        return []
+
+    def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
+                  first_per_battle: bool = True) -> list[dict]:
+        return []
+
+    def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
+        return []
+
+    def conversations(self) -> list[dict]:
+        return []
+
+    def count_turns(self) -> int:
+        return 0
+
+    def count_votes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> NullStore:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        pass
+
+
+def open_store(log_dir: str | os.PathLike | None, *, salt: bytes | None = None) -> Store | NullStore:
+    """``Store(log_dir)``, or a ``NullStore`` when log_dir is None or '' (logging disabled)."""
+    if log_dir is None or str(log_dir) == "":
+        return NullStore(salt=salt)
+    return Store(log_dir, salt=salt)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _load_or_create_salt(log_dir: Path) -> bytes:
+    """Read ``<log_dir>/salt``, creating it (0600, 32 random bytes) atomically if missing."""
+    path = log_dir / SALT_FILENAME
+    try:
+        data = path.read_bytes()
+        if data:
+            return data
+    except FileNotFoundError:
+        pass
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = log_dir / f".salt.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and never overwrites: a racing process keeps its salt
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    data = path.read_bytes()
+    if not data:
+        raise OSError(f"salt file {path} is empty")
+    return data
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _turn_from_row(row: sqlite3.Row) -> TurnRecord:
+    values = {c: json.loads(row[c]) if c in _JSON_TURN_COLUMNS else row[c] for c in _TURN_COLUMNS}
+    values["moderation_categories"] = tuple(values["moderation_categories"])
+    return TurnRecord(**values)
+
+
+def _text(content: Any) -> str:
+    """Message content as text; accepts a string or a list of {"type": "text", "text": ...} blocks."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
+    return str(content)
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
