@@ -1,0 +1,222 @@
+"""Behaviour tests for the export and leaderboard command lines, run as real subprocesses.
+
+Run: .venv/bin/python -m pytest tests/test_export_leaderboard_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vicuna_demo.ratings import compute_leaderboard
+from vicuna_demo.storage import Store, TurnRecord, VoteRecord
+
+REPO = Path(__file__).resolve().parents[1]
+WINNERS = {"model_a", "model_b", "tie", "tie (bothbad)"}
+
+
+def run_module(module: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def turn(conversation_id: str, index: int, user: str, reply: str, *, system: str | None = "Be helpful.",
+         **overrides) -> TurnRecord:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    fields = dict(conversation_id=conversation_id, turn_index=index, tstamp=1000.0 + index, client_hash="h" * 64,
+                  model="vicuna-7b", template="vicuna_v1.1", params={"temperature": 0.7}, messages=messages,
+                  reply=reply, finish_reason="stop", n_tokens=3, ttft_s=0.1, tok_s=12.0, moderation="passed",
+                  moderation_categories=())
+    fields.update(overrides)
+    return TurnRecord(**fields)
+
+
+def vote(battle_id: str, model_a: str, model_b: str, winner: str, *, anony: bool = True, counted: bool = True,
+         reason: str | None = None) -> VoteRecord:
+    return VoteRecord(battle_id=battle_id, tstamp=2000.0, client_hash="v" * 64, anony=anony, model_a=model_a,
+                      model_b=model_b, winner=winner, counted=counted, not_counted_reason=reason,
+                      conversation_a_id=f"{battle_id}-a", conversation_b_id=f"{battle_id}-b")
+
+
+@pytest.fixture
+def log_dir(tmp_path) -> Path:
+    logs = tmp_path / "logs"
+    with Store(logs) as store:
+        store.log_turn(turn("c1", 0, "What is 2+2?", "4."))
+        store.log_turn(turn("c1", 1, "And 3+3?", "first try"))
+        store.log_turn(turn("c1", 1, "And 3+3?", "6."))  # regenerated: this reply wins
+        store.log_turn(turn("c1", 2, "Say something awful", "awful text", finish_reason="moderated",
+                            moderation="flagged", moderation_categories=("harassment",)))
+        store.log_turn(turn("c2", 0, "Hi", "Hello!", system=None, model="smollm2", battle_id="b1", side="b"))
+        store.log_vote(vote("b1", "vicuna-7b", "smollm2", "model_a"))
+        store.log_vote(vote("b2", "vicuna-7b", "smollm2", "tie (bothbad)"))
+        store.log_vote(vote("b3", "smollm2", "vicuna-7b", "model_b", counted=False, reason="identity_leak"))
+        store.log_vote(vote("b4", "vicuna-7b", "smollm2", "model_b", anony=False))
+    return logs
+
+
+def test_export_writes_sharegpt_conversations(log_dir, tmp_path):
+    out = tmp_path / "conversations.jsonl"
+    result = run_module("vicuna_demo.export", "--log-dir", log_dir, "--conversations", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert set(records) == {"c1", "c2"}
+    for record in records.values():
+        assert set(record) == {"id", "model", "conversations"}
+        assert all(set(m) == {"from", "value"} and m["from"] in {"system", "human", "gpt"}
+                   for m in record["conversations"])
+    assert records["c1"]["model"] == "vicuna-7b"
+    assert records["c1"]["conversations"] == [
+        {"from": "system", "value": "Be helpful."},
+        {"from": "human", "value": "What is 2+2?"},
+        {"from": "gpt", "value": "4."},
+        {"from": "human", "value": "And 3+3?"},
+        {"from": "gpt", "value": "6."},
+        {"from": "human", "value": "Say something awful"},  # moderated: user text kept, reply omitted
+    ]
+    assert records["c2"]["conversations"] == [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
+
+
+def test_export_writes_clean_battles_anonymous_only_by_default(log_dir, tmp_path):
+    out = tmp_path / "battles.jsonl"
+    result = run_module("vicuna_demo.export", "--log-dir", log_dir, "--battles", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert [r["question_id"] for r in rows] == ["b1", "b2", "b3"]
+    for row in rows:
+        assert {"question_id", "model_a", "model_b", "winner", "anony", "tstamp", "counted"} <= set(row)
+        assert row["winner"] in WINNERS and row["anony"] is True and isinstance(row["tstamp"], float)
+    assert [r["counted"] for r in rows] == [True, True, False]
+    assert rows[2]["not_counted_reason"] == "identity_leak"
+    assert "v" * 64 == rows[0]["judge"]
+
+
+def test_export_include_named_adds_named_battles(log_dir, tmp_path):
+    out = tmp_path / "battles.jsonl"
+    result = run_module("vicuna_demo.export", "--log-dir", log_dir, "--battles", out, "--include-named", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert [(r["question_id"], r["anony"]) for r in rows] == [("b1", True), ("b2", True), ("b3", True), ("b4", False)]
+
+
+def test_export_without_a_store_fails_with_one_clear_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_module("vicuna_demo.export", "--log-dir", empty, "--battles", tmp_path / "b.jsonl", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+    assert "no store" in result.stderr
+    assert list(empty.iterdir()) == []  # exporting created nothing
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_export_of_a_broken_store_fails_cleanly(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "vicuna_demo.sqlite3").write_bytes(b"garbage" * 1000)
+    result = run_module("vicuna_demo.export", "--log-dir", logs, "--battles", tmp_path / "b.jsonl", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error:") and result.stderr.strip().count("\n") == 0
+
+
+def test_leaderboard_json_matches_compute_leaderboard(tmp_path):
+    rng = np.random.default_rng(9)
+    true = {"alpha": 1150.0, "beta": 1000.0, "gamma": 850.0}
+    names = list(true)
+    rows = []
+    for i in range(3000):
+        a, b = rng.choice(3, size=2, replace=False)
+        p = 1 / (1 + 10 ** (-(true[names[a]] - true[names[b]]) / 400))
+        winner = "tie" if rng.random() < 0.1 else ("model_a" if rng.random() < p else "model_b")
+        rows.append({"question_id": f"q{i}", "model_a": names[a], "model_b": names[b], "winner": winner,
+                     "anony": True, "tstamp": float(i)})
+    path = tmp_path / "battles.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_module("vicuna_demo.leaderboard", path, "--json", "--bootstrap", "50", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert set(printed) == {"models"}
+    expected = compute_leaderboard([(r["model_a"], r["model_b"], r["winner"]) for r in rows],
+                                   bootstrap_rounds=50, seed=0)
+    assert [m["model"] for m in printed["models"]] == ["alpha", "beta", "gamma"]
+    for got, want in zip(printed["models"], expected, strict=True):
+        assert {"model", "rating", "ci_lower", "ci_upper", "battles"} <= set(got)
+        assert got["model"] == want.model and got["battles"] == want.battles and got["rank"] == want.rank
+        assert got["rating"] == pytest.approx(want.rating)
+        assert got["ci_lower"] == pytest.approx(want.ci_lower)
+        assert got["ci_upper"] == pytest.approx(want.ci_upper)
+
+
+def test_leaderboard_table_is_aligned_and_shows_ci(tmp_path):
+    path = tmp_path / "battles.json"  # a JSON array works too
+    rows = ([{"model_a": "vicuna-13b", "model_b": "tiny", "winner": "model_a"}] * 30
+            + [{"model_a": "tiny", "model_b": "vicuna-13b", "winner": "model_a"}] * 10
+            + [{"model_a": "tiny", "model_b": "vicuna-13b", "winner": "tie"}] * 5)
+    path.write_text(json.dumps(rows))
+    result = run_module("vicuna_demo.leaderboard", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split() == ["rank", "model", "rating", "95%", "CI", "battles"]
+    assert len(lines) == 3
+    assert lines[1].split()[:2] == ["1", "vicuna-13b"] and lines[2].split()[1] == "tiny"
+    assert "+" in lines[1] and "/-" in lines[1]
+    assert lines[1].split()[-1] == "45"
+    assert len({len(line) for line in lines[1:]}) == 1  # rows share column positions
+
+
+def test_leaderboard_skips_and_reports_unknown_winners_and_uncounted_rows(tmp_path):
+    path = tmp_path / "battles.jsonl"
+    rows = [
+        {"model_a": "a", "model_b": "b", "winner": "model_a"},
+        {"model_a": "a", "model_b": "b", "winner": "model_b"},
+        {"model_a": "a", "model_b": "b", "winner": "leftvote"},
+        {"model_a": "a", "model_b": "b", "winner": None},
+        {"model_a": "a", "model_b": "b", "winner": "tie", "counted": False},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    result = run_module("vicuna_demo.leaderboard", path, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 winner not one of" in result.stderr and "1 not counted" in result.stderr
+    assert {m["model"]: m["battles"] for m in json.loads(result.stdout)["models"]} == {"a": 2, "b": 2}
+    result = run_module("vicuna_demo.leaderboard", path, "--json", "--include-uncounted", cwd=tmp_path)
+    assert {m["model"]: m["battles"] for m in json.loads(result.stdout)["models"]} == {"a": 3, "b": 3}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ('{"model_a": "a", "model_b": "b", "winner": "tie"}\n{"model_a": oops}\n', "line 2"),
+    ("[1, 2, 3]", "not a JSON object"),
+    ('[{"model_a": "a"', "not valid JSON"),
+])
+def test_leaderboard_rejects_missing_or_malformed_files(tmp_path, content, message):
+    path = tmp_path / "battles.jsonl"
+    if content is not None:
+        path.write_text(content)
+    result = run_module("vicuna_demo.leaderboard", path, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error:") and message in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stdout == ""
+
+
+def test_export_then_leaderboard_round_trip(log_dir, tmp_path):
+    battles = tmp_path / "battles.jsonl"
+    assert run_module("vicuna_demo.export", "--log-dir", log_dir, "--battles", battles, cwd=tmp_path).returncode == 0
+    result = run_module("vicuna_demo.leaderboard", battles, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Store(log_dir, read_only=True) as store:
+        expected = compute_leaderboard(store.battles())
+    assert [(m["model"], m["battles"]) for m in json.loads(result.stdout)["models"]] == [
+        (r.model, r.battles) for r in expected
+    ]

@@ -1,0 +1,123 @@
+"""Export the demo's SQLite log (see storage.py) as JSONL for research use.
+
+- Conversations: ShareGPT format, one object per line:
+  ``{"id": conversation_id, "model": ..., "conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}``.
+  The latest reply of each turn is used (regenerations replace earlier replies). A reply withheld
+  or flagged by moderation is omitted, the user's text is kept; empty replies are omitted too.
+- Battles: FastChat's clean-battle shape, one vote per line, oldest first, first vote per battle:
+  ``question_id`` (the battle id), ``model_a``, ``model_b``, ``winner``, ``judge`` (salted client
+  hash), ``anony``, ``tstamp``, ``counted``, ``not_counted_reason``, ``conversation_a_id``,
+  ``conversation_b_id``. Anonymous battles only, unless ``--include-named``. Uncounted votes
+  are written with ``counted: false`` (the leaderboard skips them unless asked not to).
+
+Run::
+
+    python -m vicuna_demo.export --log-dir logs --conversations conversations.jsonl \\
+        --battles battles.jsonl [--include-named]
+
+Either output may be ``-`` for stdout. Exits 1 with one ``error:`` line if the log dir holds no
+readable store. The store is opened read-only: exporting never changes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from vicuna_demo.storage import Store, store_path
+
+
+def sharegpt_record(conversation: dict) -> dict:
+    """One conversation from ``Store.conversations()`` as a ShareGPT object."""
+    messages = []
+    if conversation.get("system"):
+        messages.append({"from": "system", "value": conversation["system"]})
+    for turn in conversation["turns"]:
+        messages.append({"from": "human", "value": turn["user"]})
+        if turn["reply"] and not turn["moderated"]:
+            messages.append({"from": "gpt", "value": turn["reply"]})
+    return {"id": conversation["conversation_id"], "model": conversation["model"], "conversations": messages}
+
+
+def battle_record(vote: dict) -> dict:
+    """One vote from ``Store.vote_rows()`` in FastChat's clean-battle shape."""
+    return {
+        "question_id": vote["battle_id"],
+        "model_a": vote["model_a"],
+        "model_b": vote["model_b"],
+        "winner": vote["winner"],
+        "judge": vote["client_hash"],
+        "anony": vote["anony"],
+        "tstamp": vote["tstamp"],
+        "counted": vote["counted"],
+        "not_counted_reason": vote["not_counted_reason"],
+        "conversation_a_id": vote["conversation_a_id"],
+        "conversation_b_id": vote["conversation_b_id"],
+    }
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> int:
+    """Write records one per line to path ('-' = stdout), atomically for files; return the count."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    if path == "-":
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+        return len(lines)
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vicuna_demo.export",
+        description="Export logged conversations (ShareGPT JSONL) and battles (FastChat clean-battle JSONL).",
+    )
+    parser.add_argument("--log-dir", required=True, help="the demo's log directory (holds vicuna_demo.sqlite3)")
+    parser.add_argument("--conversations", metavar="PATH", help="write ShareGPT conversations here ('-' = stdout)")
+    parser.add_argument("--battles", metavar="PATH", help="write battles here ('-' = stdout)")
+    parser.add_argument("--include-named", action="store_true",
+                        help="also export votes from named (non-anonymous) comparisons")
+    args = parser.parse_args(argv)
+    if not args.conversations and not args.battles:
+        parser.error("nothing to do: give --conversations PATH and/or --battles PATH")
+
+    logging.basicConfig(level=logging.ERROR)  # the store's problems are reported below, once
+    if not store_path(args.log_dir).is_file():
+        print(f"error: no store in {args.log_dir!r} (expected {store_path(args.log_dir)})", file=sys.stderr)
+        return 1
+    with Store(args.log_dir, read_only=True) as store:
+        if not store.ok:
+            print(f"error: cannot read the store: {store.problem}", file=sys.stderr)
+            return 1
+        conversations = store.conversations() if args.conversations else []
+        votes = store.vote_rows(anony_only=not args.include_named) if args.battles else []
+        if not store.ok:
+            print(f"error: cannot read the store: {store.problem}", file=sys.stderr)
+            return 1
+    try:
+        if args.conversations:
+            n = write_jsonl(args.conversations, (sharegpt_record(c) for c in conversations))
+            print(f"wrote {n} conversations to {args.conversations}", file=sys.stderr)
+        if args.battles:
+            n = write_jsonl(args.battles, (battle_record(v) for v in votes))
+            print(f"wrote {n} battles to {args.battles}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: cannot write output: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
