@@ -189,14 +189,14 @@ def store_path(log_dir: str | os.PathLike) -> Path:
 
 # --- the store ----------------------------------------------------------------------------
 
-_TURN_COLUMNS = (
+_TURN_COLUMNS = tuple(
     "conversation_id turn_index tstamp client_hash model template params messages reply "
-    "finish_reason n_tokens ttft_s tok_s moderation moderation_categories error battle_id side"
-).split()
-_VOTE_COLUMNS = (
+    "finish_reason n_tokens ttft_s tok_s moderation moderation_categories error battle_id side".split()
+)
+_VOTE_COLUMNS = tuple(
     "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
-    "conversation_a_id conversation_b_id"
-).split()
+    "conversation_a_id conversation_b_id".split()
+)
 _JSON_TURN_COLUMNS = ("params", "messages", "moderation_categories")
 
 
@@ -217,6 +217,7 @@ class Store:
         self._closed = False
         self._warned = False
         self._problem: str | None = None
+        self._salt_note: str | None = None
         salt_problem = None
         if salt is not None:
             self._salt = bytes(salt)
@@ -228,8 +229,10 @@ class Store:
             except OSError as exc:
                 self._salt = secrets.token_bytes(32)
                 salt_problem = f"cannot keep the client-hash salt in {self.log_dir / SALT_FILENAME} ({exc})"
-        if self._open() and salt_problem:
-            self._report(f"{salt_problem}; using a temporary salt, so client hashes change on restart")
+        salt_note = salt_problem and f"{salt_problem}; using a temporary salt, so client hashes change on restart"
+        self._salt_note = salt_note
+        if self._open() and salt_note:
+            self._report(salt_note)
 
     # -- health --
 
@@ -248,6 +251,8 @@ class Store:
             self._problem = problem
             first = not self._warned
             self._warned = True
+        if first and self._salt_note and self._salt_note not in problem:
+            problem = f"{problem}; also {self._salt_note}"
         if first:
             LOGGER.warning(
                 "vicuna_demo storage problem: %s. The demo keeps running, but turns and votes "
@@ -304,7 +309,7 @@ class Store:
             self._problem = None
             return True
 
-    def _write(self, table: str, columns: list[str], values: tuple) -> bool:
+    def _write(self, table: str, columns: tuple[str, ...], values: tuple) -> bool:
         if self.read_only:
             self._report("the store was opened read-only")
             return False
