@@ -34,13 +34,39 @@ def create_app(settings: Settings, engines: dict | None = None):
 
 
 def launch_kwargs(settings: Settings) -> dict:
-    kwargs: dict = dict(server_name=settings.host, server_port=settings.port, share=settings.share or None)
+    """gradio ``launch()`` arguments from the settings; raises ConfigError for a bad --auth."""
+    from vicuna_demo.deploy import AUTH_MESSAGE, parse_auth
+
+    auth = parse_auth(settings.auth)
+    kwargs: dict = dict(server_name=settings.host, server_port=settings.port, share=settings.share or None,
+                        # enough worker threads for --concurrency replies plus the quick events (Stop, Clear)
+                        max_threads=max(40, settings.concurrency + 8))
+    if auth:
+        kwargs.update(auth=auth, auth_message=AUTH_MESSAGE)
     return kwargs
+
+
+def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides) -> tuple[str, str | None]:
+    """Warn about risky exposure, launch, explain a missing share link; -> (local URL, share URL or None).
+
+    ``block=False`` returns once the server runs (tests); ``overrides`` replace launch arguments."""
+    from vicuna_demo.deploy import loud, on_space, share_failed_message, startup_warnings
+
+    kwargs = {**launch_kwargs(settings), **overrides}
+    for text in startup_warnings(settings, moderation_on=runtime.service.moderator.enabled, space=on_space()):
+        print(loud(text), file=sys.stderr, flush=True)
+    _, local_url, share_url = demo.launch(prevent_thread_lock=True, **kwargs)
+    if settings.share and not share_url:
+        print(share_failed_message(local_url, space=on_space()), file=sys.stderr, flush=True)
+    if block:
+        demo.block_thread()
+    return local_url, share_url
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
+        launch_kwargs(settings)  # a bad --auth fails now, before any model loads
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -51,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        demo.launch(**launch_kwargs(settings))
+        serve(demo, runtime, settings)
     finally:
         runtime.close()
     return 0

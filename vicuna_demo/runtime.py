@@ -15,7 +15,8 @@ from moderation import create_moderator, parse_thresholds
 
 from .chat import ChatService, Limits
 from .config import ConfigError, Settings, default_model_specs
-from .engine import EngineOptions, start_engine
+from .deploy import start_dataset_push, start_engine, zerogpu_spaces
+from .engine import EngineOptions
 from .loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
 from .storage import open_store
 
@@ -28,10 +29,13 @@ class Runtime:
     banners: list[str] = field(default_factory=list)
     engines: dict = field(default_factory=dict)
     store: object = None
+    pusher: object = None        # deploy.DatasetPush when --hf-dataset is set
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        if self.pusher is not None:
+            self.pusher.close()
         if self.store is not None:
             self.store.close()
 
@@ -60,10 +64,11 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
     banners: list[str] = []
     started: dict = {}
     if engines is None:
+        spaces = zerogpu_spaces()  # on ZeroGPU, imported before CUDA is touched
         try:
             for spec in default_model_specs(settings, gpu=cuda_available()):
                 loaded = load_model(spec, progress=log.info)
-                engine = start_engine(loaded, engine_options(settings))
+                engine = start_engine(loaded, engine_options(settings), spaces=spaces)
                 started[engine.name] = engine
                 if loaded.embedded:
                     banners.append(EMBEDDED_NOTE)
@@ -84,4 +89,5 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
                     rate_limit_per_min=settings.rate_limit, max_new_tokens=settings.max_new_tokens_limit)
     service = ChatService(engines, moderator, store, limits=limits, moderate_output=settings.moderate_output)
     log.info(moderator.describe())
-    return Runtime(service=service, banners=banners, engines=started, store=store)
+    pusher = start_dataset_push(settings)
+    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher)

@@ -112,7 +112,9 @@ def build_chat_tab(service: ChatService, defaults) -> None:
         return system_text
 
     inputs = [textbox, model, system, temperature, top_p, max_tokens, state]
-    common = dict(concurrency_id="generate", concurrency_limit=None)
+    # One pool for every event that generates, sized by --concurrency (queue(default_concurrency_limit=...)).
+    # concurrency_limit=None would mean "unlimited" for the whole pool in gradio 6; "default" takes the queue's.
+    common = dict(concurrency_id="generate", concurrency_limit="default")
     send.click(respond, inputs, [chatbot, textbox, state, notice], api_name="chat", **common)
     textbox.submit(respond, inputs, [chatbot, textbox, state, notice], api_name=False, **common)
     regenerate.click(regenerate_last, inputs[1:], [chatbot, state, notice], api_name="regenerate", **common)
