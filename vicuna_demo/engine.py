@@ -36,6 +36,9 @@ log = logging.getLogger("vicuna_demo.engine")
 
 # How long a reply waits for its next token before it checks that the engine is still alive.
 _POLL_S = 0.5
+# KV-cache budget and prefill chunk on CPU (see _make_manager).
+_CPU_CACHE_BYTES = 512 << 20
+_CPU_MAX_BATCH_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,28 @@ class LocalEngine:
             cb_kwargs["max_requests_per_batch"] = opts.max_batch_requests
         if opts.num_blocks:
             cb_kwargs["num_blocks"] = opts.num_blocks
+        elif self.model.device.type == "cpu":
+            # On CPU transformers sizes the KV cache from the machine's *total* RAM: 13 GB resident for a
+            # 135M model. Bound it, and the prefill chunk whose attention mask scales with the cache.
+            cb_kwargs["num_blocks"] = self._cpu_cache_blocks(opts.page_size)
+            cb_kwargs["max_batch_tokens"] = _CPU_MAX_BATCH_TOKENS
         if opts.use_cuda_graph is not None:
             cb_kwargs["use_cuda_graph"] = opts.use_cuda_graph
         if opts.compile_level:
             cb_kwargs["default_compile_level"] = opts.compile_level
         return self.model.init_continuous_batching(
             generation_config=base, continuous_batching_config=ContinuousBatchingConfig(**cb_kwargs))
+
+    def _cpu_cache_blocks(self, page_size: int) -> int:
+        """KV-cache blocks for about _CPU_CACHE_BYTES, and never less than one full context window."""
+        cfg = self.model.config.get_text_config()
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        itemsize = getattr(self.model.dtype, "itemsize", 4)
+        per_token = 2 * int(cfg.num_hidden_layers) * kv_heads * head_dim * itemsize
+        tokens = max(self.context_window, _CPU_CACHE_BYTES // per_token)
+        return -(-tokens // page_size)
 
     def warmup(self, progress=lambda message: None) -> float:
         """Run one short request so compilation and allocation happen now, not in a user's first reply."""
