@@ -174,9 +174,17 @@ class LocalEngine:
                          top_k=int(self.model.config.get_text_config().vocab_size)))
         submitted = time.perf_counter()
         try:
-            accepted = self._manager.add_request(
+            manager = self._manager
+            accepted = manager.add_request(
                 ids, request_id=request_id, max_new_tokens=max_new, streaming=True,
                 eos_token_id=list(self._eos_ids) or -1, **sampling)
+            if accepted is None and self._wait_for_restart(manager):
+                inbox = queue.Queue()  # a fresh one: the old one may hold the failed manager's error
+                with self._routes_lock:
+                    self._routes[request_id] = inbox
+                accepted = self._manager.add_request(
+                    ids, request_id=request_id, max_new_tokens=max_new, streaming=True,
+                    eos_token_id=list(self._eos_ids) or -1, **sampling)
         except Exception as exc:  # e.g. the input queue stayed full
             self._unroute(request_id)
             raise EngineError(f"{self.name} is too busy right now, please retry ({type(exc).__name__}).") from exc
@@ -184,6 +192,17 @@ class LocalEngine:
             self._unroute(request_id)
             raise EngineError(f"{self.name} is not accepting requests right now; please retry in a moment.")
         return LocalReply(self, request_id, inbox, submitted, max_new)
+
+    def _wait_for_restart(self, failed, timeout_s: float = 30.0) -> bool:
+        """After ``failed`` refused a request: wait for the dispatcher to replace it; True once a new one runs."""
+        deadline = time.monotonic() + timeout_s
+        while not self._closed.is_set() and time.monotonic() < deadline:
+            if self._manager is not failed and self._manager.is_running():
+                return True
+            if failed.is_running() and failed.background_thread_status.can_accept_new_requests() is None:
+                return False  # refused for another reason
+            time.sleep(0.05)
+        return False
 
     def cancel(self, request_id: str) -> None:
         self._manager.cancel_request(request_id)
@@ -209,7 +228,29 @@ class LocalEngine:
             elif not self._manager.is_running() and not self._closed.is_set():
                 error = getattr(self._manager.background_thread_status, "fatal_error", None)
                 self._fail_all(EngineError(_fail_message(str(error) if error else "the generation thread stopped")))
-                time.sleep(0.5)
+                self._restart_manager(error)
+
+    def _restart_manager(self, error) -> None:
+        """A failed step (say, out of memory) ends transformers' generation thread and fails every request it
+        held; start a fresh manager so that the engine goes on serving new requests."""
+        if self._closed.is_set():
+            return
+        old = self._manager
+        try:
+            old.stop(block=True, timeout=5)  # frees its KV cache
+        except Exception:  # noqa: BLE001
+            log.debug("stopping the failed batching manager", exc_info=True)
+        try:
+            with torch.inference_mode():  # the manager's thread takes the caller's inference mode
+                manager = self._make_manager()
+                manager.start()
+        except Exception:  # noqa: BLE001 - try again on the next round of the dispatcher
+            log.exception("%s: restarting the generation thread failed", self.name)
+            time.sleep(5.0)
+            return
+        self._manager = manager
+        log.warning("%s: the generation thread failed (%s); the requests it held were ended with an error and "
+                    "a new thread serves from now on", self.name, type(error).__name__ if error else "stopped")
 
     def _fail_all(self, error: EngineError) -> None:
         with self._routes_lock:
