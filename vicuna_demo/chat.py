@@ -183,6 +183,13 @@ class ChatService:
                         f"Please wait {wait:.0f} s.")
         return ""
 
+    def check_system(self, text: str) -> str:
+        """'' when a visitor's system prompt may be used, else the reason to show the user."""
+        if len(text) > self.limits.max_input_chars:
+            return (f"The system prompt is {len(text):,} characters long; the limit is "
+                    f"{self.limits.max_input_chars:,}. Please shorten it.")
+        return ""
+
     def moderate(self, texts: Sequence[str]) -> ModerationResult:
         """Check the text a visitor supplied (message, custom system prompt) as one input."""
         joined = "\n\n".join(t for t in texts if t and t.strip())
@@ -199,6 +206,8 @@ class ChatService:
         ``moderation`` is the verdict on the visitor's text; a disallowed verdict never reaches the engine."""
         update = TurnUpdate(model=model)
         started = time.time()
+        # Whatever a tab forgot: no lone surrogates or control characters reach an engine or the log.
+        messages = [{**m, "content": sanitize_input(m.get("content"))} for m in messages]
         sent_messages: Sequence[dict] = messages
         stats = ReplyStats()
         if not moderation.allowed:
@@ -262,4 +271,7 @@ class ChatService:
             finish_reason=finish, n_tokens=stats.n_tokens, ttft_s=stats.ttft_s, tok_s=stats.tok_s,
             moderation=moderation.status, moderation_categories=tuple(moderation.categories),
             error=stats.error, battle_id=ctx.battle_id, side=ctx.side)
-        self.store.log_turn(record)
+        try:
+            self.store.log_turn(record)
+        except Exception:  # noqa: BLE001 - a logging bug must not take the visitor's reply with it
+            log.exception("could not log a turn of conversation %s", ctx.conversation_id)

@@ -69,8 +69,9 @@ def build_chat_tab(service: ChatService, defaults) -> None:
 
     def respond(text, model_name, system_text, temperature_v, top_p_v, max_v, st: ChatState,
                 request: gr.Request):
-        text = sanitize_input(text)
-        problem = service.check_message(text, len(st.turns), client_hash(service, request))
+        text, system_text = sanitize_input(text), sanitize_input(system_text)
+        problem = service.check_system(system_text) or service.check_message(text, len(st.turns),
+                                                                               client_hash(service, request))
         if model_name not in service.engines:
             problem = f"Unknown model {model_name!r}; choose one of: {', '.join(service.engines)}."
         if problem:
@@ -86,7 +87,9 @@ def build_chat_tab(service: ChatService, defaults) -> None:
         if not st.turns:
             yield render_turns(st.turns), st, "There is no reply to regenerate yet."
             return
-        problem = service.check_message(st.turns[-1].user, len(st.turns) - 1, client_hash(service, request))
+        system_text = sanitize_input(system_text)
+        problem = service.check_system(system_text) or service.check_message(
+            st.turns[-1].user, len(st.turns) - 1, client_hash(service, request))
         if model_name not in service.engines:
             problem = f"Unknown model {model_name!r}; choose one of: {', '.join(service.engines)}."
         if problem:
