@@ -69,3 +69,12 @@ def launch_app(tmp_path):
     for demo, runtime in launched:
         demo.close()
         runtime.service.store.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded SmolLM2's tokenizer alone (read from the GGUF file, without loading the model)."""
+    from transformers import AutoTokenizer
+    from vicuna_demo.loading import embedded_gguf_path
+    path = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -49,7 +49,11 @@ class IncrementalDecoder:
 
 
 class StopFilter:
-    """Pass text through until a stop string appears; never emit a partial stop string."""
+    """Pass text through until a stop string appears; never emit a partial stop string.
+
+    Text is held back from the earliest position where a stop string could still begin. When a stop
+    string is complete but a longer one that starts earlier may still complete (stops ``a#`` and
+    ``aa#a`` on ``aa#``), the filter waits: the earliest stop in the text wins, as in a plain search."""
 
     def __init__(self, stop_strings: Sequence[str]):
         self._stops = tuple(s for s in stop_strings if s)
@@ -60,26 +64,33 @@ class StopFilter:
         if self.stopped:
             return ""
         self._held += text
-        cut = min((i for i in (self._held.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            out, self._held = self._held[:cut], ""
-            return out
-        keep = self._longest_partial_suffix(self._held)
-        out = self._held[:len(self._held) - keep]
-        self._held = self._held[len(self._held) - keep:]
-        return out
+        return self._release(final=False)
 
     def flush(self) -> str:
-        """The generation ended without a stop string: the held text was real output."""
-        out, self._held = ("" if self.stopped else self._held), ""
+        """The generation ended: the held text is real output, up to a stop string already complete in it."""
+        if self.stopped:
+            return ""
+        out = self._release(final=True)
+        out, self._held = out + self._held, ""
         return out
 
-    def _longest_partial_suffix(self, text: str) -> int:
-        best = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
+    def _release(self, final: bool) -> str:
+        held = self._held
+        cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+        pending = len(held) if final else self._earliest_partial_start(held)
+        if cut >= 0 and cut <= pending:
+            self.stopped = True
+            self._held = ""
+            return held[:cut]
+        safe = pending if cut < 0 else min(cut, pending)
+        self._held = held[safe:]
+        return held[:safe]
+
+    def _earliest_partial_start(self, text: str) -> int:
+        """The first index from which the rest of ``text`` is a proper prefix of a stop string (else len)."""
+        longest = max((len(s) for s in self._stops), default=1)
+        for i in range(max(0, len(text) - longest + 1), len(text)):
+            tail = text[i:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
+                return i
+        return len(text)
