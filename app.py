@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from vicuna_demo.config import ConfigError, Settings, load_settings
-from vicuna_demo.loading import LoadError
+from vicuna_demo.config import ConfigError, Settings, default_model_specs, load_settings
+from vicuna_demo.loading import LoadError, check_spec, cuda_available
 
 log = logging.getLogger("vicuna_demo")
 
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     try:
+        for spec in default_model_specs(settings, gpu=cuda_available()):
+            check_spec(spec)  # a bad path, device or dtype fails now, before anything loads
         demo, runtime = create_app(settings)
     except (LoadError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

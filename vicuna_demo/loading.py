@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conversation_templates import Template, auto_template_name, get_template
+from conversation_templates import Template, auto_template_name, get_template, list_templates
 
 from .config import ModelSpec
 
@@ -122,6 +122,12 @@ def _locate(spec: ModelSpec) -> tuple[str, dict]:
     return source, {}
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
+
+
 def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
     import torch
     name, text = spec.display_name, str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
@@ -132,24 +138,40 @@ def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
         return LoadError(f"Model '{name}': 8-bit loading needs bitsandbytes: `pip install bitsandbytes`.")
     if isinstance(exc, ImportError) and "gguf" in text.lower():
         return LoadError(f"Model '{name}': reading GGUF files needs the gguf package: `pip install gguf`.")
+    if isinstance(exc, OSError) and _hub_offline() and not Path(os.path.expanduser(spec.source)).exists():
+        return LoadError(f"Model '{name}': '{spec.source}' is not in the local Hugging Face cache, and offline mode "
+                         "(HF_HUB_OFFLINE=1) forbids downloading it. Unset HF_HUB_OFFLINE on a machine with network "
+                         "to download it once, pass a local folder or .gguf file, or use --model embedded.")
     if isinstance(exc, OSError):
         return LoadError(f"Model '{name}': could not load '{spec.source}' ({text}). Check the Hub id or path; "
                          "without network, pass a local folder or --model embedded; for gated models set HF_TOKEN.")
     return LoadError(f"Model '{name}': loading failed ({type(exc).__name__}: {text}).")
 
 
+def check_spec(spec: ModelSpec) -> None:
+    """The checks that need no download or loading (path, device, dtype, bitsandbytes, template name), so a
+    typo fails at once, before other models load. Raises LoadError."""
+    _locate(spec)
+    device, _ = _resolve_device(spec)
+    _resolve_dtype(spec, device)
+    if spec.load_8bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(f"Model '{spec.display_name}': --load-8bit needs bitsandbytes: "
+                        "`pip install bitsandbytes`.")
+    if spec.template and spec.template not in list_templates():
+        raise LoadError(f"Model '{spec.display_name}': unknown template {spec.template!r} "
+                        f"(use one of {', '.join(list_templates())}).")
+
+
 def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
     """Load one model as its spec says; raise LoadError with a one-line explanation on failure."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_spec(spec)
     where, extra = _locate(spec)
     device, device_map = _resolve_device(spec)
     dtype = _resolve_dtype(spec, device)
     kwargs: dict[str, Any] = dict(extra, dtype=dtype, device_map=device_map)
     if spec.load_8bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise LoadError(f"Model '{spec.display_name}': --load-8bit needs bitsandbytes: "
-                            "`pip install bitsandbytes`.")
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     progress(f"Loading {spec.display_name} from {spec.source} on {device} "
