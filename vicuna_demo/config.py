@@ -243,7 +243,8 @@ def _coerce(opt: _Opt, raw: str) -> Any:
         if opt.kind == "float":
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{env_name(opt)}={raw!r}: expected a {opt.kind}.") from None
+        raise ConfigError(f"{env_name(opt)}={raw!r}: expected {'a whole number' if opt.kind == 'int' else 'a number'}.") \
+            from None
     if opt.kind == "bool":
         value = raw.lower() in ("1", "true", "yes", "on")
         if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
@@ -254,6 +255,11 @@ def _coerce(opt: _Opt, raw: str) -> Any:
     if opt.kind == "choice" and raw not in opt.choices:
         raise ConfigError(f"{env_name(opt)}={raw!r}: expected one of {', '.join(opt.choices)}.")
     return raw
+
+
+def _metavar(opt: _Opt) -> str:
+    """What --help shows after a flag: the choices when there are some (--cuda-graphs {auto,on,off})."""
+    return "{" + ",".join(opt.choices) + "}" if opt.choices else opt.dest.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
             if isinstance(default, tuple):
                 default = ",".join(default)
             shown = f" (default: {default})" if default not in (None, "") else ""
-            group.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.metavar or opt.dest.upper(),
+            group.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.metavar or _metavar(opt),
                                choices=opt.choices or None,
                                type={"int": int, "float": float}.get(opt.kind, str),
                                help=f"{opt.help}{shown} [env: {env}]")

@@ -1,0 +1,171 @@
+"""Settings (vicuna_demo/config.py): model spec syntax, VICUNA_DEMO_* variables against flags, and
+``python app.py --help`` listing every flag under its group with its environment variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vicuna_demo.config import (_GROUPS, _OPTIONS, ConfigError, EndpointSpec, ModelSpec, Settings,
+                                default_model_specs, env_name, load_settings)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- model specs ------------------------------------------------------------------------------------
+
+def test_model_spec_with_every_option():
+    spec = ModelSpec.parse("lmsys/vicuna-7b-v1.5, name=Vicuna-7B, template=vicuna_v1.1, dtype=float16, 8bit, "
+                           "device=cuda:1, ctx=2048")
+    assert spec == ModelSpec(source="lmsys/vicuna-7b-v1.5", name="Vicuna-7B", template="vicuna_v1.1",
+                             dtype="float16", load_8bit=True, device="cuda:1", context_window=2048)
+    assert spec.display_name == "Vicuna-7B"
+
+
+def test_model_spec_source_alone_takes_the_defaults_given():
+    assert ModelSpec.parse("embedded") == ModelSpec("embedded")
+    spec = ModelSpec.parse("./models/vicuna", default_8bit=True, default_device="cpu")
+    assert spec.load_8bit and spec.device == "cpu"
+    assert not ModelSpec.parse("./models/vicuna,fp16", default_8bit=True).load_8bit  # per-model override
+
+
+@pytest.mark.parametrize("source,name", [
+    ("lmsys/vicuna-7b-v1.5", "vicuna-7b-v1.5"),
+    ("/srv/models/vicuna-13b/", "vicuna-13b"),
+    ("~/gguf/smol.Q4_0.gguf", "smol.Q4_0"),
+    ("embedded", "SmolLM2-135M (offline)"),
+])
+def test_model_display_name_comes_from_the_source(source, name):
+    assert ModelSpec.parse(source).display_name == name
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "must start with"),
+    (",name=x", "must start with"),
+    ("embedded,ctx=lots", "cannot read 'ctx=lots'"),
+    ("embedded,colour=blue", "cannot read 'colour=blue'"),
+    ("embedded,name=", "cannot read 'name='"),
+    ("embedded,8bit=yes", "cannot read '8bit=yes'"),
+])
+def test_unreadable_model_spec_says_which_part_and_shows_an_example(text, fragment):
+    with pytest.raises(ConfigError) as info:
+        ModelSpec.parse(text)
+    assert fragment in str(info.value)
+    assert "--model" in str(info.value)
+
+
+def test_endpoint_spec_parses_and_never_takes_a_key_inline():
+    spec = EndpointSpec.parse("name=Big,base_url=http://gpu:8000/v1,model=meta/llama,key_env=VLLM_KEY,max_tokens=512")
+    assert (spec.name, spec.base_url, spec.model, spec.key_env, spec.max_tokens) == (
+        "Big", "http://gpu:8000/v1", "meta/llama", "VLLM_KEY", 512)
+    with pytest.raises(ConfigError, match="never put a key on the command line") as info:
+        EndpointSpec.parse("name=Big,base_url=http://gpu:8000/v1,model=m,api_key=sk-secret123")
+    assert "sk-secret123" not in str(info.value)
+    with pytest.raises(ConfigError, match="missing model"):
+        EndpointSpec.parse("name=Big,base_url=http://gpu:8000/v1")
+
+
+# -- flags and variables ----------------------------------------------------------------------------------
+
+def test_defaults_without_flags_or_variables():
+    settings = load_settings([], environ={})
+    assert settings == Settings()
+    assert settings.temperature == 0.7 and settings.top_p == 1.0 and settings.max_new_tokens == 1024
+    assert settings.max_turns == 50 and settings.max_input_chars == 12000
+
+
+def test_every_option_has_a_distinct_variable_and_a_known_group():
+    names = [env_name(opt) for opt in _OPTIONS]
+    assert len(set(names)) == len(names)
+    assert all(n.startswith("VICUNA_DEMO_") and n.isupper() for n in names)
+    assert {opt.group for opt in _OPTIONS} <= set(_GROUPS)
+    assert all(hasattr(Settings(), opt.dest) for opt in _OPTIONS)
+
+
+def test_variables_set_values_and_flags_win_over_them():
+    environ = {"VICUNA_DEMO_TEMPERATURE": "0.2", "VICUNA_DEMO_MAX_TURNS": "7", "VICUNA_DEMO_SHARE": "true",
+               "VICUNA_DEMO_MODEL": "embedded,name=Small; /srv/vicuna,name=Big,8bit",
+               "VICUNA_DEMO_LOG_LEVEL": "DEBUG", "VICUNA_DEMO_WARMUP": "false"}
+    settings = load_settings([], environ=environ)
+    assert settings.temperature == 0.2 and settings.max_turns == 7 and settings.share is True
+    assert [m.display_name for m in settings.models] == ["Small", "Big"]
+    assert [m.load_8bit for m in settings.models] == [False, True]
+    assert settings.log_level == "DEBUG" and settings.warmup is False
+
+    settings = load_settings(["--temperature", "0.9", "--model", "embedded,name=Flag", "--log-level", "ERROR"],
+                             environ=environ)
+    assert settings.temperature == 0.9
+    assert [m.display_name for m in settings.models] == ["Flag"]  # the flag replaces the variable's list
+    assert settings.log_level == "ERROR"
+    assert settings.max_turns == 7  # untouched by flags: still the variable's
+
+
+def test_load_8bit_and_device_apply_to_every_model_unless_the_spec_says_otherwise():
+    settings = load_settings(["--load-8bit", "--device", "cpu", "--model", "a/b", "--model", "c/d,fp16,device=cuda:1"],
+                             environ={})
+    assert [(m.load_8bit, m.device) for m in settings.models] == [(True, "cpu"), (False, "cuda:1")]
+    settings = load_settings(["--model", "a/b"], environ={"VICUNA_DEMO_LOAD_8BIT": "1"})
+    assert settings.models[0].load_8bit
+
+
+@pytest.mark.parametrize("variable,value,fragment", [
+    ("VICUNA_DEMO_MAX_TURNS", "many", "expected a whole number"),
+    ("VICUNA_DEMO_TEMPERATURE", "warm", "expected a number"),
+    ("VICUNA_DEMO_SHARE", "perhaps", "expected true or false"),
+    ("VICUNA_DEMO_CUDA_GRAPHS", "sometimes", "expected one of auto, on, off"),
+    ("VICUNA_DEMO_MODEL", "embedded,colour=blue", "cannot read 'colour=blue'"),
+])
+def test_bad_variable_value_names_the_variable(variable, value, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_settings([], environ={variable: value})
+    assert fragment in str(info.value)
+    if variable != "VICUNA_DEMO_MODEL":
+        assert variable in str(info.value)
+
+
+def test_two_models_with_one_name_are_refused():
+    with pytest.raises(ConfigError, match="share the name 'vicuna'"):
+        load_settings(["--model", "a/vicuna", "--model", "b/vicuna"], environ={})
+    load_settings(["--model", "a/vicuna", "--model", "b/vicuna,name=other"], environ={})
+
+
+def test_identity_words_and_auth_lists():
+    settings = load_settings(["--identity-words", " Vicuna, LLaMA ,,", "--auth", "a:b", "--auth", "c:d"], environ={})
+    assert settings.identity_words == ("vicuna", "llama")
+    assert settings.auth == ("a:b", "c:d")
+
+
+def test_default_models_are_vicuna_with_a_gpu_and_the_embedded_one_without():
+    settings = load_settings([], environ={})
+    assert [m.source for m in default_model_specs(settings, gpu=True)] == ["lmsys/vicuna-7b-v1.5"]
+    assert [m.source for m in default_model_specs(settings, gpu=False)] == ["embedded"]
+    settings = load_settings(["--load-8bit"], environ={})
+    assert default_model_specs(settings, gpu=True)[0].load_8bit
+    settings = load_settings(["--model", "x/y"], environ={})
+    assert [m.source for m in default_model_specs(settings, gpu=True)] == ["x/y"]
+
+
+# -- --help ---------------------------------------------------------------------------------------------------
+
+def test_help_lists_every_flag_in_its_group_with_its_variable():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICUNA_DEMO_")}
+    env["COLUMNS"] = "120"
+    result = subprocess.run([sys.executable, "app.py", "--help"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # undo argparse's line wrapping
+    headings = {group: text.index(f" {group}: --") for group in _GROUPS}
+    assert list(headings.values()) == sorted(headings.values())  # groups in their order
+    ends = dict(zip(_GROUPS, [headings[g] for g in _GROUPS[1:]] + [len(text)]))
+    for opt in _OPTIONS:
+        at = text.index(f"[env: {env_name(opt)}]")
+        assert headings[opt.group] < at < ends[opt.group], f"{opt.flag} is not under '{opt.group}'"
+        flag_at = text.rindex(f" {opt.flag}", headings[opt.group], at)
+        assert flag_at > headings[opt.group]
+        for choice in opt.choices:
+            assert choice in text[flag_at:at]
+    assert "OPENAI_API_KEY" in text and "HF_TOKEN" in text
