@@ -86,6 +86,8 @@ class EndpointSpec:
     key_env: str | None = None
     note: str | None = None
     max_tokens: int | None = None
+    ctx: int | None = None             # context window in tokens: old turns are dropped client-side to fit
+    timeout: float | None = None       # seconds of silence before a reply is abandoned
 
     @classmethod
     def parse(cls, text: str) -> "EndpointSpec":
@@ -99,14 +101,16 @@ class EndpointSpec:
                 raise ConfigError(f"--endpoint '{text}': '{part}' is not key=value.")
             if key in ("name", "base_url", "url", "model", "key_env", "note"):
                 values["base_url" if key == "url" else key] = value.strip()
-            elif key == "max_tokens" and value.strip().isdigit():
-                values["max_tokens"] = int(value)
+            elif key in ("max_tokens", "ctx") and value.strip().isdigit() and int(value) > 0:
+                values[key] = int(value)
+            elif key == "timeout" and value.strip().replace(".", "", 1).isdigit() and float(value) > 0:
+                values["timeout"] = float(value)
             elif key in ("key", "api_key"):
                 raise ConfigError("--endpoint: never put a key on the command line; store it in an environment "
                                   "variable and pass its name with key_env=VARIABLE.")
             else:
-                raise ConfigError(f"--endpoint '{text}': unknown option '{key}' (use name=, base_url=, model=, "
-                                  "key_env=, note=, max_tokens=).")
+                raise ConfigError(f"--endpoint '{text}': cannot read '{part}' (use name=, base_url=, model=, "
+                                  "key_env=, note=, max_tokens=N, ctx=N, timeout=SECONDS).")
         missing = [k for k in ("name", "base_url", "model") if k not in values]
         if missing:
             raise ConfigError(f"--endpoint '{text}': missing {', '.join(missing)} "
@@ -177,7 +181,7 @@ _OPTIONS: tuple[_Opt, ...] = (
          "[,8bit][,device=][,ctx=]. Default: lmsys/vicuna-7b-v1.5 with a GPU, else the embedded offline SmolLM2.",
          metavar="SPEC"),
     _Opt("models", "--endpoint", "endpoints", "list", "Remote OpenAI-compatible model (repeatable): "
-         "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=].", metavar="SPEC"),
+         "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=N][,ctx=N][,timeout=S].", metavar="SPEC"),
     _Opt("models", "--load-8bit", "load_8bit", "bool", "Load every local model in 8-bit through bitsandbytes."),
     _Opt("models", "--device", "device", "str", "Default device for models: auto, cpu, cuda, cuda:N or multi."),
     _Opt("performance", "--max-batch-requests", "max_batch_requests", "int",

@@ -18,6 +18,7 @@ from .config import ConfigError, Settings, default_model_specs
 from .deploy import start_dataset_push, start_engine, zerogpu_spaces
 from .engine import EngineOptions
 from .loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
+from .remote import start_remote_engines
 from .storage import open_store
 
 log = logging.getLogger("vicuna_demo")
@@ -79,6 +80,11 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
                 engine.close()
             raise
         engines = started
+    clash = sorted({spec.name for spec in settings.endpoints} & set(engines))
+    if clash:
+        raise ConfigError(f"Two models share the name {clash[0]!r}: give each a distinct name= in its spec.")
+    remote = start_remote_engines(settings.endpoints)    # logs unreachable endpoints, never refuses to start
+    engines, started = {**engines, **remote}, {**started, **remote}
     if not engines:
         raise LoadError("No model to serve: pass --model or --endpoint.")
     if not moderator.enabled:

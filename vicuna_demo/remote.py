@@ -1,0 +1,426 @@
+"""Remote engines: a model served elsewhere behind the OpenAI chat API (vLLM, SGLang, TGI,
+``transformers serve``, or OpenAI itself), used exactly like a local model.
+
+``RemoteEngine`` implements ``generation.Engine`` with the official ``openai`` client, so the chat and
+comparison tabs, the arena, moderation and the logs cannot tell it from a ``LocalEngine``:
+
+    engine = RemoteEngine(EndpointSpec.parse("name=Llama-70B,base_url=http://gpu:8000/v1,"
+                                             "model=meta-llama/Llama-3.1-70B-Instruct,key_env=VLLM_KEY"))
+    prompt = engine.prepare(messages, params)       # messages as they are; old turns dropped only with ctx=
+    for delta in (reply := engine.stream(prompt, params)):
+        print(delta, end="")
+    print(reply.stats.summary())                    # tokens (server usage, else chunks), TTFT, tok/s
+
+How it works. Each engine owns one ``AsyncOpenAI`` client and one event-loop thread. ``stream()``
+schedules a coroutine on that loop which sends the request (``stream=True``, ``stream_options``
+asking for usage; a server that refuses the option is asked again without it) and turns each
+chunk into a delta on a queue; the caller's thread iterates the queue. ``cancel()`` (the Stop
+button, or the caller walking away) cancels that coroutine, which closes the HTTP response: the
+server sees the connection drop and stops generating.
+
+Faults never escape their reply: an unreachable endpoint, 401/403, 404, 429, 5xx, a timeout, a
+stream that breaks midway, ends without a finish reason or sends a chunk that is not a chat
+chunk all become one ``EngineError`` that names the endpoint (display name and URL, never the key).
+
+The key is read once, at start-up, from the environment variable named by ``key_env=``; a missing
+variable is reported in the log at start-up and in each reply of that model, and the app still
+starts. Without ``key_env=`` the placeholder ``EMPTY`` is sent (what vLLM and SGLang expect when they
+run without ``--api-key``); OPENAI_API_KEY is never sent to an endpoint implicitly.
+
+Context: the server applies its own chat template and knows its own window. With ``ctx=N`` in the
+spec, the oldest exchanges are dropped (never the system prompt) so that the characters of the
+conversation stay under ``(N - reply tokens) * CHARS_PER_TOKEN``, a deliberately cautious estimate
+because the client has no tokenizer; without ``ctx=``, a server's "too long" refusal is reported
+in the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+from .config import EndpointSpec
+from .generation import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
+
+log = logging.getLogger("vicuna_demo.remote")
+
+DEFAULT_TIMEOUT_S = 120.0     # longest silence while waiting for the answer or its next chunk
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 3.0
+CHARS_PER_TOKEN = 3           # English averages ~4 characters per token; 3 leaves room for code and other scripts
+NO_KEY = "EMPTY"              # sent when the spec names no key variable
+_FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop",
+                   "content_filter": "content_filter"}
+
+
+class MalformedChunk(ValueError):
+    """A stream chunk that is not a chat-completion chunk."""
+
+
+def display_url(base_url: str) -> str:
+    """The endpoint's URL as shown to users and logs: no user:password@, no query string."""
+    try:
+        parts = urlsplit(base_url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    except ValueError:
+        return "the endpoint"
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    """The human part of an error answer: ``{"error": {"message": ...}}``, ``{"detail": ...}``, or the text."""
+    body: Any = getattr(exc, "body", None)
+    for _ in range(2):  # unwrap {"error": {"message": ...}} and FastAPI's {"detail": ...}
+        if isinstance(body, dict):
+            body = next((body[k] for k in ("error", "message", "detail") if body.get(k)), body)
+    if body is None or body == "":
+        try:
+            body = exc.response.text
+        except Exception:  # noqa: BLE001 - a streamed error body may be unreadable
+            body = ""
+    return _one_line(body)
+
+
+def _read_key(spec: EndpointSpec, environ: Mapping[str, str]) -> tuple[str, str]:
+    """-> (key to send, problem to report or '')."""
+    if not spec.key_env:
+        return NO_KEY, ""
+    key = (environ.get(spec.key_env) or "").strip()
+    if not key:
+        return "", (f"{spec.name}: the environment variable {spec.key_env} (key_env= of its --endpoint) is not set, "
+                    f"so no request is sent to {display_url(spec.base_url)}. Set it and restart the app.")
+    return key, ""
+
+
+class RemoteEngine:
+    """Implements ``generation.Engine`` for a model behind an OpenAI-compatible chat endpoint."""
+
+    def __init__(self, spec: EndpointSpec, *, environ: Mapping[str, str] | None = None,
+                 timeout_s: float | None = None, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        self.spec = spec
+        self.name = spec.name
+        self.model = spec.model
+        self.url = display_url(spec.base_url)
+        self.template_name = f"remote: {spec.note}" if spec.note else "remote"
+        self.default_system = ""          # no system message: the server's chat template uses its own default
+        self.context_window = spec.ctx
+        self.timeout_s = float(timeout_s or spec.timeout or DEFAULT_TIMEOUT_S)
+        self._key, self.key_problem = _read_key(spec, os.environ if environ is None else environ)
+        if self.key_problem:
+            log.error(self.key_problem)
+        self._usage_option = True         # cleared when the server refuses stream_options
+        self._closed = threading.Event()
+        self._active: set[Future] = set()
+        self._active_lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"remote-{self.name}", daemon=True)
+        self._thread.start()
+        self._client = openai.AsyncOpenAI(
+            api_key=self._key or NO_KEY, base_url=spec.base_url, max_retries=0,
+            timeout=openai.Timeout(self.timeout_s, connect=min(connect_timeout_s, self.timeout_s)))
+
+    def __repr__(self) -> str:
+        return f"RemoteEngine(name={self.name!r}, url={self.url!r}, model={self.model!r})"
+
+    # -- prompt ----------------------------------------------------------------------------
+    def max_tokens(self, params: SamplingParams) -> int:
+        """The reply length to ask for: the visitor's choice, capped by the spec's max_tokens=."""
+        return max(1, min(params.max_new_tokens, self.spec.max_tokens or params.max_new_tokens))
+
+    def prepare(self, messages: list[dict], params: SamplingParams) -> Prompt:
+        """Messages as the server wants them; with ``ctx=``, drop the oldest exchanges to fit a character budget."""
+        clean = [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in messages]
+        system = [m for m in clean[:1] if m["role"] == "system"]
+        turns = clean[len(system):]
+        if system and not system[0]["content"].strip():
+            system = []  # an empty system prompt would override the server template's default one
+        dropped = 0
+        if self.context_window:
+            reserve = min(self.max_tokens(params), self.context_window // 4 * 3)
+            budget = (self.context_window - reserve) * CHARS_PER_TOKEN
+            while sum(len(m["content"]) for m in system + turns) > budget:
+                if len(turns) <= 1:
+                    size = sum(len(m["content"]) for m in system + turns)
+                    raise PromptTooLong(
+                        f"This message is too long for {self.name}: it has {size:,} characters, and the model's "
+                        f"context window leaves room for about {budget:,}. Please shorten it.")
+                turns = turns[2:]
+                dropped += 1
+        kept = system + turns
+        return Prompt(messages=tuple(kept), dropped_turns=dropped, payload=[dict(m) for m in kept])
+
+    # -- generation --------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: SamplingParams) -> "RemoteReply":
+        if self._closed.is_set():
+            raise EngineError(f"{self.name} is shutting down.")
+        if self.key_problem:
+            raise EngineError(self.key_problem)
+        request = dict(model=self.model, messages=list(prompt.payload), stream=True,
+                       temperature=0.0 if params.greedy else float(params.temperature),
+                       top_p=float(params.top_p), max_tokens=self.max_tokens(params))
+        reply = RemoteReply(self)
+        future = asyncio.run_coroutine_threadsafe(self._pump(request, reply._inbox.put), self._loop)
+        reply._future = future
+        with self._active_lock:
+            self._active.add(future)
+        future.add_done_callback(self._forget)
+        return reply
+
+    def _forget(self, future: Future) -> None:
+        with self._active_lock:
+            self._active.discard(future)
+
+    async def _open(self, request: dict):
+        if self._usage_option:
+            try:
+                return await self._client.chat.completions.create(
+                    **request, stream_options={"include_usage": True})
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                if "stream_options" not in _server_message(exc):
+                    raise
+                self._usage_option = False
+                log.info("%s: the endpoint refuses stream_options; token counts will come from the chunks", self.name)
+        return await self._client.chat.completions.create(**request)
+
+    async def _pump(self, request: dict, put) -> None:
+        """Send the request and put ("delta", text, t) / ("usage", n, t) / ("end", reason, t) / ("error", msg, t)."""
+        stream = None
+        finish = None
+        try:
+            stream = await self._open(request)
+            async for chunk in stream:
+                text, reason, n_tokens = self._read_chunk(chunk)
+                now = time.perf_counter()
+                if text:
+                    put(("delta", text, now))
+                if n_tokens is not None:
+                    put(("usage", n_tokens, now))
+                finish = reason or finish
+            if finish is None:
+                raise MalformedChunk("the stream ended before the reply was complete (no finish_reason)")
+            put(("end", finish, time.perf_counter()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every fault becomes this reply's message
+            message = self.describe_error(exc, midway=stream is not None)
+            log.warning("%s", message)
+            put(("error", message, time.perf_counter()))
+        finally:
+            if stream is not None:
+                try:
+                    await stream.close()
+                except Exception:  # noqa: BLE001 - the connection is gone either way
+                    pass
+
+    @staticmethod
+    def _read_chunk(chunk: Any) -> tuple[str, str | None, int | None]:
+        """-> (text, finish reason or None, completion tokens if the chunk carries usage)."""
+        usage = getattr(chunk, "usage", None)
+        n_tokens = getattr(usage, "completion_tokens", None) if usage is not None else None
+        if n_tokens is not None and not isinstance(n_tokens, int):
+            raise MalformedChunk("usage.completion_tokens is not a number")
+        choices = getattr(chunk, "choices", None)
+        if not isinstance(choices, list) or (not choices and usage is None):
+            raise MalformedChunk("a chunk without choices")
+        text, finish = "", None
+        for choice in choices[:1]:  # one completion was asked for
+            delta = getattr(choice, "delta", None)
+            content = getattr(delta, "content", None) if delta is not None else None
+            if content is not None and not isinstance(content, str):
+                raise MalformedChunk("delta.content is not text")
+            text = content or ""
+            reason = getattr(choice, "finish_reason", None)
+            if reason is not None:
+                finish = _FINISH_REASONS.get(str(reason), str(reason))
+        return text, finish, n_tokens
+
+    def describe_error(self, exc: BaseException, *, midway: bool = False) -> str:
+        """One line for the user: which endpoint, what went wrong, what to do. Never contains the key."""
+        who = f"{self.name} at {self.url}"
+        key_hint = (f"check the key in the environment variable {self.spec.key_env}" if self.spec.key_env else
+                    "the endpoint needs a key: add key_env=VARIABLE to its --endpoint spec")
+        if isinstance(exc, openai.AuthenticationError):
+            text = f"{who} refused the API key (401 Unauthorized): {key_hint}."
+        elif isinstance(exc, openai.PermissionDeniedError):
+            text = f"{who} denied access (403 Forbidden): the key may not be allowed to use model {self.model!r}; {key_hint}."
+        elif isinstance(exc, openai.NotFoundError):
+            text = (f"{who} answered 404 Not Found: check that base_url is the API root (it usually ends in /v1) "
+                    f"and that the server serves model {self.model!r}.")
+        elif isinstance(exc, openai.RateLimitError):
+            retry = exc.response.headers.get("retry-after", "") if exc.response is not None else ""
+            when = f" in {retry.strip()} s" if retry.strip().replace(".", "", 1).isdigit() else " in a moment"
+            text = (f"{who} is rate limiting requests or is overloaded (429 Too Many Requests). "
+                    f"Please retry{when}.")
+        elif isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
+            detail = _server_message(exc)
+            lowered = detail.lower()
+            if "context" in lowered and any(w in lowered for w in ("length", "maximum", "too long", "exceed")):
+                text = (f"The conversation is too long for {who}'s context window; press Clear to start a new "
+                        f"one, or shorten the message. The server said: {detail}")
+            else:
+                text = f"{who} rejected the request ({exc.status_code}): {detail or 'no reason given'}"
+        elif isinstance(exc, openai.APIStatusError):
+            detail = _server_message(exc)
+            text = (f"{who} failed with an error ({exc.status_code})" + (f": {detail}" if detail else "")
+                    + ". Please retry.")
+        elif isinstance(exc, openai.APITimeoutError):
+            text = (f"{who} sent nothing for {self.timeout_s:.0f} s in the middle of the reply; it was abandoned."
+                    if midway else f"{who} did not answer within {self.timeout_s:.0f} s. Please retry later.")
+        elif isinstance(exc, openai.APIConnectionError):
+            if midway:
+                text = (f"The connection to {who} broke in the middle of the reply; the reply is incomplete. "
+                        "Please retry.")
+            else:
+                cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "connection error"
+                text = f"Cannot reach {who} ({cause}): is the server running and the URL right?"
+        elif isinstance(exc, openai.APIError):  # an error event inside the stream
+            body = exc.body if isinstance(exc.body, str) else getattr(exc, "message", "")
+            text = f"{who} reported an error in the middle of the reply: {_one_line(body) or 'no detail'}"
+        elif isinstance(exc, MalformedChunk):
+            text = f"{who} sent a malformed stream: {exc}. The reply was stopped."
+        elif isinstance(exc, ValueError):  # JSON that does not parse
+            text = f"{who} sent a malformed stream chunk (not valid JSON). The reply was stopped."
+        else:
+            text = f"The request to {who} failed ({type(exc).__name__}). Please retry."
+        return self._redact(text)
+
+    def _redact(self, text: str) -> str:
+        if self._key and self._key != NO_KEY:
+            text = text.replace(self._key, "[key hidden]")
+        return text
+
+    # -- health --------------------------------------------------------------------------------
+    def check(self, timeout_s: float = HEALTH_TIMEOUT_S) -> tuple[bool, str]:
+        """GET {base_url}/models once -> (ok, one line for the log). Never raises."""
+        if self.key_problem:
+            return False, self.key_problem
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._list_models(timeout_s), self._loop)
+            ids = future.result(timeout=timeout_s + 2)
+        except Exception as exc:  # noqa: BLE001
+            return False, f"start-up check: {self.describe_error(exc)}"
+        if ids and self.model not in ids:
+            return False, (f"{self.name}: {self.url} is reachable but does not list model {self.model!r} "
+                           f"(it lists {', '.join(sorted(ids)[:5])}{'…' if len(ids) > 5 else ''}).")
+        return True, f"{self.name}: {self.url} is reachable and serves {self.model!r}."
+
+    async def _list_models(self, timeout_s: float) -> list[str]:
+        page = await self._client.with_options(timeout=timeout_s).models.list()
+        return [str(getattr(m, "id", "")) for m in (getattr(page, "data", None) or [])]
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._active_lock:
+            active = list(self._active)
+        for future in active:
+            future.cancel()
+        try:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout=5)
+        except Exception:  # noqa: BLE001
+            log.debug("%s: closing the HTTP client failed", self.name, exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+class RemoteReply:
+    """One streaming reply; iterate it once. ``cancel()`` may be called from any thread."""
+
+    def __init__(self, engine: RemoteEngine):
+        self.stats = ReplyStats()
+        self._engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._submitted = time.perf_counter()
+        self._future: Future | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Close the HTTP stream (the server stops generating) and end the iteration."""
+        if self._cancelled.is_set():
+            return
+        self._cancelled.set()
+        if self._future is not None:
+            self._future.cancel()
+        self._inbox.put(("wake", None, 0.0))
+
+    def __iter__(self) -> Iterator[str]:
+        engine, stats = self._engine, self.stats
+        first_at = None
+        usage = None
+        # The pump always ends with "end" or "error" (its HTTP timeouts see to it); this is a last resort.
+        patience = engine.timeout_s * 2 + 30
+        try:
+            while True:
+                if self._cancelled.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
+                try:
+                    kind, value, at = self._inbox.get(timeout=patience)
+                except queue.Empty:
+                    raise EngineError(f"{engine.name} ({engine.url}) stopped answering; the reply was abandoned.") \
+                        from None
+                if kind == "delta":
+                    if first_at is None:
+                        first_at = at
+                        stats.ttft_s = at - self._submitted
+                    stats.n_tokens += 1
+                    stats.decode_s = at - first_at
+                    yield value
+                elif kind == "usage":
+                    usage = value
+                elif kind == "end":
+                    if usage is not None:
+                        stats.n_tokens = usage
+                    stats.finish_reason = value
+                    return
+                elif kind == "error":
+                    raise EngineError(value)
+        except EngineError as exc:
+            stats.finish_reason, stats.error = "error", str(exc)
+            raise
+        finally:
+            if stats.finish_reason is None:  # the consumer went away (closed generator)
+                stats.finish_reason = "cancelled"
+                self.cancel()
+
+
+def start_remote_engines(specs: Sequence[EndpointSpec], *, environ: Mapping[str, str] | None = None,
+                         check: bool = True, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, RemoteEngine]:
+    """One engine per ``--endpoint``; the start-up check runs on all of them at once and only logs."""
+    engines = {spec.name: RemoteEngine(spec, environ=environ) for spec in specs}
+    if check and engines:
+        results: dict[str, tuple[bool, str]] = {}
+        threads = [threading.Thread(target=lambda e=e: results.__setitem__(e.name, e.check(timeout_s)), daemon=True)
+                   for e in engines.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s + 5)
+        for name, engine in engines.items():
+            ok, message = results.get(name, (False, f"{name}: start-up check of {engine.url} did not finish."))
+            if ok:
+                log.info("endpoint %s", message)
+            else:
+                log.warning("endpoint %s The app starts anyway; replies from this model will report the problem.",
+                            message)
+    return engines
+
+
