@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -435,7 +436,8 @@ class DatasetPush:
                 scheduler = self._scheduler_cls(
                     source_db=store_path(self.log_dir), report=self._report, repo_id=self.repo_id,
                     repo_type="dataset", folder_path=self._staging, path_in_repo=self.path_in_repo,
-                    every=self.every_min, private=True, hf_api=api)
+                    every=self.every_min, private=True, hf_api=api,
+                    allow_patterns=[DB_FILENAME])  # only the finished snapshot, never a half-written copy
             except Exception as exc:  # noqa: BLE001 - e.g. the Hub is unreachable or the token is wrong
                 self._report(exc)
                 self._stopped.wait(self.every_min * 60)
@@ -469,12 +471,17 @@ class DatasetPush:
         with self._lock:
             self._stopped.set()
             scheduler = self.scheduler
+        finished = True
         if scheduler is not None:
             try:
                 scheduler.trigger().result(timeout=timeout_s)
+            except TimeoutError:
+                finished = False  # still uploading: leave its files alone
             except Exception:  # noqa: BLE001 - reported by the scheduler itself
                 pass
             scheduler.stop()
+        if finished:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def start_dataset_push(settings: Settings, environ=None, **overrides: Any) -> DatasetPush | None:
