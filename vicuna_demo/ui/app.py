@@ -6,6 +6,8 @@ import gradio as gr
 
 from ..chat import ChatService
 from .chat_tab import build_chat_tab
+from .compare_tab import build_compare_tab
+from .leaderboard_tab import build_leaderboard_tab
 
 TITLE = "Vicuna demo"
 
@@ -19,4 +21,10 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
         with gr.Tabs():
             with gr.Tab("💬 Chat", id="chat"):
                 build_chat_tab(service, settings)
+            with gr.Tab("⚔️ Arena (anonymous)", id="arena"):
+                build_compare_tab(service, settings, anonymous=True)
+            with gr.Tab("👥 Side by side", id="compare"):
+                build_compare_tab(service, settings, anonymous=False)
+            with gr.Tab("🏆 Leaderboard", id="leaderboard") as leaderboard:
+                build_leaderboard_tab(service, settings, leaderboard)
     return demo
