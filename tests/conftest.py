@@ -78,3 +78,13 @@ def embedded_tokenizer():
     from vicuna_demo.loading import embedded_gguf_path
     path = embedded_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def small_window_engine(embedded_loaded):
+    """The embedded model behind a 256-token context window (named "Small window"), for context-fitting tests."""
+    import dataclasses
+    from vicuna_demo.engine import start_engine
+    engine = start_engine(dataclasses.replace(embedded_loaded, context_window=256, name="Small window"))
+    yield engine
+    engine.close()
