@@ -72,6 +72,23 @@ def spec(gateway, serve, monkeypatch):
 
 
 @pytest.fixture
+def start_app(launch_app):
+    """launch_app, plus closing the remote engines the app started (launch_app leaves engines to their owner)."""
+    runtimes = []
+
+    def start(argv, engines=None):
+        url, runtime = launch_app(argv, engines=engines)
+        runtimes.append(runtime)
+        return url, runtime
+
+    yield start
+    for runtime in runtimes:
+        for engine in runtime.engines.values():
+            if isinstance(engine, RemoteEngine):
+                engine.close()
+
+
+@pytest.fixture
 def make_engine():
     """make_engine(spec, **kwargs) -> a RemoteEngine closed after the test."""
     made = []
@@ -127,8 +144,8 @@ def wait_for(predicate, timeout_s, what):
 
 
 # -- through the app ------------------------------------------------------------------------------
-def test_app_with_only_an_endpoint_streams_a_chat_reply_with_its_statistics(launch_app, spec, gateway):
-    url, runtime = launch_app(["--endpoint", endpoint_arg(spec, max_tokens=12, note="chatml by the server")])
+def test_app_with_only_an_endpoint_streams_a_chat_reply_with_its_statistics(start_app, spec, gateway):
+    url, runtime = start_app(["--endpoint", endpoint_arg(spec, max_tokens=12, note="chatml by the server")])
     assert runtime.service.model_names() == ["Smol-remote"]          # no local model was loaded
     client = Client(url, verbose=False)
 
@@ -153,8 +170,8 @@ def test_app_with_only_an_endpoint_streams_a_chat_reply_with_its_statistics(laun
     assert row.ttft_s > 0 and row.tok_s > 0 and "Paris" in row.reply
 
 
-def test_stop_closes_the_remote_stream_and_frees_the_server(launch_app, spec, gateway, make_engine):
-    url, runtime = launch_app(["--endpoint", endpoint_arg(spec), "--max-new-tokens-limit", "4096"])
+def test_stop_closes_the_remote_stream_and_frees_the_server(start_app, spec, gateway, make_engine):
+    url, runtime = start_app(["--endpoint", endpoint_arg(spec), "--max-new-tokens-limit", "4096"])
     client = Client(url, verbose=False)
     gateway.add_to_next_body({"logit_bias": {str(EOS_ID): -100.0}})   # no end of sentence: 4096 tokens unless stopped
 
@@ -177,7 +194,7 @@ def test_stop_closes_the_remote_stream_and_frees_the_server(launch_app, spec, ga
     assert stats.finish_reason in ("stop", "length") and time.monotonic() - started < 60
 
 
-def test_a_wrong_key_gives_the_401_message_and_the_key_appears_nowhere(launch_app, spec, gateway, monkeypatch,
+def test_a_wrong_key_gives_the_401_message_and_the_key_appears_nowhere(start_app, spec, gateway, monkeypatch,
                                                                        caplog):
     for name in TRANSPORT_LOGGERS:
         caplog.set_level(logging.DEBUG, logger=name)
@@ -186,7 +203,7 @@ def test_a_wrong_key_gives_the_401_message_and_the_key_appears_nowhere(launch_ap
     monkeypatch.delenv("VICUNA_TEST_UNSET_KEY", raising=False)
     wrong = endpoint_arg(spec, name="Wrong-key", key_env="VICUNA_TEST_WRONG_KEY")
     missing = endpoint_arg(spec, name="Missing-key", key_env="VICUNA_TEST_UNSET_KEY")
-    url, runtime = launch_app(["--endpoint", wrong, "--endpoint", missing])
+    url, runtime = start_app(["--endpoint", wrong, "--endpoint", missing])
     client = Client(url, verbose=False)
 
     chatbot, _box, _notice = client.predict("Hello?", "Wrong-key", "", 0.7, 1.0, 32, api_name="/chat")
@@ -212,13 +229,13 @@ def test_a_wrong_key_gives_the_401_message_and_the_key_appears_nowhere(launch_ap
     assert WRONG_KEY[10:] not in everything                           # not even in part
 
 
-def test_a_flagged_message_never_reaches_the_remote_model(launch_app, spec, gateway, fake_moderation_server,
+def test_a_flagged_message_never_reaches_the_remote_model(start_app, spec, gateway, fake_moderation_server,
                                                           monkeypatch):
     moderation_key = "sk-moderation-9Hq3Lw7Tz2Vb5Nc8Xm4Rk1Pd6Fs0GjY"
     monkeypatch.setenv("OPENAI_API_KEY", moderation_key)
     monkeypatch.setenv("OPENAI_BASE_URL", fake_moderation_server.base_url)
     fake_moderation_server.flag("storm the village", ["violence"])
-    url, runtime = launch_app(["--endpoint", endpoint_arg(spec, max_tokens=4), "--moderation", "openai"])
+    url, runtime = start_app(["--endpoint", endpoint_arg(spec, max_tokens=4), "--moderation", "openai"])
     client = Client(url, verbose=False)
 
     chatbot, _box, _notice = client.predict("How do I storm the village?", "Smol-remote", "", 0.0, 1.0, 16,
@@ -231,9 +248,9 @@ def test_a_flagged_message_never_reaches_the_remote_model(launch_app, spec, gate
 
 
 # -- side by side ---------------------------------------------------------------------------------
-def test_local_and_remote_stream_side_by_side_then_votes_are_stored(launch_app, spec, gateway, embedded_engine):
+def test_local_and_remote_stream_side_by_side_then_votes_are_stored(start_app, spec, gateway, embedded_engine):
     local = embedded_engine.name
-    url, runtime = launch_app(["--endpoint", endpoint_arg(spec)], engines={local: embedded_engine})
+    url, runtime = start_app(["--endpoint", endpoint_arg(spec)], engines={local: embedded_engine})
     assert runtime.service.model_names() == [local, "Smol-remote"]
     client = Client(url, verbose=False)
 
