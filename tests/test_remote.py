@@ -416,6 +416,8 @@ def test_endpoint_spec_reads_limits_and_refuses_keys_on_the_command_line():
         EndpointSpec.parse("name=Big,base_url=http://gpu:8000/v1,model=org/m,api_key=sk-123")
     with pytest.raises(ConfigError, match="cannot read 'ctx=lots'"):
         EndpointSpec.parse("name=Big,base_url=http://gpu:8000/v1,model=org/m,ctx=lots")
+    with pytest.raises(ConfigError, match="base_url must start with http:// or https://"):
+        EndpointSpec.parse("name=Big,base_url=gpu:8000/v1,model=org/m")
 
 
 def test_context_budget_drops_oldest_exchanges_but_keeps_the_system_prompt(make_engine):

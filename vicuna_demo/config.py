@@ -115,6 +115,9 @@ class EndpointSpec:
         if missing:
             raise ConfigError(f"--endpoint '{text}': missing {', '.join(missing)} "
                               "(e.g. name=Llama-70B,base_url=http://gpu-node:8000/v1,model=meta-llama/Llama-3.1-70B-Instruct,key_env=VLLM_KEY).")
+        if not values["base_url"].lower().startswith(("http://", "https://")):
+            raise ConfigError(f"--endpoint '{values['name']}': base_url must start with http:// or https:// "
+                              "(e.g. base_url=http://gpu-node:8000/v1).")
         return cls(**values)
 
 
