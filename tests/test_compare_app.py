@@ -22,7 +22,7 @@ from gradio_client.exceptions import AppError
 from tests.engines import RecordingEngine
 from tests.fake_moderation_server import fake_moderation_server, fake_moderation_server_factory  # noqa: F401
 from vicuna_demo.arena import battle_counts, identity_words_for
-from vicuna_demo.config import Settings
+from vicuna_demo.config import ConfigError, Settings
 from vicuna_demo.generation import EngineError
 
 KOALA, ALPACA = "Koala-13B", "Alpaca-7B"
@@ -199,6 +199,19 @@ def test_the_arena_tab_says_so_when_only_one_model_is_loaded(app):
     # the side-by-side tab still compares the one model with itself
     _, (chat_a, chat_b, *_) = compare_round(client, model_a=KOALA, model_b=KOALA)
     assert reply_body(chat_a) == reply_body(chat_b) == KOALA_REPLY
+
+
+def test_arena_weights_flag_keeps_a_zero_weight_model_out_and_a_bad_name_stops_the_start(app, launch_app):
+    extra = RecordingEngine("Vicuna-7B", "I would rather not say.", 0.01)
+    client, engs, store = app(engines(delay_s=0.01, **{"Vicuna-7B": extra}), ["--arena-weights", "vicuna-7b=0"])
+    for _ in range(4):
+        client.predict(api_name="/arena_new_round")
+        arena_round(client)
+        client.predict("tie", api_name="/arena_vote")
+    assert extra.received == [] and len(engs[KOALA].received) == len(engs[ALPACA].received) == 4
+    assert {frozenset((v["model_a"], v["model_b"])) for v in store.vote_rows()} == {frozenset((KOALA, ALPACA))}
+    with pytest.raises(ConfigError, match="--arena-weights: no loaded model is called 'Nope'; the models are: "):
+        launch_app(["--arena-weights", "Nope=2"], engines=engines())
 
 
 # -- named comparison ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def leaderboard_view(store, include_named: bool) -> tuple[str, list[list], objec
         return NO_VOTES.format(which=which), [], None
     rows = compute_leaderboard(battles)
     models = [row.model for row in rows]
-    table = [[row.rank, row.model, round(row.rating), f"+{row.ci_upper - row.rating:.0f} / "
+    table = [[row.rank, row.model, round(row.rating), f"+{row.ci_upper - row.rating:.0f}/"
               f"-{row.rating - row.ci_lower:.0f}", row.battles] for row in rows]
     kind = "anonymous and named" if include_named else "anonymous"
     summary = (f"**{len(battles)}** counted {kind} battle{'s' if len(battles) != 1 else ''} between "
