@@ -388,6 +388,8 @@ def build_compare_tab(service: ChatService, settings, anonymous: bool) -> None:
         stops[key].click(stop_side(key), [state], None, api_name=f"{prefix}_stop_{key}", queue=False)
     reset.click(reset_battle, [state], outputs, api_name=f"{prefix}_{'new_round' if anonymous else 'clear'}",
                 queue=False)
+    for chatbot in chatbots.values():  # the pane's own 🗑 icon clears the battle, not just the display
+        chatbot.clear(reset_battle, [state], outputs, api_name=False, queue=False)
     for picker in pickers.values():
         picker.change(model_changed, [state], outputs, api_name=False, queue=False)
 
