@@ -20,7 +20,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from tests.engines import RecordingEngine
-from tests.fake_moderation_server import fake_moderation_server, fake_moderation_server_factory  # noqa: F401
+from tests.fake_moderation_server import fake_moderation_server  # noqa: F401 - a fixture
 from vicuna_demo.arena import battle_counts, identity_words_for
 from vicuna_demo.config import ConfigError, Settings
 from vicuna_demo.generation import EngineError
