@@ -259,7 +259,7 @@ def plot_win_rates(models: Sequence[str], matrix: np.ndarray):
     ax.set_yticks(range(n), labels=list(models))
     ax.set_xlabel("opponent")
     ax.set_ylabel("model")
-    ax.set_title("Win rate of row model against column model (ties count half)")
+    ax.set_title("Win rate of row model\nagainst column model (ties count half)", fontsize=10)
     for i in range(n):
         for j in range(n):
             if np.isfinite(data[i, j]):
