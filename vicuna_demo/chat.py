@@ -230,6 +230,10 @@ class ChatService:
             yield update
             try:
                 for delta in stream:
+                    if not update.reply:
+                        delta = delta.lstrip()  # "ASSISTANT:" leaves the model's first space in the reply
+                        if not delta:
+                            continue
                     update.reply += delta
                     update.stats = stats
                     yield update
