@@ -9,9 +9,10 @@
   (401 otherwise, echoing the key it was given as a careless server would), forwards everything to
   the upstream server chunk by chunk, and can inject faults: ``fail_next(status)`` (429 with
   Retry-After, 5xx...), ``malform_next(after_events, data)``, ``cut_next(after_events)``,
-  ``hang_next(seconds)``, ``add_to_next_body(extra)``, ``refuse_stream_options()``. ``.requests`` records each request's body, how many stream events
-  were forwarded, and whether the client closed the connection before the end (the gateway then
-  closes its upstream connection, so the real server sees the disconnect too).
+  ``hang_next(seconds)``, ``add_to_next_body(extra)``, ``refuse_stream_options()``. ``.requests``
+  records each request's body, how many stream events were forwarded, and whether the client closed
+  the connection before the end (the gateway then closes its upstream connection, so the real
+  server sees the disconnect too).
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                     "message": f"Incorrect API key provided: {presented}. You can find your key in your account.",
                     "type": "invalid_request_error", "code": "invalid_api_key"}})
             if gw._refuse_stream_options and isinstance(body, dict) and "stream_options" in body:
-                return self._json(record, 400, {"error": {"message": "Unrecognized request argument supplied: "
-                                                                     "stream_options", "type": "invalid_request_error"}})
+                refusal = "Unrecognized request argument supplied: stream_options"
+                return self._json(record, 400, {"error": {"message": refusal, "type": "invalid_request_error"}})
             fault = gw._next_fault() if self.command == "POST" else None
             if fault and fault["kind"] == "status":
                 headers = {"Retry-After": str(fault["retry_after"])} if fault["retry_after"] else {}

@@ -122,8 +122,6 @@ class RemoteEngine:
         self.context_window = spec.ctx
         self.timeout_s = float(timeout_s or spec.timeout or DEFAULT_TIMEOUT_S)
         self._key, self.key_problem = _read_key(spec, os.environ if environ is None else environ)
-        if self.key_problem:
-            log.error(self.key_problem)
         self._usage_option = True         # cleared when the server refuses stream_options
         self._closed = threading.Event()
         self._active: set[Future] = set()
@@ -258,7 +256,8 @@ class RemoteEngine:
         if isinstance(exc, openai.AuthenticationError):
             text = f"{who} refused the API key (401 Unauthorized): {key_hint}."
         elif isinstance(exc, openai.PermissionDeniedError):
-            text = f"{who} denied access (403 Forbidden): the key may not be allowed to use model {self.model!r}; {key_hint}."
+            text = (f"{who} denied access (403 Forbidden): the key may not be allowed to use model {self.model!r}; "
+                    f"{key_hint}.")
         elif isinstance(exc, openai.NotFoundError):
             text = (f"{who} answered 404 Not Found: check that base_url is the API root (it usually ends in /v1) "
                     f"and that the server serves model {self.model!r}.")
@@ -314,11 +313,11 @@ class RemoteEngine:
             future = asyncio.run_coroutine_threadsafe(self._list_models(timeout_s), self._loop)
             ids = future.result(timeout=timeout_s + 2)
         except Exception as exc:  # noqa: BLE001
-            return False, f"start-up check: {self.describe_error(exc)}"
+            return False, self.describe_error(exc)
         if ids and self.model not in ids:
-            return False, (f"{self.name}: {self.url} is reachable but does not list model {self.model!r} "
+            return False, (f"{self.name} at {self.url} is reachable but does not list model {self.model!r} "
                            f"(it lists {', '.join(sorted(ids)[:5])}{'…' if len(ids) > 5 else ''}).")
-        return True, f"{self.name}: {self.url} is reachable and serves {self.model!r}."
+        return True, f"{self.name} at {self.url} is reachable and serves {self.model!r}."
 
     async def _list_models(self, timeout_s: float) -> list[str]:
         page = await self._client.with_options(timeout=timeout_s).models.list()
@@ -404,23 +403,25 @@ class RemoteReply:
 
 def start_remote_engines(specs: Sequence[EndpointSpec], *, environ: Mapping[str, str] | None = None,
                          check: bool = True, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, RemoteEngine]:
-    """One engine per ``--endpoint``; the start-up check runs on all of them at once and only logs."""
+    """One engine per ``--endpoint``. Missing key variables are logged; the start-up check runs on the
+    other endpoints at once and only logs: the app starts whatever it finds."""
     engines = {spec.name: RemoteEngine(spec, environ=environ) for spec in specs}
-    if check and engines:
-        results: dict[str, tuple[bool, str]] = {}
+    results: dict[str, tuple[bool, str]] = {n: (False, e.key_problem) for n, e in engines.items() if e.key_problem}
+    if check:
+        to_check = [e for n, e in engines.items() if n not in results]
         threads = [threading.Thread(target=lambda e=e: results.__setitem__(e.name, e.check(timeout_s)), daemon=True)
-                   for e in engines.values()]
+                   for e in to_check]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout_s + 5)
-        for name, engine in engines.items():
-            ok, message = results.get(name, (False, f"{name}: start-up check of {engine.url} did not finish."))
-            if ok:
-                log.info("endpoint %s", message)
-            else:
-                log.warning("endpoint %s The app starts anyway; replies from this model will report the problem.",
-                            message)
+        for engine in to_check:
+            late = f"{engine.name} at {engine.url} did not answer GET /models in time."
+            results.setdefault(engine.name, (False, late))
+    for name, (ok, message) in results.items():
+        if ok:
+            log.info("start-up check: %s", message)
+        else:
+            log.warning("start-up check: %s The app starts anyway; replies from this model will report the "
+                        "problem.", message)
     return engines
-
-
