@@ -58,12 +58,13 @@ def build_chat_tab(service: ChatService, defaults) -> None:
         st.turn_counter += 1
         ctx = TurnContext(conversation_id=st.conversation_id, turn_index=st.turn_counter,
                           client_hash=client_hash(service, request))
-        st.cancel.arm()
         for update in service.reply(model_name, messages, params, verdict, ctx, st.cancel):
             turn.reply, turn.model = update.reply, model_name
             turn.notice = update.notice
             turn.in_context = update.status in ("done", "cancelled", "streaming") and bool(update.reply)
-            turn.footer = update.stats.summary() if (update.done and update.stats and update.stats.n_tokens) else ""
+            # the statistics line; a reply stopped before its first token still says "0 tokens · stopped"
+            shown = update.stats and (update.stats.n_tokens or update.status == "cancelled")
+            turn.footer = update.stats.summary() if (update.done and shown) else ""
             cursor = "" if update.done else CURSOR
             yield render_turns(st.turns, cursor=cursor), st
 
@@ -78,6 +79,7 @@ def build_chat_tab(service: ChatService, defaults) -> None:
             yield render_turns(st.turns), gr.update(), st, problem
             return
         st.turns.append(Turn(user=text))
+        st.cancel.arm()  # before the cursor shows: a Stop pressed from then on is honoured
         yield render_turns(st.turns, cursor=CURSOR), "", st, ""
         for rendered, st in run(st, model_name, system_text, temperature_v, top_p_v, max_v, request):
             yield rendered, "", st, ""
@@ -96,6 +98,7 @@ def build_chat_tab(service: ChatService, defaults) -> None:
             yield render_turns(st.turns), st, problem
             return
         st.turns[-1] = Turn(user=st.turns[-1].user)
+        st.cancel.arm()
         for rendered, st in run(st, model_name, system_text, temperature_v, top_p_v, max_v, request):
             yield rendered, st, ""
 
