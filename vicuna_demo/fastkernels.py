@@ -1,0 +1,258 @@
+"""Triton kernels for the CUDA decode step of ``fastpath.py``: fewer, fused launches per layer.
+
+Imported only where Triton and a CUDA GPU exist. Each function takes and returns torch tensors and
+is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the caller):
+
+- ``add_rmsnorm(x, residual, weight, eps)``: residual += x, then RMSNorm of it (one pass).
+- ``rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache)``: rotary embedding of q and k,
+  k and v written into the paged cache at (block ``phys``, offset ``off``); returns rotated q.
+- ``paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits)``: one query token per row
+  against that row's cached tokens, split over the sequence and combined (flash-decoding).
+- ``silu_mul(g, u)``: SiLU(g) * u.
+- ``w8_linear(x, cb, scale_127)``: x @ (cb * scale / 127).T for int8 weights stored the way
+  bitsandbytes' LLM.int8 stores them (row-wise absmax), for a few rows at a time (decode).
+
+Their numerics follow the eager PyTorch ops they replace (fp32 inside, fp16 stored);
+``tests/test_fastpath.py`` checks them against those ops in Triton's CPU interpreter when available.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# -- RMSNorm with the residual add fused in ---------------------------------------------------------
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)   # the sum is stored in the model's dtype
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """-> (normed, residual). Without ``residual``, x itself becomes the residual (a copy)."""
+    rows, n = x.shape
+    out = torch.empty_like(x)
+    if residual is None:
+        residual = x.clone()
+        has_res = False
+    else:
+        has_res = True
+    _add_rmsnorm_kernel[(rows,)](x, residual, weight, out, n, eps, x.stride(0), residual.stride(0), out.stride(0),
+                                 HAS_RES=has_res, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+    return out, residual
+
+
+# -- rotary embedding + paged-cache write -----------------------------------------------------------
+@triton.jit
+def _rope(x1, x2, c1, c2, s1, s2, dt):
+    """q*cos + rotate_half(q)*sin on the two halves, each product rounded like the eager ops."""
+    o1 = (x1.to(tl.float32) * c1).to(dt).to(tl.float32) - (x2.to(tl.float32) * s1).to(dt).to(tl.float32)
+    o2 = (x2.to(tl.float32) * c2).to(dt).to(tl.float32) + (x1.to(tl.float32) * s2).to(dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt)
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, phys_ptr, off_ptr,
+                       qo_ptr, kc_ptr, vc_ptr, stride_q, stride_k, stride_v, stride_qo,
+                       stride_cb, stride_ch, stride_ct, HQ: tl.constexpr, HKV: tl.constexpr,
+                       HALF: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    dt = qo_ptr.dtype.element_ty
+    d = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + row)
+    c1 = tl.load(cos_ptr + pos * 2 * HALF + d).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * 2 * HALF + HALF + d).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * 2 * HALF + d).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * 2 * HALF + HALF + d).to(tl.float32)
+    if head < HQ:
+        base = q_ptr + row * stride_q + head * 2 * HALF
+        o1, o2 = _rope(tl.load(base + d), tl.load(base + HALF + d), c1, c2, s1, s2, dt)
+        out = qo_ptr + row * stride_qo + head * 2 * HALF
+        tl.store(out + d, o1)
+        tl.store(out + HALF + d, o2)
+    else:
+        kh = head - HQ
+        base = k_ptr + row * stride_k + kh * 2 * HALF
+        o1, o2 = _rope(tl.load(base + d), tl.load(base + HALF + d), c1, c2, s1, s2, dt)
+        phys = tl.load(phys_ptr + row).to(tl.int64)
+        off = tl.load(off_ptr + row).to(tl.int64)
+        dest = phys * stride_cb + kh * stride_ch + off * stride_ct
+        tl.store(kc_ptr + dest + d, o1)
+        tl.store(kc_ptr + dest + HALF + d, o2)
+        vbase = v_ptr + row * stride_v + kh * 2 * HALF
+        tl.store(vc_ptr + dest + d, tl.load(vbase + d))
+        tl.store(vc_ptr + dest + HALF + d, tl.load(vbase + HALF + d))
+
+
+def rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache, n_heads: int, n_kv_heads: int):
+    """q [rows, HQ*D], k/v [rows, HKV*D] (row-strided views are fine); cos/sin [positions, D] tables;
+    pos/phys/off [rows] int. k_cache/v_cache [blocks, HKV, block, D]. -> rotated q [rows, HQ, D]."""
+    rows = q.shape[0]
+    head_dim = k_cache.shape[-1]
+    q_out = torch.empty((rows, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    _rope_store_kernel[(rows, n_heads + n_kv_heads)](
+        q, k, v, cos, sin, pos, phys, off, q_out, k_cache, v_cache,
+        q.stride(0), k.stride(0), v.stride(0), q_out.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HQ=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, num_warps=1)
+    return q_out
+
+
+# -- paged decode attention (split-K, then combine) -----------------------------------------------------
+@triton.jit
+def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale,
+                        stride_qr, stride_qh, stride_cb, stride_ch, stride_ct, stride_tr, SPLITS,
+                        HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    rh = tl.program_id(0)
+    split = tl.program_id(1)
+    row = rh // HQ
+    head = rh % HQ
+    kvh = head // GROUP
+    seq_len = tl.load(lens_ptr + row)
+    n_blocks = tl.cdiv(seq_len, BLOCK)
+    per = tl.cdiv(n_blocks, SPLITS)
+    start = split * per
+    end = tl.minimum(start + per, n_blocks)
+    d = tl.arange(0, D)
+    t = tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + row * stride_qr + head * stride_qh + d).to(tl.float32) * scale
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for blk in range(start, end):
+        phys = tl.load(table_ptr + row * stride_tr + blk).to(tl.int64)
+        base = phys * stride_cb + kvh * stride_ch + t[:, None] * stride_ct + d[None, :]
+        valid = (blk * BLOCK + t) < seq_len
+        k = tl.load(kc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(vc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    idx = rh * SPLITS + split
+    tl.store(m_ptr + idx + tl.arange(0, 1), m_i)
+    tl.store(l_ptr + idx + tl.arange(0, 1), l_i)
+    tl.store(acc_ptr + idx * D + d, acc)
+
+
+@triton.jit
+def _paged_attn_combine(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS_P2: tl.constexpr, D: tl.constexpr):
+    rh = tl.program_id(0)
+    s = tl.arange(0, SPLITS_P2)
+    smask = s < SPLITS
+    m = tl.load(m_ptr + rh * SPLITS + s, mask=smask, other=float("-inf"))
+    l = tl.load(l_ptr + rh * SPLITS + s, mask=smask, other=0.0)
+    d = tl.arange(0, D)
+    acc = tl.load(acc_ptr + (rh * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    total = tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(total, 1e-20)
+    tl.store(out_ptr + rh * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: float):
+    """q [rows, HQ, D]; caches [blocks, HKV, block, D]; table [rows, max_blocks] int32;
+    seq_lens [rows] int32 (0 = empty row: output 0). -> [rows, HQ*D]."""
+    rows, n_heads, head_dim = q.shape
+    group = n_heads // k_cache.shape[1]
+    block = k_cache.shape[2]
+    m = torch.empty((rows * n_heads * n_splits,), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty((rows * n_heads * n_splits, head_dim), dtype=torch.float32, device=q.device)
+    _paged_attn_partial[(rows * n_heads, n_splits)](
+        q, k_cache, v_cache, table, seq_lens, m, l, acc, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0), n_splits,
+        HQ=n_heads, GROUP=group, BLOCK=block, D=head_dim, num_warps=4)
+    out = torch.empty((rows, n_heads * head_dim), dtype=q.dtype, device=q.device)
+    _paged_attn_combine[(rows * n_heads,)](m, l, acc, out, n_splits, SPLITS_P2=_pow2(n_splits), D=head_dim,
+                                           num_warps=4)
+    return out
+
+
+# -- SiLU(gate) * up ------------------------------------------------------------------------------------
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    rows, n = g.shape
+    out = torch.empty((rows, n), dtype=g.dtype, device=g.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), out.stride(0),
+                                                    BLOCK=block, num_warps=4)
+    return out
+
+
+# -- int8 weight-only GEMV over bitsandbytes' LLM.int8 storage -------------------------------------------
+@triton.jit
+def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                    M_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    mrows = tl.arange(0, M_TILE)
+    acc = tl.zeros([M_TILE, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0).to(tl.float32)
+        x = tl.load(x_ptr + mrows[:, None] * stride_xm + k[None, :], mask=(mrows[:, None] < M) & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    scale = tl.load(s_ptr + n, mask=nmask, other=0.0)
+    out = acc * scale[None, :]
+    tl.store(out_ptr + mrows[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(mrows[:, None] < M) & nmask[None, :])
+
+
+W8_MAX_ROWS = 8
+
+
+def w8_linear(x: torch.Tensor, cb: torch.Tensor, scale_127: torch.Tensor, bias: torch.Tensor | None = None):
+    """x [M<=8, K] fp16; cb [N, K] int8; scale_127 [N] fp32 = row absmax / 127. -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = cb.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    m_tile = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+    block_n = 8 if m_tile <= 2 else 4
+    block_k = 512 if m_tile <= 2 else 256
+    _w8_gemv_kernel[(triton.cdiv(n, block_n),)](x, cb, scale_127, out, m, n, k, x.stride(0), cb.stride(0),
+                                               out.stride(0), M_TILE=m_tile, BLOCK_N=block_n, BLOCK_K=block_k,
+                                               num_warps=4)
+    if bias is not None:
+        out += bias
+    return out
