@@ -184,6 +184,33 @@ def test_a_failing_step_ends_the_affected_replies_with_a_clear_message_others_fi
     assert len(spared_turns) == 2 and all(t.finish_reason in ("stop", "length") for t in spared_turns)
 
 
+def test_a_visitor_who_leaves_mid_reply_still_has_the_turn_logged_as_cancelled(launch_app):
+    """A cancelled request (gradio_client) and a dropped event stream (a closed tab) both stop the reply;
+    the turn is logged with what had streamed, finish reason 'cancelled'."""
+    engine = RecordingEngine(name="Slow", reply=" ".join(f"w{i}" for i in range(200)), delay_s=0.05)
+    url, runtime = launch_app(APP_ARGS, engines={"Slow": engine})
+    job = submit_chat(Client(url, verbose=False), "cancel me", "Slow")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(streamed_reply(job).split()) < 5:
+        time.sleep(0.05)
+    assert job.cancel()
+    base = url.rstrip("/")
+    event_id = httpx.post(f"{base}/gradio_api/call/chat", json={"data": ["close my tab", "Slow", "", 0.7, 1.0, 64]},
+                          timeout=30).json()["event_id"]
+    with httpx.stream("GET", f"{base}/gradio_api/call/chat/{event_id}", timeout=30) as response:
+        for n, _ in enumerate(response.iter_lines()):
+            if n > 12:
+                break  # the browser tab goes away
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and runtime.store.count_turns() < 2:
+        time.sleep(0.1)
+    turns = {t.messages[-1]["content"]: t for t in runtime.store.turns()}
+    assert set(turns) == {"cancel me", "close my tab"}
+    for turn in turns.values():
+        assert turn.finish_reason == "cancelled"
+        assert turn.reply.startswith("w0 w1") and len(turn.reply.split()) < 200  # what had streamed, then stopped
+
+
 # -- the log directory ------------------------------------------------------------------------------------
 
 

@@ -240,6 +240,12 @@ class ChatService:
             finally:
                 if stats.finish_reason is None:
                     stream.cancel()
+        except GeneratorExit:  # the visitor went away mid-reply (tab closed, request cancelled): log what they saw
+            if stats.finish_reason is None:
+                stats.finish_reason = "cancelled"
+            self._log(ctx, model, getattr(self.engines.get(model), "template_name", "-"), params,
+                      list(sent_messages), update.reply, stats.finish_reason, stats, moderation, started)
+            raise
         except PromptTooLong as exc:
             update.status, update.notice = "rejected", str(exc)
         except (EngineError, KeyError) as exc:
