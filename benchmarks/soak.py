@@ -8,7 +8,9 @@ side-by-side comparisons with a vote when the app has that tab), then the log is
 Without --url it starts `python app.py --model embedded` itself (rate limit and moderation off, a
 fresh log folder) and stops it at the end. Each visitor is its own gradio session, with think time
 between requests: it chats (sometimes pressing Clear to start a new conversation) or, when the app
-has /compare_send, runs one comparison round of the model against itself and votes.
+has /compare_send, runs one comparison round of the model against itself and votes. A few visitors
+leave in the middle of a reply (the request is cancelled once text has streamed, as a closed tab is):
+their turn must still be logged, as cancelled.
 
 Every message carries a unique tag, so the store can be checked against what was sent:
 - hung: no final update within --deadline seconds (the job is then cancelled);
@@ -196,6 +198,7 @@ class Plan:
     think_s: tuple[float, float]
     max_tokens: tuple[int, ...]
     compare_share: float
+    abandon_share: float
     model: str
     compare: bool
     run_id: str
@@ -224,15 +227,29 @@ def visitor(index: int, plan: Plan, tally: Tally) -> None:
                 if chat_turns >= 6 or (chat_turns and rng.random() < 0.2):
                     client.predict(api_name="/clear")
                     chat_turns = 0
-                if chat_once(client, message, tag, params, plan, tally):
+                leave = rng.random() < plan.abandon_share
+                if chat_once(client, message, tag, params, plan, tally, abandon=leave):
                     chat_turns += 1
         except Exception as exc:  # noqa: BLE001 - e.g. Clear failed: count it, keep visiting
             tally.add("control", "error", problem=f"{tag}: {type(exc).__name__}: {exc}")
         time.sleep(rng.uniform(*plan.think_s))
 
 
-def chat_once(client, message, tag, params, plan: Plan, tally: Tally) -> bool:
+def chat_once(client, message, tag, params, plan: Plan, tally: Tally, abandon: bool = False) -> bool:
     job = client.submit(message, plan.model, "", *params, api_name="/chat")
+    if abandon:  # leave once the reply has started, as a visitor closing the tab does
+        started, deadline = time.perf_counter(), time.perf_counter() + plan.deadline_s
+        while not job.done() and time.perf_counter() < deadline:
+            outputs = job.outputs()
+            if outputs and _started([outputs[-1][0]]):
+                job.cancel()
+                tally.add("chat", "abandoned", tag=tag, turns=1)
+                return False
+            time.sleep(0.05)
+        if not job.done():
+            job.cancel()
+            tally.add("chat", "hung", tag=tag, turns=1, problem=f"{tag}: no text in {plan.deadline_s:.0f} s")
+            return False
     outcome, elapsed, first, result = wait_job(job, plan.deadline_s, lambda out: [out[0]])
     if outcome == "hung":
         tally.add("chat", "hung", tag=tag, turns=1, problem=f"{tag}: no final update in {elapsed:.0f} s")
@@ -313,7 +330,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def run_soak(url: str, log_dir: str | Path, pid: int, *, visitors: int = 8, seconds: float = 60.0,
              deadline_s: float = 300.0, think_s: tuple[float, float] = (1.0, 5.0),
-             max_tokens: tuple[int, ...] = (32, 64), compare_share: float = 0.25, seed: int = 0,
+             max_tokens: tuple[int, ...] = (32, 64), compare_share: float = 0.25, abandon_share: float = 0.05,
+             seed: int = 0,
              model: str | None = None, progress=lambda message: None) -> dict:
     """Drive ``visitors`` visitors for ``seconds`` against the app at ``url`` (whose process is ``pid`` and
     whose store is in ``log_dir``) and return the summary (see the module docstring)."""
@@ -329,7 +347,8 @@ def run_soak(url: str, log_dir: str | Path, pid: int, *, visitors: int = 8, seco
     run_id = uuid.uuid4().hex[:8]
     started = time.monotonic()
     plan = Plan(url=url, end=started + seconds, deadline_s=deadline_s, think_s=think_s, max_tokens=max_tokens,
-                compare_share=compare_share, model=config_model, compare=compare, run_id=run_id, seed=seed)
+                compare_share=compare_share, abandon_share=abandon_share, model=config_model, compare=compare,
+                run_id=run_id, seed=seed)
     tally = Tally()
     done = threading.Event()
 
@@ -338,7 +357,8 @@ def run_soak(url: str, log_dir: str | Path, pid: int, *, visitors: int = 8, seco
             value = rss_mib(pid)
             if value:
                 peak[0] = max(peak[0], value)
-            progress(f"{time.monotonic() - started:5.0f} s  rss {value or 0:.0f} MiB  {dict(sorted(tally.counts.items()))}")
+            counts = dict(sorted(tally.counts.items()))
+            progress(f"{time.monotonic() - started:5.0f} s  rss {value or 0:.0f} MiB  {counts}")
 
     sampler = threading.Thread(target=sample_memory, daemon=True)
     sampler.start()
@@ -372,7 +392,8 @@ def run_soak(url: str, log_dir: str | Path, pid: int, *, visitors: int = 8, seco
         "stuck_visitors": stuck_visitors, "store_problem": store["store_problem"],
         "lost_examples": store["lost_examples"], "problems": tally.problems,
         "settings": {"deadline_s": deadline_s, "think_s": list(think_s), "max_tokens": list(max_tokens),
-                     "compare_share": compare_share if compare else 0.0, "seed": seed},
+                     "compare_share": compare_share if compare else 0.0, "abandon_share": abandon_share,
+                     "seed": seed},
     }
     return summary
 
@@ -400,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--think", default="1,5", help="think time between requests, MIN,MAX seconds")
     parser.add_argument("--max-tokens", default="32,64", help="reply lengths to pick from")
     parser.add_argument("--compare-share", type=float, default=0.25, help="share of rounds that compare and vote")
+    parser.add_argument("--abandon-share", type=float, default=0.05, help="share of chats left mid-reply")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--app-arg", action="append", default=[], help="extra flag for app.py (repeatable)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
@@ -421,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_soak(url, log_dir, pid, visitors=args.visitors, seconds=args.minutes * 60,
                            deadline_s=args.deadline, think_s=think, max_tokens=max_tokens,
-                           compare_share=args.compare_share, seed=args.seed, model=args.model_name,
-                           progress=progress)
+                           compare_share=args.compare_share, abandon_share=args.abandon_share, seed=args.seed,
+                           model=args.model_name, progress=progress)
     finally:
         if app is not None:
             app.stop()
