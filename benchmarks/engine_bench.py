@@ -51,6 +51,18 @@ from vicuna_demo.generation import Prompt, SamplingParams  # noqa: E402
 from vicuna_demo.loading import LoadedModel  # noqa: E402
 
 OUT_FILE: Path | None = None
+GC_PAUSES: list[float] = []
+_GC_START: list[float] = []
+
+
+def _gc_watch(phase, info):
+    if phase == "start":
+        _GC_START[:] = [time.perf_counter()]
+    elif _GC_START:
+        GC_PAUSES.append(time.perf_counter() - _GC_START[0])
+
+
+gc.callbacks.append(_gc_watch)
 DEVICE_NAME = "cpu"
 STARTED = time.time()
 
@@ -222,6 +234,25 @@ def engine_streams(engine: LocalEngine, prompts: list[list[int]], new_tokens: in
                   ttft_max_s=round(ttfts[-1], 3) if ttfts else None, **extra)
     if errors:
         record["errors"] = errors[:3]
+    fast = getattr(engine, "_fast", None)
+    if fast is not None:
+        launches = [t for t in fast.launch_times if t >= started]
+        fast.launch_times.clear()
+        gaps = sorted(b - a for a, b in zip(launches, launches[1:]))
+        if gaps:
+            record["decode_step_ms_median"] = round(1000 * gaps[len(gaps) // 2], 2)
+        log = list(fast.prefill_log)
+        fast.prefill_log.clear()
+        if log:
+            record["prefills"] = dict(count=len(log), max_seconds=max(e["seconds"] for e in log),
+                                      sum_seconds=round(sum(e["seconds"] for e in log), 3),
+                                      max_waited=max(e["waited"] for e in log), rows=[e["rows"] for e in log][:12],
+                                      reused_tokens=sum(e["reused"] for e in log))
+    if torch.cuda.is_available():
+        record["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    if GC_PAUSES:
+        record["gc_pauses_s"] = [round(p, 3) for p in GC_PAUSES if p > 0.01][:8]
+        GC_PAUSES.clear()
     say(**record)
     return record
 
@@ -271,8 +302,12 @@ def fast_info(engine: LocalEngine) -> dict:
     if fast is None:
         return {}
     runner = fast.runner
+    tuning = {f"{shape[0]}x{shape[1]} {dtype.removeprefix('torch.')} rows={rows}":
+              dict(pick=("cublas" if best is None else list(best)), us=us, cublas_us=cublas)
+              for (shape, dtype, rows), (best, us, cublas) in fast.tuning.items() if rows in (1, 8)}
     return dict(graphs=len(runner.graphs), kernels=runner.use_kernels, kv_blocks=runner.n_blocks - 1,
-                block=runner.block, max_rows=runner.max_rows)
+                block=runner.block, max_rows=runner.max_rows, gemv_tuning=tuning,
+                attention_tuning={rows: v for rows, v in fast.attention_tuning.items()})
 
 
 def stop(engine: LocalEngine) -> None:
@@ -284,17 +319,23 @@ def stop(engine: LocalEngine) -> None:
         torch.cuda.empty_cache()
 
 
+SEEDS = iter(range(1000, 10**9, 1000))
+
+
 def run_streams(engine, loaded, args, label, vocab, counts, params_list):
+    """Fresh prompts for every measurement (a repeated prompt would hit the prefix cache)."""
     for params in params_list:
         for n in counts:
             if out_of_time(args):
                 return
-            prompts = [random_prompt(args.prompt_len, seed, vocab) for seed in range(n)]
-            engine_streams(engine, prompts, args.new_tokens, params, label)
+            base = next(SEEDS)
+            prompts = [random_prompt(args.prompt_len, base + seed, vocab) for seed in range(n)]
+            engine_streams(engine, prompts, params.max_new_tokens, params, label)
 
 
-def step_times(engine: LocalEngine, label: str) -> None:
-    """Replay the captured decode graphs alone (idle engine) and time them with CUDA events."""
+def step_times(engine: LocalEngine, label: str, kv_len: int = 0) -> None:
+    """Replay the captured decode graphs alone (idle engine) and time them with CUDA events; with ``kv_len``
+    every row attends to that many cached tokens (in free blocks: their contents do not matter)."""
     fast = engine._fast
     if fast is None or not fast.runner.graphs:
         return
@@ -302,6 +343,14 @@ def step_times(engine: LocalEngine, label: str) -> None:
     runner.active.zero_()
     runner.table.zero_()
     runner.pos.zero_()
+    if kv_len:
+        per_row = -(-(kv_len + 1) // runner.block)
+        free = list(fast._pool.free)
+        rows_max = min(runner.max_rows, len(free) // per_row)
+        runner.active[:rows_max] = 1
+        runner.pos[:rows_max] = kv_len
+        for r in range(rows_max):
+            runner.table[r, :per_row] = torch.tensor(free[r * per_row:(r + 1) * per_row], dtype=torch.int32)
     for rows in (1, 8, 32, 64):
         graph = runner.graphs.get((runner.bucket(rows), "greedy"))
         if graph is None:
@@ -318,8 +367,12 @@ def step_times(engine: LocalEngine, label: str) -> None:
             end_ev.record()
             torch.cuda.synchronize()
         ms = start_ev.elapsed_time(end_ev) / reps
-        say(stage=f"{label}_step", rows=runner.bucket(rows), ms_per_step=round(ms, 3),
-            tok_s_if_all_rows=round(runner.bucket(rows) * 1000 / ms, 1), note="idle rows: weights read, no KV")
+        say(stage=f"{label}_step", rows=runner.bucket(rows), kv_len=kv_len, ms_per_step=round(ms, 3),
+            tok_s_if_all_rows=round(runner.bucket(rows) * 1000 / ms, 1))
+        if kv_len:
+            runner.pos[:runner.max_rows] = kv_len * runner.active[:runner.max_rows]
+    runner.active.zero_()
+    runner.table.zero_()
     runner.pos.zero_()
 
 
@@ -399,6 +452,15 @@ def quantize_8bit(loaded: LoadedModel) -> LoadedModel:
     return dataclasses.replace(loaded, load_8bit=True, dtype="int8")
 
 
+def set_int8_threshold(model, threshold: float | None) -> None:
+    """bitsandbytes' outlier threshold (6.0 is what --load-8bit loads; 0 turns the outlier matmul off)."""
+    if threshold is None:
+        return
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.state.threshold = threshold
+
+
 def out_of_time(args) -> bool:
     return bool(args.budget_s) and time.time() - STARTED > args.budget_s
 
@@ -415,6 +477,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=str(ROOT / ".cache" / "bench_tokenizer"),
                         help="GPU: a tokenizer folder for realistic detokenizing (else one char per token)")
     parser.add_argument("--budget-s", type=float, default=0, help="skip remaining stages after this many seconds")
+    parser.add_argument("--no-tune-dense", action="store_true", help="GPU: always use cuBLAS for fp16 weights")
+    parser.add_argument("--int8-variants", default="fast_int8_ourkernel,fast_int8_bnb_matmul_t0_graphs,"
+                        "fast_int8_bnb_matmul_t6_eager", help="GPU: which 8-bit variants to run")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     import logging
@@ -449,13 +514,13 @@ def gpu_main(args) -> int:
     if "steps" in stages:
         bandwidth(loaded)
     if "fast" in stages and not out_of_time(args):
-        engine = start(loaded, EngineOptions(backend="fast"), "fast_fp16")
+        engine = start(loaded, EngineOptions(backend="fast", tune_dense_gemv=not args.no_tune_dense), "fast_fp16")
         try:
             greedy_agreement(engine, loaded, "fast_fp16")
             if "steps" in stages:
                 step_times(engine, "fast_fp16")
+                step_times(engine, "fast_fp16", kv_len=640)
                 profile_step(engine, "fast_fp16", 1)
-                profile_step(engine, "fast_fp16", 64)
             run_streams(engine, loaded, args, "fast_fp16", vocab, counts, [greedy])
             run_streams(engine, loaded, args, "fast_fp16_sampled", vocab, [1, max(counts)], [sampled])
             # the next turn of a conversation: the prompt extends the previous request's prompt and reply
@@ -496,20 +561,24 @@ def gpu_main(args) -> int:
         short = min(args.new_tokens, 64)
         hf_generate_streamer(loaded8, random_prompt(args.prompt_len, 0, vocab), short,
                              "baseline_hf_generate_streamer_int8")
-        for kernel in (True, False):
+        variants = [("fast_int8_ourkernel", True, None), ("fast_int8_bnb_matmul_t0_graphs", False, 0.0),
+                    ("fast_int8_bnb_matmul_t6_eager", False, 6.0)]
+        variants = [v for v in variants if v[0] in args.int8_variants.split(",")]
+        for label, kernel, threshold in variants:
             if out_of_time(args):
                 break
-            label = "fast_int8_ourkernel" if kernel else "fast_int8_bnb_matmul"
+            set_int8_threshold(loaded8.model, threshold)
             engine = start(loaded8, EngineOptions(backend="fast", int8_kernel=kernel), label)
             try:
                 greedy_agreement(engine, loaded8, label, n=16)
                 if "steps" in stages:
                     step_times(engine, label)
                     profile_step(engine, label, 1)
-                run_streams(engine, loaded8, args, label, vocab, [1, 8] if kernel else [1],
-                            [SamplingParams(temperature=0, max_new_tokens=args.new_tokens if kernel else short)])
+                run_streams(engine, loaded8, args, label, vocab, ([1, 8, 64] if kernel else [1, 8]) if threshold != 6.0 else [1],
+                            [SamplingParams(temperature=0, max_new_tokens=args.new_tokens if threshold != 6.0 else short)])
             finally:
                 stop(engine)
+        set_int8_threshold(loaded8.model, 6.0)
         loaded = None
     say(stage="done", seconds=round(time.time() - STARTED, 1))
     return 0

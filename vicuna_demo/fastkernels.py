@@ -10,7 +10,8 @@ is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the 
   against that row's cached tokens, split over the sequence and combined (flash-decoding).
 - ``silu_mul(g, u)``: SiLU(g) * u.
 - ``w8_linear(x, cb, scale_127)``: x @ (cb * scale / 127).T for int8 weights stored the way
-  bitsandbytes' LLM.int8 stores them (row-wise absmax), for a few rows at a time (decode).
+  bitsandbytes' LLM.int8 stores them (row-wise absmax), for a few rows at a time (decode);
+  ``gemv`` is the same kernel for 16-bit weights (used where it beats cuBLAS for a shape).
 
 Their numerics follow the eager PyTorch ops they replace (fp32 inside, fp16 stored);
 ``tests/test_fastpath.py`` checks them against those ops in Triton's CPU interpreter when available.
@@ -71,9 +72,9 @@ def _rope(x1, x2, c1, c2, s1, s2, dt):
 
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, phys_ptr, off_ptr,
-                       qo_ptr, kc_ptr, vc_ptr, stride_q, stride_k, stride_v, stride_qo,
+                       qo_ptr, kc_ptr, vc_ptr, ko_ptr, stride_q, stride_k, stride_v, stride_qo, stride_ko,
                        stride_cb, stride_ch, stride_ct, HQ: tl.constexpr, HKV: tl.constexpr,
-                       HALF: tl.constexpr):
+                       HALF: tl.constexpr, K_OUT: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
     dt = qo_ptr.dtype.element_ty
@@ -98,30 +99,38 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, phys_ptr,
         dest = phys * stride_cb + kh * stride_ch + off * stride_ct
         tl.store(kc_ptr + dest + d, o1)
         tl.store(kc_ptr + dest + HALF + d, o2)
+        if K_OUT:
+            kout = ko_ptr + row * stride_ko + kh * 2 * HALF
+            tl.store(kout + d, o1)
+            tl.store(kout + HALF + d, o2)
         vbase = v_ptr + row * stride_v + kh * 2 * HALF
         tl.store(vc_ptr + dest + d, tl.load(vbase + d))
         tl.store(vc_ptr + dest + HALF + d, tl.load(vbase + HALF + d))
 
 
-def rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache, n_heads: int, n_kv_heads: int):
+def rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache, n_heads: int, n_kv_heads: int,
+               return_k: bool = False):
     """q [rows, HQ*D], k/v [rows, HKV*D] (row-strided views are fine); cos/sin [positions, D] tables;
-    pos/phys/off [rows] int. k_cache/v_cache [blocks, HKV, block, D]. -> rotated q [rows, HQ, D]."""
+    pos/phys/off [rows] int. k_cache/v_cache [blocks, HKV, block, D]. -> rotated q [rows, HQ, D]
+    (and, with ``return_k``, rotated k [rows, HKV, D] too: prefill attends to it directly)."""
     rows = q.shape[0]
     head_dim = k_cache.shape[-1]
     q_out = torch.empty((rows, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((rows, n_kv_heads, head_dim), dtype=q.dtype, device=q.device) if return_k else q_out
     _rope_store_kernel[(rows, n_heads + n_kv_heads)](
-        q, k, v, cos, sin, pos, phys, off, q_out, k_cache, v_cache,
-        q.stride(0), k.stride(0), v.stride(0), q_out.stride(0),
+        q, k, v, cos, sin, pos, phys, off, q_out, k_cache, v_cache, k_out,
+        q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), k_out.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HQ=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, num_warps=1)
-    return q_out
+        HQ=n_heads, HKV=n_kv_heads, HALF=head_dim // 2, K_OUT=return_k, num_warps=1)
+    return (q_out, k_out) if return_k else q_out
 
 
 # -- paged decode attention (split-K, then combine) -----------------------------------------------------
 @triton.jit
-def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale,
+def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scale,
                         stride_qr, stride_qh, stride_cb, stride_ch, stride_ct, stride_tr, SPLITS,
-                        HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+                        HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                        DIRECT: tl.constexpr):
     rh = tl.program_id(0)
     split = tl.program_id(1)
     row = rh // HQ
@@ -152,10 +161,14 @@ def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
-    idx = rh * SPLITS + split
-    tl.store(m_ptr + idx + tl.arange(0, 1), m_i)
-    tl.store(l_ptr + idx + tl.arange(0, 1), l_i)
-    tl.store(acc_ptr + idx * D + d, acc)
+    if DIRECT:   # one split: this program saw the whole sequence, so normalise and write the output
+        out = acc / tl.maximum(tl.sum(l_i, axis=0), 1e-20)
+        tl.store(out_ptr + rh * D + d, out.to(out_ptr.dtype.element_ty))
+    else:
+        idx = rh * SPLITS + split
+        tl.store(m_ptr + idx + tl.arange(0, 1), m_i)
+        tl.store(l_ptr + idx + tl.arange(0, 1), l_i)
+        tl.store(acc_ptr + idx * D + d, acc)
 
 
 @triton.jit
@@ -175,22 +188,26 @@ def _paged_attn_combine(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS_P2: tl.co
     tl.store(out_ptr + rh * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: float):
+def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: float, num_warps: int = 4,
+                    num_stages: int = 3):
     """q [rows, HQ, D]; caches [blocks, HKV, block, D]; table [rows, max_blocks] int32;
     seq_lens [rows] int32 (0 = empty row: output 0). -> [rows, HQ*D]."""
     rows, n_heads, head_dim = q.shape
     group = n_heads // k_cache.shape[1]
     block = k_cache.shape[2]
-    m = torch.empty((rows * n_heads * n_splits,), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty((rows * n_heads * n_splits, head_dim), dtype=torch.float32, device=q.device)
-    _paged_attn_partial[(rows * n_heads, n_splits)](
-        q, k_cache, v_cache, table, seq_lens, m, l, acc, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0), n_splits,
-        HQ=n_heads, GROUP=group, BLOCK=block, D=head_dim, num_warps=4)
     out = torch.empty((rows, n_heads * head_dim), dtype=q.dtype, device=q.device)
-    _paged_attn_combine[(rows * n_heads,)](m, l, acc, out, n_splits, SPLITS_P2=_pow2(n_splits), D=head_dim,
-                                           num_warps=4)
+    direct = n_splits == 1
+    parts = 1 if direct else rows * n_heads * n_splits
+    m = torch.empty((parts,), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty((parts, head_dim), dtype=torch.float32, device=q.device)
+    _paged_attn_partial[(rows * n_heads, n_splits)](
+        q, k_cache, v_cache, table, seq_lens, m, l, acc, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0), n_splits,
+        HQ=n_heads, GROUP=group, BLOCK=block, D=head_dim, DIRECT=direct, num_warps=num_warps, num_stages=num_stages)
+    if not direct:
+        _paged_attn_combine[(rows * n_heads,)](m, l, acc, out, n_splits, SPLITS_P2=_pow2(n_splits), D=head_dim,
+                                               num_warps=4)
     return out
 
 
@@ -216,43 +233,97 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# -- int8 weight-only GEMV over bitsandbytes' LLM.int8 storage -------------------------------------------
+# -- GEMV for a few rows: int8 weights (bitsandbytes' LLM.int8 storage) or fp16/bf16 weights ------------------
 @triton.jit
-def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                    M_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                 HAS_SCALE: tl.constexpr, GATED: tl.constexpr, M_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     mrows = tl.arange(0, M_TILE)
-    acc = tl.zeros([M_TILE, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=nmask[:, None] & kmask[None, :],
-                    other=0).to(tl.float32)
-        x = tl.load(x_ptr + mrows[:, None] * stride_xm + k[None, :], mask=(mrows[:, None] < M) & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    scale = tl.load(s_ptr + n, mask=nmask, other=0.0)
-    out = acc * scale[None, :]
-    tl.store(out_ptr + mrows[:, None] * stride_om + n[None, :], out.to(out_ptr.dtype.element_ty),
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
+    if M_TILE == 1:
+        # one row: accumulate elementwise and reduce once at the end (no cross-lane sums in the loop)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
+            if GATED:   # x = SiLU(gate) * up, rounded like the separate kernel (the down projection)
+                g = tl.load(x_ptr + k, mask=kmask, other=0.0)
+                gf = g.to(tl.float32)
+                act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+                x = (act * tl.load(u_ptr + k, mask=kmask, other=0.0).to(tl.float32)).to(g.dtype).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+            acc2 += w * x[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:
+        acc = tl.zeros([M_TILE, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
+            x = tl.load(x_ptr + mrows[:, None] * stride_xm + k[None, :],
+                        mask=(mrows[:, None] < M) & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_SCALE:
+        scale = tl.load(s_ptr + n, mask=nmask, other=0.0)
+        acc = acc * scale[None, :]
+    tl.store(out_ptr + mrows[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(mrows[:, None] < M) & nmask[None, :])
 
 
 W8_MAX_ROWS = 8
 
 
+def _m_tile(m: int) -> int:
+    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, block_n: int | None = None,
+         block_k: int | None = None, num_warps: int = 4, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M<=8, K] @ w[N, K].T (* scale[N]) for int8 or 16-bit weights; fp32 accumulation, x's dtype out.
+    With ``up`` (one row only), the input is SiLU(x) * up, computed on the fly."""
+    m, k = x.shape
+    if up is not None and m != 1:
+        return gemv(silu_mul(x, up), w, scale, block_n, block_k, num_warps)
+    n = w.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    m_tile = _m_tile(m)
+    if block_n is None:
+        block_n = 8 if m_tile <= 2 else 4
+    if block_k is None:
+        block_k = 512 if m_tile <= 2 else 256
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, up if up is not None else x, w, scale if scale is not None else w,
+                                             out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+                                             HAS_SCALE=scale is not None, GATED=up is not None, M_TILE=m_tile,
+                                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return out
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = k < K
+    w = tl.load(w_ptr + row.to(tl.int64) * K + k, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * K + k, (w * tl.load(s_ptr + row)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequant_linear(x: torch.Tensor, cb: torch.Tensor, scale_127: torch.Tensor) -> torch.Tensor:
+    """x @ (cb * scale).T through a 16-bit copy of the weight made on the fly (for more rows than GEMV suits)."""
+    n, k = cb.shape
+    w = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    block = 1024
+    _dequant_kernel[(n, triton.cdiv(k, block))](cb, scale_127, w, k, BLOCK=block, num_warps=4)
+    return torch.nn.functional.linear(x, w)
+
+
 def w8_linear(x: torch.Tensor, cb: torch.Tensor, scale_127: torch.Tensor, bias: torch.Tensor | None = None):
     """x [M<=8, K] fp16; cb [N, K] int8; scale_127 [N] fp32 = row absmax / 127. -> [M, N] in x's dtype."""
-    m, k = x.shape
-    n = cb.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    m_tile = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
-    block_n = 8 if m_tile <= 2 else 4
-    block_k = 512 if m_tile <= 2 else 256
-    _w8_gemv_kernel[(triton.cdiv(n, block_n),)](x, cb, scale_127, out, m, n, k, x.stride(0), cb.stride(0),
-                                               out.stride(0), M_TILE=m_tile, BLOCK_N=block_n, BLOCK_K=block_k,
-                                               num_warps=4)
+    out = gemv(x, cb, scale_127)
     if bias is not None:
         out += bias
     return out

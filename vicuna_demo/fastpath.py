@@ -46,14 +46,16 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 class FastOptions:
     max_rows: int | None = None            # requests decoded together (None: 64 on CUDA, 8 on CPU)
     block_size: int | None = None          # tokens per KV block (None: 64 on CUDA, a whole context on CPU)
-    kv_memory_fraction: float = 0.85       # of the GPU memory still free after warm-up
+    kv_memory_fraction: float = 0.8        # of the GPU memory still free after the reserve
     kv_blocks: int | None = None           # force the pool size (tests, benchmarks)
     prefill_tokens: int = 4096             # most prompt tokens prefilled in one forward pass
+    burst_prefill_s: float = 0.3           # prefill waiting requests back to back for up to this long
     cuda_graphs: bool = True               # capture decode steps as CUDA graphs (CUDA only)
     kernels: bool = True                   # Triton kernels for the decode step (CUDA only)
     int8_kernel: bool = True               # weight-only GEMV over bitsandbytes int8 weights when decoding
     prefix_cache: bool = True              # reuse a finished reply's KV for the next turn
     fuse_projections: bool | None = None   # concatenate q/k/v and gate/up weights (None: on CUDA)
+    tune_dense: bool = True                # also time our GEMV against cuBLAS for 16-bit weights
     pipeline: bool | None = None           # launch step t+1 before reading step t's tokens (None: on CUDA)
 
 
@@ -108,29 +110,62 @@ def _int8_parts(module):
 
 
 class _Linear:
-    """One projection as the decode step calls it: dense weight, int8 kernel, or the module itself."""
+    """One projection as the decode step calls it: dense weight (cuBLAS, or our GEMV where it measured
+    faster for that shape and row count), int8 weights through our GEMV, or the module itself."""
 
     def __init__(self, module=None, weight=None, bias=None, int8_kernel=False):
         self.module = module
         self.weight = weight if weight is not None else (getattr(module, "weight", None) if module is not None else None)
         self.bias = bias if bias is not None else (getattr(module, "bias", None) if module is not None else None)
         self.int8 = None
+        self.gemv_config: dict[int, tuple[int, int, int]] = {}   # rows -> (block_n, block_k, warps)
         if module is not None and _is_int8(module):
             self.weight = None
             self.int8 = _int8_parts(module) if int8_kernel else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0] if x.dim() == 2 else -1
         if self.weight is not None:
-            return F.linear(x, self.weight, self.bias)
-        if self.int8 is not None and x.dim() == 2 and x.shape[0] <= _w8_max_rows():
+            config = self.gemv_config.get(rows)
+            if config is None:
+                return F.linear(x, self.weight, self.bias)
             from . import fastkernels
-            return fastkernels.w8_linear(x, self.int8[0], self.int8[1], self.bias)
+            out = fastkernels.gemv(x, self.weight, None, *config)
+            return out + self.bias if self.bias is not None else out
+        if self.int8 is not None and x.dim() == 2:
+            from . import fastkernels
+            config = self.gemv_config.get(rows, "dequant" if rows > 2 else (None, None, 4))
+            if config == "dequant":
+                out = fastkernels.dequant_linear(x, self.int8[0], self.int8[1])
+            else:
+                out = fastkernels.gemv(x, self.int8[0], self.int8[1], *config)
+            return out + self.bias if self.bias is not None else out
         return self.module(x)
 
+    def gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+        """down(SiLU(g) * u) in one kernel when our GEMV serves this row count; None otherwise."""
+        rows = g.shape[0]
+        if rows != 1:
+            return None
+        from . import fastkernels
+        if self.weight is not None and rows in self.gemv_config:
+            out = fastkernels.gemv(g, self.weight, None, *self.gemv_config[rows], up=u)
+        elif self.int8 is not None and self.gemv_config.get(rows, (None,)) != "dequant":
+            out = fastkernels.gemv(g, self.int8[0], self.int8[1], *self.gemv_config.get(rows, (None, None, 4)), up=u)
+        else:
+            return None
+        return out + self.bias if self.bias is not None else out
 
-def _w8_max_rows() -> int:
-    from . import fastkernels
-    return fastkernels.W8_MAX_ROWS
+    def capturable(self, rows: int) -> bool:
+        """Can a CUDA graph hold this projection for ``rows`` rows? (bitsandbytes' outlier path synchronises.)"""
+        if self.weight is not None or self.int8 is not None:
+            return True
+        state = getattr(self.module, "state", None)
+        return state is None or float(getattr(state, "threshold", 0.0) or 0.0) == 0.0
+
+    def shape_key(self) -> tuple:
+        w = self.weight if self.weight is not None else (self.int8[0] if self.int8 is not None else None)
+        return (tuple(w.shape), w.dtype) if w is not None else ()
 
 
 class _Layer:
@@ -300,10 +335,10 @@ class FastModel:
             if self.cuda:
                 torch.cuda.empty_cache()
                 free, _ = torch.cuda.mem_get_info(self.device)
-                reserve = 2 * 2**30 + self._prefill_reserve_bytes()
+                reserve = 6 * 2**30 + 2 * self._prefill_reserve_bytes()
                 budget = max(0, int((free - reserve) * self.options.kv_memory_fraction))
                 n_blocks = budget // per_block
-                wanted = self.max_rows * self.blocks_per_row * 2 + 1     # enough for a prefix cache as large again
+                wanted = self.max_rows * self.blocks_per_row + 1      # every row at full context
                 n_blocks = min(n_blocks, wanted)
             else:
                 n_blocks = 2 * self.max_rows + 1
@@ -346,8 +381,18 @@ class FastModel:
             write_off.append(p % self.block)
         w_rows, w_t = torch.cat(write_rows).to(dev), torch.cat(write_t).to(dev)
         w_phys, w_off = torch.cat(write_phys).to(dev), torch.cat(write_off).to(dev)
+        if self.use_kernels:   # every (row, t) slot, padding included: padding writes go to trash block 0
+            tok_phys = torch.zeros(n, length, dtype=torch.long)
+            tok_phys[torch.cat(write_rows), torch.cat(write_t)] = torch.cat(write_phys)
+            tok_off = positions % self.block
+            tok_phys, tok_off = tok_phys.view(-1).to(dev), tok_off.view(-1).to(dev)
         ids, positions = ids.to(dev), positions.to(dev)
         with_prefix = bool((starts > 0).any())
+        lower_right = None
+        if with_prefix and n == 1:
+            from torch.nn.attention.bias import causal_lower_right
+            kv_len = int(starts[0] + lens[0])
+            lower_right = causal_lower_right(length, kv_len)
         if with_prefix:
             totals = starts + lens
             kv_len = int(totals.max())
@@ -357,36 +402,74 @@ class FastModel:
                 used = blocks[:n_blk]
                 gather[i, :len(used)] = torch.tensor(used, dtype=torch.long)
             gather = gather.to(dev)
-            q_pos = positions[:, :, None]                                   # [n, T, 1]
-            k_pos = torch.arange(kv_len, device=dev)[None, None, :]        # [1, 1, S]
-            mask = (k_pos <= q_pos)[:, None]                               # [n, 1, T, S]
+            mask = None
+            if lower_right is None:   # several rows with cached prefixes (the scheduler sends them one by one)
+                q_pos = positions[:, :, None]                                   # [n, T, 1]
+                k_pos = torch.arange(kv_len, device=dev)[None, None, :]        # [1, 1, S]
+                mask = (k_pos <= q_pos)[:, None]                               # [n, 1, T, S]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [n, 1, T, D]
         hd = self.head_dim
+        qd, kd = self.n_heads * hd, self.n_kv * hd
+        fused = self.use_kernels     # CUDA: fused projections and Triton norm / activation kernels
+        if fused:
+            from . import fastkernels as fk
         x = self.embed(ids)
+        residual = None
         for li, layer in enumerate(self.layers):
-            residual = x
-            h = layer.ln1(x)
             attn = layer.attn
-            q = attn.q_proj(h).view(n, length, -1, hd).transpose(1, 2)
-            k = attn.k_proj(h).view(n, length, -1, hd).transpose(1, 2)
-            v = attn.v_proj(h).view(n, length, -1, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            if fused:
+                flat, residual = fk.add_rmsnorm(x.reshape(n * length, -1), residual, layer.ln1.weight, layer.eps1)
+                if layer.qkv is not None:
+                    qkv = layer.qkv(flat)
+                    q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+                else:
+                    q, k, v = attn.q_proj(flat), attn.k_proj(flat), attn.v_proj(flat)
+                q, k_rot = fk.rope_store(q, k, v, self.cos, self.sin, positions.view(-1), tok_phys, tok_off,
+                                         self.k_cache[li], self.v_cache[li], self.n_heads, self.n_kv,
+                                         return_k=True)
+                q = q.view(n, length, -1, hd).transpose(1, 2)
+                k = k_rot.view(n, length, -1, hd).transpose(1, 2)
+                v = v.reshape(n, length, -1, hd).transpose(1, 2)
+            else:
+                residual = x
+                h = layer.ln1(x)
+                q = attn.q_proj(h).view(n, length, -1, hd).transpose(1, 2)
+                k = attn.k_proj(h).view(n, length, -1, hd).transpose(1, 2)
+                v = attn.v_proj(h).view(n, length, -1, hd).transpose(1, 2)
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[w_phys, :, w_off] = k.transpose(1, 2)[w_rows, w_t]
-            vc[w_phys, :, w_off] = v.transpose(1, 2)[w_rows, w_t]
+            if not fused:
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+                kc[w_phys, :, w_off] = k.transpose(1, 2)[w_rows, w_t]
+                vc[w_phys, :, w_off] = v.transpose(1, 2)[w_rows, w_t]
             if with_prefix:
                 keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
                 values = vc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                     enable_gqa=self.n_kv != self.n_heads)
+                if self.n_kv != self.n_heads:
+                    group = self.n_heads // self.n_kv
+                    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+                out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
+                                                     attn_mask=lower_right if lower_right is not None else mask)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale,
                                                      enable_gqa=self.n_kv != self.n_heads)
             out = out.transpose(1, 2).reshape(n, length, -1)
-            x = residual + attn.o_proj(out)
-            residual = x
-            x = residual + layer.mlp(layer.ln2(x))
+            if fused:
+                x = attn.o_proj(out.reshape(n * length, -1))
+                flat, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
+                if layer.gate_up is not None:
+                    gu = layer.gate_up(flat)
+                    half = gu.shape[1] // 2
+                    g, u = gu[:, :half], gu[:, half:]
+                else:
+                    g, u = layer.mlp.gate_proj(flat), layer.mlp.up_proj(flat)
+                x = layer.mlp.down_proj(fk.silu_mul(g, u)).view(n, length, -1)
+            else:
+                x = residual + attn.o_proj(out)
+                residual = x
+                x = residual + layer.mlp(layer.ln2(x))
+        if fused:
+            x = (x.reshape(n * length, -1) + residual).view(n, length, -1)
         last = x[torch.arange(n, device=dev), (lens - 1).to(dev)]
         return self.lm_head(self.norm(last)).float()
 
@@ -440,7 +523,7 @@ class FastModel:
         phys = table.gather(1, (pos // self.block)[:, None].to(torch.int64).clamp(max=self.blocks_per_row - 1)
                             .to(torch.int64))[:, 0]
         off = pos % self.block
-        splits = self._splits.get(rows) or self._choose_splits(rows)
+        splits, warps, stages = self._splits.get(rows) or self._choose_splits(rows)
         qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         x = self.embed(tokens)                       # [B, H]
         residual = None
@@ -453,7 +536,8 @@ class FastModel:
                 q, k, v = layer.q(h), layer.k(h), layer.v(h)
             q = fk.rope_store(q, k, v, self.cos, self.sin, pos, phys, off, self.k_cache[li], self.v_cache[li],
                               self.n_heads, self.n_kv)
-            a = fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale)
+            a = fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale,
+                                   warps, stages)
             x = layer.o(a)
             h, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
             if layer.gate_up is not None:
@@ -462,15 +546,142 @@ class FastModel:
                 g, u = gu[:, :half], gu[:, half:]
             else:
                 g, u = layer.gate(h), layer.up(h)
-            x = layer.down(fk.silu_mul(g, u))
+            x = layer.down.gated(g, u)
+            if x is None:
+                x = layer.down(fk.silu_mul(g, u))
         h, _ = fk.add_rmsnorm(x, residual, self.norm.weight, self.norm_eps)
         return self.lm_head(h).float()
 
-    def _choose_splits(self, rows: int) -> int:
+    def linears(self) -> list[_Linear]:
+        out = []
+        for layer in self.layers:
+            out += [p for p in (layer.qkv, layer.q, layer.k, layer.v, layer.o, layer.gate_up, layer.gate, layer.up,
+                                layer.down) if p is not None]
+        return out + [self.lm_head]
+
+    def capturable(self, rows: int) -> bool:
+        return all(p.capturable(rows) for p in self.linears())
+
+    def tune_gemv(self, progress: Callable[[str], None] = lambda m: None) -> dict:
+        """For each projection shape and small row count, time cuBLAS against our GEMV configurations on this
+        GPU and keep the fastest (int8 weights: the fastest GEMV configuration). Runs once at warm-up."""
+        from . import fastkernels as fk
+        if not (self.cuda and self.use_kernels):
+            return {}
+        groups: dict[tuple, list[_Linear]] = {}
+        for p in self.linears():
+            # 16-bit weights: cuBLAS against our GEMV (on an H200 ours won at 1 row for 4 of 5 Vicuna shapes,
+            # cuBLAS at 8 rows); int8 weights: our GEMV configurations against dequantize + cuBLAS.
+            if (p.weight is not None and self.options.tune_dense) or p.int8 is not None:
+                groups.setdefault(p.shape_key(), []).append(p)
+        small = [b for b in self.buckets if b <= fk.W8_MAX_ROWS]
+        chosen = {}
+        for key, members in groups.items():
+            sample_set = members[:8]          # several layers' weights: more than the L2 cache holds
+            k_dim = key[0][1]
+            for rows in small:
+                x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
+                int8 = members[0].weight is None
+                configs = [(8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8), (4, 512, 4)] \
+                    if rows == 1 else [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
+                    [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
+                candidates: list = ["dequant"] if int8 else [None]
+                if rows <= 2 or not int8:
+                    candidates += configs
+                timings = []
+                for config in candidates:
+                    def run():
+                        for p in sample_set:
+                            if config is None:
+                                F.linear(x, p.weight)
+                            elif config == "dequant":
+                                fk.dequant_linear(x, p.int8[0], p.int8[1])
+                            elif int8:
+                                fk.gemv(x, p.int8[0], p.int8[1], *config)
+                            else:
+                                fk.gemv(x, p.weight, None, *config)
+                    try:
+                        timings.append((_time_ms(run), config))
+                    except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
+                        log.debug("GEMV config %s failed: %s", config, exc)
+                best_ms, best = min(timings, key=lambda t: t[0])
+                cublas_ms = next((t for t, c in timings if c is None), None)
+                for p in members:
+                    if best is None:
+                        p.gemv_config.pop(rows, None)
+                    else:
+                        p.gemv_config[rows] = best
+                chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1),
+                                                       round(cublas_ms / len(sample_set) * 1000, 1) if cublas_ms else None)
+        progress(f"tuned GEMV for {len(groups)} weight shapes")
+        return chosen
+
+    def warm_prefill(self) -> None:
+        """Run prefill once at typical sizes (and with a cached prefix) so that the kernels it needs are loaded
+        now: CUDA loads kernels lazily, and the first 512-token prefill otherwise took ~0.7 s more."""
+        if not self.cuda:
+            return
+        shapes = [(1, 16), (1, 200), (1, 512), (2, 512), (4, 512), (8, 512), (1, 1500), (1, 3000)]
+        for n, length in shapes:
+            if n * length > max(self.options.prefill_tokens, 512) or length + 1 >= self.max_len:
+                continue
+            blocks = [0] * math.ceil(length / self.block)      # block 0 is the trash block
+            logits = self.prefill([([1] * length, blocks, 0)] * n)
+            for mode in ("greedy", "sample", "top_p"):
+                ones = torch.ones(n, device=self.device)
+                sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), mode)
+        length = min(600, self.max_len - 2)
+        self.prefill([([1] * length, [0] * math.ceil(length / self.block), length - 64)])
+        torch.cuda.synchronize(self.device)
+
+    def _choose_splits(self, rows: int) -> tuple[int, int, int]:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.cuda else 1
         splits = max(1, min(16, math.ceil(2 * sms / max(1, rows * self.n_heads))))
-        self._splits[rows] = splits
-        return splits
+        self._splits[rows] = (splits, 4, 3)
+        return self._splits[rows]
+
+    def tune_attention(self, context: int = 1024, progress: Callable[[str], None] = lambda m: None) -> dict:
+        """Per batch bucket, time the paged-attention kernel over ``context`` cached tokens per row with several
+        (splits, warps, stages) and keep the fastest for the graphs. Runs once at warm-up, before capture."""
+        from . import fastkernels as fk
+        if not (self.cuda and self.use_kernels):
+            return {}
+        per_row = math.ceil((context + 1) / self.block)
+        rows_max = min(self.max_rows, (self.n_blocks - 1) // per_row)
+        if rows_max < 1:
+            return {}
+        table = torch.zeros(self.max_rows, self.blocks_per_row, dtype=torch.int32, device=self.device)
+        blocks = torch.arange(1, 1 + rows_max * per_row, dtype=torch.int32, device=self.device).view(rows_max, per_row)
+        table[:rows_max, :per_row] = blocks
+        for layer in range(min(4, len(self.k_cache))):    # zeros would compress in memory and time too fast
+            self.k_cache[layer][1:1 + rows_max * per_row].normal_()
+            self.v_cache[layer][1:1 + rows_max * per_row].normal_()
+        lens = torch.zeros(self.max_rows, dtype=torch.int32, device=self.device)
+        lens[:rows_max] = context
+        chosen = {}
+        for rows in self.buckets:
+            q = torch.randn(rows, self.n_heads, self.head_dim, device=self.device, dtype=self.dtype)
+            best = None
+            for splits in (1, 2, 4, 8, 16):
+                if rows * self.n_heads * splits > 32768:
+                    continue
+                for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
+                    def run():
+                        for layer in range(min(4, len(self.k_cache))):
+                            fk.paged_attention(q, self.k_cache[layer], self.v_cache[layer], table[:rows], lens[:rows],
+                                               splits, self.scale, warps, stages)
+                    try:
+                        ms = _time_ms(run)
+                    except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
+                        log.debug("attention config %s failed: %s", (splits, warps, stages), exc)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, (splits, warps, stages))
+            if best is not None:
+                self._splits[rows] = best[1]
+                chosen[rows] = (best[1], round(best[0] / 4 * 1000, 1))
+        progress(f"tuned attention for {len(chosen)} batch sizes")
+        return chosen
 
     def _step(self, rows: int, mode: str, seq_len_max: int) -> torch.Tensor:
         logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows, seq_len_max)
@@ -513,6 +724,8 @@ class FastModel:
         done = 0
         try:
             for rows in reversed(self.buckets):   # largest first: later graphs reuse its pool memory
+                if not self.capturable(rows):
+                    continue                      # decoded eagerly (e.g. bitsandbytes' outlier matmul)
                 for mode in modes:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream):
@@ -558,6 +771,26 @@ class FastModel:
             dst.copy_(src)
 
 
+def _time_ms(fn, reps: int = 10) -> float:
+    """GPU time of ``fn`` replayed as a CUDA graph: what it costs inside a captured decode step, without the
+    host's launch overhead (which on a slow host would otherwise decide the comparison)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / reps
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -585,6 +818,7 @@ class Job:
     top_p: float
     eos: frozenset[int]
     emit: Callable[[list[int], bool, str | None], None]
+    submitted: float = field(default_factory=time.perf_counter)
 
     @property
     def greedy(self) -> bool:
@@ -703,6 +937,10 @@ class FastScheduler:
         self._warm_error: BaseException | None = None
         self.status = "starting"
         self._admit_blocked = False
+        self.tuning: dict = {}
+        self.attention_tuning: dict = {}
+        self.prefill_log: deque = deque(maxlen=256)     # recent prefills: rows, tokens, seconds, waited
+        self.launch_times: deque = deque(maxlen=4096)   # when recent decode steps were launched
         self._host: list[torch.Tensor] = []
         self.steps = 0
         self.prefills = 0
@@ -768,9 +1006,17 @@ class FastScheduler:
                 self.status = "allocating the KV cache"
                 self._progress(f"{self.name}: allocating the KV cache")
                 runner.allocate_cache()
+                if runner.use_kernels:
+                    self.status = "tuning kernels"
+                    self.tuning = runner.tune_gemv(lambda m: self._progress(f"{self.name}: {m}"))
+                    self.attention_tuning = runner.tune_attention(progress=lambda m: self._progress(f"{self.name}: {m}"))
                 if runner.use_graphs:
                     self.status = "capturing CUDA graphs"
                     runner.capture(lambda m: self._progress(f"{self.name}: {m}"))
+                if runner.cuda:
+                    self.status = "warming up prefill"
+                    self._progress(f"{self.name}: warming up prefill")
+                    runner.warm_prefill()
                 self._pool = _BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
                 if runner.cuda:
                     self._host = [torch.empty(runner.max_rows, dtype=torch.long, pin_memory=True) for _ in range(4)]
@@ -875,6 +1121,7 @@ class FastScheduler:
         else:
             inflight.append((snapshot, out.clone(), None))
         self.steps += 1
+        self.launch_times.append(time.perf_counter())
 
     def _process(self, step) -> None:
         snapshot, host, event = step
@@ -917,9 +1164,21 @@ class FastScheduler:
 
     def _admit(self) -> bool:
         """Admit waiting jobs while rows and blocks allow, prefilling them in batches of up to
-        ``prefill_tokens`` prompt tokens; the first token of each comes from its prefill."""
-        runner, pool = self.runner, self._pool
+        ``prefill_tokens`` prompt tokens; the first token of each comes from its prefill. A burst of
+        arrivals is prefilled back to back for up to ``burst_prefill_s`` before decoding resumes."""
+        deadline = time.perf_counter() + self.runner.options.burst_prefill_s
         admitted = False
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return admitted
+            self._prefill(batch)
+            admitted = True
+            if not self._waiting or time.perf_counter() > deadline:
+                return admitted
+
+    def _next_batch(self) -> list["_Slot"]:
+        runner, pool = self.runner, self._pool
         budget = runner.options.prefill_tokens
         batch: list[_Slot] = []
         used = 0
@@ -934,8 +1193,8 @@ class FastScheduler:
                 _safe_emit(job, [], True, "the prompt has a token id outside the model's vocabulary")
                 continue
             reused, start = pool.reuse(job.ids) if pool.keep_cache else ([], 0)
-            if batch and used + len(job.ids) - start > budget:
-                pool.remember(job.ids[:start], reused)
+            if batch and (used + len(job.ids) - start > budget or start or batch[0].start):
+                pool.remember(job.ids[:start], reused)      # a reused prefix is prefilled on its own
                 break
             need = math.ceil((len(job.ids) + job.max_new + 1) / runner.block) - len(reused)
             fresh = pool.take(need)
@@ -950,13 +1209,11 @@ class FastScheduler:
             self._waiting.popleft()
             batch.append(_Slot(job=job, blocks=reused + fresh, start=start))
             used += len(job.ids) - start
-        if batch:
-            self._prefill(batch)
-            admitted = True
-        return admitted
+        return batch
 
     def _prefill(self, batch: list[_Slot]) -> None:
         runner = self.runner
+        started = time.perf_counter()
         try:
             logits = runner.prefill([(s.job.ids, s.blocks, s.start) for s in batch])
             dev = runner.device
@@ -971,6 +1228,10 @@ class FastScheduler:
                 _safe_emit(slot.job, [], True, _describe(exc))
             return
         self.prefills += 1
+        done = time.perf_counter()
+        self.prefill_log.append(dict(rows=len(batch), tokens=sum(len(s.job.ids) - s.start for s in batch),
+                                     reused=sum(s.start for s in batch), seconds=round(done - started, 4),
+                                     waited=round(max(started - s.job.submitted for s in batch), 4)))
         for slot, token in zip(batch, first):
             slot.n_written = len(slot.job.ids)
             self._accept(slot, token)
