@@ -1,13 +1,21 @@
 """The local engine: one per loaded model, serving every visitor's requests together.
 
-Requests go to transformers' continuous-batching manager, whose single background thread runs all
-GPU (or CPU) work: concurrent replies share each forward pass instead of queueing behind a lock, and
-compiled CUDA graphs always run on the thread that captured them. A dispatcher thread routes each
-step's tokens to the request's own queue; the caller's iterator turns them into clean text deltas
-(complete UTF-8, stop strings cut) and cancels the request on the manager when a stop string
-appears or the user presses Stop, so the model stops working on it too.
+Two back ends run the model, both on ONE background thread per model that does all GPU (or CPU)
+work, so concurrent replies share each forward pass instead of queueing behind a lock, and CUDA
+graphs always run on the thread that captured them (gradio calls handlers from worker threads):
+
+- ``fast`` (``fastpath.py``, the default for Llama-family models): a paged KV cache, batched
+  prefill, one CUDA graph per batch size with fused Triton kernels on a GPU, a lean loop on a CPU,
+  and the previous turn's KV reused for the next turn of a conversation.
+- ``cb``: transformers' continuous-batching manager (any model transformers can batch).
+
+The caller's iterator turns token ids into clean text deltas (complete UTF-8, stop strings cut) and
+cancels the request when a stop string appears or the user presses Stop, so the model stops
+working on it too. Warm-up (cache allocation, CUDA-graph capture, one short request) happens at
+start-up; ``engine.status`` says where it is, for the log and the UI.
 
     engine = LocalEngine.start(loaded_model)          # see loading.py
+    engine.warmup(progress=print)                     # or warmup(background=True) and show engine.status
     prompt = engine.prepare(messages, params)         # template + context fitting
     for delta in (reply := engine.stream(prompt, params)):
         print(delta, end="")
@@ -23,11 +31,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from .fastpath import FastModel, FastOptions, FastScheduler, Job, unsupported_reason
 from .generation import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
 from .loading import LoadedModel
 from .textstream import IncrementalDecoder, StopFilter
@@ -43,15 +52,42 @@ _CPU_MAX_BATCH_TOKENS = 1024
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Knobs of the continuous-batching manager (see ContinuousBatchingConfig)."""
+    """Which back end runs the model, and its knobs (see fastpath.FastOptions, ContinuousBatchingConfig)."""
 
-    max_batch_requests: int | None = None     # None: let transformers infer it
+    backend: str = "auto"                     # "auto": fast path where the model allows it, else "cb"; "fast"; "cb"
+    max_batch_requests: int | None = None     # None: 64 on a GPU, 8 on a CPU (fast); inferred (cb)
     num_blocks: int | None = None             # KV-cache blocks; None: from free memory
     page_size: int = 256                      # tokens per KV-cache page
     use_cuda_graph: bool | None = None        # None: transformers decides (on for CUDA)
     compile_level: int = 0                    # 0 = eager; up to 3 (longer warm-up, faster steps)
     first_token_timeout_s: float = 600.0      # a request still queued after this is failed
     token_timeout_s: float = 120.0            # a running request silent this long is failed
+    triton_kernels: bool = True               # fast path on CUDA: fused Triton kernels (needed for CUDA graphs)
+    prefix_cache: bool = True                 # fast path: reuse the previous turn's KV cache
+    kv_blocks: int | None = None              # fast path: KV-cache blocks; None: from free memory
+    int8_kernel: bool = True                  # fast path, 8-bit models: our int8 GEMV over bitsandbytes' weights
+    tune_dense_gemv: bool = True              # fast path: time our GEMV against cuBLAS for fp16 weights at warm-up
+
+    def fast_options(self) -> FastOptions:
+        return FastOptions(max_rows=self.max_batch_requests, cuda_graphs=self.use_cuda_graph is not False,
+                           kernels=self.triton_kernels, prefix_cache=self.prefix_cache, kv_blocks=self.kv_blocks,
+                           int8_kernel=self.int8_kernel, tune_dense=self.tune_dense_gemv)
+
+
+class _FastOutput:
+    """What the fast path hands a reply: the same shape as a continuous-batching output."""
+
+    __slots__ = ("request_id", "_tokens", "_n", "_finished", "error")
+
+    def __init__(self, request_id: str, tokens: list[int], n: int, finished: bool, error: str | None):
+        self.request_id, self._tokens, self._n, self._finished, self.error = request_id, tokens, n, finished, error
+
+    @property
+    def generated_tokens(self) -> list[int]:
+        return self._tokens[:self._n]   # the scheduler only appends, so this prefix is stable
+
+    def is_finished(self) -> bool:
+        return self._finished
 
 
 def _fail_message(error: str | None) -> str:
@@ -79,10 +115,55 @@ class LocalEngine:
         self._routes_lock = threading.Lock()
         self._closed = threading.Event()
         self._counter = itertools.count()
-        self._manager = self._make_manager()
-        self._manager.start()
+        self.status = "starting"
+        self._progress: Callable[[str], None] = lambda message: None
+        self._warmup_thread: threading.Thread | None = None
+        self._fast: FastScheduler | None = None
+        self._manager = None
+        self.backend = self._choose_backend()
+        if self.backend == "fast":
+            try:
+                with torch.no_grad():
+                    runner = FastModel(self.model, self.context_window, self.options.fast_options())
+            except Exception as exc:  # noqa: BLE001 - any surprise: the general back end serves
+                log.warning("%s: fast path unavailable (%s); using continuous batching", self.name, exc)
+                self.backend = "cb"
+            else:
+                self._fast = FastScheduler(runner, name=self.name)
+                self._fast.start(progress=self._set_status)
+        if self.backend == "cb":
+            self._start_cb()
+
+    def _choose_backend(self) -> str:
+        wanted = self.options.backend
+        if wanted == "cb":
+            return "cb"
+        reason = unsupported_reason(self.model)
+        if reason:
+            if wanted == "fast":
+                log.warning("%s: the fast path does not support this model (%s); using continuous batching",
+                            self.name, reason)
+            return "cb"
+        return "fast"
+
+    def _start_cb(self) -> None:
+        with torch.inference_mode():  # the manager's thread takes the caller's inference mode
+            self._manager = self._make_manager()
+            self._manager.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"dispatch-{self.name}", daemon=True)
         self._dispatcher.start()
+
+    def _set_status(self, message: str) -> None:
+        self.status = message
+        log.info(message)
+        try:
+            self._progress(message)
+        except Exception:  # noqa: BLE001 - a progress display must not break the engine
+            log.debug("progress callback failed", exc_info=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.status.startswith(f"{self.name}: ready")
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_manager(self):
@@ -122,15 +203,42 @@ class LocalEngine:
         tokens = max(self.context_window, _CPU_CACHE_BYTES // per_token)
         return -(-tokens // page_size)
 
-    def warmup(self, progress=lambda message: None) -> float:
-        """Run one short request so compilation and allocation happen now, not in a user's first reply."""
+    def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 1800.0) -> float:
+        """Allocate, capture CUDA graphs and run short requests now, not in a user's first reply.
+
+        Progress goes to ``progress`` and to ``self.status``. With ``background=True`` this returns at once
+        (the UI can start and show ``engine.status``; early requests wait for the warm-up, bounded by
+        ``first_token_timeout_s``). Returns the seconds spent (0.0 when backgrounded)."""
+        self._progress = progress
+        if background:
+            self._warmup_thread = threading.Thread(target=self._warmup, args=(timeout_s,),
+                                                   name=f"warmup-{self.name}", daemon=True)
+            self._warmup_thread.start()
+            return 0.0
+        return self._warmup(timeout_s)
+
+    def _warmup(self, timeout_s: float) -> float:
         started = time.perf_counter()
-        progress(f"{self.name}: warming up")
-        prompt = self.prepare([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_new_tokens=4))
-        for _ in self.stream(prompt, SamplingParams(temperature=0, max_new_tokens=4)):
-            pass
+        try:
+            self._set_status(f"{self.name}: warming up ({self.backend} back end)")
+            if self._fast is not None:
+                try:
+                    self._fast.wait_ready(timeout_s)
+                except Exception as exc:  # noqa: BLE001 - fall back to the general back end
+                    log.warning("%s: fast-path warm-up failed (%s); using continuous batching", self.name, exc)
+                    self._fast.close()
+                    self._fast, self.backend = None, "cb"
+                    self._start_cb()
+            for params in (SamplingParams(temperature=0, max_new_tokens=4),
+                           SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=4)):
+                prompt = self.prepare([{"role": "user", "content": "Hello"}], params)
+                for _ in self.stream(prompt, params):
+                    pass
+        except Exception as exc:  # noqa: BLE001 - shown as the status; requests report their own errors
+            self._set_status(f"{self.name}: warm-up failed ({exc})")
+            raise
         elapsed = time.perf_counter() - started
-        progress(f"{self.name}: ready ({elapsed:.1f} s warm-up)")
+        self._set_status(f"{self.name}: ready ({elapsed:.1f} s warm-up, {self.backend} back end)")
         return elapsed
 
     # -- prompt ---------------------------------------------------------------------------
@@ -166,6 +274,8 @@ class LocalEngine:
         ids = list(prompt.payload)
         max_new = max(1, min(params.max_new_tokens, self.context_window - len(ids)))
         request_id = f"{uuid.uuid4().hex[:8]}-{next(self._counter)}"
+        if self._fast is not None:
+            return self._stream_fast(request_id, ids, max_new, params)
         inbox: queue.Queue = queue.Queue()
         with self._routes_lock:
             self._routes[request_id] = inbox
@@ -193,6 +303,35 @@ class LocalEngine:
             raise EngineError(f"{self.name} is not accepting requests right now; please retry in a moment.")
         return LocalReply(self, request_id, inbox, submitted, max_new)
 
+    def _stream_fast(self, request_id: str, ids: list[int], max_new: int, params: SamplingParams) -> "LocalReply":
+        inbox: queue.Queue = queue.Queue()
+        tokens: list[int] = []
+
+        def emit(new: list[int], finished: bool, error: str | None) -> None:
+            tokens.extend(new)
+            inbox.put(_FastOutput(request_id, tokens, len(tokens), finished, error))
+
+        job = Job(request_id=request_id, ids=ids, max_new=max_new,
+                  temperature=0.0 if params.greedy else float(params.temperature),
+                  top_p=1.0 if params.greedy else float(params.top_p), eos=frozenset(self._eos_ids), emit=emit)
+        submitted = time.perf_counter()
+        try:
+            self._fast.submit(job)
+        except RuntimeError as exc:
+            raise EngineError(f"{self.name} is shutting down.") from exc
+        return LocalReply(self, request_id, inbox, submitted, max_new)
+
+    def held_request_ids(self) -> set[str]:
+        """Requests the back end still holds (queued, waiting or being decoded): for tests and monitoring."""
+        if self._fast is not None:
+            return self._fast.request_ids()
+        manager = self._manager
+        held = {state.request_id for state in list(manager.input_queue.queue)}
+        processor = getattr(manager, "batch_processor", None)
+        if processor is not None:
+            held |= set(processor.scheduler.active_requests) | set(processor.scheduler.waiting_requests)
+        return held
+
     def _wait_for_restart(self, failed, timeout_s: float = 30.0) -> bool:
         """After ``failed`` refused a request: wait for the dispatcher to replace it; True once a new one runs."""
         deadline = time.monotonic() + timeout_s
@@ -205,7 +344,10 @@ class LocalEngine:
         return False
 
     def cancel(self, request_id: str) -> None:
-        self._manager.cancel_request(request_id)
+        if self._fast is not None:
+            self._fast.cancel(request_id)
+        else:
+            self._manager.cancel_request(request_id)
         self._unroute(request_id)
 
     def _unroute(self, request_id: str) -> None:
@@ -259,15 +401,21 @@ class LocalEngine:
             inbox.put(error)
 
     def alive(self) -> bool:
-        return self._manager.is_running()
+        if self._fast is not None:
+            return self._fast.alive()
+        return self._manager is not None and self._manager.is_running()
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         self._fail_all(EngineError(f"{self.name} is shutting down."))
+        if self._fast is not None:
+            self._fast.close()
+            return
         try:
-            self._manager.stop(block=True, timeout=10)
+            if self._manager is not None:
+                self._manager.stop(block=True, timeout=10)
         except Exception:  # noqa: BLE001
             log.exception("stopping the batching manager failed")
 
@@ -353,6 +501,5 @@ class LocalReply:
 
 
 def start_engine(loaded: LoadedModel, options: EngineOptions | None = None) -> LocalEngine:
-    """Create the engine for a loaded model (the manager thread starts at once)."""
-    with torch.inference_mode():
-        return LocalEngine(loaded, options)
+    """Create the engine for a loaded model (its generation thread starts at once)."""
+    return LocalEngine(loaded, options)
