@@ -135,12 +135,12 @@ def build_gpu_model(tokenizer_dir: str | None) -> LoadedModel:
                        device="cuda:0", dtype="float16", load_8bit=False)
 
 
-def build_cpu_model() -> LoadedModel:
+def build_cpu_model(dtype: str | None = None) -> LoadedModel:
     from vicuna_demo.config import ModelSpec
     from vicuna_demo.loading import load_model
     started = time.time()
-    loaded = load_model(ModelSpec("embedded"))
-    say(stage="build", model="embedded SmolLM2-135M fp32", seconds=round(time.time() - started, 1),
+    loaded = load_model(ModelSpec("embedded", dtype=dtype))
+    say(stage="build", model=f"embedded SmolLM2-135M {loaded.dtype}", seconds=round(time.time() - started, 1),
         weights_gib=round(loaded.model.get_memory_footprint() / 2**30, 3), threads=torch.get_num_threads())
     return dataclasses.replace(loaded, eos_token_ids=frozenset())
 
@@ -477,6 +477,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=str(ROOT / ".cache" / "bench_tokenizer"),
                         help="GPU: a tokenizer folder for realistic detokenizing (else one char per token)")
     parser.add_argument("--budget-s", type=float, default=0, help="skip remaining stages after this many seconds")
+    parser.add_argument("--dtype", default=None, help="CPU: load the embedded model in this dtype (default fp32)")
     parser.add_argument("--no-tune-dense", action="store_true", help="GPU: always use cuBLAS for fp16 weights")
     parser.add_argument("--int8-variants", default="fast_int8_ourkernel,fast_int8_bnb_matmul_t0_graphs,"
                         "fast_int8_bnb_matmul_t6_eager", help="GPU: which 8-bit variants to run")
@@ -588,22 +589,26 @@ def cpu_main(args) -> int:
     stages = (args.stages or "baseline,fast,cb").split(",")
     counts = [int(c) for c in (args.streams or "1,4").split(",")]
     new_tokens = args.new_tokens or 128
-    loaded = build_cpu_model()
+    loaded = build_cpu_model(args.dtype)
     ids = text_prompt(loaded, "Write a long story about a dragon who learns to cook.")
     if args.prompt_len:
         ids = random_prompt(args.prompt_len, 0, int(loaded.model.config.vocab_size))
     engines = {}
     if "fast" in stages:
         engines["fast"] = start(loaded, EngineOptions(backend="fast"), "fast_cpu")
+    if "fast1t" in stages:
+        engines["fast1t"] = start(loaded, EngineOptions(backend="fast", cpu_threads=1), "fast1t_cpu")
     if "cb" in stages:
         engines["cb"] = start(loaded, EngineOptions(backend="cb"), "cb_cpu")
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
     try:
         for round_no in range(args.rounds):
+            prompt = ids[:-1] + [ids[-1]] if round_no == 0 else \
+                text_prompt(loaded, f"Write a long story about a dragon who learns to cook, part {round_no + 1}.")
             if "baseline" in stages:
-                hf_generate_streamer(loaded, ids, new_tokens, "baseline_hf_generate_streamer_cpu", round=round_no)
+                hf_generate_streamer(loaded, prompt, new_tokens, "baseline_hf_generate_streamer_cpu", round=round_no)
             for name, engine in engines.items():
-                engine_streams(engine, [ids], new_tokens, params, f"{name}_cpu", round=round_no)
+                engine_streams(engine, [prompt], new_tokens, params, f"{name}_cpu", round=round_no)
         for name, engine in engines.items():
             for n in counts:
                 if n > 1:

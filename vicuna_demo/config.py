@@ -129,9 +129,11 @@ class Settings:
     load_8bit: bool = False
     device: str = "auto"
     # performance
+    engine: str = "auto"
     max_batch_requests: int | None = None
     cuda_graphs: str = "auto"
     compile_level: int = 0
+    prefix_cache: bool = True
     warmup: bool = True
     # generation (UI defaults and limits)
     temperature: float = 0.7
@@ -187,13 +189,21 @@ _OPTIONS: tuple[_Opt, ...] = (
          "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=N][,ctx=N][,timeout=S].", metavar="SPEC"),
     _Opt("models", "--load-8bit", "load_8bit", "bool", "Load every local model in 8-bit through bitsandbytes."),
     _Opt("models", "--device", "device", "str", "Default device for models: auto, cpu, cuda, cuda:N or multi."),
+    _Opt("performance", "--engine", "engine", "choice",
+         "How local models run: auto = the fast path (paged KV cache, CUDA graphs, Triton kernels) for "
+         "Llama-family models and transformers' continuous batching for others; fast; cb.",
+         choices=("auto", "fast", "cb")),
     _Opt("performance", "--max-batch-requests", "max_batch_requests", "int",
-         "Most requests decoded together per model (default: inferred from memory)."),
-    _Opt("performance", "--cuda-graphs", "cuda_graphs", "choice", "CUDA graphs in the batching engine.",
+         "Most requests decoded together per model (default: 64 on a GPU, 8 on a CPU)."),
+    _Opt("performance", "--cuda-graphs", "cuda_graphs", "choice",
+         "CUDA graphs for decode steps (auto = on with a GPU; off is slower, for debugging).",
          choices=("auto", "on", "off")),
     _Opt("performance", "--compile-level", "compile_level", "int",
-         "torch.compile level of the batching engine, 0 (eager) to 3 (slowest warm-up, fastest steps)."),
-    _Opt("performance", "--no-warmup", "warmup", "bool", "Skip the warm-up request at start-up."),
+         "torch.compile level of the continuous-batching back end (--engine cb), 0 (eager) to 3."),
+    _Opt("performance", "--no-prefix-cache", "prefix_cache", "bool",
+         "Do not reuse the previous turn's KV cache for the next turn of a conversation."),
+    _Opt("performance", "--no-warmup", "warmup", "bool",
+         "Skip the warm-up at start-up (the first request then pays for CUDA-graph capture and kernel loading)."),
     _Opt("generation", "--temperature", "temperature", "float", "Default temperature (0 = greedy, up to 1)."),
     _Opt("generation", "--top-p", "top_p", "float", "Default top_p (0-1)."),
     _Opt("generation", "--max-new-tokens", "max_new_tokens", "int", "Default reply length in tokens."),

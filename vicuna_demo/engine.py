@@ -67,11 +67,13 @@ class EngineOptions:
     kv_blocks: int | None = None              # fast path: KV-cache blocks; None: from free memory
     int8_kernel: bool = True                  # fast path, 8-bit models: our int8 GEMV over bitsandbytes' weights
     tune_dense_gemv: bool = True              # fast path: time our GEMV against cuBLAS for fp16 weights at warm-up
+    cpu_threads: int | None = None            # fast path on CPU: intra-op threads of the engine thread
 
     def fast_options(self) -> FastOptions:
         return FastOptions(max_rows=self.max_batch_requests, cuda_graphs=self.use_cuda_graph is not False,
                            kernels=self.triton_kernels, prefix_cache=self.prefix_cache, kv_blocks=self.kv_blocks,
-                           int8_kernel=self.int8_kernel, tune_dense=self.tune_dense_gemv)
+                           int8_kernel=self.int8_kernel, tune_dense=self.tune_dense_gemv,
+                           cpu_threads=self.cpu_threads)
 
 
 class _FastOutput:

@@ -50,11 +50,12 @@ class FastOptions:
     kv_blocks: int | None = None           # force the pool size (tests, benchmarks)
     prefill_tokens: int = 4096             # most prompt tokens prefilled in one forward pass
     burst_prefill_s: float = 0.3           # prefill waiting requests back to back for up to this long
+    cpu_threads: int | None = None         # CPU: intra-op threads of the scheduler thread only (None: torch's)
     cuda_graphs: bool = True               # capture decode steps as CUDA graphs (CUDA only)
     kernels: bool = True                   # Triton kernels for the decode step (CUDA only)
     int8_kernel: bool = True               # weight-only GEMV over bitsandbytes int8 weights when decoding
     prefix_cache: bool = True              # reuse a finished reply's KV for the next turn
-    fuse_projections: bool | None = None   # concatenate q/k/v and gate/up weights (None: on CUDA)
+    fuse_projections: bool | None = None   # concatenate q/k/v and gate/up weights (dense weights; None: yes)
     tune_dense: bool = True                # also time our GEMV against cuBLAS for 16-bit weights
     pipeline: bool | None = None           # launch step t+1 before reading step t's tokens (None: on CUDA)
 
@@ -284,7 +285,7 @@ class FastModel:
         self.max_rows = int(options.max_rows or (64 if self.cuda else 8))
         self.block = int(options.block_size or (64 if self.cuda else _round_up(self.max_len, 16)))
         self.blocks_per_row = math.ceil(self.max_len / self.block)
-        fuse = self.cuda if options.fuse_projections is None else bool(options.fuse_projections)
+        fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
         self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
         self.layers = [_Layer(layer, fuse=fuse, int8_kernel=self.use_kernels and options.int8_kernel)
                        for layer in model.model.layers[: self.config.num_hidden_layers]]
@@ -474,44 +475,71 @@ class FastModel:
         return self.lm_head(self.norm(last)).float()
 
     # -- decode --------------------------------------------------------------------------------------
-    def _decode_torch(self, rows: int, seq_len_max: int) -> torch.Tensor:
-        """One decode step with eager ops (CPU, or CUDA without Triton). -> logits [rows, vocab]."""
+    def _decode_torch(self, rows: int) -> torch.Tensor:
+        """One decode step with eager ops (CPU, or CUDA without Triton). -> logits [rows, vocab].
+
+        The same ops as the model's own forward, so a CPU reply equals ``generate`` exactly; on a CPU each
+        sequence's cache is one block, read through views (an indexing copy per layer cost more than the
+        layer's matmuls on a busy 2-core machine)."""
         tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
         active = self.active[:rows].bool()
         hd = self.head_dim
-        phys = table.gather(1, (pos // self.block)[:, None].to(table.dtype))[:, 0].long()
-        off = pos % self.block
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]     # [B, 1, 1, D]
-        kv_len = max(1, seq_len_max)
-        n_blk = math.ceil(kv_len / self.block)
-        gather = table[:, :n_blk].long()
         lengths = (pos + 1) * active
+        kv_len = max(1, int(lengths.max()))          # eager path: reading it on the host costs nothing here
+        n_blk = math.ceil(kv_len / self.block)
         mask = None
         if rows > 1 or not bool(active.all()):
             mask = (torch.arange(kv_len, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+        if n_blk == 1:   # host-side block ids and offsets: views and plain copies instead of index kernels
+            blocks = table[:, 0].tolist()
+            offsets = (pos % self.block).tolist()
+        else:
+            phys = table.gather(1, (pos // self.block)[:, None].to(table.dtype))[:, 0].long()
+            off = pos % self.block
+            gather = table[:, :n_blk].long()
+        qd, kd = self.n_heads * hd, self.n_kv * hd
         x = self.embed(tokens[:, None])
         for li, layer in enumerate(self.layers):
             residual = x
             h = layer.ln1(x)
             attn = layer.attn
-            q = attn.q_proj(h).view(rows, 1, -1, hd).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, 1, -1, hd).transpose(1, 2)
-            v = attn.v_proj(h).view(rows, 1, -1, hd).transpose(1, 2)
+            if layer.qkv is not None:
+                qkv = layer.qkv(h)
+                q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.reshape(rows, 1, -1, hd).transpose(1, 2)
+            k = k.reshape(rows, 1, -1, hd).transpose(1, 2)
+            v = v.reshape(rows, 1, -1, hd).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[phys, :, off] = k[:, :, 0]
-            vc[phys, :, off] = v[:, :, 0]
             if n_blk == 1:
-                keys, values = kc[gather[:, 0], :, :kv_len], vc[gather[:, 0], :, :kv_len]
+                for r in range(rows):
+                    kc[blocks[r], :, offsets[r]] = k[r, :, 0]
+                    vc[blocks[r], :, offsets[r]] = v[r, :, 0]
+                if rows == 1:
+                    keys, values = kc[blocks[0], :, :kv_len][None], vc[blocks[0], :, :kv_len][None]
+                else:
+                    keys = torch.stack([kc[b_, :, :kv_len] for b_ in blocks])
+                    values = torch.stack([vc[b_, :, :kv_len] for b_ in blocks])
             else:
+                kc[phys, :, off] = k[:, :, 0]
+                vc[phys, :, off] = v[:, :, 0]
                 keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
                 values = vc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.n_kv != self.n_heads)
             x = residual + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             residual = x
-            x = residual + layer.mlp(layer.ln2(x))
+            h = layer.ln2(x)
+            if layer.gate_up is not None:
+                gu = layer.gate_up(h)
+                half = gu.shape[-1] // 2
+                x = residual + layer.mlp.down_proj(layer.mlp.act_fn(gu[..., :half]) * gu[..., half:])
+            else:
+                x = residual + layer.mlp(h)
         return self.lm_head(self.norm(x[:, 0])).float()
 
     def _decode_kernels(self, rows: int) -> torch.Tensor:
@@ -683,8 +711,8 @@ class FastModel:
         progress(f"tuned attention for {len(chosen)} batch sizes")
         return chosen
 
-    def _step(self, rows: int, mode: str, seq_len_max: int) -> torch.Tensor:
-        logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows, seq_len_max)
+    def _step(self, rows: int, mode: str) -> torch.Tensor:
+        logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows)
         nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode)
         self.next_tokens[:rows].copy_(nxt)
         self.tokens[:rows].copy_(nxt)
@@ -697,14 +725,14 @@ class FastModel:
                 return b
         return self.buckets[-1]
 
-    def decode(self, n_active: int, mode: str, seq_len_max: int) -> tuple[int, torch.Tensor]:
+    def decode(self, n_active: int, mode: str) -> tuple[int, torch.Tensor]:
         """Launch one decode step for rows [0, n_active). -> (rows computed, next-token tensor on the device)."""
         if not self.use_kernels:
-            return n_active, self._step(n_active, mode, seq_len_max)
+            return n_active, self._step(n_active, mode)
         rows = self.bucket(n_active)
         graph = self.graphs.get((rows, mode))
         if graph is None:
-            return rows, self._step(rows, mode, seq_len_max)
+            return rows, self._step(rows, mode)
         graph.replay()
         return rows, self.next_tokens[:rows]
 
@@ -718,7 +746,7 @@ class FastModel:
         modes = ("greedy", "sample", "top_p")
         for rows in self.buckets:          # compile the Triton kernels and warm cuBLAS outside capture
             for mode in modes:
-                self._step(rows, mode, 1)
+                self._step(rows, mode)
         torch.cuda.synchronize(self.device)
         self._graph_pool = torch.cuda.graph_pool_handle()
         done = 0
@@ -729,7 +757,7 @@ class FastModel:
                 for mode in modes:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream):
-                        self._step(rows, mode, 1)
+                        self._step(rows, mode)
                     self.graphs[(rows, mode)] = graph
                     done += 1
                 progress(f"captured CUDA graphs for up to {rows} requests ({done}/{len(self.buckets) * len(modes)})")
@@ -994,6 +1022,8 @@ class FastScheduler:
     # -- thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         runner = self.runner
+        if not runner.cuda and runner.options.cpu_threads:
+            torch.set_num_threads(runner.options.cpu_threads)   # per thread: the rest of the process keeps its own
         stream = torch.cuda.stream(runner.stream) if runner.cuda else contextlib.nullcontext()
         with stream:
             self._run_on_stream()
@@ -1107,8 +1137,7 @@ class FastScheduler:
     def _launch(self, inflight: deque) -> None:
         runner = self.runner
         mode = sampling_mode(self._slots)
-        longest = max(s.n_written + 1 for s in self._slots)
-        rows, out = runner.decode(len(self._slots), mode, longest)
+        rows, out = runner.decode(len(self._slots), mode)
         snapshot = list(self._slots)
         for slot in snapshot:
             slot.n_written += 1

@@ -42,9 +42,13 @@ class Runtime:
 
 
 def engine_options(settings: Settings) -> EngineOptions:
+    """The engine flags -> EngineOptions. The defaults are the fastest correct configuration on each device
+    (see docs/performance.md): the fast path with CUDA graphs and Triton kernels on a GPU, its eager loop on
+    a CPU, prefix reuse on; continuous batching for models the fast path does not support."""
     graphs = {"auto": None, "on": True, "off": False}[settings.cuda_graphs]
-    return EngineOptions(max_batch_requests=settings.max_batch_requests, use_cuda_graph=graphs,
-                         compile_level=settings.compile_level)
+    return EngineOptions(backend=settings.engine, max_batch_requests=settings.max_batch_requests,
+                         use_cuda_graph=graphs, compile_level=settings.compile_level,
+                         prefix_cache=settings.prefix_cache)
 
 
 def build_moderator(settings: Settings):
