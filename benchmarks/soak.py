@@ -115,7 +115,9 @@ class AppUnderTest:
         self.output.close()
 
     def cleanup(self) -> None:
+        """Remove the log folder and the app's output (kept when the run found a problem)."""
         shutil.rmtree(self.log_dir, ignore_errors=True)
+        Path(self.output.name).unlink(missing_ok=True)
 
 
 # -- visitors -----------------------------------------------------------------------------------------------
@@ -455,9 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(line + "\n")
-    if app is not None:
-        app.cleanup()
     ok = summary["hung"] == 0 and summary["lost"] == 0 and summary["logged_turns"] == summary["sent_turns"]
+    if app is not None:
+        if ok:
+            app.cleanup()
+        else:
+            print(f"kept for inspection: {app.log_dir} and {app.output.name}", file=sys.stderr)
     return 0 if ok else 1
 
 
