@@ -24,6 +24,7 @@ start-up; ``engine.status`` says where it is, for the log and the UI.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import queue
@@ -227,10 +228,7 @@ class LocalEngine:
                 try:
                     self._fast.wait_ready(timeout_s)
                 except Exception as exc:  # noqa: BLE001 - fall back to the general back end
-                    log.warning("%s: fast-path warm-up failed (%s); using continuous batching", self.name, exc)
-                    self._fast.close()
-                    self._fast, self.backend = None, "cb"
-                    self._start_cb()
+                    self._fall_back(exc)
             for params in (SamplingParams(temperature=0, max_new_tokens=4),
                            SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=4)):
                 prompt = self.prepare([{"role": "user", "content": "Hello"}], params)
@@ -240,8 +238,21 @@ class LocalEngine:
             self._set_status(f"{self.name}: warm-up failed ({exc})")
             raise
         elapsed = time.perf_counter() - started
+        # The model, tokenizer and caches are long-lived: move them out of the garbage collector's view, or each
+        # full collection walks them all (0.2-0.3 s pauses, every token of every reply waiting meanwhile).
+        gc.freeze()
         self._set_status(f"{self.name}: ready ({elapsed:.1f} s warm-up, {self.backend} back end)")
         return elapsed
+
+    def _fall_back(self, exc: BaseException) -> None:
+        """The fast path could not start (say, a kernel this GPU cannot run): continuous batching serves."""
+        with self._routes_lock:
+            if self._fast is None:
+                return
+            log.warning("%s: fast-path warm-up failed (%s); using continuous batching", self.name, exc)
+            self._fast.close()
+            self._fast, self.backend = None, "cb"
+            self._start_cb()
 
     # -- prompt ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -276,6 +287,9 @@ class LocalEngine:
         ids = list(prompt.payload)
         max_new = max(1, min(params.max_new_tokens, self.context_window - len(ids)))
         request_id = f"{uuid.uuid4().hex[:8]}-{next(self._counter)}"
+        fast = self._fast
+        if fast is not None and fast.warm_error is not None:   # e.g. started with --no-warmup
+            self._fall_back(fast.warm_error)
         if self._fast is not None:
             return self._stream_fast(request_id, ids, max_new, params)
         inbox: queue.Queue = queue.Queue()

@@ -989,6 +989,11 @@ class FastScheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
 
+    @property
+    def warm_error(self) -> BaseException | None:
+        """Why the warm-up failed (the thread has ended), or None."""
+        return self._warm_error
+
     def submit(self, job: Job) -> None:
         if self._closed.is_set():
             raise RuntimeError("scheduler closed")
@@ -1063,6 +1068,14 @@ class FastScheduler:
             self._warm_error = exc
             self.status = f"failed: {exc}"
             self._ready.set()
+            self._closed.set()
+            while True:    # requests that arrived during the warm-up end now instead of timing out
+                try:
+                    job = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    _safe_emit(job, [], True, f"the fast path could not start ({_describe(exc)})")
             return
         self._ready.set()
         with torch.inference_mode():
