@@ -77,8 +77,8 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
                 started[engine.name] = engine
                 if loaded.embedded:
                     banners.append(EMBEDDED_NOTE)
-                if settings.warmup:
-                    engine.warmup(progress=log.info)
+                if settings.warmup:  # in the background: the UI starts now and shows engine.status
+                    engine.warmup(progress=log.info, background=True)
         except BaseException:
             for engine in started.values():
                 engine.close()

@@ -12,12 +12,38 @@ from .leaderboard_tab import build_leaderboard_tab
 TITLE = "Vicuna demo"
 
 
+def warmup_lines(service: ChatService) -> list[str]:
+    """Status of every engine still warming up (engines without a warm-up, e.g. remote ones, count as ready)."""
+    return [str(getattr(engine, "status", "")) for engine in service.engines.values()
+            if not getattr(engine, "ready", True)]
+
+
+def _warmup_status(service: ChatService) -> None:
+    """A line that shows start-up progress (loading, CUDA graphs, warm-up) until every model is ready.
+
+    Requests sent meanwhile wait for the warm-up instead of compiling inside a visitor's reply."""
+    def text() -> str:
+        lines = warmup_lines(service)
+        return "⏳ Getting ready (replies start when this is done):\n" + "\n".join(f"- {l}" for l in lines) \
+            if lines else ""
+
+    def refresh():
+        current = text()
+        return gr.update(value=current, visible=bool(current)), gr.Timer(active=bool(current))
+
+    initial = text()
+    status = gr.Markdown(initial, visible=bool(initial), elem_id="warmup-status")
+    timer = gr.Timer(1.0, active=bool(initial))
+    timer.tick(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
+
+
 def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = ()) -> gr.Blocks:
     """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off)."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# 🦙 {TITLE}\nChat with open models, compare them side by side, and vote.")
         for text in banners:
             gr.Markdown(f"> ⚠️ {text}", elem_classes=["banner"])
+        _warmup_status(service)
         with gr.Tabs():
             with gr.Tab("💬 Chat", id="chat"):
                 build_chat_tab(service, settings)
