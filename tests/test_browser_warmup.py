@@ -1,9 +1,11 @@
 """Start-up: the UI is up while an engine still warms up, shows its status, and hides it once ready."""
+import threading
+
 import pytest
-pytestmark = pytest.mark.browser
-import threading, time
 
 from tests.engines import RecordingEngine
+
+pytestmark = pytest.mark.browser
 
 
 class WarmingEngine(RecordingEngine):
