@@ -120,15 +120,11 @@ HF_HARDWARE = {"cpu-basic", "cpu-upgrade", "t4-small", "t4-medium", "l4x1", "l4x
 
 
 def front_matter() -> tuple[dict, str]:
-    """The Space front matter from README.md when it opens with one, else from docs/space-front-matter.yml."""
-    readme = REPO / "README.md"
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    source = "README.md"
-    if not text.startswith("---\n"):
-        text, source = (REPO / "docs" / "space-front-matter.yml").read_text(encoding="utf-8"), "docs/space-front-matter.yml"
+    """The Space front matter README.md opens with (a Space reads it from there)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     match = re.match(r"---\n(.*?)\n---\n", text, re.S)
-    assert match, f"{source} does not open with a ---/--- YAML block"
-    return yaml.safe_load(match.group(1)), source
+    assert match, "README.md does not open with a ---/--- YAML block (the Space front matter)"
+    return yaml.safe_load(match.group(1)), "README.md"
 
 
 def test_space_front_matter_parses_and_pins_the_required_gradio():
