@@ -10,6 +10,7 @@ import logging
 import sys
 
 from vicuna_demo.config import ConfigError, Settings, default_model_specs, load_settings
+from vicuna_demo.arena import parse_weights
 from vicuna_demo.loading import LoadError, check_spec, cuda_available
 
 log = logging.getLogger("vicuna_demo")
@@ -72,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     try:
-        for spec in default_model_specs(settings, gpu=cuda_available()):
+        specs = default_model_specs(settings, gpu=cuda_available())
+        for spec in specs:
             check_spec(spec)  # a bad path, device or dtype fails now, before anything loads
+        # and so do --arena-weights that name no model
+        parse_weights(settings.arena_weights, [s.display_name for s in specs] + [e.name for e in settings.endpoints])
         demo, runtime = create_app(settings)
     except (LoadError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

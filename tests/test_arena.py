@@ -205,3 +205,20 @@ def test_battles_with_moderation_errors_or_identity_leaks_are_not_counted(anony,
                                                                           expected):
     assert battle_counts(anony=anony, replies=replies, errored=errored, moderated=moderated,
                          leak_words=DEFAULT_WORDS) == expected
+
+
+def test_app_refuses_arena_weights_for_an_unknown_model_before_loading_anything():
+    """A typo in --arena-weights stops `python app.py` with one line, without waiting for models to load."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "app.py", "--arena-weights", "Nope=2", "--log-dir", ""],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines == [lines[0]] and "Nope" in lines[0] and "SmolLM2" in lines[0], done.stderr
+    assert "Loading" not in done.stdout + done.stderr
+    assert time.monotonic() - started < 60
