@@ -78,7 +78,7 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
                 if loaded.embedded:
                     banners.append(EMBEDDED_NOTE)
                 if settings.warmup:  # in the background: the UI starts now and shows engine.status
-                    engine.warmup(progress=log.info, background=True)
+                    engine.warmup(background=True)  # the engine logs its own progress
         except BaseException:
             for engine in started.values():
                 engine.close()
