@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .config import ConfigError, Settings
-from .engine import LocalEngine, _fail_message
+from .engine import PromptingModel, _fail_message
 from .engine import start_engine as start_local_engine
 from .generation import EngineError, Prompt, ReplyStats, SamplingParams
 from .loading import LoadedModel
@@ -152,24 +152,13 @@ def gpu_seconds(max_new_tokens: int) -> int:
     return int(min(240, 20 + max_new_tokens / 12))
 
 
-class ZeroGPUEngine:
+class ZeroGPUEngine(PromptingModel):
     """Implements ``generation.Engine`` for ZeroGPU: one ``spaces.GPU`` generator call per reply.
 
-    Templates and context fitting are LocalEngine's own (``prepare``/``encode`` are shared)."""
-
-    prepare = LocalEngine.prepare
-    encode = LocalEngine.encode
+    Templates and context fitting are the shared ``PromptingModel``'s, as for LocalEngine."""
 
     def __init__(self, loaded: LoadedModel, gpu: Callable, token_timeout_s: float = 120.0):
-        self.name = loaded.name
-        self.template = loaded.template
-        self.template_name = loaded.template.name
-        self.default_system = loaded.template.system_message
-        self.context_window = loaded.context_window
-        self.tokenizer = loaded.tokenizer
-        self.model = loaded.model
-        self._eos_ids = loaded.eos_token_ids
-        self._stop_strings = tuple(loaded.template.stop_strings)
+        super().__init__(loaded)
         self._closed = False
         pad = self.tokenizer.pad_token_id
         model, eos, timeout = self.model, sorted(self._eos_ids), token_timeout_s
