@@ -10,7 +10,7 @@ import logging
 import sys
 
 from vicuna_demo.config import ConfigError, Settings, default_model_specs, load_settings
-from vicuna_demo.arena import parse_weights
+from vicuna_demo.services.arena import parse_weights
 from vicuna_demo.loading import LoadError, check_spec, cuda_available
 
 log = logging.getLogger("vicuna_demo")
@@ -25,7 +25,7 @@ def setup_logging(level: str) -> None:
 
 def create_app(settings: Settings, engines: dict | None = None):
     """-> (gr.Blocks, Runtime). Tests pass ``engines`` to skip loading."""
-    from vicuna_demo.runtime import build_runtime
+    from vicuna_demo.services.runtime import build_runtime
     from vicuna_demo.ui import build_ui
 
     runtime = build_runtime(settings, engines=engines)
@@ -36,7 +36,7 @@ def create_app(settings: Settings, engines: dict | None = None):
 
 def launch_kwargs(settings: Settings) -> dict:
     """gradio ``launch()`` arguments from the settings; raises ConfigError for a bad --auth."""
-    from vicuna_demo.deploy import AUTH_MESSAGE, parse_auth
+    from vicuna_demo.serving import AUTH_MESSAGE, parse_auth
 
     auth = parse_auth(settings.auth)
     kwargs: dict = dict(server_name=settings.host, server_port=settings.port, share=settings.share or None,
@@ -51,7 +51,7 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
     """Warn about risky exposure, launch, explain a missing share link; -> (local URL, share URL or None).
 
     ``block=False`` returns once the server runs (tests); ``overrides`` replace launch arguments."""
-    from vicuna_demo.deploy import loud, on_space, share_failed_message, startup_warnings
+    from vicuna_demo.serving import loud, on_space, share_failed_message, startup_warnings
 
     kwargs = {**launch_kwargs(settings), **overrides}
     for text in startup_warnings(settings, moderation_on=runtime.service.moderator.enabled, space=on_space()):

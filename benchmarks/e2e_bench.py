@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     from app import create_app
     from vicuna_demo.config import ModelSpec, load_settings
-    from vicuna_demo.engine import EngineOptions, LocalEngine
+    from vicuna_demo.engines.local import EngineOptions, LocalEngine
     from vicuna_demo.loading import load_model
 
     device = f"cpu ({platform.processor() or 'x86_64'}, {os.cpu_count()} cores)"

@@ -46,8 +46,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from transformers import LlamaConfig, LlamaForCausalLM, TextIteratorStreamer  # noqa: E402
 
 from conversation_templates import get_template  # noqa: E402
-from vicuna_demo.engine import EngineOptions, LocalEngine  # noqa: E402
-from vicuna_demo.generation import Prompt, SamplingParams  # noqa: E402
+from vicuna_demo.engines.local import EngineOptions, LocalEngine  # noqa: E402
+from vicuna_demo.engines.protocol import Prompt, SamplingParams  # noqa: E402
 from vicuna_demo.loading import LoadedModel  # noqa: E402
 
 OUT_FILE: Path | None = None
@@ -261,7 +261,7 @@ def greedy_agreement(engine: LocalEngine, loaded: LoadedModel, label: str, n: in
     """How many leading greedy tokens the fast path shares with ``generate``. Random weights give small
     logit margins, so fp16 rounding may flip a late token; an early mismatch would mean a bug.
     (Exact equality is tested on CPU in tests/test_fastpath.py.)"""
-    from vicuna_demo.fastpath import Job
+    from vicuna_demo.engines.fastpath import Job
     fast = getattr(engine, "_fast", None)
     if fast is None:
         return

@@ -297,7 +297,7 @@ def compare_round(client, message, tag, params, plan: Plan, tally: Tally, rng: r
 
 def check_store(log_dir: Path, run_id: str, sent_tags: dict) -> dict:
     """Count this run's turns and votes in the store."""
-    from vicuna_demo.storage import Store
+    from vicuna_demo.data.storage import Store
     store = Store(log_dir, read_only=True)
     try:
         rows: dict[str, int] = {}

@@ -20,6 +20,7 @@ from .base import (
 )
 from .factory import MODES, create_moderator
 from .openai_moderator import DEFAULT_MODEL, OpenAIModerator
+from .redaction import scrub
 from .thresholds import CATEGORIES, parse_thresholds
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "create_moderator",
     "flagged_notice",
     "parse_thresholds",
+    "scrub",
 ]

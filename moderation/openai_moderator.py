@@ -30,32 +30,13 @@ from urllib.parse import urlsplit
 import openai
 
 from .base import ModerationResult
+from .redaction import scrub
 from .thresholds import CATEGORIES, validate_thresholds
 
 DEFAULT_MODEL = "omni-moderation-latest"
 LOGGER_NAME = "vicuna_demo.moderation"
 ON_ERROR_POLICIES = ("block", "allow")
 RETRYABLE_STATUS = frozenset({408, 409, 429})
-REDACTED = "[redacted]"
-# Anything that looks like a credential in error text, even one we were not given (defence in depth).
-_CREDENTIAL_PATTERNS = (
-    re.compile(r"(?i)(bearer\s+)\S+"),
-    re.compile(r"(?i)((?:api[-_]?key|authorization)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
-    re.compile(r"\bsk-[A-Za-z0-9_*\-]{6,}"),
-)
-
-
-def scrub(text: str, secrets: tuple[str, ...] = (), limit: int = 300) -> str:
-    """Remove `secrets` and credential-looking tokens from `text`, and shorten it to `limit` chars."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    for pattern in _CREDENTIAL_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def text_digest(text: str) -> str:
     """A short, stable hash that identifies a text in logs without revealing it."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]

@@ -24,7 +24,7 @@ def embedded_loaded():
 @pytest.fixture(scope="session")
 def embedded_engine(embedded_loaded):
     """A LocalEngine over the embedded model, warmed up; shared by the whole run."""
-    from vicuna_demo.engine import start_engine
+    from vicuna_demo.engines.local import start_engine
     engine = start_engine(embedded_loaded)
     engine.warmup()
     yield engine
@@ -84,7 +84,7 @@ def embedded_tokenizer():
 def small_window_engine(embedded_loaded):
     """The embedded model behind a 256-token context window (named "Small window"), for context-fitting tests."""
     import dataclasses
-    from vicuna_demo.engine import start_engine
+    from vicuna_demo.engines.local import start_engine
     engine = start_engine(dataclasses.replace(embedded_loaded, context_window=256, name="Small window"))
     yield engine
     engine.close()

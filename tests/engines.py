@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from vicuna_demo.generation import EngineError, Prompt, ReplyStats
+from vicuna_demo.engines.protocol import EngineError, Prompt, ReplyStats
 
 
 class ScriptedReply:

@@ -1,4 +1,4 @@
-"""Tests of the arena's pure logic (vicuna_demo/arena.py): pairing and its weights, side shuffling,
+"""Tests of the arena's pure logic (vicuna_demo/services/arena.py): pairing and its weights, side shuffling,
 identity-leak detection, vote mapping and the rules that keep a battle out of the leaderboard.
 
 The statistical tests draw with a fixed seed, so they are deterministic; each would fail for the
@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from scipy import stats
 
-from vicuna_demo.arena import (
+from vicuna_demo.services.arena import (
     VOTES,
     Arena,
     ArenaConfigError,

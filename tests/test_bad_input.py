@@ -273,7 +273,7 @@ def test_the_whole_corpus_sent_by_eight_visitors_at_once_hangs_no_worker(app):
 @pytest.mark.slow
 def test_template_syntax_cannot_forge_a_turn_in_the_real_models_prompt(embedded_engine, launch_app):
     """The embedded model speaks ChatML: the user's text must add no <|im_start|> / <|im_end|> token."""
-    from vicuna_demo.generation import SamplingParams
+    from vicuna_demo.engines.protocol import SamplingParams
     tokenizer = embedded_engine.tokenizer
     start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEMPLATE_SYNTAX}]

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from vicuna_demo.generation import SamplingParams
+from vicuna_demo.engines.protocol import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 STATS_LINE = re.compile(r"<sub>⏱ (\d+) tokens? · first token (\d+\.\d+) s · (\d+\.\d+) tok/s(.*?)</sub>$")

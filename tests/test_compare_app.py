@@ -21,9 +21,9 @@ from gradio_client.exceptions import AppError
 
 from tests.engines import RecordingEngine
 from tests.fake_moderation_server import fake_moderation_server  # noqa: F401 - a fixture
-from vicuna_demo.arena import battle_counts, identity_words_for
+from vicuna_demo.services.arena import battle_counts, identity_words_for
 from vicuna_demo.config import ConfigError, Settings
-from vicuna_demo.generation import EngineError
+from vicuna_demo.engines.protocol import EngineError
 
 KOALA, ALPACA = "Koala-13B", "Alpaca-7B"
 KOALA_REPLY = "Paris is the capital of France and its largest city by far."
@@ -392,7 +392,7 @@ def embedded_pair(embedded_loaded):
     import dataclasses
 
     from conversation_templates import get_template
-    from vicuna_demo.engine import start_engine
+    from vicuna_demo.engines.local import start_engine
     vicuna = dataclasses.replace(embedded_loaded, name="SmolLM2 (vicuna_v1.1)", template=get_template("vicuna_v1.1"))
     pair = {e.name: e for e in (start_engine(embedded_loaded), start_engine(vicuna))}
     yield pair

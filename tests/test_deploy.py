@@ -29,7 +29,8 @@ from gradio_client.utils import Status
 
 from app import create_app, main, serve
 from tests.engines import RecordingEngine
-from vicuna_demo import deploy
+from vicuna_demo import serving, publish
+from vicuna_demo.engines import zerogpu as zerogpu_engine
 from vicuna_demo.config import ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -253,12 +254,12 @@ def test_share_without_network_keeps_serving_locally_and_says_why(serve_app, cap
 
 def test_sharing_warns_without_moderation_or_auth_and_not_with_both():
     shared = Settings(share=True)
-    assert len(deploy.startup_warnings(shared, moderation_on=False)) == 2
-    assert len(deploy.startup_warnings(Settings(share=True, auth=("a:b",)), moderation_on=False)) == 1
-    assert "no password" in deploy.startup_warnings(shared, moderation_on=True)[0]
-    assert deploy.startup_warnings(Settings(share=True, auth=("a:b",)), moderation_on=True) == []
-    assert deploy.startup_warnings(Settings(), moderation_on=False) == []  # local only: the banner is enough
-    assert "Hugging Face Space" in deploy.startup_warnings(Settings(), moderation_on=False, space=True)[0]
+    assert len(serving.startup_warnings(shared, moderation_on=False)) == 2
+    assert len(serving.startup_warnings(Settings(share=True, auth=("a:b",)), moderation_on=False)) == 1
+    assert "no password" in serving.startup_warnings(shared, moderation_on=True)[0]
+    assert serving.startup_warnings(Settings(share=True, auth=("a:b",)), moderation_on=True) == []
+    assert serving.startup_warnings(Settings(), moderation_on=False) == []  # local only: the banner is enough
+    assert "Hugging Face Space" in serving.startup_warnings(Settings(), moderation_on=False, space=True)[0]
 
 
 def test_auth_refuses_a_wrong_password_and_admits_the_right_one(serve_app, tmp_path):
@@ -283,11 +284,11 @@ def test_auth_refuses_a_wrong_password_and_admits_the_right_one(serve_app, tmp_p
 def test_auth_entries_and_files_parse_and_bad_ones_fail_without_echoing_the_password(tmp_path):
     users = tmp_path / "users.txt"
     users.write_text("dave:one\n# comment\n  erin:two:three  \n")
-    assert deploy.parse_auth(["zoe:pw", f"@{users}"]) == [("zoe", "pw"), ("dave", "one"), ("erin", "two:three")]
+    assert serving.parse_auth(["zoe:pw", f"@{users}"]) == [("zoe", "pw"), ("dave", "one"), ("erin", "two:three")]
     for bad, expected in ((["hunter2"], "entry 1"), (["ok:pw", ":pw"], "entry 2"), (["zoe:"], "entry 1"),
                           (["a:x", "a:y"], "listed twice"), ([f"@{tmp_path / 'missing.txt'}"], "cannot read")):
         with pytest.raises(ConfigError, match=expected) as caught:
-            deploy.parse_auth(bad)
+            serving.parse_auth(bad)
         assert "hunter2" not in str(caught.value) and ":pw" not in str(caught.value)
 
 
@@ -347,19 +348,19 @@ def record_forwards(model, spaces):
 def test_spaces_is_used_only_on_zerogpu_hardware(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", spaces_standin())
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
-    assert deploy.zerogpu_spaces() is None
+    assert zerogpu_engine.zerogpu_spaces() is None
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    assert deploy.zerogpu_spaces() is sys.modules["spaces"]
+    assert zerogpu_engine.zerogpu_spaces() is sys.modules["spaces"]
 
 
 def test_zerogpu_reply_runs_all_gpu_work_inside_one_spaces_gpu_call(zerogpu, tiny_llama_dir):
     from vicuna_demo.config import ModelSpec
-    from vicuna_demo.generation import SamplingParams
+    from vicuna_demo.engines.protocol import SamplingParams
     from vicuna_demo.loading import load_model
 
     loaded = load_model(ModelSpec(str(tiny_llama_dir), name="Tiny", device="cpu"))
-    engine = deploy.start_engine(loaded, spaces=deploy.zerogpu_spaces())
-    assert isinstance(engine, deploy.ZeroGPUEngine)
+    engine = zerogpu_engine.start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
+    assert isinstance(engine, zerogpu_engine.ZeroGPUEngine)
     seen, handle = record_forwards(loaded.model, zerogpu)
     try:
         params = SamplingParams(temperature=0, max_new_tokens=6)
@@ -370,7 +371,7 @@ def test_zerogpu_reply_runs_all_gpu_work_inside_one_spaces_gpu_call(zerogpu, tin
     finally:
         handle.remove()
 
-    assert [c["duration"] for c in zerogpu.calls] == [deploy.gpu_seconds(6)] * 2
+    assert [c["duration"] for c in zerogpu.calls] == [zerogpu_engine.gpu_seconds(6)] * 2
     assert zerogpu.calls[0]["args"][0] == list(prompt.payload)
     assert seen and all(seen), "a forward pass ran outside spaces.GPU"
     assert stream.stats.n_tokens >= 1 and stream.stats.finish_reason in ("stop", "length")
@@ -380,12 +381,12 @@ def test_zerogpu_reply_runs_all_gpu_work_inside_one_spaces_gpu_call(zerogpu, tin
 
 def test_zerogpu_reply_can_be_stopped_and_the_gpu_call_ends(zerogpu, tiny_llama_dir):
     from vicuna_demo.config import ModelSpec
-    from vicuna_demo.generation import SamplingParams
+    from vicuna_demo.engines.protocol import SamplingParams
     from vicuna_demo.loading import load_model
 
     loaded = load_model(ModelSpec(str(tiny_llama_dir), name="Tiny", device="cpu"))
     loaded.model.generation_config.eos_token_id = None  # a random model could end at once: make it run on
-    engine = deploy.start_engine(loaded, spaces=deploy.zerogpu_spaces())
+    engine = zerogpu_engine.start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
     engine._eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=400)
     stream = engine.stream(engine.prepare([{"role": "user", "content": "Count"}], params), params)
@@ -404,7 +405,7 @@ def test_the_app_on_zerogpu_serves_replies_through_spaces_gpu(zerogpu, tiny_llam
     url, _, runtime = serve_app(["--model", f"{tiny_llama_dir},name=Tiny,device=cpu", "--no-warmup",
                                  "--moderation", "off", "--max-new-tokens", "16"])
     engine = runtime.service.engines["Tiny"]
-    assert isinstance(engine, deploy.ZeroGPUEngine)
+    assert isinstance(engine, zerogpu_engine.ZeroGPUEngine)
     seen, handle = record_forwards(engine.model, zerogpu)
     try:
         chatbot, _box, notice = Client(url, verbose=False).predict(
@@ -421,7 +422,7 @@ def test_the_app_on_zerogpu_serves_replies_through_spaces_gpu(zerogpu, tiny_llam
 # -- pushing logs to a Hub dataset ---------------------------------------------------------------------
 
 def test_unreachable_hub_leaves_the_app_working_with_one_warning(serve_app, monkeypatch, caplog):
-    caplog.set_level(logging.DEBUG, logger="vicuna_demo.deploy")
+    caplog.set_level(logging.DEBUG, logger="vicuna_demo.publish")
     token = "hf_QbX3kLmN0pRsTuVwXyZ1234567890abcd"
     monkeypatch.setenv("HF_TOKEN", token)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
@@ -443,7 +444,7 @@ def test_unreachable_hub_leaves_the_app_working_with_one_warning(serve_app, monk
 def test_dataset_push_uploads_a_consistent_snapshot_of_the_store(tmp_path):
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoUrl
-    from vicuna_demo.storage import Store, TurnRecord
+    from vicuna_demo.data.storage import Store, TurnRecord
 
     class RecordingHfApi(HfApi):
         def __init__(self):
@@ -478,7 +479,7 @@ def test_dataset_push_uploads_a_consistent_snapshot_of_the_store(tmp_path):
     store.log_turn(turn(1))
     store.log_turn(turn(2))
     api = RecordingHfApi()
-    pusher = deploy.DatasetPush("someone/demo-logs", log_dir, every_min=60, hf_api=api).start()
+    pusher = publish.DatasetPush("someone/demo-logs", log_dir, every_min=60, hf_api=api).start()
     try:
         wait_for(lambda: pusher.scheduler is not None and len(api.commits) == 1, what="the first push")
         (files,) = api.commits
@@ -494,4 +495,4 @@ def test_dataset_push_uploads_a_consistent_snapshot_of_the_store(tmp_path):
     finally:
         pusher.close()
         store.close()
-    assert f"logs/{deploy.run_id(log_dir)}/vicuna_demo.sqlite3" == name  # the same folder name on restart
+    assert f"logs/{publish.run_id(log_dir)}/vicuna_demo.sqlite3" == name  # the same folder name on restart

@@ -1,4 +1,4 @@
-"""The local engine (vicuna_demo/engine.py) on the real embedded SmolLM2, on CPU, with each back end: the
+"""The local engine (vicuna_demo/engines/local.py) on the real embedded SmolLM2, on CPU, with each back end: the
 default one (``backend="auto"``, the fast path for Llama-family models) and transformers' continuous
 batching (``backend="cb"``, the fallback for every other model).
 
@@ -20,12 +20,12 @@ import time
 import pytest
 import torch
 
-from vicuna_demo.chat import ChatService, Limits, TurnContext
+from vicuna_demo.services.chat import ChatService, Limits, TurnContext
 from vicuna_demo.config import ModelSpec
-from vicuna_demo.engine import EngineOptions, LocalEngine, start_engine
-from vicuna_demo.generation import EngineError, PromptTooLong, SamplingParams
+from vicuna_demo.engines.local import EngineOptions, LocalEngine, start_engine
+from vicuna_demo.engines.protocol import EngineError, PromptTooLong, SamplingParams
 from vicuna_demo.loading import load_model
-from vicuna_demo.storage import NullStore
+from vicuna_demo.data.storage import NullStore
 from moderation import ModerationResult, NoModerator
 
 PROMPTS = [

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vicuna_demo.ratings import compute_leaderboard
-from vicuna_demo.storage import Store, TurnRecord, VoteRecord
+from vicuna_demo.data.ratings import compute_leaderboard
+from vicuna_demo.data.storage import Store, TurnRecord, VoteRecord
 
 REPO = Path(__file__).resolve().parents[1]
 WINNERS = {"model_a", "model_b", "tie", "tie (bothbad)"}
@@ -68,7 +68,7 @@ def log_dir(tmp_path) -> Path:
 
 def test_export_writes_sharegpt_conversations(log_dir, tmp_path):
     out = tmp_path / "conversations.jsonl"
-    result = run_module("vicuna_demo.export", "--log-dir", log_dir, "--conversations", out, cwd=tmp_path)
+    result = run_module("vicuna_demo.data.export", "--log-dir", log_dir, "--conversations", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = {r["id"]: r for r in read_jsonl(out)}
     assert set(records) == {"c1", "c2"}
@@ -90,7 +90,7 @@ def test_export_writes_sharegpt_conversations(log_dir, tmp_path):
 
 def test_export_writes_clean_battles_anonymous_only_by_default(log_dir, tmp_path):
     out = tmp_path / "battles.jsonl"
-    result = run_module("vicuna_demo.export", "--log-dir", log_dir, "--battles", out, cwd=tmp_path)
+    result = run_module("vicuna_demo.data.export", "--log-dir", log_dir, "--battles", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(out)
     assert [r["question_id"] for r in rows] == ["b1", "b2", "b3"]
@@ -104,7 +104,7 @@ def test_export_writes_clean_battles_anonymous_only_by_default(log_dir, tmp_path
 
 def test_export_include_named_adds_named_battles(log_dir, tmp_path):
     out = tmp_path / "battles.jsonl"
-    result = run_module("vicuna_demo.export", "--log-dir", log_dir, "--battles", out, "--include-named", cwd=tmp_path)
+    result = run_module("vicuna_demo.data.export", "--log-dir", log_dir, "--battles", out, "--include-named", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(out)
     assert [(r["question_id"], r["anony"]) for r in rows] == [("b1", True), ("b2", True), ("b3", True), ("b4", False)]
@@ -113,7 +113,7 @@ def test_export_include_named_adds_named_battles(log_dir, tmp_path):
 def test_export_without_a_store_fails_with_one_clear_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_module("vicuna_demo.export", "--log-dir", empty, "--battles", tmp_path / "b.jsonl", cwd=tmp_path)
+    result = run_module("vicuna_demo.data.export", "--log-dir", empty, "--battles", tmp_path / "b.jsonl", cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
     assert "no store" in result.stderr
@@ -125,7 +125,7 @@ def test_export_of_a_broken_store_fails_cleanly(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "vicuna_demo.sqlite3").write_bytes(b"garbage" * 1000)
-    result = run_module("vicuna_demo.export", "--log-dir", logs, "--battles", tmp_path / "b.jsonl", cwd=tmp_path)
+    result = run_module("vicuna_demo.data.export", "--log-dir", logs, "--battles", tmp_path / "b.jsonl", cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.startswith("error:") and result.stderr.strip().count("\n") == 0
 
@@ -143,7 +143,7 @@ def test_leaderboard_json_matches_compute_leaderboard(tmp_path):
                      "anony": True, "tstamp": float(i)})
     path = tmp_path / "battles.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run_module("vicuna_demo.leaderboard", path, "--json", "--bootstrap", "50", cwd=tmp_path)
+    result = run_module("vicuna_demo.data.leaderboard", path, "--json", "--bootstrap", "50", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert set(printed) == {"models"}
@@ -164,7 +164,7 @@ def test_leaderboard_table_is_aligned_and_shows_ci(tmp_path):
             + [{"model_a": "tiny", "model_b": "vicuna-13b", "winner": "model_a"}] * 10
             + [{"model_a": "tiny", "model_b": "vicuna-13b", "winner": "tie"}] * 5)
     path.write_text(json.dumps(rows))
-    result = run_module("vicuna_demo.leaderboard", path, cwd=tmp_path)
+    result = run_module("vicuna_demo.data.leaderboard", path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].split() == ["rank", "model", "rating", "95%", "CI", "battles"]
@@ -185,11 +185,11 @@ def test_leaderboard_skips_and_reports_unknown_winners_and_uncounted_rows(tmp_pa
         {"model_a": "a", "model_b": "b", "winner": "tie", "counted": False},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    result = run_module("vicuna_demo.leaderboard", path, "--json", cwd=tmp_path)
+    result = run_module("vicuna_demo.data.leaderboard", path, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 winner not one of" in result.stderr and "1 not counted" in result.stderr
     assert {m["model"]: m["battles"] for m in json.loads(result.stdout)["models"]} == {"a": 2, "b": 2}
-    result = run_module("vicuna_demo.leaderboard", path, "--json", "--include-uncounted", cwd=tmp_path)
+    result = run_module("vicuna_demo.data.leaderboard", path, "--json", "--include-uncounted", cwd=tmp_path)
     assert {m["model"]: m["battles"] for m in json.loads(result.stdout)["models"]} == {"a": 3, "b": 3}
 
 
@@ -203,7 +203,7 @@ def test_leaderboard_rejects_missing_or_malformed_files(tmp_path, content, messa
     path = tmp_path / "battles.jsonl"
     if content is not None:
         path.write_text(content)
-    result = run_module("vicuna_demo.leaderboard", path, cwd=tmp_path)
+    result = run_module("vicuna_demo.data.leaderboard", path, cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.startswith("error:") and message in result.stderr
     assert result.stderr.strip().count("\n") == 0
@@ -212,8 +212,8 @@ def test_leaderboard_rejects_missing_or_malformed_files(tmp_path, content, messa
 
 def test_export_then_leaderboard_round_trip(log_dir, tmp_path):
     battles = tmp_path / "battles.jsonl"
-    assert run_module("vicuna_demo.export", "--log-dir", log_dir, "--battles", battles, cwd=tmp_path).returncode == 0
-    result = run_module("vicuna_demo.leaderboard", battles, "--json", cwd=tmp_path)
+    assert run_module("vicuna_demo.data.export", "--log-dir", log_dir, "--battles", battles, cwd=tmp_path).returncode == 0
+    result = run_module("vicuna_demo.data.leaderboard", battles, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with Store(log_dir, read_only=True) as store:
         expected = compute_leaderboard(store.battles())

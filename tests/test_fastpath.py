@@ -1,4 +1,4 @@
-"""The fast path (vicuna_demo/fastpath.py) on CPU: its outputs equal plain ``model.generate``, and
+"""The fast path (vicuna_demo/engines/fastpath/) on CPU: its outputs equal plain ``model.generate``, and
 sampling parameters apply per request.
 
 Greedy tokens of the scheduler equal ``generate`` on the embedded SmolLM2, also with the GPU's
@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vicuna_demo.engine import EngineOptions, LocalEngine
-from vicuna_demo.fastpath import (FastModel, FastOptions, FastScheduler, Job, _BlockPool, _common_prefix, sample,
-                                  unsupported_reason)
-from vicuna_demo.generation import SamplingParams
+from vicuna_demo.engines.local import EngineOptions, LocalEngine
+from vicuna_demo.engines.fastpath import FastModel, FastOptions, FastScheduler, Job, sample, unsupported_reason
+from vicuna_demo.engines.fastpath.kvpool import _BlockPool, _common_prefix
+from vicuna_demo.engines.protocol import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -221,8 +221,9 @@ def test_engine_defaults_to_the_fast_path_and_reports_its_status(embedded_loaded
 KERNEL_CHECK = textwrap.dedent("""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from vicuna_demo import fastkernels as fk
-    from vicuna_demo.fastpath import FastModel, FastOptions, Job, _Slot
+    from vicuna_demo.engines.fastpath import kernels as fk
+    from vicuna_demo.engines.fastpath import FastModel, FastOptions, Job
+    from vicuna_demo.engines.fastpath.scheduler import _Slot
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -47,7 +47,7 @@ WARNING_TEXT = "vicuna_demo storage problem"
 
 
 def storage_warnings(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "vicuna_demo.storage" and r.levelno >= logging.WARNING]
+    return [r for r in caplog.records if r.name == "vicuna_demo.data.storage" and r.levelno >= logging.WARNING]
 
 
 def integrity(db_path: Path) -> str:
@@ -126,7 +126,7 @@ class StepFault:
 def faulty(embedded_loaded):
     """-> (engine, StepFault): a LocalEngine over its own copy of the embedded model, so that the fault
     touches no other engine."""
-    from vicuna_demo.engine import start_engine
+    from vicuna_demo.engines.local import start_engine
     loaded = dataclasses.replace(embedded_loaded, model=copy.deepcopy(embedded_loaded.model))
     with StepFault(loaded.model) as fault:
         engine = start_engine(loaded)
@@ -222,7 +222,7 @@ def chat_three_times(url: str, tag: str) -> None:
 
 
 def test_a_log_dir_that_cannot_be_created_leaves_chat_working_with_one_warning(launch_app, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="vicuna_demo.storage")
+    caplog.set_level(logging.WARNING, logger="vicuna_demo.data.storage")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     url, runtime = launch_app([*APP_ARGS, "--log-dir", str(blocker / "logs")],
@@ -269,7 +269,7 @@ def test_a_read_only_log_dir_over_an_existing_store_leaves_chat_working_with_one
     before = stored_users(log_dir / "vicuna_demo.sqlite3")
     runtime.store.close()  # the app stops; its store is closed cleanly
     caplog.clear()
-    caplog.set_level(logging.WARNING, logger="vicuna_demo.storage")
+    caplog.set_level(logging.WARNING, logger="vicuna_demo.data.storage")
     view = read_only_view(log_dir)
     url, _ = launch_app([*APP_ARGS, "--log-dir", str(view)], engines={"Recorder": RecordingEngine()})
     chat_three_times(url, "read-only")
@@ -309,7 +309,7 @@ def fill(disk: Path) -> Path:
 
 def test_a_disk_filling_up_mid_run_leaves_chat_working_with_one_warning_and_stored_turns_intact(
         launch_app, small_disk, caplog):
-    caplog.set_level(logging.WARNING, logger="vicuna_demo.storage")
+    caplog.set_level(logging.WARNING, logger="vicuna_demo.data.storage")
     log_dir = small_disk / "logs"
     url, runtime = launch_app([*APP_ARGS, "--log-dir", str(log_dir)], engines={"Recorder": RecordingEngine()})
     chat_three_times(url, "before")
@@ -325,7 +325,7 @@ def test_a_disk_filling_up_mid_run_leaves_chat_working_with_one_warning_and_stor
     assert integrity(log_dir / "vicuna_demo.sqlite3") == "ok"
     assert stored_users(log_dir / "vicuna_demo.sqlite3") == [
         *(f"before {i}" for i in range(3)), *(f"space again {i}" for i in range(3))]
-    from vicuna_demo.storage import Store
+    from vicuna_demo.data.storage import Store
     with Store(log_dir) as reopened:
         assert [(t.conversation_id, t.turn_index, t.messages, t.reply) for t in reopened.turns()][:3] == before
 
@@ -422,7 +422,7 @@ def test_a_log_file_that_may_no_longer_grow_leaves_chat_working_with_one_warning
     app.stop()
     warnings = [line for line in app.stderr if WARNING_TEXT in line]
     assert len(warnings) == 1, warnings
-    assert "WARNING vicuna_demo.storage" in warnings[0] and "keeps running" in warnings[0]
+    assert "WARNING vicuna_demo.data.storage" in warnings[0] and "keeps running" in warnings[0]
     db = log_dir / "vicuna_demo.sqlite3"
     assert integrity(db) == "ok"
     assert stored_users(db) == [*(f"before {i}" for i in range(3)), *(f"room again {i}" for i in range(3))]
@@ -444,7 +444,7 @@ def test_the_store_opens_intact_after_the_app_is_killed_inside_a_turns_write(app
     db = log_dir / "vicuna_demo.sqlite3"
     assert integrity(db) == "ok"
     assert stored_users(db) == ["before 0", "before 1", "before 2"]  # the unfinished turn is simply absent
-    from vicuna_demo.storage import Store, TurnRecord
+    from vicuna_demo.data.storage import Store, TurnRecord
     with Store(log_dir) as store:  # what the app does when it starts again
         assert store.ok and store.count_turns() == 3
         assert store.log_turn(TurnRecord(

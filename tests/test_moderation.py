@@ -22,7 +22,7 @@ from moderation import (
     create_moderator,
     parse_thresholds,
 )
-from moderation.openai_moderator import scrub
+from moderation import scrub
 from tests.fake_moderation_server import (  # noqa: F401  (the fixtures are used by name)
     FakeModerationServer,
     fake_moderation_server,

@@ -1,4 +1,4 @@
-"""Behaviour tests for vicuna_demo.ratings (Bradley-Terry fit, bootstrap CIs, ranks, win rates).
+"""Behaviour tests for vicuna_demo.data.ratings (Bradley-Terry fit, bootstrap CIs, ranks, win rates).
 
 Run: .venv/bin/python -m pytest tests/test_ratings.py -q
 """
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from vicuna_demo.ratings import ModelRating, compute_leaderboard, plot_win_rates, win_rate_matrix
+from vicuna_demo.data.ratings import ModelRating, compute_leaderboard, plot_win_rates, win_rate_matrix
 
 TRUE_RATINGS = {"m0": 1200.0, "m1": 1100.0, "m2": 1000.0, "m3": 900.0, "m4": 800.0}
 

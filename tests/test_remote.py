@@ -27,11 +27,11 @@ from gradio_client import Client
 from moderation import ModerationResult, NoModerator
 from tests.fake_moderation_server import fake_moderation_server  # noqa: F401
 from tests.remote_servers import Gateway, TransformersServe, save_embedded_checkpoint
-from vicuna_demo.chat import ChatService, TurnContext
+from vicuna_demo.services.chat import ChatService, TurnContext
 from vicuna_demo.config import ConfigError, EndpointSpec
-from vicuna_demo.generation import EngineError, PromptTooLong, SamplingParams
-from vicuna_demo.remote import RemoteEngine, start_remote_engines
-from vicuna_demo.storage import open_store
+from vicuna_demo.engines.protocol import EngineError, PromptTooLong, SamplingParams
+from vicuna_demo.engines.remote import RemoteEngine, start_remote_engines
+from vicuna_demo.data.storage import open_store
 
 KEY = "sk-remote-8fQ2mVx7Lr3Tn9Wp5Yc1Zb6Kd4Hs0JgA"       # what the gateway accepts
 WRONG_KEY = "sk-remote-WRONG3Mn8Bv5Cx2Zl7Kj4Hg1Fd6Sa9Q"   # a plausible but refused key
@@ -216,7 +216,7 @@ def test_a_wrong_key_gives_the_401_message_and_the_key_appears_nowhere(start_app
     missing_reply = last_reply(chatbot)
     assert "VICUNA_TEST_UNSET_KEY" in missing_reply and "is not set" in missing_reply
     assert [(r.path, r.authorized) for r in gateway.chat_requests()] == [("/v1/chat/completions", False)]
-    start_up = [r.getMessage() for r in caplog.records if r.name == "vicuna_demo.remote"]
+    start_up = [r.getMessage() for r in caplog.records if r.name == "vicuna_demo.engines.remote"]
     assert any("VICUNA_TEST_UNSET_KEY" in m and "is not set" in m for m in start_up)
 
     rows = runtime.store.turns()
@@ -387,7 +387,7 @@ def test_a_server_refusing_stream_options_is_asked_again_without_them(spec, gate
 
 # -- start-up, configuration, context -------------------------------------------------------------
 def test_start_up_check_logs_unreachable_endpoints_and_never_refuses(spec, gateway, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="vicuna_demo.remote")
+    caplog.set_level(logging.INFO, logger="vicuna_demo.engines.remote")
     monkeypatch.delenv("VICUNA_TEST_UNSET_KEY", raising=False)
     specs = [spec,
              EndpointSpec(name="Down", base_url="http://127.0.0.1:9/v1", model="m"),

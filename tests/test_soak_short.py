@@ -43,7 +43,7 @@ def test_the_soak_counts_a_turn_missing_from_the_store_as_lost_and_an_extra_row_
     import time
 
     from benchmarks.soak import check_store
-    from vicuna_demo.storage import Store, TurnRecord
+    from vicuna_demo.data.storage import Store, TurnRecord
 
     def row(tag, side=None, battle=None):
         return TurnRecord(conversation_id=tag, turn_index=1, tstamp=time.time(), client_hash="0" * 64, model="m",

@@ -1,4 +1,4 @@
-"""Behaviour tests for vicuna_demo.storage (SQLite turn/vote log: round trips, migrations,
+"""Behaviour tests for vicuna_demo.data.storage (SQLite turn/vote log: round trips, migrations,
 privacy, failure handling, crash safety).
 
 Run: .venv/bin/python -m pytest tests/test_storage.py -q
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from vicuna_demo import storage
-from vicuna_demo.storage import (
+from vicuna_demo.data import storage
+from vicuna_demo.data.storage import (
     MIGRATIONS,
     SCHEMA_VERSION,
     NullStore,
@@ -75,7 +75,7 @@ def make_vote(battle_id="battle-1", winner="model_a", **overrides) -> VoteRecord
 
 
 def storage_warnings(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "vicuna_demo.storage" and r.levelno >= logging.WARNING]
+    return [r for r in caplog.records if r.name == "vicuna_demo.data.storage" and r.levelno >= logging.WARNING]
 
 
 def integrity(path: Path) -> str:
@@ -213,7 +213,7 @@ def test_client_hash_is_salted_stable_and_never_the_ip(tmp_path):
 def test_unusable_log_dir_warns_once_and_never_raises(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("a regular file where a directory should be")
-    caplog.set_level(logging.DEBUG, logger="vicuna_demo.storage")
+    caplog.set_level(logging.DEBUG, logger="vicuna_demo.data.storage")
     store = Store(blocker / "sub")  # mkdir fails even for root: the parent is a file
     assert store.log_turn(make_turn()) is False
     assert store.log_vote(make_vote()) is False
@@ -282,7 +282,7 @@ def test_concurrent_threads_all_get_logged(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from vicuna_demo.storage import Store, TurnRecord
+    from vicuna_demo.data.storage import Store, TurnRecord
     store = Store(sys.argv[1])
     i = 0
     while True:

@@ -1,4 +1,4 @@
-"""Token ids -> text deltas (vicuna_demo/textstream.py).
+"""Token ids -> text deltas (vicuna_demo/engines/textstream.py).
 
 StopFilter is checked exhaustively: every way of cutting a text into chunks, with stop strings that
 overlap, repeat their own prefixes, or never complete. At every step the text emitted so far must be
@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from vicuna_demo.textstream import IncrementalDecoder, StopFilter
+from vicuna_demo.engines.textstream import IncrementalDecoder, StopFilter
 
 REPLACEMENT = "\ufffd"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..chat import ChatService
+from ..services.chat import ChatService
 from .chat_tab import build_chat_tab
 from .compare_tab import build_compare_tab
 from .leaderboard_tab import build_leaderboard_tab

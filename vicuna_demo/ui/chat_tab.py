@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from ..chat import CancelToken, ChatService, TurnContext, new_id, sanitize_input
+from ..services.chat import CancelToken, ChatService, TurnContext, new_id, sanitize_input
 from .common import Turn, client_hash, render_turns, sampling_controls, turns_to_messages
 
 CURSOR = "▌"

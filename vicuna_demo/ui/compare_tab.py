@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from ..arena import VOTES, Arena, battle_counts, find_identity_leak, winner_for
-from ..chat import CancelToken, ChatService, TurnContext, TurnUpdate, new_id, sanitize_input
-from ..storage import VoteRecord
+from ..services.arena import VOTES, Arena, battle_counts, find_identity_leak, winner_for
+from ..services.chat import CancelToken, ChatService, TurnContext, TurnUpdate, new_id, sanitize_input
+from ..data.storage import VoteRecord
 from .common import Turn, client_hash, render_turns, sampling_controls, turns_to_messages
 
 log = logging.getLogger("vicuna_demo.ui.compare")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..chat import ChatService
-from ..ratings import compute_leaderboard, plot_win_rates, win_rate_matrix
-from ..storage import NullStore
+from ..services.chat import ChatService
+from ..data.ratings import compute_leaderboard, plot_win_rates, win_rate_matrix
+from ..data.storage import NullStore
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 NO_VOTES = ("No votes yet. Battle in the ⚔️ Arena (anonymous) tab and vote: the leaderboard is computed from "

@@ -12,7 +12,7 @@
 
 Run::
 
-    python -m vicuna_demo.export --log-dir logs --conversations conversations.jsonl \\
+    python -m vicuna_demo.data.export --log-dir logs --conversations conversations.jsonl \\
         --battles battles.jsonl [--include-named]
 
 Either output may be ``-`` for stdout. Exits 1 with one ``error:`` line if the log dir holds no
@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from vicuna_demo.storage import Store, store_path
+from vicuna_demo.data.storage import Store, store_path
 
 
 def sharegpt_record(conversation: dict) -> dict:
@@ -81,7 +81,7 @@ def write_jsonl(path: str, records: Iterable[dict]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vicuna_demo.export",
+        prog="python -m vicuna_demo.data.export",
         description="Export logged conversations (ShareGPT JSONL) and battles (FastChat clean-battle JSONL).",
     )
     parser.add_argument("--log-dir", required=True, help="the demo's log directory (holds vicuna_demo.sqlite3)")

@@ -20,10 +20,10 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from moderation import ModerationResult, Moderator
 
-from .generation import Engine, EngineError, PromptTooLong, ReplyStats, SamplingParams
-from .storage import TurnRecord
+from ..engines.protocol import Engine, EngineError, PromptTooLong, ReplyStats, SamplingParams
+from ..data.storage import TurnRecord
 
-log = logging.getLogger("vicuna_demo.chat")
+log = logging.getLogger("vicuna_demo.services.chat")
 
 OUTPUT_FLAGGED_NOTICE = ("This reply was withdrawn: the content moderation check flagged it ({categories}). "
                          "Please try a different question.")

@@ -27,7 +27,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # vote button labels and what they mean (FastChat's clean-battle winners)
 VOTES: dict[str, str] = {

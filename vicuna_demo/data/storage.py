@@ -1,7 +1,7 @@
 """Append-only SQLite log of chat turns and arena votes, kept in ``<log_dir>/vicuna_demo.sqlite3``.
 
 The app writes one row per model turn (``Store.log_turn``) and one per vote (``Store.log_vote``);
-ratings read ``Store.battles()``, ``python -m vicuna_demo.export`` reads the rest. Rows are never
+ratings read ``Store.battles()``, ``python -m vicuna_demo.data.export`` reads the rest. Rows are never
 updated or deleted (triggers refuse it); a regenerated reply is a new row for the same turn.
 
 - Schema: ``MIGRATIONS`` is an ordered tuple of numbered functions; the number of those applied
@@ -12,7 +12,7 @@ updated or deleted (triggers refuse it); a regenerated reply is a new row for th
 - Threads: one connection shared behind a lock (gradio calls from many worker threads). Other
   processes may open the same store; SQLite's own locking (30 s busy timeout) serialises them.
 - Failures: if the directory cannot be written, the file is not a database, or the disk is full,
-  the store logs ONE warning on logger ``vicuna_demo.storage`` and carries on: ``log_*`` return
+  the store logs ONE warning on logger ``vicuna_demo.data.storage`` and carries on: ``log_*`` return
   False, reads return empty results, nothing raises. It retries on every call, so a store whose
   disk frees up resumes logging. Bugs in the caller (e.g. an unknown winner) do raise ValueError.
 - Privacy: the store never sees raw IPs. ``client_hash(ip)`` is HMAC-SHA-256 keyed by a random
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LOGGER = logging.getLogger("vicuna_demo.storage")
+LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"
 SALT_FILENAME = "salt"
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")

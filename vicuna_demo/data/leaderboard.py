@@ -1,14 +1,14 @@
 """Print an arena leaderboard (Bradley-Terry ratings with bootstrap 95% CIs) from a battle file.
 
 The file holds battles in FastChat's clean-battle shape (``model_a``, ``model_b``, ``winner``,
-optionally ``counted``), as JSONL (what ``python -m vicuna_demo.export --battles`` writes) or
+optionally ``counted``), as JSONL (what ``python -m vicuna_demo.data.export --battles`` writes) or
 as one JSON array. Rows whose winner is not ``model_a``/``model_b``/``tie``/``tie (bothbad)``
 or that lack model names are skipped, and so are rows with ``"counted": false`` unless
 ``--include-uncounted``; the counts go to stderr. See ratings.py for the method.
 
 Run::
 
-    python -m vicuna_demo.leaderboard battles.jsonl [--json] [--bootstrap N] [--seed S] [--include-uncounted]
+    python -m vicuna_demo.data.leaderboard battles.jsonl [--json] [--bootstrap N] [--seed S] [--include-uncounted]
 
 ``--json`` prints ``{"models": [{"model", "rating", "ci_lower", "ci_upper", "battles", "rank"}, ...]}``,
 best first. A missing or malformed file exits 1 with one ``error:`` line.
@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from vicuna_demo.ratings import WINNERS, ModelRating, compute_leaderboard
+from vicuna_demo.data.ratings import WINNERS, ModelRating, compute_leaderboard
 
 
 class BattleFileError(Exception):
@@ -104,7 +104,7 @@ def to_json(rows: list[ModelRating]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vicuna_demo.leaderboard",
+        prog="python -m vicuna_demo.data.leaderboard",
         description="Bradley-Terry leaderboard with bootstrap 95% CIs from a battle JSONL / JSON file.",
     )
     parser.add_argument("battles", metavar="BATTLES", help="battle file (JSONL or JSON array)")

@@ -48,10 +48,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from .config import EndpointSpec
-from .generation import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
+from moderation import scrub
 
-log = logging.getLogger("vicuna_demo.remote")
+from ..config import EndpointSpec
+from .protocol import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
+
+log = logging.getLogger("vicuna_demo.engines.remote")
 
 DEFAULT_TIMEOUT_S = 120.0     # longest silence while waiting for the answer or its next chunk
 CONNECT_TIMEOUT_S = 5.0
@@ -300,9 +302,7 @@ class RemoteEngine:
         return self._redact(text)
 
     def _redact(self, text: str) -> str:
-        if self._key and self._key != NO_KEY:
-            text = text.replace(self._key, "[key hidden]")
-        return text
+        return scrub(text, (self._key,) if self._key and self._key != NO_KEY else (), limit=2000)
 
     # -- health --------------------------------------------------------------------------------
     def check(self, timeout_s: float = HEALTH_TIMEOUT_S) -> tuple[bool, str]:

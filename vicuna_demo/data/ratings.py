@@ -20,7 +20,7 @@ Rank = 1 + number of models whose ci_lower is above this model's ci_upper.
 
 Use::
 
-    from vicuna_demo.ratings import compute_leaderboard
+    from vicuna_demo.data.ratings import compute_leaderboard
     for row in compute_leaderboard([("a", "b", "model_a"), ("a", "b", "tie")]):
         print(row.rank, row.model, round(row.rating))
 """

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from moderation import create_moderator, parse_thresholds
 
 from .chat import ChatService, Limits
-from .config import ConfigError, Settings, default_model_specs
-from .deploy import start_dataset_push, start_engine, zerogpu_spaces
-from .engine import EngineOptions
-from .loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
-from .remote import start_remote_engines
-from .storage import open_store
+from ..config import ConfigError, Settings, default_model_specs
+from ..engines.zerogpu import start_engine, zerogpu_spaces
+from ..publish import start_dataset_push
+from ..engines.local import EngineOptions
+from ..loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
+from ..engines.remote import start_remote_engines
+from ..data.storage import open_store
 
 log = logging.getLogger("vicuna_demo")
 

@@ -1,0 +1,466 @@
+"""``FastModel``: the model's math over its own weights with a paged KV cache: prefill, eager and kernel
+decode steps, and one CUDA graph per batch bucket."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .options import FastOptions, unsupported_reason
+from .sampling import sample
+from .tuning import TuningMixin
+from .weights import _Layer, _Linear
+
+log = logging.getLogger("vicuna_demo.engines.fastpath")
+
+if TYPE_CHECKING:
+    from .scheduler import _Slot
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _pow2_buckets(limit: int) -> list[int]:
+    buckets, b = [], 1
+    while b < limit:
+        buckets.append(b)
+        b = b * 2 if b < 16 else b + 16
+    buckets.append(limit)
+    return sorted(set(buckets))
+
+
+class FastModel(TuningMixin):
+    """The model's math over its own weights, with a paged KV cache. Single-threaded: the scheduler's thread
+    is the only caller once warm-up starts."""
+
+    def __init__(self, model, max_context: int, options: FastOptions | None = None):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"fast path unsupported: {reason}")
+        self.options = options = options or FastOptions()
+        self.model = model
+        self.config = model.config.get_text_config()
+        self.device = model.model.embed_tokens.weight.device
+        self.cuda = self.device.type == "cuda"
+        self.dtype = model.model.embed_tokens.weight.dtype
+        attn0 = model.model.layers[0].self_attn
+        self.n_heads = int(self.config.num_attention_heads)
+        self.n_kv = int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(attn0, "head_dim", None) or self.config.hidden_size // self.n_heads)
+        self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.max_len = int(max_context) + 2          # + the extra step a pipelined reply may take
+        self.use_kernels = bool(self.cuda and options.kernels and _triton_ok())
+        self.use_graphs = bool(self.cuda and options.cuda_graphs and self.use_kernels)
+        self.max_rows = int(options.max_rows or (64 if self.cuda else 8))
+        self.block = int(options.block_size or (64 if self.cuda else _round_up(self.max_len, 16)))
+        self.blocks_per_row = math.ceil(self.max_len / self.block)
+        fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
+        self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
+        self.layers = [_Layer(layer, fuse=fuse, int8_kernel=self.use_kernels and options.int8_kernel)
+                       for layer in model.model.layers[: self.config.num_hidden_layers]]
+        self.embed = model.model.embed_tokens
+        self.n_embeddings = int(self.embed.weight.shape[0])
+        self.norm = model.model.norm
+        self.norm_eps = float(getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6)))
+        self.lm_head = _Linear(model.lm_head)
+        self.vocab = int(model.lm_head.weight.shape[0]) if getattr(model.lm_head, "weight", None) is not None \
+            else int(self.config.vocab_size)
+        with torch.inference_mode():
+            positions = torch.arange(self.max_len, device=self.device)[None]
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = model.model.rotary_emb(probe, positions)
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()   # [max_len, head_dim]
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.n_blocks = 0
+        # decode-step buffers (rows beyond the active ones are idle: length 0, writing to trash block 0)
+        rows = self.max_rows
+        dev = self.device
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.active = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.table = torch.zeros(rows, self.blocks_per_row, dtype=torch.int32, device=dev)
+        self.temperature = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=dev)
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=dev)
+        self.next_tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.buckets = _pow2_buckets(rows)
+        # All of this model's GPU work (eager prefill, graph capture and replay) runs on one stream of its own.
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._splits: dict[int, int] = {}
+
+    # -- memory ----------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        element = torch.finfo(self.dtype).bits // 8
+        return 2 * len(self.layers) * self.n_kv * self.block * self.head_dim * element
+
+    def allocate_cache(self, n_blocks: int | None = None) -> int:
+        """Allocate the KV pool; on CUDA sized from free memory unless given. Returns the number of blocks."""
+        per_block = self.kv_bytes_per_block()
+        if n_blocks is None:
+            n_blocks = self.options.kv_blocks
+        if n_blocks is None:
+            if self.cuda:
+                torch.cuda.empty_cache()
+                free, _ = torch.cuda.mem_get_info(self.device)
+                reserve = 6 * 2**30 + 2 * self._prefill_reserve_bytes()
+                budget = max(0, int((free - reserve) * self.options.kv_memory_fraction))
+                n_blocks = budget // per_block
+                wanted = self.max_rows * self.blocks_per_row + 1      # every row at full context
+                n_blocks = min(n_blocks, wanted)
+            else:
+                n_blocks = 2 * self.max_rows + 1
+        n_blocks = int(max(n_blocks, self.blocks_per_row + 1))
+        shape = (n_blocks, self.n_kv, self.block, self.head_dim)
+        alloc = torch.zeros if self.cuda else torch.empty   # CPU: pages are touched only when used
+        self.k_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.n_blocks = n_blocks
+        return n_blocks
+
+    def _prefill_reserve_bytes(self) -> int:
+        hidden = int(self.config.hidden_size)
+        inter = int(getattr(self.config, "intermediate_size", 4 * hidden))
+        element = torch.finfo(self.dtype).bits // 8
+        per_token = (6 * hidden + 3 * inter) * element
+        return self.options.prefill_tokens * per_token + 64 * self.max_rows * self.vocab * 4 * 3
+
+    # -- prefill -----------------------------------------------------------------------------------
+    def prefill(self, rows: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
+        """rows: (all token ids, KV block list, start) per request; tokens [start:] are computed and their K/V
+        stored; tokens before ``start`` must already be in the request's blocks. -> last-token logits [n, vocab] fp32."""
+        n = len(rows)
+        news = [ids[start:] for ids, _, start in rows]
+        length = max(len(t) for t in news)
+        dev = self.device
+        ids = torch.zeros(n, length, dtype=torch.long)
+        positions = torch.zeros(n, length, dtype=torch.long)
+        lens = torch.tensor([len(t) for t in news])
+        starts = torch.tensor([start for _, _, start in rows])
+        write_rows, write_t, write_phys, write_off = [], [], [], []
+        for i, (new, (_, blocks, start)) in enumerate(zip(news, rows)):
+            ids[i, :len(new)] = torch.tensor(new)
+            positions[i] = torch.clamp(torch.arange(length) + start, max=self.max_len - 1)
+            p = torch.arange(start, start + len(new))
+            write_rows.append(torch.full((len(new),), i))
+            write_t.append(torch.arange(len(new)))
+            block_ids = torch.tensor(blocks, dtype=torch.long)
+            write_phys.append(block_ids[p // self.block])
+            write_off.append(p % self.block)
+        w_rows, w_t = torch.cat(write_rows).to(dev), torch.cat(write_t).to(dev)
+        w_phys, w_off = torch.cat(write_phys).to(dev), torch.cat(write_off).to(dev)
+        if self.use_kernels:   # every (row, t) slot, padding included: padding writes go to trash block 0
+            tok_phys = torch.zeros(n, length, dtype=torch.long)
+            tok_phys[torch.cat(write_rows), torch.cat(write_t)] = torch.cat(write_phys)
+            tok_off = positions % self.block
+            tok_phys, tok_off = tok_phys.view(-1).to(dev), tok_off.view(-1).to(dev)
+        ids, positions = ids.to(dev), positions.to(dev)
+        with_prefix = bool((starts > 0).any())
+        lower_right = None
+        if with_prefix and n == 1:
+            from torch.nn.attention.bias import causal_lower_right
+            kv_len = int(starts[0] + lens[0])
+            lower_right = causal_lower_right(length, kv_len)
+        if with_prefix:
+            totals = starts + lens
+            kv_len = int(totals.max())
+            n_blk = math.ceil(kv_len / self.block)
+            gather = torch.zeros(n, n_blk, dtype=torch.long)
+            for i, (_, blocks, _) in enumerate(rows):
+                used = blocks[:n_blk]
+                gather[i, :len(used)] = torch.tensor(used, dtype=torch.long)
+            gather = gather.to(dev)
+            mask = None
+            if lower_right is None:   # several rows with cached prefixes (the scheduler sends them one by one)
+                q_pos = positions[:, :, None]                                   # [n, T, 1]
+                k_pos = torch.arange(kv_len, device=dev)[None, None, :]        # [1, 1, S]
+                mask = (k_pos <= q_pos)[:, None]                               # [n, 1, T, S]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [n, 1, T, D]
+        hd = self.head_dim
+        qd, kd = self.n_heads * hd, self.n_kv * hd
+        fused = self.use_kernels     # CUDA: fused projections and Triton norm / activation kernels
+        if fused:
+            from . import kernels as fk
+        x = self.embed(ids)
+        residual = None
+        for li, layer in enumerate(self.layers):
+            attn = layer.attn
+            if fused:
+                flat, residual = fk.add_rmsnorm(x.reshape(n * length, -1), residual, layer.ln1.weight, layer.eps1)
+                if layer.qkv is not None:
+                    qkv = layer.qkv(flat)
+                    q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+                else:
+                    q, k, v = attn.q_proj(flat), attn.k_proj(flat), attn.v_proj(flat)
+                q, k_rot = fk.rope_store(q, k, v, self.cos, self.sin, positions.view(-1), tok_phys, tok_off,
+                                         self.k_cache[li], self.v_cache[li], self.n_heads, self.n_kv,
+                                         return_k=True)
+                q = q.view(n, length, -1, hd).transpose(1, 2)
+                k = k_rot.view(n, length, -1, hd).transpose(1, 2)
+                v = v.reshape(n, length, -1, hd).transpose(1, 2)
+            else:
+                residual = x
+                h = layer.ln1(x)
+                q = attn.q_proj(h).view(n, length, -1, hd).transpose(1, 2)
+                k = attn.k_proj(h).view(n, length, -1, hd).transpose(1, 2)
+                v = attn.v_proj(h).view(n, length, -1, hd).transpose(1, 2)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            if not fused:
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+                kc[w_phys, :, w_off] = k.transpose(1, 2)[w_rows, w_t]
+                vc[w_phys, :, w_off] = v.transpose(1, 2)[w_rows, w_t]
+            if with_prefix:
+                keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
+                values = vc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
+                if self.n_kv != self.n_heads:
+                    group = self.n_heads // self.n_kv
+                    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+                out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
+                                                     attn_mask=lower_right if lower_right is not None else mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale,
+                                                     enable_gqa=self.n_kv != self.n_heads)
+            out = out.transpose(1, 2).reshape(n, length, -1)
+            if fused:
+                x = attn.o_proj(out.reshape(n * length, -1))
+                flat, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
+                if layer.gate_up is not None:
+                    gu = layer.gate_up(flat)
+                    half = gu.shape[1] // 2
+                    g, u = gu[:, :half], gu[:, half:]
+                else:
+                    g, u = layer.mlp.gate_proj(flat), layer.mlp.up_proj(flat)
+                x = layer.mlp.down_proj(fk.silu_mul(g, u)).view(n, length, -1)
+            else:
+                x = residual + attn.o_proj(out)
+                residual = x
+                x = residual + layer.mlp(layer.ln2(x))
+        if fused:
+            x = (x.reshape(n * length, -1) + residual).view(n, length, -1)
+        last = x[torch.arange(n, device=dev), (lens - 1).to(dev)]
+        return self.lm_head(self.norm(last)).float()
+
+    # -- decode --------------------------------------------------------------------------------------
+    def _decode_torch(self, rows: int) -> torch.Tensor:
+        """One decode step with eager ops (CPU, or CUDA without Triton). -> logits [rows, vocab].
+
+        The same ops as the model's own forward, so a CPU reply equals ``generate`` exactly; on a CPU each
+        sequence's cache is one block, read through views (an indexing copy per layer cost more than the
+        layer's matmuls on a busy 2-core machine)."""
+        tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
+        active = self.active[:rows].bool()
+        hd = self.head_dim
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]     # [B, 1, 1, D]
+        lengths = (pos + 1) * active
+        kv_len = max(1, int(lengths.max()))          # eager path: reading it on the host costs nothing here
+        n_blk = math.ceil(kv_len / self.block)
+        mask = None
+        if rows > 1 or not bool(active.all()):
+            mask = (torch.arange(kv_len, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+        if n_blk == 1:   # host-side block ids and offsets: views and plain copies instead of index kernels
+            blocks = table[:, 0].tolist()
+            offsets = (pos % self.block).tolist()
+        else:
+            phys = table.gather(1, (pos // self.block)[:, None].to(table.dtype))[:, 0].long()
+            off = pos % self.block
+            gather = table[:, :n_blk].long()
+        qd, kd = self.n_heads * hd, self.n_kv * hd
+        x = self.embed(tokens[:, None])
+        for li, layer in enumerate(self.layers):
+            residual = x
+            h = layer.ln1(x)
+            attn = layer.attn
+            if layer.qkv is not None:
+                qkv = layer.qkv(h)
+                q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.reshape(rows, 1, -1, hd).transpose(1, 2)
+            k = k.reshape(rows, 1, -1, hd).transpose(1, 2)
+            v = v.reshape(rows, 1, -1, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            if n_blk == 1:
+                for r in range(rows):
+                    kc[blocks[r], :, offsets[r]] = k[r, :, 0]
+                    vc[blocks[r], :, offsets[r]] = v[r, :, 0]
+                if rows == 1:
+                    keys, values = kc[blocks[0], :, :kv_len][None], vc[blocks[0], :, :kv_len][None]
+                else:
+                    keys = torch.stack([kc[b_, :, :kv_len] for b_ in blocks])
+                    values = torch.stack([vc[b_, :, :kv_len] for b_ in blocks])
+            else:
+                kc[phys, :, off] = k[:, :, 0]
+                vc[phys, :, off] = v[:, :, 0]
+                keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
+                values = vc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=self.n_kv != self.n_heads)
+            x = residual + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            residual = x
+            h = layer.ln2(x)
+            if layer.gate_up is not None:
+                gu = layer.gate_up(h)
+                half = gu.shape[-1] // 2
+                x = residual + layer.mlp.down_proj(layer.mlp.act_fn(gu[..., :half]) * gu[..., half:])
+            else:
+                x = residual + layer.mlp(h)
+        return self.lm_head(self.norm(x[:, 0])).float()
+
+    def _decode_kernels(self, rows: int) -> torch.Tensor:
+        """One decode step with the fused Triton kernels; shapes depend only on ``rows`` (graph-safe)."""
+        from . import kernels as fk
+        tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
+        active = self.active[:rows]
+        seq_lens = ((pos + 1) * active).to(torch.int32)
+        phys = table.gather(1, (pos // self.block)[:, None].to(torch.int64).clamp(max=self.blocks_per_row - 1)
+                            .to(torch.int64))[:, 0]
+        off = pos % self.block
+        splits, warps, stages = self._splits.get(rows) or self._choose_splits(rows)
+        qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        x = self.embed(tokens)                       # [B, H]
+        residual = None
+        for li, layer in enumerate(self.layers):
+            h, residual = fk.add_rmsnorm(x, residual, layer.ln1.weight, layer.eps1)
+            if layer.qkv is not None:
+                qkv = layer.qkv(h)
+                q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+            else:
+                q, k, v = layer.q(h), layer.k(h), layer.v(h)
+            q = fk.rope_store(q, k, v, self.cos, self.sin, pos, phys, off, self.k_cache[li], self.v_cache[li],
+                              self.n_heads, self.n_kv)
+            a = fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale,
+                                   warps, stages)
+            x = layer.o(a)
+            h, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
+            if layer.gate_up is not None:
+                gu = layer.gate_up(h)
+                half = gu.shape[1] // 2
+                g, u = gu[:, :half], gu[:, half:]
+            else:
+                g, u = layer.gate(h), layer.up(h)
+            x = layer.down.gated(g, u)
+            if x is None:
+                x = layer.down(fk.silu_mul(g, u))
+        h, _ = fk.add_rmsnorm(x, residual, self.norm.weight, self.norm_eps)
+        return self.lm_head(h).float()
+
+    def linears(self) -> list[_Linear]:
+        out = []
+        for layer in self.layers:
+            out += [p for p in (layer.qkv, layer.q, layer.k, layer.v, layer.o, layer.gate_up, layer.gate, layer.up,
+                                layer.down) if p is not None]
+        return out + [self.lm_head]
+
+    def capturable(self, rows: int) -> bool:
+        return all(p.capturable(rows) for p in self.linears())
+
+    def _step(self, rows: int, mode: str) -> torch.Tensor:
+        logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows)
+        nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode)
+        self.next_tokens[:rows].copy_(nxt)
+        self.tokens[:rows].copy_(nxt)
+        self.pos[:rows] += self.active[:rows]
+        return self.next_tokens[:rows]
+
+    def bucket(self, n_active: int) -> int:
+        for b in self.buckets:
+            if b >= n_active:
+                return b
+        return self.buckets[-1]
+
+    def decode(self, n_active: int, mode: str) -> tuple[int, torch.Tensor]:
+        """Launch one decode step for rows [0, n_active). -> (rows computed, next-token tensor on the device)."""
+        if not self.use_kernels:
+            return n_active, self._step(n_active, mode)
+        rows = self.bucket(n_active)
+        graph = self.graphs.get((rows, mode))
+        if graph is None:
+            return rows, self._step(rows, mode)
+        graph.replay()
+        return rows, self.next_tokens[:rows]
+
+    def capture(self, progress: Callable[[str], None] = lambda m: None) -> None:
+        """Capture one CUDA graph per (batch bucket, sampling mode). Runs on the scheduler's thread."""
+        if not self.use_graphs:
+            return
+        self.active.zero_()
+        self.table.zero_()
+        self.pos.zero_()
+        modes = ("greedy", "sample", "top_p")
+        for rows in self.buckets:          # compile the Triton kernels and warm cuBLAS outside capture
+            for mode in modes:
+                self._step(rows, mode)
+        torch.cuda.synchronize(self.device)
+        self._graph_pool = torch.cuda.graph_pool_handle()
+        done = 0
+        try:
+            for rows in reversed(self.buckets):   # largest first: later graphs reuse its pool memory
+                if not self.capturable(rows):
+                    continue                      # decoded eagerly (e.g. bitsandbytes' outlier matmul)
+                for mode in modes:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream):
+                        self._step(rows, mode)
+                    self.graphs[(rows, mode)] = graph
+                    done += 1
+                progress(f"captured CUDA graphs for up to {rows} requests ({done}/{len(self.buckets) * len(modes)})")
+        except Exception as exc:  # noqa: BLE001 - e.g. a layer that synchronises: run the steps eagerly
+            log.warning("CUDA-graph capture failed (%s: %s); decoding without graphs",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.graphs.clear()
+            self.use_graphs = False
+            progress("CUDA graphs unavailable for this model; decoding without them")
+        torch.cuda.synchronize(self.device)
+        self.pos.zero_()
+
+    def release(self) -> None:
+        """Drop the graphs and the KV cache (the model's weights stay with the caller)."""
+        self.graphs.clear()
+        self.k_cache, self.v_cache = [], []
+        self._graph_pool = None
+
+    def load_rows(self, rows: list["_Slot"]) -> None:
+        """Write the host-side state of rows [0, len(rows)) to the device buffers; clear the rest."""
+        n = len(rows)
+        size = self.max_rows
+        tokens = torch.zeros(size, dtype=torch.long)
+        pos = torch.zeros(size, dtype=torch.long)
+        active = torch.zeros(size, dtype=torch.long)
+        table = torch.zeros(size, self.blocks_per_row, dtype=torch.int32)
+        temperature = torch.ones(size)
+        top_p = torch.ones(size)
+        greedy = torch.ones(size, dtype=torch.bool)
+        for i, slot in enumerate(rows):
+            tokens[i], pos[i], active[i] = slot.last_token, slot.n_written, 1
+            table[i, :len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
+            temperature[i] = 1.0 if slot.greedy else max(slot.temperature, 1e-5)
+            top_p[i] = slot.top_p
+            greedy[i] = slot.greedy
+        del n
+        for dst, src in ((self.tokens, tokens), (self.pos, pos), (self.active, active), (self.table, table),
+                         (self.temperature, temperature), (self.top_p, top_p), (self.greedy, greedy)):
+            dst.copy_(src)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _triton_ok() -> bool:
+    try:
+        from . import kernels as fastkernels  # noqa: F401
+        return True
+    except Exception as exc:  # noqa: BLE001 - no Triton, or an incompatible one: use eager ops
+        log.warning("Triton kernels unavailable (%s); the fast path runs eager ops", exc)
+        return False

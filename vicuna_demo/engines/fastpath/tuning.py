@@ -1,0 +1,161 @@
+"""Warm-up measurements of the fast path on this GPU: GEMV vs cuBLAS per weight shape, attention splits,
+and prefill kernels loaded before the first visitor (a mixin of ``FastModel``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import sample
+from .weights import _Linear
+
+log = logging.getLogger("vicuna_demo.engines.fastpath")
+
+
+class TuningMixin:
+    """Measured choices of kernel configurations; needs FastModel's attributes."""
+
+    def tune_gemv(self, progress: Callable[[str], None] = lambda m: None) -> dict:
+        """For each projection shape and small row count, time cuBLAS against our GEMV configurations on this
+        GPU and keep the fastest (int8 weights: the fastest GEMV configuration). Runs once at warm-up."""
+        from . import kernels as fk
+        if not (self.cuda and self.use_kernels):
+            return {}
+        groups: dict[tuple, list[_Linear]] = {}
+        for p in self.linears():
+            # 16-bit weights: cuBLAS against our GEMV (on an H200 ours won at 1 row for 4 of 5 Vicuna shapes,
+            # cuBLAS at 8 rows); int8 weights: our GEMV configurations against dequantize + cuBLAS.
+            if (p.weight is not None and self.options.tune_dense) or p.int8 is not None:
+                groups.setdefault(p.shape_key(), []).append(p)
+        small = [b for b in self.buckets if b <= fk.W8_MAX_ROWS]
+        chosen = {}
+        for key, members in groups.items():
+            sample_set = members[:8]          # several layers' weights: more than the L2 cache holds
+            k_dim = key[0][1]
+            for rows in small:
+                x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
+                int8 = members[0].weight is None
+                configs = [(8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8), (4, 512, 4)] \
+                    if rows == 1 else [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
+                    [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
+                candidates: list = ["dequant"] if int8 else [None]
+                if rows <= 2 or not int8:
+                    candidates += configs
+                timings = []
+                for config in candidates:
+                    def run():
+                        for p in sample_set:
+                            if config is None:
+                                F.linear(x, p.weight)
+                            elif config == "dequant":
+                                fk.dequant_linear(x, p.int8[0], p.int8[1])
+                            elif int8:
+                                fk.gemv(x, p.int8[0], p.int8[1], *config)
+                            else:
+                                fk.gemv(x, p.weight, None, *config)
+                    try:
+                        timings.append((_time_ms(run), config))
+                    except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
+                        log.debug("GEMV config %s failed: %s", config, exc)
+                best_ms, best = min(timings, key=lambda t: t[0])
+                cublas_ms = next((t for t, c in timings if c is None), None)
+                for p in members:
+                    if best is None:
+                        p.gemv_config.pop(rows, None)
+                    else:
+                        p.gemv_config[rows] = best
+                chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1),
+                                                       round(cublas_ms / len(sample_set) * 1000, 1) if cublas_ms else None)
+        progress(f"tuned GEMV for {len(groups)} weight shapes")
+        return chosen
+
+    def warm_prefill(self) -> None:
+        """Run prefill once at typical sizes (and with a cached prefix) so that the kernels it needs are loaded
+        now: CUDA loads kernels lazily, and the first 512-token prefill otherwise took ~0.7 s more."""
+        if not self.cuda:
+            return
+        shapes = [(1, 16), (1, 200), (1, 512), (2, 512), (4, 512), (8, 512), (1, 1500), (1, 3000)]
+        for n, length in shapes:
+            if n * length > max(self.options.prefill_tokens, 512) or length + 1 >= self.max_len:
+                continue
+            blocks = [0] * math.ceil(length / self.block)      # block 0 is the trash block
+            logits = self.prefill([([1] * length, blocks, 0)] * n)
+            for mode in ("greedy", "sample", "top_p"):
+                ones = torch.ones(n, device=self.device)
+                sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), mode)
+        length = min(600, self.max_len - 2)
+        self.prefill([([1] * length, [0] * math.ceil(length / self.block), length - 64)])
+        torch.cuda.synchronize(self.device)
+
+    def _choose_splits(self, rows: int) -> tuple[int, int, int]:
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.cuda else 1
+        splits = max(1, min(16, math.ceil(2 * sms / max(1, rows * self.n_heads))))
+        self._splits[rows] = (splits, 4, 3)
+        return self._splits[rows]
+
+    def tune_attention(self, context: int = 1024, progress: Callable[[str], None] = lambda m: None) -> dict:
+        """Per batch bucket, time the paged-attention kernel over ``context`` cached tokens per row with several
+        (splits, warps, stages) and keep the fastest for the graphs. Runs once at warm-up, before capture."""
+        from . import kernels as fk
+        if not (self.cuda and self.use_kernels):
+            return {}
+        per_row = math.ceil((context + 1) / self.block)
+        rows_max = min(self.max_rows, (self.n_blocks - 1) // per_row)
+        if rows_max < 1:
+            return {}
+        table = torch.zeros(self.max_rows, self.blocks_per_row, dtype=torch.int32, device=self.device)
+        blocks = torch.arange(1, 1 + rows_max * per_row, dtype=torch.int32, device=self.device).view(rows_max, per_row)
+        table[:rows_max, :per_row] = blocks
+        for layer in range(min(4, len(self.k_cache))):    # zeros would compress in memory and time too fast
+            self.k_cache[layer][1:1 + rows_max * per_row].normal_()
+            self.v_cache[layer][1:1 + rows_max * per_row].normal_()
+        lens = torch.zeros(self.max_rows, dtype=torch.int32, device=self.device)
+        lens[:rows_max] = context
+        chosen = {}
+        for rows in self.buckets:
+            q = torch.randn(rows, self.n_heads, self.head_dim, device=self.device, dtype=self.dtype)
+            best = None
+            for splits in (1, 2, 4, 8, 16):
+                if rows * self.n_heads * splits > 32768:
+                    continue
+                for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
+                    def run():
+                        for layer in range(min(4, len(self.k_cache))):
+                            fk.paged_attention(q, self.k_cache[layer], self.v_cache[layer], table[:rows], lens[:rows],
+                                               splits, self.scale, warps, stages)
+                    try:
+                        ms = _time_ms(run)
+                    except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
+                        log.debug("attention config %s failed: %s", (splits, warps, stages), exc)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, (splits, warps, stages))
+            if best is not None:
+                self._splits[rows] = best[1]
+                chosen[rows] = (best[1], round(best[0] / 4 * 1000, 1))
+        progress(f"tuned attention for {len(chosen)} batch sizes")
+        return chosen
+
+
+def _time_ms(fn, reps: int = 10) -> float:
+    """GPU time of ``fn`` replayed as a CUDA graph: what it costs inside a captured decode step, without the
+    host's launch overhead (which on a slow host would otherwise decide the comparison)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / reps
