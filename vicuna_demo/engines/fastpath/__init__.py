@@ -2,7 +2,7 @@
 
 Why it exists: on the GPU machines measured here one eager decode step of a 7B model took 67 ms
 (kernel launches from a slow host), so speed comes from launching a whole decode step as one CUDA
-graph, from few fused kernels per layer (``fastkernels.py``), and from batching every running
+graph, from few fused kernels per layer (``kernels.py``), and from batching every running
 request into that one step. On a CPU it is a lean loop over the same modules, without
 ``generate``'s per-step machinery.
 

@@ -22,6 +22,7 @@ from .sampling import sample, sampling_mode
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
 
+@dataclass
 class Job:
     """One request. ``emit(tokens, finished, error)`` is called on the scheduler thread."""
 
