@@ -146,13 +146,14 @@ def test_leaderboard_json_matches_compute_leaderboard(tmp_path):
     result = run_module("vicuna_demo.data.leaderboard", path, "--json", "--bootstrap", "50", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
-    assert set(printed) == {"models"}
+    assert set(printed) == {"min_battles", "models"} and printed["min_battles"] == 20
     expected = compute_leaderboard([(r["model_a"], r["model_b"], r["winner"]) for r in rows],
                                    bootstrap_rounds=50, seed=0)
     assert [m["model"] for m in printed["models"]] == ["alpha", "beta", "gamma"]
     for got, want in zip(printed["models"], expected, strict=True):
-        assert {"model", "rating", "ci_lower", "ci_upper", "battles"} <= set(got)
+        assert {"model", "rating", "ci_lower", "ci_upper", "battles", "rank", "provisional"} == set(got)
         assert got["model"] == want.model and got["battles"] == want.battles and got["rank"] == want.rank
+        assert got["provisional"] is False and got["rank"] in (1, 2, 3)
         assert got["rating"] == pytest.approx(want.rating)
         assert got["ci_lower"] == pytest.approx(want.ci_lower)
         assert got["ci_upper"] == pytest.approx(want.ci_upper)
@@ -220,3 +221,51 @@ def test_export_then_leaderboard_round_trip(log_dir, tmp_path):
     assert [(m["model"], m["battles"]) for m in json.loads(result.stdout)["models"]] == [
         (r.model, r.battles) for r in expected
     ]
+
+
+def test_leaderboard_after_one_vote_is_provisional_with_modest_ratings(tmp_path):
+    path = tmp_path / "battles.jsonl"
+    path.write_text(json.dumps({"model_a": "a", "model_b": "b", "winner": "model_a"}) + "\n")
+    result = run_module("vicuna_demo.data.leaderboard", path, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("1 battle between 2 models rated from")
+    models = {m["model"]: m for m in json.loads(result.stdout)["models"]}
+    assert all(m["provisional"] is True and m["rank"] is None for m in models.values())
+    assert 1000 < models["a"]["rating"] < 1100 and 900 < models["b"]["rating"] < 1000
+    assert all(m["ci_upper"] - m["ci_lower"] > 300 for m in models.values())
+
+    table = run_module("vicuna_demo.data.leaderboard", path, cwd=tmp_path).stdout.splitlines()
+    assert table[1] == "provisional (fewer than 20 battles, not ranked):"
+    assert all("too few votes" in line and line.split()[0] == "-" for line in table[2:])
+    assert "+0/-0" not in "\n".join(table)
+
+
+def test_leaderboard_min_battles_splits_ranked_from_provisional_models(tmp_path):
+    path = tmp_path / "battles.jsonl"
+    rows = ([{"model_a": "old", "model_b": "older", "winner": "model_a"}] * 15
+            + [{"model_a": "older", "model_b": "old", "winner": "model_a"}] * 10
+            + [{"model_a": "new", "model_b": "old", "winner": "model_b"}] * 3)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_module("vicuna_demo.data.leaderboard", path, "--json", "--min-battles", "25", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["min_battles"] == 25
+    assert {m["model"]: (m["battles"], m["rank"], m["provisional"]) for m in printed["models"]} == {
+        "old": (28, 1, False), "older": (25, 1, False), "new": (3, None, True)}
+    lines = run_module("vicuna_demo.data.leaderboard", path, "--min-battles", "25", cwd=tmp_path).stdout.splitlines()
+    assert [line.split()[:2] for line in lines[1:3]] == [["1", "old"], ["1", "older"]]
+    assert lines[3] == "provisional (fewer than 25 battles, not ranked):"
+    assert lines[4].split()[:2] == ["-", "new"] and "too few votes" in lines[4]
+    assert len({len(line) for line in lines[1:3] + lines[4:]}) == 1  # one aligned table
+    bad = run_module("vicuna_demo.data.leaderboard", path, "--min-battles", "-1", cwd=tmp_path)
+    assert bad.returncode != 0 and "--min-battles must be >= 0" in bad.stderr
+
+
+def test_leaderboard_skips_a_model_against_itself_and_says_so(tmp_path):
+    path = tmp_path / "battles.jsonl"
+    path.write_text(json.dumps({"model_a": "a", "model_b": "a", "winner": "model_a"}) + "\n")
+    result = run_module("vicuna_demo.data.leaderboard", path, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "0 battles between 0 models" in result.stderr
+    assert "skipped 1 row (1 same model on both sides)" in result.stderr
+    assert json.loads(result.stdout)["models"] == []

@@ -1,4 +1,5 @@
-"""Behaviour tests for vicuna_demo.data.ratings (Bradley-Terry fit, bootstrap CIs, ranks, win rates).
+"""Behaviour tests for vicuna_demo.data.ratings (Bradley-Terry fit with a weak prior, intervals, provisional
+models, ranks, win rates).
 
 Run: .venv/bin/python -m pytest tests/test_ratings.py -q
 """
@@ -10,8 +11,10 @@ import time
 
 import numpy as np
 import pytest
+from scipy.optimize import minimize
 
-from vicuna_demo.data.ratings import ModelRating, compute_leaderboard, plot_win_rates, win_rate_matrix
+from vicuna_demo.data.ratings import (MIN_BATTLES, PRIOR_SD, ModelRating, compute_leaderboard, plot_win_rates,
+                                      win_rate_matrix)
 
 TRUE_RATINGS = {"m0": 1200.0, "m1": 1100.0, "m2": 1000.0, "m3": 900.0, "m4": 800.0}
 
@@ -61,8 +64,84 @@ def test_a_pair_with_only_ties_gets_equal_ratings():
     assert rows["a"].rating == pytest.approx(1000.0, abs=1e-6)
 
 
+def unregularised_bradley_terry(battles) -> dict[str, float]:
+    """Chatbot Arena's fit, written independently: per-battle logistic loss, no penalty, mean 1000."""
+    names = sorted({m for a, b, _ in battles for m in (a, b)})
+    index = {m: i for i, m in enumerate(names)}
+    a = np.array([index[x[0]] for x in battles])
+    b = np.array([index[x[1]] for x in battles])
+    score_a = np.array([{"model_a": 1.0, "model_b": 0.0}.get(w, 0.5) for _, _, w in battles])
+
+    def loss(r):
+        z = math.log(10.0) * (r[a] - r[b]) / 400.0
+        return float(np.sum(score_a * np.logaddexp(0.0, -z) + (1.0 - score_a) * np.logaddexp(0.0, z)))
+
+    r = minimize(loss, np.zeros(len(names)), method="BFGS", options={"gtol": 1e-9}).x
+    return dict(zip(names, r - r.mean() + 1000.0))
+
+
+def test_many_votes_stay_within_a_point_of_the_unregularised_fit():
+    battles = simulate(np.random.default_rng(2026), TRUE_RATINGS, 3000, tie_share=0.2)
+    expected = unregularised_bradley_terry(battles)
+    rows = compute_leaderboard(battles, bootstrap_rounds=0)
+    gaps = {r.model: abs(r.rating - expected[r.model]) for r in rows}
+    print("gap to the unregularised fit:", {m: round(g, 3) for m, g in gaps.items()})
+    assert max(gaps.values()) < 1.0
+    assert max(gaps.values()) > 0.0  # the prior is there, just negligible with ~1,200 battles per model
+
+
+def test_one_vote_gives_modest_provisional_ratings_with_a_wide_interval():
+    rows = by_model(compute_leaderboard([("winner", "loser", "model_a")]))
+    assert 1000 < rows["winner"].rating < 1100 and 900 < rows["loser"].rating < 1000
+    assert rows["winner"].rating + rows["loser"].rating == pytest.approx(2000.0)
+    for r in rows.values():
+        assert r.provisional and r.rank is None and r.battles == 1
+        assert r.ci_upper - r.ci_lower > 300  # one vote says little; never a zero-width interval
+
+
+def test_a_model_that_won_every_battle_stays_finite_modest_and_uncertain():
+    rows = compute_leaderboard([("champ", "b", "model_a")] * 20 + [("c", "champ", "model_b")] * 20
+                               + [("b", "c", "model_a"), ("b", "c", "model_b")])
+    champ = rows[0]
+    assert champ.model == "champ" and champ.rank == 1 and not champ.provisional
+    assert all(math.isfinite(x) for r in rows for x in (r.rating, r.ci_lower, r.ci_upper))
+    assert 1200 < champ.rating < 1000 + 2 * PRIOR_SD
+    # every bootstrap resample is the same 40 wins: the interval comes from the fit's curvature instead
+    assert champ.ci_upper - champ.ci_lower > 100
+    assert champ.ci_lower < champ.rating < champ.ci_upper
+
+
+@pytest.mark.parametrize("battles", [
+    [("a", "b", "model_a")],
+    [("a", "b", "tie")] * 30,
+    [("a", "b", "model_b")] * 30,
+    [("a", "b", "model_a"), ("c", "d", "tie")],
+], ids=["one-vote", "only-ties", "all-wins", "two-islands"])
+@pytest.mark.parametrize("rounds", [0, 100])
+def test_no_interval_has_zero_width(battles, rounds):
+    for r in compute_leaderboard(battles, bootstrap_rounds=rounds):
+        assert r.ci_upper - r.ci_lower > 10, r
+
+
+def test_models_with_fewer_than_min_battles_are_provisional_and_do_not_move_ranks():
+    rng = np.random.default_rng(4)
+    established = simulate(rng, {"top": 1300.0, "mid": 1000.0, "low": 700.0}, 3000)
+    newcomer = [("new", "low", "model_a")] * 5
+    rows = by_model(compute_leaderboard(established + newcomer, min_battles=MIN_BATTLES))
+    assert MIN_BATTLES == 20
+    assert rows["new"].provisional and rows["new"].rank is None and rows["new"].battles == 5
+    assert {m: (r.rank, r.provisional) for m, r in rows.items() if m != "new"} == {
+        "top": (1, False), "mid": (2, False), "low": (3, False)}
+    # the threshold is a parameter; 0 ranks everybody
+    everybody = by_model(compute_leaderboard(established + newcomer, min_battles=0))
+    assert all(not r.provisional and r.rank is not None for r in everybody.values())
+    just_enough = by_model(compute_leaderboard(newcomer * 4, min_battles=20))
+    assert not just_enough["new"].provisional and just_enough["new"].battles == 20
+
+
 def test_tie_counts_as_half_a_win_for_each_side():
-    rows = by_model(compute_leaderboard([("a", "b", "model_a")] * 3 + [("a", "b", "tie")]))
+    # a vanishing prior: this checks the likelihood alone
+    rows = by_model(compute_leaderboard([("a", "b", "model_a")] * 3 + [("a", "b", "tie")], prior_sd=1e6))
     diff = rows["a"].rating - rows["b"].rating
     expected_score = 1.0 / (1.0 + 10.0 ** (-diff / 400.0))
     assert expected_score == pytest.approx(3.5 / 4.0, abs=1e-4)
@@ -97,17 +176,15 @@ def test_empty_input_gives_empty_leaderboard():
     assert models == [] and matrix.shape == (0, 0)
 
 
-def test_one_model_gets_the_anchor_rating():
+def test_a_model_seen_only_against_itself_keeps_the_anchor_with_no_counted_battles():
     [row] = compute_leaderboard([("solo", "solo", "tie")] * 3)
-    assert row == ModelRating("solo", 1000.0, 1000.0, 1000.0, 3, 1)
+    assert row == ModelRating("solo", 1000.0, 1000.0, 1000.0, 0, None, provisional=True)  # self-battles say nothing
 
 
-def test_model_that_always_wins_stays_finite_and_first():
-    rows = compute_leaderboard([("champ", "b", "model_a")] * 20 + [("c", "champ", "model_b")] * 20
-                               + [("b", "c", "model_a"), ("b", "c", "model_b")])
-    assert rows[0].model == "champ"
-    for r in rows:
-        assert all(math.isfinite(x) for x in (r.rating, r.ci_lower, r.ci_upper))
+def test_invalid_parameters_are_rejected():
+    for kwargs in ({"bootstrap_rounds": -1}, {"min_battles": -1}, {"prior_sd": 0.0}):
+        with pytest.raises(ValueError):
+            compute_leaderboard([("a", "b", "tie")], **kwargs)
 
 
 def test_models_that_never_met_get_finite_ratings():
@@ -138,8 +215,9 @@ def test_bootstrap_is_reproducible_with_a_seed():
 
 
 def test_battle_counts_per_model():
-    rows = by_model(compute_leaderboard([("a", "b", "model_a"), ("b", "c", "tie"), ("a", "c", "model_b")]))
-    assert {m: r.battles for m, r in rows.items()} == {"a": 2, "b": 2, "c": 2}
+    rows = by_model(compute_leaderboard([("a", "b", "model_a"), ("b", "c", "tie"), ("a", "c", "model_b"),
+                                         ("a", "a", "model_a")]))
+    assert {m: r.battles for m, r in rows.items()} == {"a": 2, "b": 2, "c": 2}  # a against itself: not a battle
 
 
 def test_unknown_winner_is_rejected():

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .data.ratings import MIN_BATTLES
+
 ENV_PREFIX = "VICUNA_DEMO_"
 DEFAULT_GPU_MODEL = "lmsys/vicuna-7b-v1.5"
 DEFAULT_IDENTITY_WORDS = (
@@ -166,6 +168,7 @@ class Settings:
     # arena
     arena_weights: str = ""
     identity_words: tuple[str, ...] = DEFAULT_IDENTITY_WORDS
+    min_battles: int = MIN_BATTLES
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -243,6 +246,8 @@ _OPTIONS: tuple[_Opt, ...] = (
          "Sampling weights for anonymous battles, e.g. Vicuna-7B=2,Other=1 (default uniform).", metavar="NAME=W,..."),
     _Opt("arena", "--identity-words", "identity_words", "str",
          "Comma-separated words that reveal a model's identity; a battle whose reply contains one is not counted."),
+    _Opt("arena", "--min-battles", "min_battles", "int",
+         "Battles a model needs before the leaderboard ranks it; with fewer it is listed last as provisional."),
 )
 
 

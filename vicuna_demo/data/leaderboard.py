@@ -2,16 +2,21 @@
 
 The file holds battles in FastChat's clean-battle shape (``model_a``, ``model_b``, ``winner``,
 optionally ``counted``), as JSONL (what ``python -m vicuna_demo.data.export --battles`` writes) or
-as one JSON array. Rows whose winner is not ``model_a``/``model_b``/``tie``/``tie (bothbad)``
-or that lack model names are skipped, and so are rows with ``"counted": false`` unless
-``--include-uncounted``; the counts go to stderr. See ratings.py for the method.
+as one JSON array. Rows whose winner is not ``model_a``/``model_b``/``tie``/``tie (bothbad)``,
+that lack model names, or that put one model on both sides are skipped, and so are rows with
+``"counted": false`` unless ``--include-uncounted``; the counts go to stderr. See ratings.py for
+the method (weak prior, intervals, provisional models).
 
 Run::
 
-    python -m vicuna_demo.data.leaderboard battles.jsonl [--json] [--bootstrap N] [--seed S] [--include-uncounted]
+    python -m vicuna_demo.data.leaderboard battles.jsonl [--json] [--bootstrap N] [--seed S]
+        [--min-battles N] [--include-uncounted]
 
-``--json`` prints ``{"models": [{"model", "rating", "ci_lower", "ci_upper", "battles", "rank"}, ...]}``,
-best first. A missing or malformed file exits 1 with one ``error:`` line.
+The table lists ranked models first, then the provisional ones (fewer than ``--min-battles``
+battles, default 20) apart, without a rank and with "too few votes" for an interval.
+``--json`` prints ``{"min_battles": N, "models": [{"model", "rating", "ci_lower", "ci_upper",
+"battles", "rank", "provisional"}, ...]}``, best rating first, with ``rank`` null for a provisional
+model. A missing or malformed file exits 1 with one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from vicuna_demo.data.ratings import WINNERS, ModelRating, compute_leaderboard
+from vicuna_demo.data.ratings import MIN_BATTLES, WINNERS, ModelRating, compute_leaderboard, interval_text
 
 
 class BattleFileError(Exception):
@@ -68,6 +73,8 @@ def select_battles(rows: Iterable[dict], *, include_uncounted: bool = False) -> 
             skipped["missing model names"] += 1
         elif winner not in WINNERS:
             skipped["winner not one of " + "/".join(WINNERS)] += 1
+        elif model_a == model_b:
+            skipped["same model on both sides"] += 1
         elif not include_uncounted and row.get("counted", True) is False:
             skipped["not counted"] += 1
         else:
@@ -75,31 +82,36 @@ def select_battles(rows: Iterable[dict], *, include_uncounted: bool = False) -> 
     return battles, skipped
 
 
-def format_table(rows: list[ModelRating]) -> str:
-    """Aligned text table: rank, model, rating, 95% CI as +up/-down, battles."""
+def format_table(rows: list[ModelRating], min_battles: int = MIN_BATTLES) -> str:
+    """Aligned text table: rank, model, rating, 95% CI as +up/-down, battles; provisional models apart."""
     if not rows:
         return "no battles to rate"
     header = ("rank", "model", "rating", "95% CI", "battles")
-    body = [
-        (str(r.rank), r.model, f"{r.rating:.0f}",
-         f"+{r.ci_upper - r.rating:.0f}/-{r.rating - r.ci_lower:.0f}", str(r.battles))
-        for r in rows
-    ]
+    ranked = [r for r in rows if not r.provisional]
+    provisional = [r for r in rows if r.provisional]
+    body = [(str(r.rank) if r.rank is not None else "-", r.model, f"{r.rating:.0f}", interval_text(r), str(r.battles))
+            for r in ranked + provisional]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     left_aligned = {1}
     lines = []
-    for line in [header, *body]:
+    for number, line in enumerate([header, *body]):
+        if number == len(ranked) + 1 and provisional:
+            lines.append(f"provisional (fewer than {min_battles} battles, not ranked):")
         cells = [c.ljust(w) if i in left_aligned else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
-def to_json(rows: list[ModelRating]) -> dict:
-    return {"models": [
+def to_json(rows: list[ModelRating], min_battles: int = MIN_BATTLES) -> dict:
+    return {"min_battles": min_battles, "models": [
         {"model": r.model, "rating": r.rating, "ci_lower": r.ci_lower, "ci_upper": r.ci_upper,
-         "battles": r.battles, "rank": r.rank}
+         "battles": r.battles, "rank": r.rank, "provisional": r.provisional}
         for r in rows
     ]}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--bootstrap", type=int, default=100, metavar="N", help="bootstrap rounds (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed (default 0)")
+    parser.add_argument("--min-battles", type=int, default=MIN_BATTLES, metavar="N",
+                        help=f"battles a model needs to be ranked; fewer: provisional (default {MIN_BATTLES})")
     parser.add_argument("--include-uncounted", action="store_true",
                         help='also rate rows marked "counted": false')
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error("--bootstrap must be >= 0")
+    if args.min_battles < 0:
+        parser.error("--min-battles must be >= 0")
 
     try:
         rows = load_rows(args.battles)
@@ -123,17 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     battles, skipped = select_battles(rows, include_uncounted=args.include_uncounted)
-    summary = f"{len(battles)} battles rated from {args.battles}"
+    models = {m for a, b, _ in battles for m in (a, b)}
+    summary = f"{_plural(len(battles), 'battle')} between {_plural(len(models), 'model')} rated from {args.battles}"
     if skipped:
-        summary += f"; skipped {sum(skipped.values())} rows (" + ", ".join(
+        summary += f"; skipped {_plural(sum(skipped.values()), 'row')} (" + ", ".join(
             f"{n} {reason}" for reason, n in sorted(skipped.items())) + ")"
     print(summary, file=sys.stderr)
 
-    leaderboard = compute_leaderboard(battles, bootstrap_rounds=args.bootstrap, seed=args.seed)
+    leaderboard = compute_leaderboard(battles, bootstrap_rounds=args.bootstrap, seed=args.seed,
+                                      min_battles=args.min_battles)
     if args.json:
-        print(json.dumps(to_json(leaderboard), indent=2))
+        print(json.dumps(to_json(leaderboard, args.min_battles), indent=2))
     else:
-        print(format_table(leaderboard))
+        print(format_table(leaderboard, args.min_battles))
     return 0
 
 

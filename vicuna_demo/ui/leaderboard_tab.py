@@ -1,42 +1,91 @@
 """The leaderboard tab: ratings computed live from the stored votes.
 
 Each refresh reads the battles from the store (``store.battles``: one vote per battle, counted ones
-only; anonymous battles only unless the checkbox includes named ones), fits Bradley-Terry ratings
-with bootstrap 95% intervals (``ratings.compute_leaderboard``) and draws the win-rate matrix
-(``ratings.plot_win_rates``). API name: ``/leaderboard_refresh(include_named) -> (summary, table, plot)``.
+only; anonymous battles only unless the checkbox includes named ones) and renders them with
+``battles_view``: Bradley-Terry ratings with a weak prior and 95% intervals
+(``ratings.compute_leaderboard``), models with fewer than ``--min-battles`` battles listed last as
+provisional, and the win-rate matrix (``ratings.plot_win_rates``). ``battles_view`` takes any list of
+battles, so another kind of vote can reuse it. API name:
+``/leaderboard_refresh(include_named) -> (summary, table, plot)``.
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ..services.chat import ChatService
-from ..data.ratings import compute_leaderboard, plot_win_rates, win_rate_matrix
+from ..data.ratings import (MIN_BATTLES, compute_leaderboard, interval_text, plot_win_rates, win_rate_matrix,
+                            without_self_battles)
 from ..data.storage import NullStore
+from ..services.arena import Arena
+from ..services.chat import ChatService
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
-NO_VOTES = ("No votes yet. Battle in the ⚔️ Arena (anonymous) tab and vote: the leaderboard is computed from "
-            "the counted votes{which}.")
+PROVISIONAL = "provisional"
+NOT_KEPT = "Votes are not being kept (the app runs with `--log-dir ''`), so there is no leaderboard."
 
 
-def leaderboard_view(store, include_named: bool) -> tuple[str, list[list], object]:
-    """(summary markdown, table rows, matplotlib figure or None) from the store's counted battles."""
-    if isinstance(store, NullStore):
-        return ("Votes are not being kept (the app runs with `--log-dir ''`), so there is no leaderboard.", [], None)
-    battles = store.battles(anony_only=not include_named)
-    which = "" if include_named else " of anonymous battles (tick the box to include named comparisons)"
-    if not battles:
-        return NO_VOTES.format(which=which), [], None
-    rows = compute_leaderboard(battles)
-    models = [row.model for row in rows]
-    table = [[row.rank, row.model, round(row.rating), f"+{row.ci_upper - row.rating:.0f}/"
-              f"-{row.rating - row.ci_lower:.0f}", row.battles] for row in rows]
-    kind = "anonymous and named" if include_named else "anonymous"
-    summary = (f"**{len(battles)}** counted {kind} battle{'s' if len(battles) != 1 else ''} between "
-               f"**{len(models)}** models. Bradley-Terry ratings (Chatbot Arena scale, mean 1000) with bootstrap "
-               "95% intervals; rank = 1 + the number of models whose interval lies entirely above this one.")
-    names, matrix = win_rate_matrix(battles, models)
+def _count(n: int, word: str) -> str:
+    return f"**{n}** {word}{'' if n == 1 else 's'}"
+
+
+def battles_view(battles: list[tuple[str, str, str]], *, kind: str, min_battles: int = MIN_BATTLES,
+                 empty: str = "No votes yet.") -> tuple[str, list[list], object | None]:
+    """(summary markdown, table rows, matplotlib figure or None) for a list of (model_a, model_b, winner).
+
+    ``kind`` names the battles in the summary ("anonymous", "judge"...); ``empty`` is the summary when
+    there is nothing to rate. Battles of a model against itself are left out (and the summary says so).
+    Ranked models come first; provisional ones (fewer than ``min_battles`` battles) follow with
+    "provisional" instead of a rank and "too few votes" instead of an interval. No figure when there
+    is nothing to draw."""
+    rated, self_battles = without_self_battles(battles)
+    left_out = (f" {_count(self_battles, 'vote')} of a model against itself "
+                f"{'is' if self_battles == 1 else 'are'} left out: it says nothing about which model is better."
+                if self_battles else "")
+    if not rated:
+        return empty + left_out, [], None
+    rows = compute_leaderboard(rated, min_battles=min_battles)
+    ranked = [r for r in rows if not r.provisional]
+    provisional = [r for r in rows if r.provisional]
+    table = [[str(r.rank) if r.rank is not None else PROVISIONAL, r.model, round(r.rating), interval_text(r),
+              r.battles] for r in ranked + provisional]
+    summary = (f"{_count(len(rated), f'counted {kind} battle')} between {_count(len(rows), 'model')}.{left_out} "
+               "Bradley-Terry ratings on Chatbot Arena's scale (mean 1000), with a weak prior so that a few votes "
+               "cannot give extreme ratings, and 95% intervals; rank = 1 + the number of ranked models whose "
+               "interval lies entirely above this one.")
+    if provisional:
+        summary += (f" Models with fewer than {min_battles} battles are provisional: listed last, without a rank "
+                    "(their interval is too wide to mean much).")
+        if not ranked:
+            summary += f" No model has {min_battles} battles yet, so none is ranked."
+    names, matrix = win_rate_matrix(rated, [r.model for r in ranked + provisional])
     return summary, table, plot_win_rates(names, matrix)
+
+
+def empty_message(service: ChatService, settings, include_named: bool) -> str:
+    """What to do to get a leaderboard, pointing only at tabs that can produce counted votes here."""
+    arena = Arena.from_settings(service.model_names(), settings)
+    if len(arena.models) < 2:
+        loaded = arena.models[0] if arena.models else "no model"
+        return ("No votes yet. The leaderboard ranks models by votes between two different models, and only "
+                f"{loaded} is loaded. Start the app with two or more `--model` (or `--endpoint`) entries to "
+                "battle them.")
+    if not arena.can_battle:
+        return ("No votes yet. Anonymous battles are off here (see the ⚔️ Arena tab), so compare two different "
+                "models in the 👥 Side by side tab, vote, and tick the box above to include named battles.")
+    which = "" if include_named else " of anonymous battles (tick the box to include named comparisons)"
+    return ("No votes yet. Battle in the ⚔️ Arena (anonymous) tab and vote: the leaderboard is computed from the "
+            f"counted votes{which}.")
+
+
+def leaderboard_view(service: ChatService, settings, include_named: bool) -> tuple[str, list[list], object | None]:
+    """(summary markdown, table rows, matplotlib figure or None) from the store's counted battles."""
+    store = service.store
+    if isinstance(store, NullStore):
+        return NOT_KEPT, [], None
+    return battles_view(store.battles(anony_only=not include_named),
+                        kind="anonymous and named" if include_named else "anonymous",
+                        min_battles=getattr(settings, "min_battles", MIN_BATTLES),
+                        empty=empty_message(service, settings, include_named))
 
 
 def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = None) -> None:
@@ -45,19 +94,20 @@ def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = N
         include_named = gr.Checkbox(False, label="Include named (👥 Side by side) battles",
                                     elem_id="leaderboard-include-named")
         refresh = gr.Button("🔄 Refresh", elem_id="leaderboard-refresh", scale=0)
-    summary = gr.Markdown(NO_VOTES.format(which=""), elem_id="leaderboard-summary")
-    table = gr.Dataframe(headers=HEADERS, datatype=["number", "str", "number", "str", "number"],
+    summary = gr.Markdown("Press 🔄 Refresh to see the ratings.", elem_id="leaderboard-summary")
+    table = gr.Dataframe(headers=HEADERS, datatype=["str", "str", "number", "str", "number"],
                          interactive=False, elem_id="leaderboard-table")
     plot = gr.Plot(label="Win rate (row model against column model)", elem_id="leaderboard-plot")
 
     def refresh_fn(include: bool):
-        text, rows, figure = leaderboard_view(service.store, bool(include))
-        return text, {"headers": HEADERS, "data": rows}, figure
+        text, rows, figure = leaderboard_view(service, settings, bool(include))
+        return text, {"headers": HEADERS, "data": rows}, figure  # None: gradio's empty placeholder, not a blank figure
 
-    refresh.click(refresh_fn, [include_named], [summary, table, plot], api_name="leaderboard_refresh",
+    outputs = [summary, table, plot]
+    refresh.click(refresh_fn, [include_named], outputs, api_name="leaderboard_refresh",
                   concurrency_id="leaderboard", concurrency_limit=2)
-    include_named.change(refresh_fn, [include_named], [summary, table, plot], api_name=False,
+    include_named.change(refresh_fn, [include_named], outputs, api_name=False,
                          concurrency_id="leaderboard", concurrency_limit=2)
     if tab is not None:
-        tab.select(refresh_fn, [include_named], [summary, table, plot], api_name=False,
+        tab.select(refresh_fn, [include_named], outputs, api_name=False,
                    concurrency_id="leaderboard", concurrency_limit=2)

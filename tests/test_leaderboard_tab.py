@@ -1,0 +1,90 @@
+"""The leaderboard tab's view: provisional models apart, honest counts and intervals, no blank plot,
+and an empty message that points only at tabs that can produce votes in this app.
+
+``battles_view`` is tested on its own, then the running app through gradio_client (scripted engines).
+Run: .venv/bin/python -m pytest tests/test_leaderboard_tab.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+from gradio_client import Client
+
+from tests.engines import RecordingEngine
+from vicuna_demo.ui.leaderboard_tab import HEADERS, battles_view
+
+NAMED = (0.7, 1.0, 32, 0.7, 1.0, 32)  # temperature, top_p, max tokens for side A, then side B
+
+
+def test_one_vote_is_provisional_without_rank_or_a_zero_interval():
+    summary, table, figure = battles_view([("a", "b", "model_a")], kind="anonymous")
+    assert summary.startswith("**1** counted anonymous battle between **2** models.")
+    assert [row[0] for row in table] == ["provisional", "provisional"]
+    assert [row[3] for row in table] == ["too few votes", "too few votes"]
+    assert [row[1] for row in table] == ["a", "b"] and all(row[4] == 1 for row in table)
+    assert 1000 < table[0][2] < 1100
+    assert "fewer than 20 battles are provisional" in summary and "none is ranked" in summary
+    assert figure is not None
+
+
+def test_ranked_models_come_first_and_provisional_ones_follow():
+    battles = ([("old", "older", "model_a")] * 15 + [("older", "old", "model_a")] * 10
+               + [("new", "old", "model_a")] * 4)
+    summary, table, _ = battles_view(battles, kind="judge", min_battles=20)
+    assert summary.startswith("**29** counted judge battles between **3** models.")
+    assert [(row[0], row[1]) for row in table] == [("1", "old"), ("1", "older"), ("provisional", "new")]
+    assert table[0][3].startswith("+") and "/-" in table[0][3] and table[0][3] != "+0/-0"
+    assert table[2][3] == "too few votes" and table[2][4] == 4
+    assert "none is ranked" not in summary
+
+
+def test_a_model_against_itself_is_left_out_and_nothing_is_drawn():
+    summary, table, figure = battles_view([("solo", "solo", "model_a")], kind="anonymous and named",
+                                          empty="No votes yet.")
+    assert table == [] and figure is None
+    assert summary == ("No votes yet. **1** vote of a model against itself is left out: it says nothing "
+                       "about which model is better.")
+    summary, table, _ = battles_view([("solo", "solo", "tie")] * 2 + [("a", "b", "tie")], kind="named")
+    assert summary.startswith("**1** counted named battle between **2** models. **2** votes of a model "
+                              "against itself are left out")
+
+
+@pytest.fixture
+def app(launch_app):
+    def start(names, argv=()):
+        url, runtime = launch_app(list(argv), engines={n: RecordingEngine(n, "A short reply.", 0.0) for n in names})
+        return Client(url, verbose=False), runtime.service.store
+    return start
+
+
+def named_vote(client, model_a, model_b, vote="a"):
+    client.submit("Which is the largest planet?", model_a, model_b, *NAMED, api_name="/compare_send").result(timeout=60)
+    client.predict(vote, api_name="/compare_vote")
+
+
+def test_with_one_model_the_empty_leaderboard_does_not_send_visitors_to_the_arena(app):
+    client, store = app(["Solo"])
+    summary, table, plot = client.predict(True, api_name="/leaderboard_refresh")
+    assert "only Solo is loaded" in summary and "two or more `--model`" in summary
+    assert "Arena" not in summary and table["data"] == [] and plot is None
+    named_vote(client, "Solo", "Solo")
+    assert store.battles(anony_only=False) == [("Solo", "Solo", "model_a")]
+    summary, table, plot = client.predict(True, api_name="/leaderboard_refresh")
+    assert "**1** vote of a model against itself is left out" in summary
+    assert table["data"] == [] and plot is None
+
+
+def test_with_anonymous_battles_off_the_empty_leaderboard_points_to_side_by_side(app):
+    client, _ = app(["Koala", "Alpaca"], ["--arena-weights", "Koala=1,Alpaca=0"])
+    summary, _, _ = client.predict(False, api_name="/leaderboard_refresh")
+    assert "Side by side" in summary and "tick the box" in summary
+
+
+def test_min_battles_flag_decides_who_is_ranked_in_the_app(app):
+    client, _ = app(["Koala", "Alpaca"], ["--min-battles", "1"])
+    named_vote(client, "Koala", "Alpaca")
+    summary, table, plot = client.predict(True, api_name="/leaderboard_refresh")
+    assert table["headers"] == HEADERS
+    assert [(row[0], row[1]) for row in table["data"]] == [("1", "Koala"), ("1", "Alpaca")]
+    assert all(row[3] != "too few votes" and row[3] != "+0/-0" for row in table["data"])
+    assert "provisional" not in summary and plot is not None
