@@ -169,3 +169,85 @@ def test_help_lists_every_flag_in_its_group_with_its_variable():
         for choice in opt.choices:
             assert choice in text[flag_at:at]
     assert "OPENAI_API_KEY" in text and "HF_TOKEN" in text
+
+
+# -- numeric ranges -------------------------------------------------------------------------------------------
+
+def test_every_numeric_flag_declares_the_range_it_accepts():
+    numeric = [opt for opt in _OPTIONS if opt.kind in ("int", "float")]
+    assert len(numeric) >= 15
+    assert [opt.flag for opt in numeric if opt.low is None and opt.high is None] == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--temperature", "5"], "--temperature 5: must be from 0 to 1."),
+    (["--temperature", "-0.1"], "--temperature -0.1: must be from 0 to 1."),
+    (["--temperature", "nan"], "--temperature nan: must be from 0 to 1."),
+    (["--top-p", "0"], "--top-p 0: must be more than 0 and up to 1."),
+    (["--top-p", "1.5"], "--top-p 1.5: must be more than 0 and up to 1."),
+    (["--max-new-tokens", "4096"], "--max-new-tokens 4096: the default reply length cannot exceed "
+                                   "--max-new-tokens-limit (2048)."),
+    (["--max-new-tokens", "8"], "--max-new-tokens 8: must be at least 16."),
+    (["--max-new-tokens-limit", "512"], "--max-new-tokens-limit 512: below the default reply length (1024); "
+                                        "lower --max-new-tokens as well."),
+    (["--port", "0"], "--port 0: must be from 1 to 65535."),
+    (["--port", "65536"], "--port 65536: must be from 1 to 65535."),
+    (["--concurrency", "0"], "--concurrency 0: must be at least 1."),
+    (["--max-queue", "0"], "--max-queue 0: must be at least 1."),
+    (["--max-batch-requests", "0"], "--max-batch-requests 0: must be at least 1."),
+    (["--compile-level", "4"], "--compile-level 4: must be from 0 to 3."),
+    (["--moderation-timeout", "0"], "--moderation-timeout 0: must be more than 0."),
+    (["--moderation-retries", "-1"], "--moderation-retries -1: must be at least 0."),
+    (["--max-input-chars", "0"], "--max-input-chars 0: must be at least 1."),
+    (["--max-turns", "0"], "--max-turns 0: must be at least 1."),
+    (["--rate-limit", "-5"], "--rate-limit -5: must be at least 0."),
+    (["--hf-push-minutes", "0"], "--hf-push-minutes 0: must be more than 0."),
+    (["--min-battles", "-1"], "--min-battles -1: must be at least 0."),
+])
+def test_out_of_range_numbers_are_refused_naming_the_flag_and_the_range(argv, message):
+    with pytest.raises(ConfigError) as info:
+        load_settings(argv, environ={})
+    assert str(info.value) == message
+
+
+def test_range_limits_themselves_are_accepted():
+    settings = load_settings(["--temperature", "0", "--top-p", "1", "--port", "65535", "--rate-limit", "0",
+                              "--min-battles", "0", "--max-new-tokens", "2048", "--compile-level", "3",
+                              "--moderation-retries", "0", "--concurrency", "1"], environ={})
+    assert (settings.temperature, settings.top_p, settings.port, settings.min_battles) == (0.0, 1.0, 65535, 0)
+    settings = load_settings(["--max-new-tokens-limit", "256", "--max-new-tokens", "256"], environ={})
+    assert settings.max_new_tokens == settings.max_new_tokens_limit == 256
+
+
+def test_an_out_of_range_variable_is_named_as_the_variable():
+    with pytest.raises(ConfigError) as info:
+        load_settings([], environ={"VICUNA_DEMO_TEMPERATURE": "3"})
+    assert str(info.value) == "VICUNA_DEMO_TEMPERATURE=3: must be from 0 to 1."
+    assert load_settings(["--temperature", "0.5"], environ={"VICUNA_DEMO_TEMPERATURE": "3"}).temperature == 0.5
+
+
+def test_the_app_refuses_a_bad_number_with_one_error_line_before_loading_anything():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICUNA_DEMO_")}
+    result = subprocess.run([sys.executable, "app.py", "--temperature", "5"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: --temperature 5: must be from 0 to 1.\n"
+
+
+# -- --help wrapping -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("columns", ["60", "80", "120"])
+def test_help_never_splits_a_word_across_lines(columns):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICUNA_DEMO_")}
+    env["COLUMNS"] = columns
+    result = subprocess.run([sys.executable, "app.py", "--help"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = set(result.stdout.split())
+    for opt in _OPTIONS:
+        for word in opt.help.split():
+            # a word may be broken only after one of its commas, and each comma-piece stays whole
+            pieces = word.split(",") if len(word) > int(columns) // 2 else [word]
+            for piece in filter(None, pieces):
+                assert any(piece in token for token in printed), f"{opt.flag}: {piece!r} was split ({columns} cols)"
+    assert "bas" not in printed and "hugging" not in printed

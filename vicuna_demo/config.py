@@ -1,7 +1,9 @@
 """Typed settings: every command-line flag, its environment variable, and the parsed model specs.
 
 Each flag also reads ``VICUNA_DEMO_<FLAG>`` (Hugging Face Spaces configure through variables);
-a flag on the command line wins over the variable. Secrets are only ever read from the
+a flag on the command line wins over the variable. Every number is checked against the range its
+flag declares (``_Opt.low`` / ``high``) as the settings load, so ``--temperature 5`` stops the
+start with one clear line instead of being used. Secrets are only ever read from the
 environment (OPENAI_API_KEY, HF_TOKEN, and the key variables named by --endpoint).
 
 Model spec syntax (``--model``, repeatable; in the variable, specs are separated by ``;``):
@@ -16,11 +18,14 @@ cuda:N, or multi (spread over all GPUs).
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .data.ratings import MIN_BATTLES
+from .engines.protocol import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE  # stdlib-only module
 
 ENV_PREFIX = "VICUNA_DEMO_"
 DEFAULT_GPU_MODEL = "lmsys/vicuna-7b-v1.5"
@@ -169,7 +174,6 @@ class Settings:
     arena_weights: str = ""
     identity_words: tuple[str, ...] = DEFAULT_IDENTITY_WORDS
     min_battles: int = MIN_BATTLES
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,9 @@ class _Opt:
     help: str
     choices: tuple[str, ...] = ()
     metavar: str | None = None
+    low: float | None = None      # numeric flags: the smallest value allowed ...
+    high: float | None = None     # ... the largest ...
+    above: bool = False           # ... and whether low itself is excluded (timeouts > 0)
 
 
 _GROUPS = ("models", "performance", "generation", "moderation", "serving", "logging", "arena")
@@ -197,21 +204,25 @@ _OPTIONS: tuple[_Opt, ...] = (
          "Llama-family models and transformers' continuous batching for others; fast; cb.",
          choices=("auto", "fast", "cb")),
     _Opt("performance", "--max-batch-requests", "max_batch_requests", "int",
-         "Most requests decoded together per model (default: 64 on a GPU, 8 on a CPU)."),
+         "Most requests decoded together per model (default: 64 on a GPU, 8 on a CPU).", low=1),
     _Opt("performance", "--cuda-graphs", "cuda_graphs", "choice",
          "CUDA graphs for decode steps (auto = on with a GPU; off is slower, for debugging).",
          choices=("auto", "on", "off")),
     _Opt("performance", "--compile-level", "compile_level", "int",
-         "torch.compile level of the continuous-batching back end (--engine cb), 0 (eager) to 3."),
+         "torch.compile level of the continuous-batching back end (--engine cb), 0 (eager) to 3.", low=0, high=3),
     _Opt("performance", "--no-prefix-cache", "prefix_cache", "bool",
          "Do not reuse the previous turn's KV cache for the next turn of a conversation."),
     _Opt("performance", "--no-warmup", "warmup", "bool",
          "Skip the warm-up at start-up (the first request then pays for CUDA-graph capture and kernel loading)."),
-    _Opt("generation", "--temperature", "temperature", "float", "Default temperature (0 = greedy, up to 1)."),
-    _Opt("generation", "--top-p", "top_p", "float", "Default top_p (0-1)."),
-    _Opt("generation", "--max-new-tokens", "max_new_tokens", "int", "Default reply length in tokens."),
+    _Opt("generation", "--temperature", "temperature", "float", "Default temperature (0 = greedy, up to 1).",
+         low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1]),
+    _Opt("generation", "--top-p", "top_p", "float", "Default top_p (more than 0, up to 1).",
+         low=TOP_P_RANGE[0], high=TOP_P_RANGE[1], above=True),
+    _Opt("generation", "--max-new-tokens", "max_new_tokens", "int",
+         f"Default reply length in tokens ({MAX_NEW_TOKENS_RANGE[0]} to --max-new-tokens-limit).",
+         low=MAX_NEW_TOKENS_RANGE[0]),
     _Opt("generation", "--max-new-tokens-limit", "max_new_tokens_limit", "int",
-         "Upper bound a visitor may choose for the reply length."),
+         "Upper bound a visitor may choose for the reply length.", low=MAX_NEW_TOKENS_RANGE[0]),
     _Opt("moderation", "--moderation", "moderation", "choice",
          "Check every user message with the OpenAI moderation API. auto = on when OPENAI_API_KEY is set.",
          choices=("auto", "openai", "off")),
@@ -221,33 +232,39 @@ _OPTIONS: tuple[_Opt, ...] = (
          choices=("block", "allow")),
     _Opt("moderation", "--moderation-thresholds", "moderation_thresholds", "str",
          "Per-category score thresholds that also flag, e.g. sexual=0.2,violence=0.7.", metavar="CAT=SCORE,..."),
-    _Opt("moderation", "--moderation-timeout", "moderation_timeout", "float", "Seconds per moderation attempt."),
-    _Opt("moderation", "--moderation-retries", "moderation_retries", "int", "Retries after a failed attempt."),
+    _Opt("moderation", "--moderation-timeout", "moderation_timeout", "float", "Seconds per moderation attempt.",
+         low=0, above=True),
+    _Opt("moderation", "--moderation-retries", "moderation_retries", "int", "Retries after a failed attempt.",
+         low=0),
     _Opt("moderation", "--moderate-output", "moderate_output", "bool",
          "Also check each finished reply; a flagged reply is withdrawn."),
     _Opt("serving", "--host", "host", "str", "Address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)."),
-    _Opt("serving", "--port", "port", "int", "Port (default 7860, or the next free one)."),
+    _Opt("serving", "--port", "port", "int", "Port (default 7860, or the next free one).", low=1, high=65535),
     _Opt("serving", "--share", "share", "bool", "Create a temporary public gradio.live link."),
     _Opt("serving", "--auth", "auth", "list", "USER:PASSWORD (repeatable), or @FILE with one pair per line.",
          metavar="USER:PASSWORD"),
     _Opt("serving", "--concurrency", "concurrency", "int",
-         "Replies generated at once across all visitors; the rest wait in the queue and see their position."),
-    _Opt("serving", "--max-queue", "max_queue", "int", "Most visitors waiting in the queue (default: unlimited)."),
-    _Opt("serving", "--max-input-chars", "max_input_chars", "int", "Longest message a visitor may send."),
-    _Opt("serving", "--max-turns", "max_turns", "int", "Most user turns in one conversation."),
-    _Opt("serving", "--rate-limit", "rate_limit", "int", "Messages per visitor per minute (0 = unlimited)."),
+         "Replies generated at once across all visitors; the rest wait in the queue and see their position.",
+         low=1),
+    _Opt("serving", "--max-queue", "max_queue", "int", "Most visitors waiting in the queue (default: unlimited).",
+         low=1),
+    _Opt("serving", "--max-input-chars", "max_input_chars", "int", "Longest message a visitor may send.", low=1),
+    _Opt("serving", "--max-turns", "max_turns", "int", "Most user turns in one conversation.", low=1),
+    _Opt("serving", "--rate-limit", "rate_limit", "int", "Messages per visitor per minute (0 = unlimited).", low=0),
     _Opt("logging", "--log-dir", "log_dir", "str", "Folder for the conversation and vote store ('' = keep nothing)."),
     _Opt("logging", "--log-level", "log_level", "choice", "Console log level.",
          choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     _Opt("logging", "--hf-dataset", "hf_dataset", "str",
          "Hugging Face dataset repo to push logs and votes to periodically (needs HF_TOKEN).", metavar="USER/REPO"),
-    _Opt("logging", "--hf-push-minutes", "hf_push_minutes", "float", "Minutes between pushes to --hf-dataset."),
+    _Opt("logging", "--hf-push-minutes", "hf_push_minutes", "float", "Minutes between pushes to --hf-dataset.",
+         low=0, above=True),
     _Opt("arena", "--arena-weights", "arena_weights", "str",
          "Sampling weights for anonymous battles, e.g. Vicuna-7B=2,Other=1 (default uniform).", metavar="NAME=W,..."),
     _Opt("arena", "--identity-words", "identity_words", "str",
          "Comma-separated words that reveal a model's identity; a battle whose reply contains one is not counted."),
     _Opt("arena", "--min-battles", "min_battles", "int",
-         "Battles a model needs before the leaderboard ranks it; with fewer it is listed last as provisional."),
+         "Battles a model needs before the leaderboard ranks it; with fewer it is listed last as provisional.",
+         low=0),
 )
 
 
@@ -279,9 +296,65 @@ def _coerce(opt: _Opt, raw: str) -> Any:
     return raw
 
 
+def _range_text(opt: _Opt) -> str:
+    """'from 0 to 1', 'more than 0 and up to 1', 'at least 1', 'more than 0', 'at most 3'."""
+    parts = []
+    if opt.low is not None:
+        parts.append(f"{'more than' if opt.above else 'at least'} {opt.low:g}")
+    if opt.high is not None:
+        parts.append(f"{'up to' if parts else 'at most'} {opt.high:g}")
+    if opt.low is not None and opt.high is not None and not opt.above:
+        return f"from {opt.low:g} to {opt.high:g}"
+    return " and ".join(parts)
+
+
+def _check_range(opt: _Opt, value: int | float, given_as: str) -> None:
+    """ConfigError naming the flag (or variable) as the user gave it when ``value`` is out of range.
+
+    ``given_as`` is "--flag {}" or "VARIABLE={}"."""
+    if opt.low is None and opt.high is None:
+        return
+    bad = not math.isfinite(value)
+    if opt.low is not None:
+        bad |= value <= opt.low if opt.above else value < opt.low
+    if opt.high is not None:
+        bad |= value > opt.high
+    if bad:
+        raise ConfigError(f"{given_as.format(f'{value:g}')}: must be {_range_text(opt)}.")
+
+
 def _metavar(opt: _Opt) -> str:
     """What --help shows after a flag: the choices when there are some (--cuda-graphs {auto,on,off})."""
     return "{" + ",".join(opt.choices) + "}" if opt.choices else opt.dest.upper()
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """Greedy line wrapping that never splits a word; a word longer than the width is split only
+    after its commas (``name=,base_url=,model=`` specs), and otherwise overflows the line."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        pieces = re.findall(r"[^,]+,?|,", word) if len(word) > width else [word]
+        for number, piece in enumerate(pieces):
+            sep = " " if line and number == 0 else ""
+            if line and len(line) + len(sep) + len(piece) > width:
+                lines.append(line)
+                line = piece
+            else:
+                line += sep + piece
+    if line:
+        lines.append(line)
+    return lines
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter wraps with textwrap, which breaks long words anywhere (``bas e_url``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return wrap_words(text, max(width, 20))
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line for line in wrap_words(text, max(width - len(indent), 20)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python app.py",
         description="vicuna-demo: chat with local (and remote) models, compare them side by side, run anonymous "
                     "battles with a live leaderboard. Every flag also reads the environment variable shown.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="Secrets come only from the environment: OPENAI_API_KEY (moderation), OPENAI_BASE_URL (another "
                "moderation-compatible service), HF_TOKEN (gated models, --hf-dataset), and the variables named by "
                "key_env= in --endpoint.")
@@ -322,12 +395,25 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     environ = os.environ if environ is None else environ
     args = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     for opt in _OPTIONS:
         value = args.get(opt.dest)
+        given_as[opt.dest] = opt.flag + " {}"
         if value is None and env_name(opt) in environ:
             value = _coerce(opt, environ[env_name(opt)])
+            given_as[opt.dest] = env_name(opt) + "={}"
         if value is not None:
+            if opt.kind in ("int", "float"):
+                _check_range(opt, value, given_as[opt.dest])
             values[opt.dest] = value
+    limit = values.get("max_new_tokens_limit", Settings.max_new_tokens_limit)
+    default = values.get("max_new_tokens", Settings.max_new_tokens)
+    if default > limit:
+        if "max_new_tokens" in values:
+            raise ConfigError(f"{given_as['max_new_tokens'].format(default)}: the default reply length cannot exceed "
+                              f"--max-new-tokens-limit ({limit}).")
+        raise ConfigError(f"{given_as['max_new_tokens_limit'].format(limit)}: below the default reply length "
+                          f"({default}); lower --max-new-tokens as well.")
     load_8bit = bool(values.get("load_8bit", False))
     device = values.get("device") or "auto"
     values["models"] = tuple(ModelSpec.parse(s, default_8bit=load_8bit, default_device=device)
