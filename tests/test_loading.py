@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,11 +140,72 @@ def test_out_of_memory_suggests_8bit_or_another_gpu(tiny_llama_dir, monkeypatch)
     assert "out of memory" in message and "--load-8bit" in message and "device=multi" in message
 
 
-def test_check_spec_fails_fast_without_loading(tmp_path):
+def test_check_spec_fails_fast_without_loading(tmp_path, monkeypatch):
     check_spec(ModelSpec("embedded"))
-    check_spec(ModelSpec("lmsys/vicuna-7b-v1.5", device="cpu"))  # a Hub id is only tried when loading
     with pytest.raises(LoadError, match="does not exist"):
         check_spec(ModelSpec(str(tmp_path / "gone")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="not in the local Hugging Face cache"):  # offline: no need to try
+        check_spec(ModelSpec("someone/not-cached-anywhere", device="cpu"))
+
+
+# -- a Hub id without network (subprocesses: huggingface_hub reads its cache and endpoint at import) ------
+
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
+
+
+def hub_cache_with(tmp_path, repo: str, folder) -> Path:
+    """An HF cache (HF_HUB_CACHE layout) holding ``folder``'s files as the main revision of ``repo``."""
+    import shutil
+    cache = tmp_path / "hub"
+    entry = cache / ("models--" + repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    return cache
+
+
+def hub_env(cache: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OPENAI_API_KEY")}
+    env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=UNREACHABLE_HUB, GRADIO_ANALYTICS_ENABLED="False", **extra)
+    return env
+
+
+def test_a_hub_id_without_network_fails_within_seconds_with_one_line(tmp_path):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "app.py", "--model", "lmsys/vicuna-7b-v1.5", "--device", "cpu"],
+                            cwd=REPO, env=hub_env(tmp_path / "empty-cache"), capture_output=True, text=True,
+                            timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: Model 'vicuna-7b-v1.5': could not load 'lmsys/vicuna-7b-v1.5' (cannot reach http://127.0.0.1:9, "
+        "and the model is not in the local Hugging Face cache). Check the network or download it once where there "
+        "is one (`hf download lmsys/vicuna-7b-v1.5`); without network, pass a local folder or --model embedded."]
+    assert elapsed < 15, f"took {elapsed:.1f} s"  # the Hub client's own retries took ~50 s
+
+
+LOAD_AND_TIME = """
+import sys, time
+from vicuna_demo.config import ModelSpec
+from vicuna_demo.loading import load_model
+start = time.perf_counter()
+loaded = load_model(ModelSpec("someone/tiny-llama", device="cpu"))
+print(type(loaded.model).__name__, round(time.perf_counter() - start, 1))
+"""
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub-unreachable", "HF_HUB_OFFLINE=1"])
+def test_a_cached_hub_model_loads_from_the_cache_without_waiting_for_the_network(tmp_path, tiny_llama_dir, offline):
+    cache = hub_cache_with(tmp_path, "someone/tiny-llama", tiny_llama_dir)
+    env = hub_env(cache, **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_TIME], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    name, seconds = result.stdout.split()
+    assert name == "LlamaForCausalLM" and float(seconds) < 15
+    assert "Retrying" not in result.stderr
 
 
 # -- what the user sees ---------------------------------------------------------------------------------

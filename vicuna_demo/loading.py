@@ -3,13 +3,21 @@
 fp16 on CUDA, fp32 on CPU, 8-bit through bitsandbytes when asked. Every failure a user can cause
 (a missing model, a bad path, bitsandbytes absent, out of memory) becomes one ``LoadError`` line
 that names the model and the fix; ``app.py`` prints it and exits non-zero.
+
+A Hub id is checked before anything loads: one plain request to the Hub, bounded by a few
+seconds. The Hub client's own downloads retry a failed connection five times with back-off
+(about 50 s, each warning logged) before transformers gives up, so without network a model that
+is not cached fails at once with the usual line, and a cached one loads from the cache
+(``local_files_only``) without touching the network. HF_HUB_OFFLINE=1 skips the request.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ from .config import ModelSpec
 
 log = logging.getLogger("vicuna_demo.loading")
 
+HUB_PROBE_TIMEOUT_S = 3.0
 EMBEDDED_SOURCE = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NOTE = ("This is the small offline model SmolLM2-135M-Instruct, embedded for machines without a GPU "
@@ -122,6 +131,64 @@ def _locate(spec: ModelSpec) -> tuple[str, dict]:
     return source, {}
 
 
+def _hub_id(spec: ModelSpec) -> str | None:
+    """The Hub repository id a spec names, or None for a local folder, a GGUF file or the embedded model."""
+    where, extra = _locate(spec)
+    return where if where == spec.source and not extra and not Path(os.path.expanduser(where)).exists() else None
+
+
+@functools.lru_cache(maxsize=8)
+def hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether one HEAD request to ``endpoint`` gets any answer within ``timeout_s`` (even while DNS
+    hangs). It goes through huggingface_hub's own HTTP client, so proxies and HF_ENDPOINT apply, and
+    without its retries. Remembered for the process: start-up asks once for all models."""
+    from huggingface_hub.utils import get_session
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout_s)
+            answered.append(True)
+        except Exception as exc:  # noqa: BLE001 - any failure to connect means "not reachable"
+            log.debug("the Hub at %s cannot be reached: %s", endpoint, exc)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    return bool(answered)
+
+
+def _hub_access(spec: ModelSpec) -> dict:
+    """``from_pretrained`` arguments for reaching the spec's files: {} normally, ``local_files_only``
+    when the Hub cannot be reached but the model is cached. Raises LoadError at once when it is not
+    cached and cannot be downloaded (offline mode or no network)."""
+    repo = _hub_id(spec)
+    if repo is None:
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+    cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    if _hub_offline():
+        if not cached:
+            raise _offline_error(spec)
+        return {}
+    if hub_reachable(constants.ENDPOINT):
+        return {}
+    if cached:
+        log.warning("The Hub (%s) cannot be reached: loading %s from the local cache.", constants.ENDPOINT, repo)
+        return {"local_files_only": True}
+    raise LoadError(f"Model '{spec.display_name}': could not load '{spec.source}' (cannot reach "
+                    f"{constants.ENDPOINT}, and the model is not in the local Hugging Face cache). Check the network "
+                    "or download it once where there is one (`hf download " + repo + "`); without network, pass a "
+                    "local folder or --model embedded.")
+
+
+def _offline_error(spec: ModelSpec) -> LoadError:
+    return LoadError(f"Model '{spec.display_name}': '{spec.source}' is not in the local Hugging Face cache, and "
+                     "offline mode (HF_HUB_OFFLINE=1) forbids downloading it. Unset HF_HUB_OFFLINE on a machine with "
+                     "network to download it once, pass a local folder or .gguf file, or use --model embedded.")
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
     flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -139,9 +206,7 @@ def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
     if isinstance(exc, ImportError) and "gguf" in text.lower():
         return LoadError(f"Model '{name}': reading GGUF files needs the gguf package: `pip install gguf`.")
     if isinstance(exc, OSError) and _hub_offline() and not Path(os.path.expanduser(spec.source)).exists():
-        return LoadError(f"Model '{name}': '{spec.source}' is not in the local Hugging Face cache, and offline mode "
-                         "(HF_HUB_OFFLINE=1) forbids downloading it. Unset HF_HUB_OFFLINE on a machine with network "
-                         "to download it once, pass a local folder or .gguf file, or use --model embedded.")
+        return _offline_error(spec)
     if isinstance(exc, OSError):
         return LoadError(f"Model '{name}': could not load '{spec.source}' ({text}). Check the Hub id or path; "
                          "without network, pass a local folder or --model embedded; for gated models set HF_TOKEN.")
@@ -149,9 +214,10 @@ def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
 
 
 def check_spec(spec: ModelSpec) -> None:
-    """The checks that need no download or loading (path, device, dtype, bitsandbytes, template name), so a
-    typo fails at once, before other models load. Raises LoadError."""
-    _locate(spec)
+    """The checks that need no download or loading (path, device, dtype, bitsandbytes, template name, and
+    for a Hub id whether it can be had: cached, or the Hub answers within seconds), so a typo or a
+    missing network fails at once, before other models load. Raises LoadError."""
+    _hub_access(spec)
     device, _ = _resolve_device(spec)
     _resolve_dtype(spec, device)
     if spec.load_8bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -168,6 +234,7 @@ def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
 
     check_spec(spec)
     where, extra = _locate(spec)
+    extra = dict(extra, **_hub_access(spec))
     device, device_map = _resolve_device(spec)
     dtype = _resolve_dtype(spec, device)
     kwargs: dict[str, Any] = dict(extra, dtype=dtype, device_map=device_map)
