@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 
@@ -53,11 +55,23 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
     ``block=False`` returns once the server runs (tests); ``overrides`` replace launch arguments."""
     from vicuna_demo.serving import loud, on_space, share_failed_message, startup_warnings
 
-    kwargs = {**launch_kwargs(settings), **overrides}
+    kwargs = {"quiet": True, **launch_kwargs(settings), **overrides}
     for text in startup_warnings(settings, moderation_on=runtime.service.moderator.enabled, space=on_space()):
         print(loud(text), file=sys.stderr, flush=True)
-    _, local_url, share_url = demo.launch(prevent_thread_lock=True, **kwargs)
-    if settings.share and not share_url:
+    # gradio prints a "set share=True" hint (which contradicts --share) unless quiet, and a multi-line
+    # "Could not create share link" even when quiet: the app says it in one line of its own instead.
+    gradio_said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(gradio_said):
+            _, local_url, share_url = demo.launch(prevent_thread_lock=True, **kwargs)
+    except BaseException:
+        print(gradio_said.getvalue(), end="", flush=True)  # whatever gradio explained before failing
+        raise
+    log.debug("gradio's launch output: %s", gradio_said.getvalue().strip())
+    print(f"* Running on local URL:  {local_url}", flush=True)
+    if share_url:
+        print(f"* Running on public URL: {share_url}", flush=True)
+    elif settings.share:
         print(share_failed_message(local_url, space=on_space()), file=sys.stderr, flush=True)
     if block:
         demo.block_thread()
