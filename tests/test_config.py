@@ -47,6 +47,7 @@ def test_model_display_name_comes_from_the_source(source, name):
     ("", "must start with"),
     (",name=x", "must start with"),
     ("embedded,ctx=lots", "cannot read 'ctx=lots'"),
+    ("embedded,ctx=0", "cannot read 'ctx=0'"),
     ("embedded,colour=blue", "cannot read 'colour=blue'"),
     ("embedded,name=", "cannot read 'name='"),
     ("embedded,8bit=yes", "cannot read '8bit=yes'"),

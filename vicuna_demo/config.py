@@ -74,7 +74,7 @@ class ModelSpec:
                 values["load_8bit"] = False
             elif key in ("name", "template", "dtype", "device") and value:
                 values[key] = value.strip()
-            elif key in ("ctx", "context") and value.strip().isdigit():
+            elif key in ("ctx", "context") and value.strip().isdigit() and int(value) > 0:
                 values["context_window"] = int(value)
             else:
                 raise ConfigError(
@@ -135,6 +135,7 @@ class Settings:
     endpoints: tuple[EndpointSpec, ...] = ()
     load_8bit: bool = False
     device: str = "auto"
+    judge: str | None = None          # the model (a --model or --endpoint name) that judges answers
     # performance
     engine: str = "auto"
     max_batch_requests: int | None = None
@@ -199,6 +200,9 @@ _OPTIONS: tuple[_Opt, ...] = (
          "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=N][,ctx=N][,timeout=S].", metavar="SPEC"),
     _Opt("models", "--load-8bit", "load_8bit", "bool", "Load every local model in 8-bit through bitsandbytes."),
     _Opt("models", "--device", "device", "str", "Default device for models: auto, cpu, cuda, cuda:N or multi."),
+    _Opt("models", "--judge", "judge", "str", "The model that judges answers (LLM-as-a-judge): the name of a --model "
+         "or --endpoint, e.g. a strong model behind an endpoint. Without it the judge features say how to add one.",
+         metavar="NAME"),
     _Opt("performance", "--engine", "engine", "choice",
          "How local models run: auto = the fast path (paged KV cache, CUDA graphs, Triton kernels) for "
          "Llama-family models and transformers' continuous batching for others; fast; cb.",
