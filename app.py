@@ -23,6 +23,10 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub has its own console handler and also passes records on to ours: each of its
+    # warnings would print twice
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.disable_propagation()
 
 
 def create_app(settings: Settings, engines: dict | None = None):

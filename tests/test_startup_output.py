@@ -1,5 +1,6 @@
 """What the console says when the app starts serving: the local URL once, no gradio hint that
-contradicts --share, and on a failed share link the app's own single line instead of gradio's.
+contradicts --share, on a failed share link the app's own single line instead of gradio's, and each
+Hugging Face Hub warning once.
 
 The app is the real one, started through ``app.serve()`` in-process (scripted engine) with the
 share-link service pointed at a closed local port, so no test needs the network.
@@ -64,3 +65,15 @@ def test_a_failed_share_link_gives_only_the_app_s_own_line(served, capfd):
     assert url in share_lines[0]
     assert printed.count(f"* Running on local URL:  {url}") == 1
     assert httpx.get(url, timeout=10).status_code == 200
+
+
+def test_a_hub_warning_is_printed_once():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import logging, app, huggingface_hub.utils._http; app.setup_logging('INFO'); "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).count("Retrying in 1s") == 1
