@@ -9,9 +9,9 @@ is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the 
 - ``paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits)``: one query token per row
   against that row's cached tokens, split over the sequence and combined (flash-decoding).
 - ``silu_mul(g, u)``: SiLU(g) * u.
-- ``w8_linear(x, cb, scale_127)``: x @ (cb * scale / 127).T for int8 weights stored the way
-  bitsandbytes' LLM.int8 stores them (row-wise absmax), for a few rows at a time (decode);
-  ``gemv`` is the same kernel for 16-bit weights (used where it beats cuBLAS for a shape).
+- ``gemv(x, w, scale)``: x @ (w * scale).T for a few rows at a time (decode), over int8 weights stored
+  the way bitsandbytes' LLM.int8 stores them (row-wise absmax / 127) or over 16-bit weights (used where
+  it beats cuBLAS for a shape); ``dequant_linear`` is the int8 fallback through a 16-bit copy.
 
 Their numerics follow the eager PyTorch ops they replace (fp32 inside, fp16 stored);
 ``tests/test_fastpath.py`` checks them against those ops in Triton's CPU interpreter when available.
@@ -320,10 +320,3 @@ def dequant_linear(x: torch.Tensor, cb: torch.Tensor, scale_127: torch.Tensor) -
     _dequant_kernel[(n, triton.cdiv(k, block))](cb, scale_127, w, k, BLOCK=block, num_warps=4)
     return torch.nn.functional.linear(x, w)
 
-
-def w8_linear(x: torch.Tensor, cb: torch.Tensor, scale_127: torch.Tensor, bias: torch.Tensor | None = None):
-    """x [M<=8, K] fp16; cb [N, K] int8; scale_127 [N] fp32 = row absmax / 127. -> [M, N] in x's dtype."""
-    out = gemv(x, cb, scale_127)
-    if bias is not None:
-        out += bias
-    return out
