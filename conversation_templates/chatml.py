@@ -7,11 +7,11 @@ written, while an explicitly empty one is written as an empty system block.
 
 from collections.abc import Sequence
 
-from .messages import Turn
+from .messages import RoleContent
 from .template import Template
 
 
-def format_chatml(system: str | None, turns: Sequence[Turn]) -> str:
+def format_chatml(system: str | None, turns: Sequence[RoleContent]) -> str:
     messages = turns if system is None else (("system", system), *turns)
     parts = [f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages]
     if turns[-1][0] == "user":

@@ -8,11 +8,11 @@ on a finished assistant turn ends with ` </s><s>`.
 
 from collections.abc import Sequence
 
-from .messages import Turn
+from .messages import RoleContent
 from .template import Template
 
 
-def format_llama_2_chat(system: str | None, turns: Sequence[Turn]) -> str:
+def format_llama_2_chat(system: str | None, turns: Sequence[RoleContent]) -> str:
     parts = [f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n" if system else "[INST] "]
     for index, (role, content) in enumerate(turns):
         if role == "user":

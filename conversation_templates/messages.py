@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 ROLES = ("system", "user", "assistant")
 
-Turn = tuple[str, str]  # (role, content) with role "user" or "assistant"
+RoleContent = tuple[str, str]  # one turn as (role, content), role "user" or "assistant"
 
 
 def _check_message(index: int, message: object) -> tuple[str, str]:
@@ -28,7 +28,7 @@ def _check_message(index: int, message: object) -> tuple[str, str]:
     return role, content
 
 
-def parse_messages(messages: Sequence[Mapping[str, object]]) -> tuple[str | None, tuple[Turn, ...]]:
+def parse_messages(messages: Sequence[Mapping[str, object]]) -> tuple[str | None, tuple[RoleContent, ...]]:
     """Split messages into (system content or None if absent, alternating turns)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")

@@ -1,23 +1,31 @@
-"""The `Template` type: turns validated chat messages into one prompt string.
+"""The `Template` type: turns validated chat messages into a prompt, as a string or as segments.
 
 A template is data (name, default system message, stop strings, reserved strings) plus a
-`format` function that lays out already-neutralised turns. `render` is the only entry point
-callers need: it validates the messages, picks the system message, neutralises every
-caller-supplied content (see `neutralise.py`) and formats. Text owned by the template itself
-(its default system message, built-in example turns) is trusted and left as is.
+`format` function that lays out already-cleaned turns. Callers need two entry points:
+- `render(messages)` -> the prompt string (what a person reads; goldens compare it);
+- `segments(messages, control)` -> the same prompt cut into `(text, plain)` pieces, where
+  `plain=True` marks a token text (one of the tokenizer's added tokens, matched by `control`)
+  that a caller typed; an encoder must spell those as text (see `marking.py`).
+Both validate the messages, pick the system message and clean every caller-supplied content:
+reserved strings are neutralised (see `neutralise.py`) and marker characters removed. Text owned
+by the template itself (its default system message, built-in example turns) is trusted as is.
 """
 
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .messages import Turn, parse_messages
+from .marking import mark_plain, split_marked, strip_markers
+from .messages import RoleContent, parse_messages
 from .neutralise import check_reserved, neutralise_with, reserved_pattern
 
 # format(system, turns) -> prompt. `system` is None when there is no system prompt at all
 # (none given and the template has no default); turns alternate user/assistant from the user,
 # and a last user turn means "leave the assistant slot open".
-Formatter = Callable[[str | None, Sequence[Turn]], str]
+Formatter = Callable[[str | None, Sequence[RoleContent]], str]
+
+# A piece of a prompt: its text, and whether it is caller-typed token text to encode as text.
+Segment = tuple[str, bool]
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,10 +55,20 @@ class Template:
         content is "" asks for an explicitly empty system prompt. Raises ValueError on
         malformed messages.
         """
+        return self._format(messages, lambda text: strip_markers(self.neutralise(text)))
+
+    def segments(
+        self, messages: Sequence[Mapping[str, object]], control: re.Pattern[str] | None
+    ) -> tuple[Segment, ...]:
+        """The prompt of `render(messages)` as `(text, plain)` segments: every match of `control`
+        (the tokenizer's token texts, see `marking.control_pattern`) inside caller-supplied
+        content is its own `plain=True` segment. Joining the texts gives `render(messages)`."""
+        return split_marked(self._format(messages, lambda text: mark_plain(self.neutralise(text), control)))
+
+    def _format(self, messages: Sequence[Mapping[str, object]], clean: Callable[[str], str]) -> str:
         system, turns = parse_messages(messages)
         if system is None:
             system = self.system_message or None
         else:
-            system = self.neutralise(system)
-        safe_turns = tuple((role, self.neutralise(content)) for role, content in turns)
-        return self.format(system, safe_turns)
+            system = clean(system)
+        return self.format(system, tuple((role, clean(content)) for role, content in turns))

@@ -18,7 +18,7 @@ The default system prompt is whatever the jinja template adds itself when none i
 import re
 from collections.abc import Sequence
 
-from .messages import Turn
+from .messages import RoleContent
 from .template import Template
 
 NAME = "chat_template"
@@ -97,7 +97,7 @@ def from_tokenizer(tokenizer) -> Template:
     eos = getattr(tokenizer, "eos_token", None)
     stops = [s for s in (eos, end_marker) if isinstance(s, str) and s]
 
-    def format_with_tokenizer(system: str | None, turns: Sequence[Turn]) -> str:
+    def format_with_tokenizer(system: str | None, turns: Sequence[RoleContent]) -> str:
         messages = [] if system is None else [{"role": "system", "content": system}]
         messages += [{"role": role, "content": content} for role, content in turns]
         return _apply(tokenizer, messages, add_generation_prompt=turns[-1][0] == "user")

@@ -15,7 +15,7 @@ conversation that ends on a finished assistant turn ends with `\n### `. Generati
 
 from collections.abc import Sequence
 
-from .messages import Turn
+from .messages import RoleContent
 from .one_shot_example import EXAMPLE_TURNS
 from .template import Template
 
@@ -29,7 +29,7 @@ VICUNA_V0_SYSTEM = (
 )
 
 
-def format_vicuna_v1_1(system: str | None, turns: Sequence[Turn]) -> str:
+def format_vicuna_v1_1(system: str | None, turns: Sequence[RoleContent]) -> str:
     parts = [(system or "") + " "]
     for role, content in turns:
         if role == "user":
@@ -41,7 +41,7 @@ def format_vicuna_v1_1(system: str | None, turns: Sequence[Turn]) -> str:
     return "".join(parts)
 
 
-def format_vicuna_v0(system: str | None, turns: Sequence[Turn]) -> str:
+def format_vicuna_v0(system: str | None, turns: Sequence[RoleContent]) -> str:
     names = {"user": "Human", "assistant": "Assistant"}
     parts = [system or ""]
     for role, content in (*EXAMPLE_TURNS, *turns):

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from conversation_templates import (
-    MODEL_SPECS,
+    TEMPLATE_RULES,
     ZWSP,
     Template,
     auto_template_name,
@@ -320,7 +320,7 @@ def test_auto_template_name_follows_the_model_spec_table(model_id, has_chat_temp
 
 
 def test_model_spec_table_names_only_known_templates():
-    assert {template for _, template in MODEL_SPECS} <= set(list_templates())
+    assert {template for _, template in TEMPLATE_RULES} <= set(list_templates())
 
 
 # --- validation -----------------------------------------------------------------------------

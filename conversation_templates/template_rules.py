@@ -9,7 +9,7 @@ ignored). With no row matching it returns `chat_template` when the tokenizer has
 import re
 
 # (pattern, template name), first match wins: more specific rows first.
-MODEL_SPECS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+TEMPLATE_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), template)
     for pattern, template in (
         (r"vicuna.*v1[._-]?[135](?![0-9])", "vicuna_v1.1"),
@@ -24,7 +24,7 @@ FALLBACK_WITHOUT_CHAT_TEMPLATE = "vicuna_v1.1"
 
 def auto_template_name(model_id: str, has_chat_template: bool) -> str:
     """The template name for `model_id` (see the module docstring)."""
-    for pattern, template in MODEL_SPECS:
+    for pattern, template in TEMPLATE_RULES:
         if pattern.search(model_id):
             return template
     return FALLBACK_WITH_CHAT_TEMPLATE if has_chat_template else FALLBACK_WITHOUT_CHAT_TEMPLATE
