@@ -431,7 +431,14 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"Two models share the name {duplicates[0]!r}: give each a distinct name= in its spec.")
+    if values.get("judge") and names and values["judge"] not in names:  # checked before anything loads
+        raise ConfigError(judge_unknown_message(values["judge"], names))
     return Settings(**values)
+
+
+def judge_unknown_message(judge: str, names: Sequence[str]) -> str:
+    return (f"--judge {judge!r}: no --model or --endpoint has that name; the models are: {', '.join(names)}. "
+            "Give the judge's spec a name= and pass that name.")
 
 
 def default_model_specs(settings: Settings, gpu: bool) -> tuple[ModelSpec, ...]:

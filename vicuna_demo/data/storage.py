@@ -1,11 +1,13 @@
 """Append-only SQLite log of chat turns and arena votes, kept in ``<log_dir>/vicuna_demo.sqlite3``.
 
-The app writes one row per model turn (``Store.log_turn``) and one per vote (``Store.log_vote``);
-ratings read ``Store.battles()``, ``python -m vicuna_demo.data.export`` reads the rest. Rows are never
-updated or deleted (triggers refuse it); a regenerated reply is a new row for the same turn.
+The app writes one row per model turn (``Store.log_turn``), one per human vote (``Store.log_vote``)
+and one per judge verdict on a side-by-side round (``Store.log_judge_vote``: its own table, never
+mixed with human votes); ratings read ``Store.battles()`` / ``Store.judge_battles()``,
+``python -m vicuna_demo.data.export`` reads the rest. Rows are never updated or deleted (triggers
+refuse it); a regenerated reply is a new row for the same turn.
 
-- Schema: ``MIGRATIONS`` is an ordered tuple of numbered functions; the number of those applied
-  is kept in ``PRAGMA user_version``. Opening a store applies the missing ones in a single
+- Schema: ``migrations.MIGRATIONS`` is an ordered tuple of numbered functions; the number of those
+  applied is kept in ``PRAGMA user_version``. Opening a store applies the missing ones in a single
   transaction, so an empty or new file becomes a current store and a reopen changes nothing.
 - Durability: WAL journal, one transaction per record. A process killed mid-write leaves the
   store intact (the unfinished record is simply absent).
@@ -38,15 +40,17 @@ import secrets
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate  # noqa: F401 - MIGRATIONS re-exported for tests
 
 LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"
 SALT_FILENAME = "salt"
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
+JUDGE_WINNERS = ("model_a", "model_b", "tie", "no_verdict")
 SIDES = (None, "a", "b")
 BUSY_TIMEOUT_S = 30.0
 
@@ -88,100 +92,35 @@ class VoteRecord:
     conversation_b_id: str
 
 
+@dataclass(frozen=True)
+class JudgeVoteRecord:
+    """A judge's verdict on a side-by-side round, asked in both answer orders (see services/judge.py)."""
+
+    battle_id: str
+    tstamp: float
+    client_hash: str             # the visitor who asked for the verdict
+    judge: str                   # the judge model's name
+    prompt: str                  # the judge prompt's name, e.g. "pair-v1"
+    model_a: str
+    model_b: str
+    winner: str                  # "model_a" | "model_b" | "tie" | "no_verdict"
+    g1_winner: str | None        # model_a's answer shown first: "model_a" | "model_b" | "tie" | None
+    g2_winner: str | None        # model_b's answer shown first
+    g1_judgment: str
+    g2_judgment: str
+    error: str | None
+    n_turns: int
+    conversation_a_id: str
+    conversation_b_id: str
+
+
 def is_moderated(turn: dict | TurnRecord) -> bool:
     """True when a turn's reply was withheld or flagged by moderation (export omits such replies)."""
     get = turn.get if isinstance(turn, dict) else lambda k: getattr(turn, k)
     return get("finish_reason") == "moderated" or get("moderation") == "flagged"
 
 
-# --- schema -------------------------------------------------------------------------------
-
-
-def _m001_create_turns(db: sqlite3.Connection) -> None:
-    db.execute(
-        """CREATE TABLE turns (
-            id INTEGER PRIMARY KEY,
-            conversation_id TEXT NOT NULL,
-            turn_index INTEGER NOT NULL,
-            tstamp REAL NOT NULL,
-            client_hash TEXT NOT NULL,
-            model TEXT NOT NULL,
-            template TEXT NOT NULL,
-            params TEXT NOT NULL,
-            messages TEXT NOT NULL,
-            reply TEXT NOT NULL,
-            finish_reason TEXT NOT NULL,
-            n_tokens INTEGER NOT NULL,
-            ttft_s REAL,
-            tok_s REAL,
-            moderation TEXT NOT NULL,
-            moderation_categories TEXT NOT NULL,
-            error TEXT,
-            battle_id TEXT,
-            side TEXT CHECK (side IS NULL OR side IN ('a', 'b'))
-        )"""
-    )
-
-
-def _m002_create_votes(db: sqlite3.Connection) -> None:
-    db.execute(
-        """CREATE TABLE votes (
-            id INTEGER PRIMARY KEY,
-            battle_id TEXT NOT NULL,
-            tstamp REAL NOT NULL,
-            client_hash TEXT NOT NULL,
-            anony INTEGER NOT NULL,
-            model_a TEXT NOT NULL,
-            model_b TEXT NOT NULL,
-            winner TEXT NOT NULL CHECK (winner IN ('model_a', 'model_b', 'tie', 'tie (bothbad)')),
-            counted INTEGER NOT NULL,
-            not_counted_reason TEXT,
-            conversation_a_id TEXT NOT NULL,
-            conversation_b_id TEXT NOT NULL
-        )"""
-    )
-
-
-def _m003_indexes(db: sqlite3.Connection) -> None:
-    db.execute("CREATE INDEX turns_by_conversation ON turns (conversation_id, turn_index)")
-    db.execute("CREATE INDEX votes_by_battle ON votes (battle_id)")
-
-
-def _m004_append_only(db: sqlite3.Connection) -> None:
-    for table in ("turns", "votes"):
-        for action in ("UPDATE", "DELETE"):
-            db.execute(
-                f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-            )
-
-
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _m001_create_turns,
-    _m002_create_votes,
-    _m003_indexes,
-    _m004_append_only,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def migrate(db: sqlite3.Connection) -> int:
-    """Apply the migrations this database lacks, all in one transaction; return the new version.
-
-    ``db`` must be in autocommit mode (isolation_level=None).
-    """
-    db.execute("BEGIN IMMEDIATE")  # read the version under the write lock: safe across processes
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-            step(db)
-            db.execute(f"PRAGMA user_version = {number}")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    return max(version, SCHEMA_VERSION)
-
+# --- schema: see migrations.py -------------------------------------------------------------
 
 def store_path(log_dir: str | os.PathLike) -> Path:
     return Path(log_dir) / DB_FILENAME
@@ -196,6 +135,10 @@ _TURN_COLUMNS = tuple(
 _VOTE_COLUMNS = tuple(
     "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
     "conversation_a_id conversation_b_id".split()
+)
+_JUDGE_COLUMNS = tuple(
+    "battle_id tstamp client_hash judge prompt model_a model_b winner g1_winner g2_winner g1_judgment "
+    "g2_judgment error n_turns conversation_a_id conversation_b_id".split()
 )
 _JSON_TURN_COLUMNS = ("params", "messages", "moderation_categories")
 
@@ -366,7 +309,42 @@ class Store:
                        for c, v in ((c, getattr(rec, c)) for c in _VOTE_COLUMNS))
         return self._write("votes", _VOTE_COLUMNS, values)
 
+    def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
+        """Append one judge verdict; False if it could not be stored (a warning is logged once)."""
+        if rec.winner not in JUDGE_WINNERS:
+            raise ValueError(f"winner must be one of {', '.join(JUDGE_WINNERS)}, got {rec.winner!r}")
+        for order in (rec.g1_winner, rec.g2_winner):
+            if order not in (None, "model_a", "model_b", "tie"):
+                raise ValueError(f"an order's verdict must be model_a, model_b, tie or None, got {order!r}")
+        return self._write("judge_votes", _JUDGE_COLUMNS, tuple(getattr(rec, c) for c in _JUDGE_COLUMNS))
+
     # -- reading --
+
+    def judge_vote_rows(self) -> list[dict]:
+        """Every judge verdict as a dict with JudgeVoteRecord's field names, oldest first."""
+        return [{c: r[c] for c in _JUDGE_COLUMNS} for r in self._read("SELECT * FROM judge_votes ORDER BY id")]
+
+    def judge_battles(self) -> list[tuple[str, str, str]]:
+        """(model_a, model_b, winner) per judged round, for ``compute_leaderboard``: the latest verdict
+        per battle (a round judged again replaces the earlier verdict), rounds without a verdict left out."""
+        latest: dict[str, dict] = {}
+        for row in self.judge_vote_rows():
+            latest[row["battle_id"]] = row
+        return [(r["model_a"], r["model_b"], r["winner"]) for r in latest.values() if r["winner"] != "no_verdict"]
+
+    def judge_human_pairs(self) -> list[tuple[str, str]]:
+        """(judge winner, human winner) for every battle that has both a judge verdict (the latest, not
+        "no_verdict") and a human vote (the first), oldest battle first. The judge judged the battle's
+        latest round; the human vote came after whatever rounds the visitor saw."""
+        judged = {}
+        for row in self.judge_vote_rows():
+            judged[row["battle_id"]] = row["winner"]
+        pairs = []
+        for vote in self.vote_rows(anony_only=False, counted_only=False, first_per_battle=True):
+            winner = judged.get(vote["battle_id"])
+            if winner is not None and winner != "no_verdict":
+                pairs.append((winner, vote["winner"]))
+        return pairs
 
     def battles(self, *, anony_only: bool = True, counted_only: bool = True) -> list[tuple[str, str, str]]:
         """(model_a, model_b, winner) per battle, oldest first, for ``compute_leaderboard``.
@@ -488,6 +466,18 @@ class NullStore:
 
     def log_vote(self, rec: VoteRecord) -> bool:
         return False
+
+    def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
+        return False
+
+    def judge_vote_rows(self) -> list[dict]:
+        return []
+
+    def judge_battles(self) -> list[tuple[str, str, str]]:
+        return []
+
+    def judge_human_pairs(self) -> list[tuple[str, str]]:
+        return []
 
     def battles(self, *, anony_only: bool = True, counted_only: bool = True) -> list[tuple[str, str, str]]:
         return []

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from moderation import create_moderator, parse_thresholds
 
 from .chat import ChatService, Limits
-from ..config import ConfigError, Settings, default_model_specs
+from .judge import JudgeService
+from ..config import ConfigError, Settings, default_model_specs, judge_unknown_message
 from ..engines.zerogpu import start_engine, zerogpu_spaces
 from ..publish import start_dataset_push
 from ..engines.local import EngineOptions
@@ -32,6 +33,7 @@ class Runtime:
     engines: dict = field(default_factory=dict)
     store: object = None
     pusher: object = None        # deploy.DatasetPush when --hf-dataset is set
+    judge: JudgeService | None = None   # --judge (JudgeService.available is False without one)
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -92,6 +94,10 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
     engines, started = {**engines, **remote}, {**started, **remote}
     if not engines:
         raise LoadError("No model to serve: pass --model or --endpoint.")
+    if settings.judge and settings.judge not in engines:
+        for engine in started.values():
+            engine.close()
+        raise ConfigError(judge_unknown_message(settings.judge, list(engines)))
     if not moderator.enabled:
         banners.append("Content moderation is OFF: messages are not checked. Set OPENAI_API_KEY (or pass "
                        "--moderation openai) before sharing this demo.")
@@ -100,5 +106,12 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
                     rate_limit_per_min=settings.rate_limit, max_new_tokens=settings.max_new_tokens_limit)
     service = ChatService(engines, moderator, store, limits=limits, moderate_output=settings.moderate_output)
     log.info(moderator.describe())
+    judge = build_judge(service, settings)
     pusher = start_dataset_push(settings)
-    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher)
+    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher, judge=judge)
+
+
+def build_judge(service: ChatService, settings: Settings) -> JudgeService:
+    """The judge service over the app's engines; evaluations from the page use at most half of a batch."""
+    batch = settings.max_batch_requests or (64 if cuda_available() else 8)
+    return JudgeService.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)

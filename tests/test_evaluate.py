@@ -1,0 +1,256 @@
+"""Question-set evaluation: the embedded SmolLM2 and a scripted endpoint answer, a local judge server
+whose verdicts each test chooses judges them, through the runner and through
+``python -m vicuna_demo.evaluate``.
+
+Covered: a judge that always says [[A]] gives only ties once both orders are asked; a judge that
+recognises one contestant's answer makes it win every game; malformed verdicts count as "no
+verdict"; a failing judge leaves the answers and the rest of the run intact and is reported;
+two-turn questions carry the first answer into the second turn; single-answer grading with its
+mean and interval; FastChat's output shapes (read back as FastChat's show_result does); the
+built-in set and bad question files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.judge_server import JudgeServer, judged_answers
+from vicuna_demo.config import EndpointSpec
+from vicuna_demo.engines.protocol import SamplingParams
+from vicuna_demo.engines.remote import RemoteEngine
+from vicuna_demo.evaluation.outputs import summarize, write_outputs
+from vicuna_demo.evaluation.questions import (QuestionFileError, builtin_questions, load_questions,
+                                              parse_questions)
+from vicuna_demo.evaluation.runner import EvaluationRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+ENDPOINT_ANSWER = "The endpoint's considered answer: 42."
+SHORT = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12)
+QUESTIONS = """\
+{"question_id": 1, "category": "writing", "turns": ["Write one sentence about the sea.", "Now make it rhyme."]}
+{"question_id": 2, "category": "math", "turns": ["What is 6 times 7?"], "reference": ["42"]}
+{"question_id": 3, "category": "stem", "turns": ["Why is the sky blue?"]}
+"""
+
+
+@pytest.fixture
+def questions():
+    return parse_questions(QUESTIONS)
+
+
+@pytest.fixture
+def contestant_server():
+    """Contestant B: an endpoint that always gives the same answer."""
+    with JudgeServer(lambda messages: ENDPOINT_ANSWER) as server:
+        yield server
+
+
+def remote(server: JudgeServer, name: str) -> RemoteEngine:
+    return RemoteEngine(EndpointSpec.parse(server.endpoint(name)))
+
+
+def run(embedded_engine, contestant_server, decide, questions, mode="pairwise", **kwargs):
+    with JudgeServer(decide) as judge_server:
+        engines = {"Small": embedded_engine, "Endpoint": remote(contestant_server, "Endpoint"),
+                   "Judge": remote(judge_server, "Judge")}
+        try:
+            runner = EvaluationRunner(engines, judge="Judge", answer_params=SHORT, **kwargs)
+            result = runner.run(questions, "Small", "Endpoint" if mode == "pairwise" else "Endpoint", mode=mode)
+        finally:
+            for name in ("Endpoint", "Judge"):
+                engines[name].close()
+        return result, judge_server.requests
+
+
+def test_a_judge_that_always_says_A_gives_only_ties_after_order_swapping(embedded_engine, contestant_server,
+                                                                        questions):
+    result, requests = run(embedded_engine, contestant_server, lambda m: "Assistant A is clearly better. [[A]]",
+                           questions)
+    summary = summarize(result)
+    assert (summary["a_wins"], summary["b_wins"], summary["no_verdict"]) == (0, 0, 0)
+    assert summary["ties"] == summary["games"] == 4 == summary["orders_disagree"]   # 3 questions, one of 2 turns
+    assert len(requests) == 8                                                        # both orders of every game
+    assert summary["by_category"] == {"math": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
+                                      "stem": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
+                                      "writing": {"a_wins": 0, "b_wins": 0, "ties": 2, "no_verdict": 0}}
+
+
+def test_a_judge_that_recognises_one_contestant_makes_it_win_every_game(embedded_engine, contestant_server,
+                                                                       questions):
+    def prefers_the_endpoint(messages):
+        first, second = judged_answers(messages)
+        assert "42" in first + second or "assistant" in first + second.lower()
+        return "Reasoning... [[A]]" if ENDPOINT_ANSWER in first.splitlines()[-1] else "Reasoning... [[B]]"
+
+    result, _ = run(embedded_engine, contestant_server, prefers_the_endpoint, questions)
+    summary = summarize(result)
+    assert summary["b_wins"] == summary["games"] == 4
+    assert summary["a_wins"] == summary["ties"] == summary["no_verdict"] == 0
+    assert summary["problems"] == []
+
+
+def test_malformed_verdicts_count_as_no_verdict_and_are_reported(embedded_engine, contestant_server, questions):
+    verdicts = iter(["[[A]]", "[[ B ]]", "I cannot decide.", "[[D]]", "[A]", "**[[c]]**", "[[B]]", "[[B]]"])
+    result, _ = run(embedded_engine, contestant_server, lambda m: next(verdicts), questions, max_in_flight=1)
+    summary = summarize(result)
+    # games in order: (A,B) -> q1t1 and t2 are asked concurrently, so only the totals are fixed
+    assert summary["games"] == 4
+    assert summary["no_verdict"] == 2 and summary["a_wins"] + summary["b_wins"] + summary["ties"] == 2
+    assert any("no well-formed verdict" in p for p in summary["problems"])
+
+
+def test_a_failing_judge_keeps_the_answers_and_reports_the_failure(embedded_engine, contestant_server, questions,
+                                                                  tmp_path):
+    with JudgeServer(lambda m: "[[A]]", status=503) as judge_server:
+        engines = {"Small": embedded_engine, "Endpoint": remote(contestant_server, "Endpoint"),
+                   "Judge": remote(judge_server, "Judge")}
+        result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(questions, "Small", "Endpoint")
+    summary = summarize(result)
+    assert summary["no_verdict"] == summary["games"] == 4
+    assert all(a.complete for answers in result.answers.values() for a in answers.values())
+    assert any("The judge Judge failed on 4 of 4" in p and "503" in p for p in summary["problems"])
+    write_outputs(result, tmp_path, summary)
+    rows = [json.loads(line) for line in (tmp_path / "model_judgment" / "Judge_pair.jsonl").open()]
+    assert {(r["g1_winner"], r["g2_winner"]) for r in rows} == {("error", "error")}
+    assert all("503" in r["error"] for r in rows)
+
+
+def test_two_turn_questions_carry_the_first_answer_into_the_second_turn(contestant_server, questions):
+    with JudgeServer(lambda m: "[[C]]") as judge_server:
+        engines = {"Endpoint": remote(contestant_server, "Endpoint"), "Other": remote(contestant_server, "Other"),
+                   "Judge": remote(judge_server, "Judge")}
+        result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(questions[:1], "Endpoint", "Other")
+    second_turns = [m for m in contestant_server.requests if m[-1]["content"] == "Now make it rhyme."]
+    assert len(second_turns) == 2
+    for messages in second_turns:
+        assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+        assert messages[1]["content"] == ENDPOINT_ANSWER
+    turn2 = [j for j in result.judgments if j.turn == 2][0]
+    assert "The conversation has 2 user turns" in turn2.g1_prompt and "Now make it rhyme." in turn2.g1_prompt
+
+
+def test_the_reference_answer_reaches_the_judge_for_math(embedded_engine, contestant_server, questions):
+    result, requests = run(embedded_engine, contestant_server, lambda m: "[[C]]", questions)
+    math_prompts = [m for m in requests if "What is 6 times 7?" in m[-1]["content"]]
+    assert len(math_prompts) == 2
+    assert all("<<<reference answer>>>\n42\n" in m[-1]["content"] for m in math_prompts)
+    assert all("reference answer" in m[0]["content"] for m in math_prompts)
+    others = [m for m in requests if "Why is the sky blue?" in m[-1]["content"]]
+    assert others and all("reference" not in m[-1]["content"] for m in others)
+
+
+def test_single_grading_gives_means_with_intervals_and_fastchat_scores(embedded_engine, contestant_server,
+                                                                       questions, tmp_path):
+    def grade(messages):
+        answer = messages[-1]["content"]
+        return "Good. [[9]]" if ENDPOINT_ANSWER in answer else "Weak. Rating: [[3]]"
+
+    result, _ = run(embedded_engine, contestant_server, grade, questions, mode="single")
+    summary = summarize(result)
+    assert summary["models"]["Endpoint"] == {"mean": 9.0, "ci95": [9.0, 9.0], "n": 4, "no_verdict": 0}
+    assert summary["models"]["Small"]["mean"] == 3.0 and summary["models"]["Small"]["n"] == 4
+    write_outputs(result, tmp_path, summary)
+    rows = [json.loads(line) for line in (tmp_path / "model_judgment" / "Judge_single.jsonl").open()]
+    assert sorted({(r["model"], r["score"]) for r in rows}) == [("Endpoint", 9.0), ("Small", 3.0)]
+    assert {tuple(r["judge"]) for r in rows} >= {("Judge", "single-v1"), ("Judge", "single-ref-v1")}
+
+
+def test_outputs_have_fastchat_shapes_that_its_show_result_logic_reads(embedded_engine, contestant_server,
+                                                                      questions, tmp_path):
+    result, _ = run(embedded_engine, contestant_server, lambda m: "[[C]]", questions)
+    write_outputs(result, tmp_path)
+    answers = [json.loads(line) for line in (tmp_path / "model_answer" / "Small.jsonl").open()]
+    assert [a["question_id"] for a in answers] == [1, 2, 3]
+    assert set(answers[0]) >= {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    assert answers[0]["model_id"] == "Small" and len(answers[0]["choices"][0]["turns"]) == 2
+    judgments = [json.loads(line) for line in (tmp_path / "model_judgment" / "Judge_pair.jsonl").open()]
+    expected = {"question_id", "model_1", "model_2", "g1_winner", "g2_winner", "judge", "g1_user_prompt",
+                "g1_judgment", "g2_user_prompt", "g2_judgment", "turn", "tstamp"}
+    assert all(expected <= set(j) for j in judgments)
+    # FastChat's pairwise tally: a game is a tie when g1 says tie or the games differ
+    ties = sum(1 for j in judgments if j["g1_winner"] == "tie" or j["g1_winner"] != j["g2_winner"])
+    assert ties == len(judgments) == 4
+    assert [json.loads(line)["question_id"] for line in (tmp_path / "question.jsonl").open()] == [1, 2, 3]
+    assert json.loads((tmp_path / "summary.json").read_text())["ties"] == 4
+
+
+def test_the_builtin_set_covers_every_category_with_references_for_math_and_reasoning():
+    questions = builtin_questions()
+    assert 28 <= len(questions) <= 40
+    categories = {q.category for q in questions}
+    assert categories == {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+    assert any(len(q.turns) == 2 for q in questions)
+    for q in questions:
+        if q.category in ("math", "reasoning"):
+            assert len(q.reference) == len(q.turns), q.question_id
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no questions"),
+    ("not json\n", "line 1: not valid JSON"),
+    ('{"question_id": 1, "turns": []}\n', "has 0 turns"),
+    ('{"question_id": 1, "turns": ["a", "b", "c"]}\n', "has 3 turns"),
+    ('{"turns": ["a"]}\n', "question_id must be"),
+    ('{"question_id": 1, "turns": ["a"]}\n\n{"question_id": 1, "turns": ["b"]}\n', "line 3: question_id 1 is already used on line 1"),
+    ('{"question_id": 1, "turns": ["  "]}\n', "empty turn"),
+    ('{"question_id": 1, "turns": "a", "reference": [1]}\n', "reference must be a list of strings"),
+])
+def test_bad_question_files_are_refused_with_the_line_and_the_reason(text, message):
+    with pytest.raises(QuestionFileError, match=message.replace("(", r"\(")):
+        parse_questions(text)
+
+
+def test_vicuna_style_text_questions_and_missing_files(tmp_path):
+    assert parse_questions('{"question_id": 5, "text": "Hi?", "category": "generic"}')[0].turns == ("Hi?",)
+    with pytest.raises(QuestionFileError, match="cannot read it"):
+        load_questions(tmp_path / "nope.jsonl")
+
+
+def _cli(*args, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("OPENAI_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "vicuna_demo.evaluate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_refuses_missing_flags_and_bad_files_before_loading_anything(tmp_path):
+    done = _cli("--a", "x", "--out", str(tmp_path))
+    assert done.returncode == 2 and "--judge NAME is required" in done.stderr
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1}\n')
+    done = _cli("--endpoint", "name=J,base_url=http://127.0.0.1:9/v1,model=m", "--judge", "J", "--a", "J",
+                "--b", "K", "--out", str(tmp_path))
+    assert done.returncode == 2 and "--b 'K': no --model or --endpoint has that name" in done.stderr
+    done = _cli("--endpoint", "name=J,base_url=http://127.0.0.1:9/v1,model=m", "--judge", "J", "--a", "J",
+                "--mode", "single", "--questions", str(bad), "--out", str(tmp_path))
+    assert done.returncode == 2 and "line 1: question 1 has no turns" in done.stderr
+
+
+@pytest.mark.slow
+def test_cli_evaluates_the_embedded_model_against_an_endpoint_and_prints_json(contestant_server, tmp_path):
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text(QUESTIONS)
+
+    def prefers_the_endpoint(messages):
+        first, _ = judged_answers(messages)
+        return "[[A]]" if ENDPOINT_ANSWER in first else "[[B]]"
+
+    with JudgeServer(prefers_the_endpoint) as judge:
+        done = _cli("--model", "embedded,name=Small", "--endpoint", contestant_server.endpoint("Endpoint"),
+                    "--endpoint", judge.endpoint("Judge"), "--judge", "Judge", "--a", "Small", "--b", "Endpoint",
+                    "--questions", str(qfile), "--out", str(tmp_path / "out"), "--max-new-tokens", "16",
+                    "--no-warmup", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert {k: summary[k] for k in ("a", "b", "judge", "questions", "a_wins", "b_wins", "ties")} == \
+        {"a": "Small", "b": "Endpoint", "judge": "Judge", "questions": 3, "a_wins": 0, "b_wins": 4, "ties": 0}
+    assert summary["by_category"]["writing"] == {"a_wins": 0, "b_wins": 2, "ties": 0, "no_verdict": 0}
+    assert (tmp_path / "out" / "model_answer" / "Small.jsonl").is_file()
+    assert (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").is_file()
+    assert not (ROOT / "logs" / "evaluation").exists()

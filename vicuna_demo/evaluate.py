@@ -1,0 +1,147 @@
+"""Evaluate two models on a question set with an LLM judge, from the command line.
+
+    python -m vicuna_demo.evaluate --model lmsys/vicuna-7b-v1.5 --model lmsys/vicuna-13b-v1.5 \\
+        --endpoint name=GPT-4o,base_url=https://api.openai.com/v1,model=gpt-4o,key_env=OPENAI_API_KEY \\
+        --judge GPT-4o --a vicuna-7b-v1.5 --b vicuna-13b-v1.5 --questions question.jsonl --out results/
+    python -m vicuna_demo.evaluate ... --mode single --a vicuna-7b-v1.5 --json
+
+Takes every flag of ``app.py`` (models, endpoints, engine, generation defaults...) plus the
+evaluation flags below; models load exactly as the app loads them, and every answer is submitted
+at once so the engines batch them. Without ``--questions`` the built-in set is used. The output
+folder gets FastChat's ``model_answer`` / ``model_judgment`` files and ``summary.json`` (see
+``evaluation/outputs.py``); the summary is printed (``--json``: as one JSON object). The question
+file is the operator's own, so it is trusted: it is not sent to the moderation service (the app's
+📋 Evaluate tab moderates questions, since visitors choose them there). Nothing is written to the
+app's conversation log.
+
+Exit status: 0 when the judge gave verdicts, 1 when a model failed to load or no judgment gave a
+verdict (the files are still written), 2 for a bad flag or question file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Sequence
+
+from .config import ConfigError, build_parser, default_model_specs, load_settings
+
+DEFAULT_JUDGE_TOKENS = 1024
+
+
+def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--a", dest="eval_a", metavar="NAME", help="The first model to evaluate (its name).")
+    group.add_argument("--b", dest="eval_b", metavar="NAME",
+                       help="The second model (pairwise: required; single: optional, graded too).")
+    group.add_argument("--questions", dest="eval_questions", metavar="FILE",
+                       help="Question file in FastChat's format (JSONL). Default: the built-in set.")
+    group.add_argument("--out", dest="eval_out", metavar="DIR", help="Folder for the answers, judgments and summary.")
+    group.add_argument("--mode", dest="eval_mode", choices=("pairwise", "single"), default="pairwise",
+                       help="pairwise: A against B, both answer orders (default); single: grade each answer 1-10.")
+    group.add_argument("--json", dest="eval_json", action="store_true", help="Print the summary as one JSON object.")
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    """app.py's parser (every model, engine and generation flag) with the evaluation flags added."""
+    parser = build_parser()
+    parser.prog = "python -m vicuna_demo.evaluate"
+    parser.description = ("Answer a question set with two models (or one) on the app's engines and have a judge model "
+                          "compare (pairwise) or grade (single) the answers; writes FastChat-compatible outputs.")
+    _add_evaluation_flags(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, object]:
+    """-> (evaluation flags, Settings). Raises ConfigError; argparse exits (2) on malformed flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    build_evaluate_parser().parse_args(argv)          # --help, unknown flags, bad choices
+    only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_evaluation_flags(only)
+    flags, rest = only.parse_known_args(argv)
+    settings = load_settings(rest)
+    if not settings.judge:
+        raise ConfigError("--judge NAME is required: the name of the --model or --endpoint that judges the answers.")
+    if not flags.eval_a or not flags.eval_out:
+        raise ConfigError("--a NAME and --out DIR are required (and --b NAME in pairwise mode).")
+    if flags.eval_mode == "pairwise" and not flags.eval_b:
+        raise ConfigError("--b NAME is required in pairwise mode (or pass --mode single).")
+    if flags.eval_b and flags.eval_a == flags.eval_b:
+        raise ConfigError(f"--a and --b are both {flags.eval_a!r}: compare two different models.")
+    names = [m.display_name for m in settings.models] + [e.name for e in settings.endpoints]
+    for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
+        if name and names and name not in names:
+            raise ConfigError(f"{flag} {name!r}: no --model or --endpoint has that name; the models are: "
+                              f"{', '.join(names)}.")
+    # the command line keeps no conversation log and pushes nothing
+    return flags, dataclasses.replace(settings, log_dir="", hf_dataset=None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .evaluation.questions import QuestionFileError, builtin_questions, load_questions
+    try:
+        flags, settings = parse_args(argv)
+        questions = load_questions(flags.eval_questions) if flags.eval_questions else builtin_questions()
+    except (ConfigError, QuestionFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from .engines.protocol import SamplingParams
+    from .evaluation.outputs import format_summary, summarize, write_outputs
+    from .evaluation.runner import JUDGE_PARAMS, EvaluationRunner
+    from .loading import LoadError, check_spec, cuda_available
+    from .services.runtime import build_runtime
+    try:
+        for spec in default_model_specs(settings, gpu=cuda_available()):
+            check_spec(spec)
+        runtime = build_runtime(settings)
+    except (LoadError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
+            if name and name not in runtime.service.engines:
+                print(f"error: {flag} {name!r}: no model has that name; the models are: "
+                      f"{', '.join(runtime.service.engines)}.", file=sys.stderr)
+                return 2
+        answer_params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                       max_new_tokens=settings.max_new_tokens)
+        judge_params = dataclasses.replace(JUDGE_PARAMS, max_new_tokens=min(DEFAULT_JUDGE_TOKENS,
+                                                                            settings.max_new_tokens_limit))
+        runner = EvaluationRunner(runtime.service.engines, judge=settings.judge, answer_params=answer_params,
+                                  judge_params=judge_params)
+        last: dict = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            step = max(1, total // 10)
+            if done == total or done % step == 0 and last.get(stage) != done:
+                last[stage] = done
+                print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+        result = runner.run(questions, flags.eval_a, flags.eval_b, mode=flags.eval_mode, progress=progress)
+    finally:
+        runtime.close()
+    summary = summarize(result)
+    try:
+        paths = write_outputs(result, flags.eval_out, summary)
+    except OSError as exc:
+        print(f"error: cannot write the outputs to {flags.eval_out}: {exc}", file=sys.stderr)
+        return 1
+    if flags.eval_json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print(format_summary(summary))
+        print(f"Outputs: {', '.join(str(p) for p in paths)}")
+    verdicts = [j for j in result.judgments if j.outcome != "no_verdict"]
+    return 0 if verdicts else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

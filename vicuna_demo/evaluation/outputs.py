@@ -1,0 +1,248 @@
+"""What an evaluation leaves behind: FastChat's files, a summary, and its table and plot.
+
+``write_outputs(result, out_dir)`` lays the folder out like one of FastChat's benchmark folders, so
+its scripts read it (e.g. ``python -m fastchat.llm_judge.show_result --input-file
+OUT/model_judgment/JUDGE_pair.jsonl --mode pairwise-all``):
+
+    OUT/question.jsonl                      the questions, in FastChat's question format
+    OUT/model_answer/<model>.jsonl          question_id, answer_id, model_id, choices[{index, turns}], tstamp
+                                            (+ generate_params; "error" when an answer is missing)
+    OUT/model_judgment/<judge>_pair.jsonl   question_id, model_1, model_2, g1_winner, g2_winner, judge
+                                            [name, prompt], g1/g2_user_prompt, g1/g2_judgment, turn, tstamp
+    OUT/model_judgment/<judge>_single.jsonl question_id, model, judge, user_prompt, judgment, score, turn, tstamp
+    OUT/summary.json                        ``summarize(result)``
+
+Winners in the judgment files are FastChat's: "model_1", "model_2", "tie", or "error" for no verdict
+(FastChat's scripts leave such rows out, as the summary does); a missing grade is score -1.
+Each turn of a question is one game (MT-Bench judges the second turn on its own), so a two-turn
+question counts twice in the totals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from .runner import EvaluationResult, Judgment
+
+_FASTCHAT_WINNER = {"model_a": "model_1", "model_b": "model_2", "tie": "tie", None: "error"}
+
+
+def safe_name(name: str) -> str:
+    """A model name as a file name: path separators and control characters replaced, nothing else."""
+    cleaned = re.sub(r"[\\/\x00-\x1f:*?\"<>|]", "_", name).strip(" .")
+    return cleaned or "model"
+
+
+def _sort_key(question_id) -> tuple:
+    return (0, question_id, "") if isinstance(question_id, int) else (1, 0, str(question_id))
+
+
+# -- summary ------------------------------------------------------------------------------------
+def _mean_interval(scores: list[float]) -> tuple[float | None, list[float] | None]:
+    """Mean and its 95% t-interval (None without scores; no interval from a single score)."""
+    if not scores:
+        return None, None
+    mean = math.fsum(scores) / len(scores)
+    if len(scores) < 2:
+        return mean, None
+    from scipy import stats
+    sem = stats.sem(scores)
+    if sem == 0:
+        return mean, [mean, mean]
+    low, high = stats.t.interval(0.95, len(scores) - 1, loc=mean, scale=sem)
+    return mean, [round(float(low), 3), round(float(high), 3)]
+
+
+def problems(result: EvaluationResult) -> list[str]:
+    """Everything that did not go as planned, one line each (missing answers, judge failures...)."""
+    lines = []
+    if result.cancelled:
+        lines.append("The evaluation was cancelled before it finished.")
+    for model, answers in result.answers.items():
+        missing = [a for a in answers.values() if not a.complete]
+        if missing:
+            reasons = Counter(a.error or "incomplete" for a in missing)
+            lines.append(f"{model}: {len(missing)} question(s) without a complete answer ("
+                         + "; ".join(f"{n} × {why}" for why, n in reasons.most_common(3)) + ").")
+    if result.skipped:
+        lines.append(f"{len(result.skipped)} turn(s) not judged because an answer is missing.")
+    failed = [j for j in result.judgments if j.error]
+    if failed:
+        reasons = Counter(j.error for j in failed)
+        lines.append(f"The judge {result.judge} failed on {len(failed)} of {len(result.judgments)} judgment(s) ("
+                     + "; ".join(f"{n} × {why}" for why, n in reasons.most_common(3)) + ").")
+    unparsed = [j for j in result.judgments if not j.error and j.outcome == "no_verdict"]
+    if unparsed:
+        lines.append(f"{len(unparsed)} judgment(s) gave no well-formed verdict (counted as no verdict).")
+    return lines
+
+
+def _pair_counts(judgments: list[Judgment]) -> dict:
+    outcomes = Counter(j.outcome for j in judgments)
+    return {"a_wins": outcomes["model_a"], "b_wins": outcomes["model_b"], "ties": outcomes["tie"],
+            "no_verdict": outcomes["no_verdict"]}
+
+
+def summarize(result: EvaluationResult) -> dict:
+    """The numbers ``--json`` prints: win/tie counts (pairwise) or mean grades with 95% intervals (single)."""
+    categories = sorted({q.category for q in result.questions})
+    base = {"mode": result.mode, "judge": result.judge, "questions": len(result.questions),
+            "games": len(result.judgments)}
+    if result.mode == "pairwise":
+        a, b = result.models
+        summary = {"a": a, "b": b, **base, **_pair_counts(result.judgments),
+                   "orders_disagree": sum(1 for j in result.judgments if j.verdict and j.verdict.orders_disagree),
+                   "by_category": {c: _pair_counts([j for j in result.judgments if j.question.category == c])
+                                   for c in categories}}
+    else:
+        models = {}
+        for model in result.models:
+            mine = [j for j in result.judgments if j.model_a == model]
+            mean, interval = _mean_interval([j.score for j in mine if j.score is not None])
+            models[model] = {"mean": None if mean is None else round(mean, 3), "ci95": interval,
+                             "n": sum(1 for j in mine if j.score is not None),
+                             "no_verdict": sum(1 for j in mine if j.score is None)}
+        by_category = {}
+        for c in categories:
+            by_category[c] = {}
+            for model in result.models:
+                scores = [j.score for j in result.judgments
+                          if j.model_a == model and j.question.category == c and j.score is not None]
+                by_category[c][model] = round(math.fsum(scores) / len(scores), 3) if scores else None
+        summary = {**base, "models": models, "by_category": by_category}
+    summary["timing_s"] = {"answers": round(result.answer_s, 2), "judgments": round(result.judge_s, 2)}
+    summary["problems"] = problems(result)
+    return summary
+
+
+# -- FastChat files -----------------------------------------------------------------------------
+def answer_record(answer) -> dict:
+    turns = list(answer.turns) + [""] * (len(answer.question.turns) - len(answer.turns))
+    record = {"question_id": answer.question.question_id, "answer_id": uuid.uuid4().hex[:22],
+              "model_id": answer.model, "choices": [{"index": 0, "turns": turns}], "tstamp": answer.tstamp,
+              "generate_params": answer.params}
+    if not answer.complete:
+        record["error"] = answer.error or "incomplete"
+    return record
+
+
+def judgment_record(j: Judgment) -> dict:
+    common = {"question_id": j.question.question_id, "category": j.question.category}
+    if j.pairwise:
+        verdict = j.verdict
+        record = {**common, "model_1": j.model_a, "model_2": j.model_b,
+                  "g1_winner": _FASTCHAT_WINNER[verdict.g1 if verdict else None],
+                  "g2_winner": _FASTCHAT_WINNER[verdict.g2 if verdict else None],
+                  "judge": [j.judge, j.prompt_name], "g1_user_prompt": j.g1_prompt, "g1_judgment": j.g1_text,
+                  "g2_user_prompt": j.g2_prompt, "g2_judgment": j.g2_text, "turn": j.turn, "tstamp": j.tstamp}
+    else:
+        record = {**common, "model": j.model_a, "judge": [j.judge, j.prompt_name], "user_prompt": j.g1_prompt,
+                  "judgment": j.g1_text, "score": -1 if j.score is None else j.score, "turn": j.turn,
+                  "tstamp": j.tstamp}
+    if j.error:
+        record["error"] = j.error
+    return record
+
+
+def _write_jsonl(path: Path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_outputs(result: EvaluationResult, out_dir: str | Path, summary: dict | None = None) -> list[Path]:
+    """Write the files listed in the module docstring; return their paths. Raises OSError."""
+    out = Path(out_dir)
+    written = []
+    path = out / "question.jsonl"
+    _write_jsonl(path, (q.as_dict() for q in result.questions))
+    written.append(path)
+    for model, answers in result.answers.items():
+        path = out / "model_answer" / f"{safe_name(model)}.jsonl"
+        _write_jsonl(path, (answer_record(answers[k]) for k in sorted(answers, key=_sort_key)))
+        written.append(path)
+    if result.judgments:
+        kind = "pair" if result.mode == "pairwise" else "single"
+        path = out / "model_judgment" / f"{safe_name(result.judge)}_{kind}.jsonl"
+        _write_jsonl(path, (judgment_record(j) for j in result.judgments))
+        written.append(path)
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary or summarize(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written.append(path)
+    return written
+
+
+# -- for people -----------------------------------------------------------------------------------
+def category_table(summary: dict) -> tuple[list[str], list[list]]:
+    """(headers, rows): per category, then "all"."""
+    if summary["mode"] == "pairwise":
+        headers = ["category", f"{summary['a']} wins", f"{summary['b']} wins", "ties", "no verdict"]
+        keys = ("a_wins", "b_wins", "ties", "no_verdict")
+        rows = [[c] + [counts[k] for k in keys] for c, counts in summary["by_category"].items()]
+        rows.append(["all"] + [summary[k] for k in keys])
+        return headers, rows
+    models = list(summary["models"])
+    headers = ["category"] + [f"{m} mean" for m in models]
+    rows = [[c] + [scores[m] for m in models] for c, scores in summary["by_category"].items()]
+    rows.append(["all"] + [summary["models"][m]["mean"] for m in models])
+    return headers, rows
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for a terminal."""
+    if summary["mode"] == "pairwise":
+        lines = [f"{summary['a']} vs {summary['b']}, judged by {summary['judge']}: {summary['questions']} questions, "
+                 f"{summary['games']} judged turns (both answer orders each).",
+                 f"  {summary['a']} wins {summary['a_wins']} · {summary['b']} wins {summary['b_wins']} · "
+                 f"ties {summary['ties']} ({summary['orders_disagree']} of them because the orders disagreed) · "
+                 f"no verdict {summary['no_verdict']}"]
+    else:
+        lines = [f"Single-answer grading (1-10) by {summary['judge']}: {summary['questions']} questions."]
+        for model, row in summary["models"].items():
+            interval = f" (95% CI {row['ci95'][0]:.2f}-{row['ci95'][1]:.2f})" if row["ci95"] else ""
+            mean = "no grades" if row["mean"] is None else f"mean {row['mean']:.2f}{interval}"
+            lines.append(f"  {model}: {mean} over {row['n']} graded turns, no verdict {row['no_verdict']}")
+    headers, rows = category_table(summary)
+    width = max(len(str(r[0])) for r in rows + [headers])
+    lines.append("  " + " | ".join([headers[0].ljust(width)] + headers[1:]))
+    for row in rows:
+        lines.append("  " + " | ".join([str(row[0]).ljust(width)] + ["-" if v is None else f"{v}" for v in row[1:]]))
+    lines += [f"  ! {p}" for p in summary["problems"]]
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict):
+    """A matplotlib figure: per category, stacked win/tie/loss shares (pairwise) or mean grades (single)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = figure.add_subplot()
+    categories = list(summary["by_category"])
+    if summary["mode"] == "pairwise":
+        left = [0.0] * len(categories)
+        for key, label, color in (("a_wins", f"{summary['a']} wins", "#4c78a8"), ("ties", "tie", "#bab0ac"),
+                                  ("b_wins", f"{summary['b']} wins", "#f58518"),
+                                  ("no_verdict", "no verdict", "#e0e0e0")):
+            values = [summary["by_category"][c][key] for c in categories]
+            ax.barh(categories, values, left=left, label=label, color=color)
+            left = [x + v for x, v in zip(left, values)]
+        ax.set_xlabel("judged turns")
+    else:
+        models = list(summary["models"])
+        height = 0.8 / max(1, len(models))
+        for i, model in enumerate(models):
+            values = [summary["by_category"][c][model] or 0 for c in categories]
+            ax.barh([k + i * height for k in range(len(categories))], values, height=height, label=model)
+        ax.set_yticks([k + height * (len(models) - 1) / 2 for k in range(len(categories))], categories)
+        ax.set_xlim(0, 10)
+        ax.set_xlabel("mean grade (1-10)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize="small")
+    return figure

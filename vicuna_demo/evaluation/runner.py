@@ -1,0 +1,311 @@
+"""Run an evaluation: every answer at once (the engines batch them), then every judgment at once.
+
+    runner = EvaluationRunner(engines, judge="GPT-4o", answer_params=SamplingParams(max_new_tokens=1024))
+    result = runner.run(questions, "Vicuna-7B", "Other", mode="pairwise", progress=print)
+
+Answers: one task per (model, question), all submitted together; a two-turn question's task sends
+turn 2 with the model's own first answer in the conversation, as a visitor's chat would. Each
+model answers with its template's default system prompt; math, reasoning, coding and extraction
+questions are answered greedily (temperature 0), the rest with the given temperature.
+
+Judgments: pairwise mode asks the judge about every turn of every question twice, once with A's
+answer first (game 1) and once with B's first (game 2), and a verdict counts only when both games
+agree (``verdicts.PairVerdict``). Single mode grades every answer of each model from 1 to 10. The
+judge runs greedily. A turn whose answers are missing (an engine error, moderation) is not judged
+and is reported; a judgment that fails or times out is recorded with its error ("no verdict") and
+the rest of the run goes on.
+
+Fair share: ``max_in_flight`` bounds the requests this run has in flight at once (the app sets it
+below the engines' batch size so visitors' chats keep room); None submits everything at once (the
+command line). ``moderate`` (the app's moderator, for question sets visitors upload) checks each
+question before any model sees it. ``cancel()`` stops the run: requests in flight are cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
+from .prompts import pairwise_prompt, single_prompt
+from .questions import Question
+from .verdicts import PairVerdict, combine, parse_pair, parse_rating
+
+log = logging.getLogger("vicuna_demo.evaluation")
+
+MODES = ("pairwise", "single")
+GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
+JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=1024)
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class Cancelled(Exception):
+    """The run was cancelled."""
+
+
+@dataclass
+class Answer:
+    """One model's answers to one question (FastChat's model_answer record)."""
+
+    question: Question
+    model: str
+    params: dict = field(default_factory=dict)
+    turns: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+    error: str | None = None          # why an answer is missing (engine error, moderation, cancelled)
+    tstamp: float = field(default_factory=time.time)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and len(self.turns) == len(self.question.turns)
+
+
+@dataclass
+class Judgment:
+    """The judge on one turn of one question: a pairwise comparison (two games) or one grade."""
+
+    question: Question
+    turn: int
+    judge: str
+    prompt_name: str
+    model_a: str                      # pairwise: model A; single: the graded model
+    model_b: str | None = None
+    g1_prompt: str = ""               # pairwise: game 1 (A first); single: the only prompt
+    g1_text: str = ""
+    g2_prompt: str = ""               # pairwise: game 2 (B first)
+    g2_text: str = ""
+    verdict: PairVerdict | None = None
+    score: float | None = None        # single
+    error: str | None = None          # the judge failed or timed out (in either game)
+    tstamp: float = field(default_factory=time.time)
+
+    @property
+    def pairwise(self) -> bool:
+        return self.model_b is not None
+
+    @property
+    def outcome(self) -> str:
+        """pairwise: "model_a" | "model_b" | "tie" | "no_verdict"; single: the score or "no_verdict"."""
+        if self.pairwise:
+            return self.verdict.winner if self.verdict else "no_verdict"
+        return "no_verdict" if self.score is None else f"{self.score:g}"
+
+
+@dataclass
+class EvaluationResult:
+    mode: str
+    models: tuple[str, ...]            # (a, b) or (a,) for single mode with one model
+    judge: str
+    questions: list[Question]
+    answers: dict[str, dict] = field(default_factory=dict)      # model -> question_id -> Answer
+    judgments: list[Judgment] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)            # turns not judged, and why
+    cancelled: bool = False
+    answer_s: float = 0.0
+    judge_s: float = 0.0
+
+
+class EvaluationRunner:
+    """See the module docstring. One runner runs one evaluation at a time."""
+
+    def __init__(self, engines: Mapping[str, object], *, judge: str, answer_params: SamplingParams = SamplingParams(),
+                 judge_params: SamplingParams = JUDGE_PARAMS, max_in_flight: int | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, moderate: Callable[[str], object] | None = None):
+        self.engines = engines
+        self.judge = judge
+        self.answer_params = answer_params
+        self.judge_params = judge_params
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.moderate = moderate
+        self._cancel = threading.Event()
+        self._active: set = set()
+        self._lock = threading.Lock()
+
+    # -- control ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+        with self._lock:
+            streams = list(self._active)
+        for stream in streams:
+            stream.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # -- one request --------------------------------------------------------------------------
+    def _generate(self, engine, messages: list[dict], params: SamplingParams) -> str:
+        """The whole reply text; raises EngineError / PromptTooLong / Cancelled."""
+        if self._cancel.is_set():
+            raise Cancelled
+        prompt = engine.prepare(messages, params)
+        stream = engine.stream(prompt, params)
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            stream.cancel()
+
+        timer = threading.Timer(self.timeout_s, expire)
+        timer.daemon = True
+        with self._lock:
+            self._active.add(stream)
+        if self._cancel.is_set():
+            stream.cancel()
+        timer.start()
+        try:
+            text = "".join(stream)
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._active.discard(stream)
+        if expired.is_set():
+            raise EngineError(f"no complete reply within {self.timeout_s:g} s (timed out)")
+        if self._cancel.is_set():
+            raise Cancelled
+        return text.strip()
+
+    def _attempt(self, engine_name: str, messages: list[dict], params: SamplingParams) -> tuple[str, str | None]:
+        """(text, error): errors become a message, so one failure never takes the run with it."""
+        engine = self.engines.get(engine_name)
+        if engine is None:
+            return "", f"no model called {engine_name!r} is loaded"
+        try:
+            return self._generate(engine, messages, params), None
+        except Cancelled:
+            return "", "cancelled"
+        except (EngineError, PromptTooLong) as exc:
+            return "", str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug in one request must not end the run
+            log.exception("evaluation request to %s failed", engine_name)
+            return "", f"{type(exc).__name__}: {exc}"
+
+    # -- stages -------------------------------------------------------------------------------
+    def params_for(self, question: Question) -> SamplingParams:
+        if question.category.lower() in GREEDY_CATEGORIES:
+            return dataclasses.replace(self.answer_params, temperature=0.0)
+        return self.answer_params
+
+    def _answer(self, model: str, question: Question, blocked: str | None) -> Answer:
+        params = self.params_for(question)
+        answer = Answer(question=question, model=model, params=params.as_dict())
+        if blocked:
+            answer.error = blocked
+            return answer
+        system = getattr(self.engines.get(model), "default_system", "") or ""
+        messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        for turn in question.turns:
+            messages.append({"role": "user", "content": turn})
+            text, error = self._attempt(model, messages, params)
+            if error:
+                answer.error = error
+                break
+            answer.turns.append(text)
+            messages.append({"role": "assistant", "content": text})
+        return answer
+
+    def _blocked(self, question: Question) -> str | None:
+        """Why moderation keeps this question from every model, or None."""
+        if self.moderate is None:
+            return None
+        verdict = self.moderate("\n\n".join(question.turns))
+        if getattr(verdict, "allowed", True):
+            return None
+        return f"stopped by content moderation ({getattr(verdict, 'status', 'flagged')})"
+
+    def _judge_pair(self, question: Question, turn: int, a: Answer, b: Answer) -> tuple:
+        """(Judgment, game 1 prompt with A's answer first, game 2 prompt with B's answer first)."""
+        asked = list(question.turns[:turn])
+        reference = question.reference_for(turn)
+        game1 = pairwise_prompt(asked, a.turns[:turn], b.turns[:turn], reference)
+        game2 = pairwise_prompt(asked, b.turns[:turn], a.turns[:turn], reference)
+        judgment = Judgment(question=question, turn=turn, judge=self.judge, prompt_name=game1.name,
+                            model_a=a.model, model_b=b.model, g1_prompt=game1.user, g2_prompt=game2.user)
+        return judgment, game1, game2
+
+    def run(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
+            progress: Callable[[str, int, int], None] | None = None) -> EvaluationResult:
+        """Answer, then judge; ``progress(stage, done, total)`` with stage "answers" or "judgments"."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if mode == "pairwise" and (b is None or a == b):
+            raise ValueError("pairwise evaluation needs two different models (--a and --b)")
+        models = (a,) if b is None else (a, b)
+        report = progress or (lambda stage, done, total: None)
+        result = EvaluationResult(mode=mode, models=models, judge=self.judge, questions=list(questions))
+        started = time.perf_counter()
+        workers = self.max_in_flight or max(1, len(questions) * len(models))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
+            blocked = dict(zip([q.question_id for q in questions], pool.map(self._blocked, questions)))
+            futures = [(model, q, pool.submit(self._answer, model, q, blocked[q.question_id]))
+                       for q in questions for model in models]
+            total = len(futures)
+            report("answers", 0, total)
+            for done, (model, question, future) in enumerate(futures, start=1):
+                result.answers.setdefault(model, {})[question.question_id] = future.result()
+                report("answers", done, total)
+        result.answer_s = time.perf_counter() - started
+        if self._cancel.is_set():
+            result.cancelled = True
+            return result
+        started = time.perf_counter()
+        judgments, requests = self._plan_judgments(result)
+        workers = self.max_in_flight or max(1, len(requests))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
+            futures = [(judgment, slot, pool.submit(self._attempt, self.judge, prompt.messages(), self.judge_params))
+                       for judgment, slot, prompt in requests]
+            report("judgments", 0, len(futures))
+            for done, (judgment, slot, future) in enumerate(futures, start=1):
+                text, error = future.result()
+                setattr(judgment, f"{slot}_text", text)
+                if error:
+                    judgment.error = f"{judgment.error}; {error}" if judgment.error else error
+                report("judgments", done, len(futures))
+        for judgment in judgments:
+            if judgment.pairwise:
+                failed = judgment.error is not None
+                judgment.verdict = combine(None if failed else parse_pair(judgment.g1_text),
+                                           None if failed else parse_pair(judgment.g2_text))
+            else:
+                judgment.score = None if judgment.error else parse_rating(judgment.g1_text)
+        result.judgments = judgments
+        result.judge_s = time.perf_counter() - started
+        result.cancelled = self._cancel.is_set()
+        return result
+
+    def _plan_judgments(self, result: EvaluationResult) -> tuple[list[Judgment], list[tuple]]:
+        """The judgments to make and their requests (judgment, "g1"/"g2", JudgePrompt)."""
+        judgments: list[Judgment] = []
+        requests: list[tuple] = []
+        for question in result.questions:
+            for turn in range(1, len(question.turns) + 1):
+                answers = [result.answers[m][question.question_id] for m in result.models]
+                if result.mode == "pairwise":
+                    missing = [x for x in answers if len(x.turns) < turn]
+                    if missing:
+                        result.skipped.append(f"question {question.question_id} turn {turn}: {missing[0].model} has "
+                                              f"no answer ({missing[0].error or 'missing'})")
+                        continue
+                    judgment, game1, game2 = self._judge_pair(question, turn, *answers)
+                    judgments.append(judgment)
+                    requests += [(judgment, "g1", game1), (judgment, "g2", game2)]
+                    continue
+                for answer in answers:
+                    if len(answer.turns) < turn:
+                        result.skipped.append(f"question {question.question_id} turn {turn}: {answer.model} has "
+                                              f"no answer ({answer.error or 'missing'})")
+                        continue
+                    prompt = single_prompt(list(question.turns[:turn]), answer.turns[:turn],
+                                           question.reference_for(turn))
+                    judgment = Judgment(question=question, turn=turn, judge=self.judge, prompt_name=prompt.name,
+                                        model_a=answer.model, g1_prompt=prompt.user)
+                    judgments.append(judgment)
+                    requests.append((judgment, "g1", prompt))
+        return judgments, requests

@@ -1,0 +1,270 @@
+"""The judge in the app: verdicts on side-by-side rounds, and question-set evaluations from the page.
+
+A judge is any engine the app has (a ``--model`` or an ``--endpoint``), named by ``--judge NAME``.
+Without one, ``available`` is False and ``unavailable_reason()`` says how to add one.
+
+- ``judge_round(...)`` asks for a pairwise verdict on a finished side-by-side round, in both answer
+  orders at once (two requests the judge's engine batches), streams both explanations, and stores
+  the outcome as a judge vote (``Store.log_judge_vote``: its own table, never mixed with human
+  votes). The verdict counts only when both orders agree; otherwise it is a tie, and the
+  explanation says so. A judge that fails or gives no verdict is stored as "no_verdict".
+- ``evaluate(...)`` runs ``evaluation.runner`` for a visitor: one evaluation at a time per app
+  (``EvaluationBusy`` otherwise), at most ``max_in_flight`` requests at once so visitors' chats keep
+  their share of each engine's batch, every question checked by the app's moderator first (an
+  operator's file on the command line is trusted instead; see ``vicuna_demo.evaluate``). It
+  yields progress events and ends with the result, the summary, and a zip of the output files.
+  Closing the iterator (the visitor left) cancels the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from ..data.storage import JudgeVoteRecord
+from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
+from ..evaluation.outputs import summarize, write_outputs
+from ..evaluation.prompts import pairwise_prompt
+from ..evaluation.questions import Question
+from ..evaluation.runner import JUDGE_PARAMS, EvaluationResult, EvaluationRunner
+from ..evaluation.verdicts import PairVerdict, combine, explain, parse_pair
+from .chat import RateLimiter
+
+log = logging.getLogger("vicuna_demo.services.judge")
+
+NO_JUDGE = ("No judge is set up. Start the app with `--judge NAME`, where NAME is one of its models: best a strong "
+            "model behind an `--endpoint`, e.g. `--endpoint name=GPT-4o,base_url=https://api.openai.com/v1,"
+            "model=gpt-4o,key_env=OPENAI_API_KEY --judge GPT-4o` (see docs/evaluation.md).")
+JUDGE_RATE_PER_MIN = 10          # judge requests a visitor may start per minute (each asks twice)
+GAMES = ("g1", "g2")             # g1: model A's answer first; g2: model B's answer first
+
+
+class EvaluationBusy(RuntimeError):
+    """Another evaluation is running in this app."""
+
+
+@dataclass
+class JudgeUpdate:
+    """What the page shows while the judge works; the last one has ``done=True``."""
+
+    texts: dict = field(default_factory=lambda: {g: "" for g in GAMES})
+    done: bool = False
+    verdict: PairVerdict | None = None
+    explanation: str = ""            # the verdict in words, or why there is none
+    error: str = ""                  # a problem that stopped the judge (shown instead of a verdict)
+
+
+@dataclass
+class EvaluationEvent:
+    """Progress of an evaluation: ``stage`` is "answers", "judgments" or "done" (then ``result`` etc. are set)."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
+    result: EvaluationResult | None = None
+    summary: dict | None = None
+    archive: Path | None = None
+
+
+class JudgeService:
+    """Shared by all visitors (thread-safe)."""
+
+    def __init__(self, engines: Mapping[str, object], store, *, judge: str | None, moderator=None,
+                 max_in_flight: int = 4, params: SamplingParams = JUDGE_PARAMS,
+                 answer_params: SamplingParams = SamplingParams(), max_questions: int = 200,
+                 max_input_chars: int = 12000, timeout_s: float = 600.0):
+        if judge and judge not in engines:
+            raise KeyError(f"--judge {judge!r}: no such model")
+        self.engines = engines
+        self.store = store
+        self.judge = judge or None
+        self.moderator = moderator
+        self.max_in_flight = max(1, max_in_flight)
+        self.params = params
+        self.answer_params = answer_params
+        self.max_questions = max_questions
+        self.max_input_chars = max_input_chars
+        self.timeout_s = timeout_s
+        self.rate_limiter = RateLimiter(JUDGE_RATE_PER_MIN)
+        self._evaluation = threading.Lock()
+
+    @classmethod
+    def for_app(cls, engines: Mapping[str, object], store, moderator, settings, *, batch_size: int) -> "JudgeService":
+        """The app's judge: ``settings.judge``; evaluations use at most half of an engine's batch."""
+        params = dataclasses.replace(JUDGE_PARAMS, max_new_tokens=min(JUDGE_PARAMS.max_new_tokens,
+                                                                      settings.max_new_tokens_limit))
+        answers = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                 max_new_tokens=settings.max_new_tokens)
+        return cls(engines, store, judge=settings.judge, moderator=moderator, max_in_flight=max(1, batch_size // 2),
+                   params=params, answer_params=answers, max_input_chars=settings.max_input_chars)
+
+    # -- availability -------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self.judge is not None
+
+    def unavailable_reason(self) -> str:
+        return "" if self.available else NO_JUDGE
+
+    def self_judging_note(self, *models: str) -> str:
+        """A warning when the judge is one of the contestants (self-preference bias), else ''."""
+        if self.judge in models:
+            return (f"Note: the judge {self.judge} is also one of the contestants; judges tend to favour their own "
+                    "answers (self-preference bias).")
+        return ""
+
+    # -- a side-by-side round ---------------------------------------------------------------------
+    def _stream_game(self, game: str, messages: list[dict], inbox: queue.Queue, cancel: threading.Event) -> None:
+        engine = self.engines[self.judge]
+        try:
+            prompt = engine.prepare(messages, self.params)
+            stream = engine.stream(prompt, self.params)
+            timer = threading.Timer(self.timeout_s, stream.cancel)
+            timer.daemon = True
+            timer.start()
+            try:
+                for delta in stream:
+                    if cancel.is_set():
+                        stream.cancel()
+                        break
+                    inbox.put((game, "delta", delta))
+            finally:
+                timer.cancel()
+            if stream.stats.finish_reason == "cancelled" and not cancel.is_set():
+                raise EngineError(f"the judge gave no complete answer within {self.timeout_s:g} s")
+        except PromptTooLong:
+            inbox.put((game, "error", f"The round is too long for the judge {self.judge}'s context window."))
+        except EngineError as exc:
+            inbox.put((game, "error", f"The judge {self.judge} failed: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - one game's bug must not hang the other
+            log.exception("judge game %s crashed", game)
+            inbox.put((game, "error", f"The judge failed ({type(exc).__name__})."))
+        finally:
+            inbox.put((game, "end", None))
+
+    def judge_round(self, questions: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str], *,
+                    model_a: str, model_b: str, battle_id: str, conversation_a_id: str, conversation_b_id: str,
+                    client_hash: str) -> Iterator[JudgeUpdate]:
+        """Stream the judge's two games on a round and store the verdict. Yields JudgeUpdate."""
+        update = JudgeUpdate()
+        if not self.available:
+            update.done, update.error = True, NO_JUDGE
+            yield update
+            return
+        if not questions or len(answers_a) != len(questions) or len(answers_b) != len(questions) \
+                or not all(a.strip() for a in (*answers_a, *answers_b)):
+            update.done, update.error = True, "There is no finished round to judge yet: both models must answer first."
+            yield update
+            return
+        wait = self.rate_limiter.allow(client_hash)
+        if wait > 0:
+            update.done, update.error = True, (f"The judge can be asked {JUDGE_RATE_PER_MIN} times a minute; please "
+                                               f"wait {wait:.0f} s.")
+            yield update
+            return
+        games = {"g1": pairwise_prompt(questions, answers_a, answers_b),
+                 "g2": pairwise_prompt(questions, answers_b, answers_a)}
+        inbox: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        errors: dict[str, str] = {}
+        for game, prompt in games.items():
+            threading.Thread(target=self._stream_game, args=(game, prompt.messages(), inbox, cancel),
+                             name=f"judge-{game}", daemon=True).start()
+        pending = set(GAMES)
+        try:
+            while pending:
+                items = [inbox.get()]
+                while not inbox.empty():
+                    items.append(inbox.get_nowait())
+                for game, kind, value in items:
+                    if kind == "delta":
+                        update.texts[game] += value
+                    elif kind == "error":
+                        errors[game] = value
+                    else:
+                        pending.discard(game)
+                if pending:
+                    yield dataclasses.replace(update, texts=dict(update.texts))
+        finally:
+            if pending:  # the visitor went away: stop both games
+                cancel.set()
+        error = next(iter(errors.values()), "")
+        update.verdict = combine(None if "g1" in errors else parse_pair(update.texts["g1"]),
+                                 None if "g2" in errors else parse_pair(update.texts["g2"]))
+        update.explanation = explain(update.verdict, f"Model A ({model_a})", f"Model B ({model_b})")
+        update.error, update.done = error, True
+        record = JudgeVoteRecord(
+            battle_id=battle_id, tstamp=time.time(), client_hash=client_hash, judge=self.judge,
+            prompt=games["g1"].name, model_a=model_a, model_b=model_b, winner=update.verdict.winner,
+            g1_winner=update.verdict.g1, g2_winner=update.verdict.g2, g1_judgment=update.texts["g1"],
+            g2_judgment=update.texts["g2"], error=error or None, n_turns=len(questions),
+            conversation_a_id=conversation_a_id, conversation_b_id=conversation_b_id)
+        try:
+            self.store.log_judge_vote(record)
+        except Exception:  # noqa: BLE001 - a storage bug must not take the verdict with it
+            log.exception("could not store the judge verdict of battle %s", battle_id)
+        yield update
+
+    # -- evaluations from the page -----------------------------------------------------------------
+    def evaluate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
+                 max_new_tokens: int | None = None) -> Iterator[EvaluationEvent]:
+        """Run one evaluation (see the module docstring). Raises EvaluationBusy, ValueError (bad choice)."""
+        if not self.available:
+            raise ValueError(NO_JUDGE)
+        for name in (a, b):
+            if name is not None and name not in self.engines:
+                raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(self.engines)}.")
+        if not self._evaluation.acquire(blocking=False):
+            raise EvaluationBusy("Another evaluation is running in this app; please try again when it has finished.")
+        try:
+            params = self.answer_params
+            if max_new_tokens:
+                params = dataclasses.replace(params, max_new_tokens=int(max_new_tokens))
+            moderate = self.moderator.check if self.moderator is not None else None
+            runner = EvaluationRunner(self.engines, judge=self.judge, answer_params=params, judge_params=self.params,
+                                      max_in_flight=self.max_in_flight, timeout_s=self.timeout_s, moderate=moderate)
+            events: queue.Queue = queue.Queue()
+            outcome: dict = {}
+
+            def work():
+                try:
+                    outcome["result"] = runner.run(questions, a, b, mode=mode,
+                                                   progress=lambda s, d, t: events.put(EvaluationEvent(s, d, t)))
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                    outcome["error"] = exc
+                finally:
+                    events.put(None)
+
+            thread = threading.Thread(target=work, name="evaluation", daemon=True)
+            thread.start()
+            finished = False
+            try:
+                while (event := events.get()) is not None:
+                    yield event
+                finished = True
+            finally:
+                if not finished:
+                    runner.cancel()
+                    thread.join(timeout=30)
+            if "error" in outcome:
+                raise outcome["error"]
+            result = outcome["result"]
+            summary = summarize(result)
+            folder = Path(tempfile.mkdtemp(prefix="vicuna-eval-"))
+            write_outputs(result, folder / "evaluation", summary)
+            archive = Path(shutil.make_archive(str(folder / "evaluation"), "zip", folder, "evaluation"))
+            yield EvaluationEvent("done", result=result, summary=summary, archive=archive)
+        finally:
+            self._evaluation.release()
+
+    @property
+    def evaluation_running(self) -> bool:
+        return self._evaluation.locked()
