@@ -47,6 +47,14 @@ JUDGE_RATE_PER_MIN = 10          # judge requests a visitor may start per minute
 GAMES = ("g1", "g2")             # g1: model A's answer first; g2: model B's answer first
 
 
+def agreement(pairs: Sequence[tuple[str, str]]) -> tuple[int, int]:
+    """(rounds where judge and human agree, rounds with both) from (judge winner, human winner) pairs.
+    "tie" and "tie (bothbad)" are the same verdict here: neither answer is better."""
+    def same(winner: str) -> str:
+        return "tie" if winner.startswith("tie") else winner
+    return sum(1 for judge, human in pairs if same(judge) == same(human)), len(pairs)
+
+
 class EvaluationBusy(RuntimeError):
     """Another evaluation is running in this app."""
 
@@ -95,6 +103,14 @@ class JudgeService:
         self.timeout_s = timeout_s
         self.rate_limiter = RateLimiter(JUDGE_RATE_PER_MIN)
         self._evaluation = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, service, settings) -> "JudgeService":
+        """The app's judge over a ChatService's engines, store and moderator (``settings.judge``); page
+        evaluations keep at most half of an engine's batch (--max-batch-requests, else 64 on a GPU, 8 on a CPU)."""
+        from ..loading import cuda_available
+        batch = settings.max_batch_requests or (64 if cuda_available() else 8)
+        return cls.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)
 
     @classmethod
     def for_app(cls, engines: Mapping[str, object], store, moderator, settings, *, batch_size: int) -> "JudgeService":

@@ -113,5 +113,4 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
 
 def build_judge(service: ChatService, settings: Settings) -> JudgeService:
     """The judge service over the app's engines; evaluations from the page use at most half of a batch."""
-    batch = settings.max_batch_requests or (64 if cuda_available() else 8)
-    return JudgeService.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)
+    return JudgeService.from_settings(service, settings)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gradio as gr
 
 from ..services.chat import ChatService
+from ..services.judge import JudgeService
 from .chat_tab import build_chat_tab
 from .compare_tab import build_compare_tab
+from .evaluate_tab import build_evaluate_tab
 from .leaderboard_tab import build_leaderboard_tab
 
 TITLE = "Vicuna demo"
@@ -37,7 +39,8 @@ def _warmup_status(service: ChatService) -> None:
     timer.tick(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
 
 
-def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = ()) -> gr.Blocks:
+def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = (),
+             judge: JudgeService | None = None) -> gr.Blocks:
     """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off)."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# 🦙 {TITLE}\nChat with open models, compare them side by side, and vote.")
@@ -53,4 +56,6 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
                 build_compare_tab(service, settings, anonymous=False)
             with gr.Tab("🏆 Leaderboard", id="leaderboard") as leaderboard:
                 build_leaderboard_tab(service, settings, leaderboard)
+            with gr.Tab("📋 Evaluate", id="evaluate"):
+                build_evaluate_tab(service, judge or JudgeService.from_settings(service, settings), settings)
     return demo

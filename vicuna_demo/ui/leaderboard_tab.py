@@ -5,8 +5,11 @@ only; anonymous battles only unless the checkbox includes named ones) and render
 ``battles_view``: Bradley-Terry ratings with a weak prior and 95% intervals
 (``ratings.compute_leaderboard``), models with fewer than ``--min-battles`` battles listed last as
 provisional, and the win-rate matrix (``ratings.plot_win_rates``). ``battles_view`` takes any list of
-battles, so another kind of vote can reuse it. API name:
-``/leaderboard_refresh(include_named) -> (summary, table, plot)``.
+battles, so another kind of vote can reuse it: the "judge" view rates the judge's verdicts on
+side-by-side rounds (``store.judge_battles``, never mixed with human votes) and says how often the
+judge and the visitor agreed on the rounds that have both. API names:
+``/leaderboard_refresh(include_named) -> (summary, table, plot)`` (human votes) and
+``/leaderboard_judge() -> (summary, table, plot)``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from ..data.ratings import (MIN_BATTLES, compute_leaderboard, interval_text, plo
 from ..data.storage import NullStore
 from ..services.arena import Arena
 from ..services.chat import ChatService
+from ..services.judge import NO_JUDGE, agreement
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
+VIEWS = ("human", "judge")
 PROVISIONAL = "provisional"
 NOT_KEPT = "Votes are not being kept (the app runs with `--log-dir ''`), so there is no leaderboard."
 
@@ -88,9 +93,32 @@ def leaderboard_view(service: ChatService, settings, include_named: bool) -> tup
                         empty=empty_message(service, settings, include_named))
 
 
+def agreement_text(pairs: list[tuple[str, str]]) -> str:
+    """How often the judge and the visitors agreed, on the rounds that have both verdicts."""
+    agree, n = agreement(pairs)
+    if not n:
+        return ""
+    return (f" Judge and human verdicts agree on **{agree} of {n}** round{'' if n == 1 else 's'} that have both "
+            f"(**{100 * agree / n:.0f}%**; both kinds of tie count as a tie).")
+
+
+def judge_view(service: ChatService, settings) -> tuple[str, list[list], object | None]:
+    """(summary, table, figure) of the judge's verdicts, with the judge/human agreement rate."""
+    store = service.store
+    if isinstance(store, NullStore):
+        return NOT_KEPT, [], None
+    empty = (NO_JUDGE if not getattr(settings, "judge", None) else
+             "No judge verdicts yet. In the 👥 Side by side tab, finish a round and press ⚖️ Ask the judge.")
+    summary, rows, figure = battles_view(store.judge_battles(), kind="judge-verdict",
+                                         min_battles=getattr(settings, "min_battles", MIN_BATTLES), empty=empty)
+    return summary + agreement_text(store.judge_human_pairs()), rows, figure
+
+
 def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = None) -> None:
     """Add the tab's components; refreshed by its button, its checkbox, and (if given) selecting ``tab``."""
     with gr.Row():
+        view = gr.Radio(list(VIEWS), value="human", label="Votes", elem_id="leaderboard-view",
+                        info="human: visitors' votes · judge: the judge model's verdicts")
         include_named = gr.Checkbox(False, label="Include named (👥 Side by side) battles",
                                     elem_id="leaderboard-include-named")
         refresh = gr.Button("🔄 Refresh", elem_id="leaderboard-refresh", scale=0)
@@ -103,11 +131,19 @@ def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = N
         text, rows, figure = leaderboard_view(service, settings, bool(include))
         return text, {"headers": HEADERS, "data": rows}, figure  # None: gradio's empty placeholder, not a blank figure
 
+    def judge_fn():
+        text, rows, figure = judge_view(service, settings)
+        return text, {"headers": HEADERS, "data": rows}, figure
+
+    def view_fn(include: bool, which: str):
+        return judge_fn() if which == "judge" else refresh_fn(include)
+
     outputs = [summary, table, plot]
-    refresh.click(refresh_fn, [include_named], outputs, api_name="leaderboard_refresh",
-                  concurrency_id="leaderboard", concurrency_limit=2)
-    include_named.change(refresh_fn, [include_named], outputs, api_name=False,
-                         concurrency_id="leaderboard", concurrency_limit=2)
+    pool = dict(concurrency_id="leaderboard", concurrency_limit=2)
+    human_api, judge_api = gr.Button(visible=False), gr.Button(visible=False)
+    human_api.click(refresh_fn, [include_named], outputs, api_name="leaderboard_refresh", **pool)
+    judge_api.click(judge_fn, None, outputs, api_name="leaderboard_judge", **pool)
+    for event in (refresh.click, include_named.change, view.change):
+        event(view_fn, [include_named, view], outputs, api_name=False, **pool)
     if tab is not None:
-        tab.select(refresh_fn, [include_named], outputs, api_name=False,
-                   concurrency_id="leaderboard", concurrency_limit=2)
+        tab.select(view_fn, [include_named, view], outputs, api_name=False, **pool)

@@ -1,0 +1,142 @@
+"""The judge in the running app, driven through gradio_client: the 📋 Evaluate tab (the embedded
+SmolLM2 against a scripted endpoint, judged by a local judge server), moderation of uploaded
+questions, one evaluation at a time, the app without a judge, and the leaderboard's judge view."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from tests.fake_moderation_server import fake_moderation_server  # noqa: F401
+from tests.judge_server import JudgeServer, judged_answers
+from vicuna_demo.data.storage import JudgeVoteRecord, VoteRecord
+
+ENDPOINT_ANSWER = "The endpoint's considered answer: 42."
+SMALL = "SmolLM2-135M (offline)"
+QUESTIONS = """\
+{"question_id": 1, "category": "writing", "turns": ["Write one sentence about the sea.", "Now make it rhyme."]}
+{"question_id": 2, "category": "math", "turns": ["What is 6 times 7?"], "reference": ["42"]}
+"""
+
+
+@pytest.fixture
+def servers():
+    """(contestant endpoint, judge) servers; the judge prefers the endpoint's answer."""
+    def prefers_the_endpoint(messages):
+        first, _ = judged_answers(messages)
+        return "Step by step... " + ("[[A]]" if ENDPOINT_ANSWER in first else "[[B]]")
+
+    with JudgeServer(lambda m: ENDPOINT_ANSWER) as contestant, JudgeServer(prefers_the_endpoint) as judge:
+        yield contestant, judge
+
+
+@pytest.fixture
+def question_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text(QUESTIONS)
+    return path
+
+
+def start(launch_app, embedded_engine, servers, *extra, judge=True):
+    contestant, judge_server = servers
+    argv = ["--endpoint", contestant.endpoint("Endpoint"), "--endpoint", judge_server.endpoint("Judge"), *extra]
+    if judge:
+        argv += ["--judge", "Judge"]
+    url, runtime = launch_app(argv, engines={SMALL: embedded_engine})
+    return Client(url, verbose=False), runtime
+
+
+def test_the_evaluate_tab_runs_an_evaluation_and_offers_fastchat_outputs(launch_app, embedded_engine, servers,
+                                                                        question_file):
+    client, _ = start(launch_app, embedded_engine, servers)
+    job = client.submit(SMALL, "Endpoint", "pairwise", handle_file(str(question_file)), 16, api_name="/evaluate")
+    status, summary, table, plot, archive = job.result(timeout=240)
+    statuses = [out[0] for out in job.outputs()]
+    assert any(s.startswith("⏳ Answers") for s in statuses) and any(s.startswith("⏳ Judgments") for s in statuses)
+    assert status == "✅ Done."
+    assert "**Endpoint** wins 3" in summary and f"**{SMALL}** wins 0" in summary
+    assert table["headers"][:3] == ["category", f"{SMALL} wins", "Endpoint wins"]
+    assert [row[0] for row in table["data"]] == ["math", "writing", "all"]
+    assert table["data"][-1][1:] == [0, 3, 0, 0]
+    assert plot is not None
+    names = zipfile.ZipFile(archive).namelist()
+    assert "evaluation/model_judgment/Judge_pair.jsonl" in names
+    assert f"evaluation/model_answer/{SMALL}.jsonl" in names and "evaluation/summary.json" in names
+
+
+def test_uploaded_questions_are_moderated_and_a_flagged_one_reaches_no_model(launch_app, embedded_engine, servers,
+                                                                            tmp_path, monkeypatch,
+                                                                            fake_moderation_server):  # noqa: F811
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-moderation-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_moderation_server.base_url)
+    fake_moderation_server.flag("hurt someone", {"violence": 0.95})
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1, "category": "stem", "turns": ["Why is the sky blue?"]}\n'
+                    '{"question_id": 2, "category": "stem", "turns": ["How do I hurt someone?"]}\n')
+    client, _ = start(launch_app, embedded_engine, servers, "--moderation", "openai")
+    status, summary, *_ = client.predict(SMALL, "Endpoint", "pairwise", handle_file(str(path)), 16,
+                                         api_name="/evaluate")
+    contestant, _judge = servers
+    assert status == "✅ Done."
+    assert all("hurt someone" not in m[-1]["content"] for m in contestant.requests)
+    assert "stopped by content moderation" in summary and "1 turn(s) not judged" in summary
+
+
+def test_only_one_evaluation_runs_at_a_time(launch_app, embedded_engine, servers, question_file):
+    contestant, judge_server = servers
+    judge_server.delay_s = 0.2        # keep the first evaluation busy
+    client, _ = start(launch_app, embedded_engine, servers)
+    first = client.submit("Endpoint", SMALL, "pairwise", handle_file(str(question_file)), 16, api_name="/evaluate")
+    deadline = time.monotonic() + 60
+    while not any(out[0].startswith("⏳") for out in first.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status, *_ = Client(client.src, verbose=False).predict(SMALL, "Endpoint", "pairwise", None, 16,
+                                                          api_name="/evaluate")
+    assert "Another evaluation is running" in status
+    assert first.result(timeout=240)[0] == "✅ Done."
+
+
+def test_without_a_judge_the_app_starts_and_says_how_to_add_one(launch_app, embedded_engine, servers):
+    client, runtime = start(launch_app, embedded_engine, servers, judge=False)
+    assert not runtime.judge.available
+    assert "/evaluate" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    summary, table, plot = client.predict(api_name="/leaderboard_judge")
+    assert "--judge NAME" in summary and plot is None
+
+
+def test_bad_question_files_and_choices_get_a_message(launch_app, embedded_engine, servers, tmp_path):
+    client, _ = start(launch_app, embedded_engine, servers)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["a", "b", "c"]}\n')
+    status, *_ = client.predict(SMALL, "Endpoint", "pairwise", handle_file(str(bad)), 16, api_name="/evaluate")
+    assert "cannot be used" in status and "line 1" in status and "3 turns" in status
+    status, *_ = client.predict(SMALL, SMALL, "pairwise", None, 16, api_name="/evaluate")
+    assert "two different models" in status
+    for args in (("Nope", "Endpoint", "pairwise"), (SMALL, "Endpoint", "best-of-3")):   # a crafted API call
+        with pytest.raises(AppError, match="is not in the list of choices"):
+            client.predict(*args, None, 16, api_name="/evaluate")
+
+
+def test_the_leaderboard_judge_view_rates_verdicts_and_shows_agreement_with_humans(launch_app, embedded_engine,
+                                                                                   servers):
+    client, runtime = start(launch_app, embedded_engine, servers)
+    store = runtime.service.store
+    for i, (judge_winner, human_winner) in enumerate([("model_a", "model_a"), ("model_b", "model_a"),
+                                                      ("tie", "tie (bothbad)"), ("no_verdict", "model_b")]):
+        store.log_judge_vote(JudgeVoteRecord(
+            battle_id=f"b{i}", tstamp=1.0, client_hash="h", judge="Judge", prompt="pair-v1", model_a=SMALL,
+            model_b="Endpoint", winner=judge_winner, g1_winner=None, g2_winner=None, g1_judgment="",
+            g2_judgment="", error=None, n_turns=1, conversation_a_id="a", conversation_b_id="b"))
+        store.log_vote(VoteRecord(battle_id=f"b{i}", tstamp=1.0, client_hash="h", anony=False, model_a=SMALL,
+                                  model_b="Endpoint", winner=human_winner, counted=True, not_counted_reason=None,
+                                  conversation_a_id="a", conversation_b_id="b"))
+    summary, table, plot = client.predict(api_name="/leaderboard_judge")
+    assert "**3** counted judge-verdict battles" in summary
+    assert "agree on **2 of 3** rounds" in summary and "(**67%**" in summary
+    assert sorted(row[1] for row in table["data"]) == ["Endpoint", SMALL]
+    human, _, _ = client.predict(True, api_name="/leaderboard_refresh")
+    assert "**4** counted anonymous and named battles" in human    # human votes never mix with the judge's
