@@ -31,9 +31,11 @@ def setup_logging(level: str) -> None:
 
 def create_app(settings: Settings, engines: dict | None = None):
     """-> (gr.Blocks, Runtime). Tests pass ``engines`` to skip loading."""
+    from vicuna_demo.serving import stop_server_trusting_proxy_headers
     from vicuna_demo.services.runtime import build_runtime
     from vicuna_demo.ui import build_ui
 
+    stop_server_trusting_proxy_headers()  # the peer reaches the app as is; --forwarded-allow-ips decides
     runtime = build_runtime(settings, engines=engines)
     demo = build_ui(runtime.service, settings, runtime.banners)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
@@ -41,13 +43,17 @@ def create_app(settings: Settings, engines: dict | None = None):
 
 
 def launch_kwargs(settings: Settings) -> dict:
-    """gradio ``launch()`` arguments from the settings; raises ConfigError for a bad --auth."""
-    from vicuna_demo.serving import AUTH_MESSAGE, parse_auth
+    """gradio ``launch()`` arguments from the settings; raises ConfigError for a bad --auth or --forwarded-allow-ips."""
+    from starlette.middleware import Middleware
+
+    from vicuna_demo.serving import AUTH_MESSAGE, ClientAddressMiddleware, on_space, parse_auth, trusted_proxies
 
     auth = parse_auth(settings.auth)
+    trusted = trusted_proxies(settings, space=on_space())  # ConfigError for a bad --forwarded-allow-ips
     kwargs: dict = dict(server_name=settings.host, server_port=settings.port, share=settings.share or None,
                         # enough worker threads for --concurrency replies plus the quick events (Stop, Clear)
-                        max_threads=max(40, settings.concurrency + 8))
+                        max_threads=max(40, settings.concurrency + 8),
+                        app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted)]})
     if auth:
         kwargs.update(auth=auth, auth_message=AUTH_MESSAGE)
     return kwargs
@@ -85,7 +91,7 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        launch_kwargs(settings)  # a bad --auth fails now, before any model loads
+        launch_kwargs(settings)  # a bad --auth or --forwarded-allow-ips fails now, before any model loads
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

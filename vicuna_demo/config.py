@@ -166,6 +166,7 @@ class Settings:
     max_input_chars: int = 12000
     max_turns: int = 50
     rate_limit: int = 30
+    forwarded_allow_ips: str | None = None  # None: none trusted, or the Space's proxies on a Space
     # logging
     log_dir: str = "logs"
     log_level: str = "INFO"
@@ -255,6 +256,9 @@ _OPTIONS: tuple[_Opt, ...] = (
     _Opt("serving", "--max-input-chars", "max_input_chars", "int", "Longest message a visitor may send.", low=1),
     _Opt("serving", "--max-turns", "max_turns", "int", "Most user turns in one conversation.", low=1),
     _Opt("serving", "--rate-limit", "rate_limit", "int", "Messages per visitor per minute (0 = unlimited).", low=0),
+    _Opt("serving", "--forwarded-allow-ips", "forwarded_allow_ips", "str",
+         "Proxies whose X-Forwarded-For names the visitor: comma list of IPs/CIDRs, * = any peer, '' = none "
+         "(default: none; on a Hugging Face Space, its private network). See docs/deploy.md.", metavar="IPS"),
     _Opt("logging", "--log-dir", "log_dir", "str", "Folder for the conversation and vote store ('' = keep nothing)."),
     _Opt("logging", "--log-level", "log_level", "choice", "Console log level.",
          choices=("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -1,6 +1,8 @@
-"""Serving the demo to other people: password protection, the share link and start-up warnings.
+"""Serving the demo to other people: password protection, who the visitor is, the share link and start-up warnings.
 
     auth = parse_auth(["alice:secret", "@users.txt"])        # -> [("alice", "secret"), ...]
+    trusted = trusted_proxies(settings, space=on_space())  # --forwarded-allow-ips, the Space default
+    launch(app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted)]})
     for text in startup_warnings(settings, moderation_on=..., space=on_space()): print(loud(text))
     if settings.share and share_url is None: print(share_failed_message(local_url))
 """
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError, Settings
+from .services.identity import SPACE_PROXIES, TrustedProxies, forwarded_chain, resolve_client
 
 AUTH_MESSAGE = "This demo is password protected: log in with the user name and password you were given."
 
@@ -52,6 +55,49 @@ def _auth_pair(text: str, where: str) -> tuple[str, str]:
         raise ConfigError(f"{where}: expected USER:PASSWORD with a non-empty user and password "
                           "(a password may itself contain ':').")
     return user.strip(), password
+
+
+# -- who is the visitor ---------------------------------------------------------------------------
+
+def trusted_proxies(settings: Settings, space: bool = False) -> TrustedProxies:
+    """--forwarded-allow-ips, or by default none (the TCP peer is the visitor), or the Space's proxies on a Space."""
+    spec = settings.forwarded_allow_ips
+    if spec is None:
+        spec = SPACE_PROXIES if space else ""
+    try:
+        return TrustedProxies.parse(spec)
+    except ValueError as exc:
+        raise ConfigError(f"--forwarded-allow-ips: {exc}.") from None
+
+
+def stop_server_trusting_proxy_headers() -> None:
+    """Keep uvicorn (which gradio runs) from rewriting the peer from X-Forwarded-For itself.
+
+    uvicorn trusts the header from FORWARDED_ALLOW_IPS, by default 127.0.0.1 and ::1, and would hand the
+    app a visitor-chosen address for every request arriving through a local tunnel or proxy.
+    ClientAddressMiddleware applies --forwarded-allow-ips instead, so uvicorn is told to trust no one."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ""
+
+
+class ClientAddressMiddleware:
+    """ASGI middleware: the request's client becomes the visitor by the rules of services/identity.py.
+
+    Like uvicorn's ProxyHeadersMiddleware, but strict: right-most untrusted entry, garbage never
+    becomes an identity, several headers read as one list. Everything after it (gradio's gr.Request,
+    ui.common.client_address) sees the visitor's address as ``request.client.host``."""
+
+    def __init__(self, app, trusted: TrustedProxies):
+        self.app = app
+        self.trusted = trusted
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and self.trusted and scope.get("client"):
+            peer, port = scope["client"]
+            values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-forwarded-for"]
+            visitor = resolve_client(peer, forwarded_chain(values), self.trusted)
+            if visitor is not None and visitor != peer:
+                scope = {**scope, "client": (visitor, 0)}
+        await self.app(scope, receive, send)
 
 
 # -- start-up and share link -----------------------------------------------------------------------

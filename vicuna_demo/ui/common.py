@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 import gradio as gr
 
 from ..engines.protocol import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
+from ..services.identity import visitor_id
 
 
 @dataclass
@@ -61,20 +61,12 @@ def sampling_controls(defaults, max_limit: int):
 
 
 def client_address(request: gr.Request | None) -> str:
-    """The visitor's address. X-Forwarded-For is believed only from a proxy on a private network (as on
-    Hugging Face Spaces), so a visitor cannot dodge the rate limit by sending the header."""
+    """The visitor's identity for the rate limit and the log (services/identity.py): the request's client,
+    which serving.ClientAddressMiddleware has already resolved from a trusted proxy's X-Forwarded-For
+    (--forwarded-allow-ips); without that, the TCP peer. An IPv6 visitor is its /64."""
     if request is None:
         return "unknown"
-    peer = getattr(getattr(request, "client", None), "host", None) or "unknown"
-    try:
-        behind_proxy = ipaddress.ip_address(peer).is_private
-    except ValueError:
-        behind_proxy = False
-    if behind_proxy:
-        forwarded = (getattr(request, "headers", None) or {}).get("x-forwarded-for", "")
-        if forwarded.split(",")[0].strip():
-            return forwarded.split(",")[0].strip()
-    return peer
+    return visitor_id(getattr(getattr(request, "client", None), "host", None))
 
 
 def client_hash(service, request: gr.Request | None) -> str:
