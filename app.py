@@ -31,11 +31,12 @@ def setup_logging(level: str) -> None:
 
 def create_app(settings: Settings, engines: dict | None = None):
     """-> (gr.Blocks, Runtime). Tests pass ``engines`` to skip loading."""
-    from vicuna_demo.serving import stop_server_trusting_proxy_headers
+    from vicuna_demo.serving import quiet_malformed_requests, stop_server_trusting_proxy_headers
     from vicuna_demo.services.runtime import build_runtime
     from vicuna_demo.ui import build_ui
 
     stop_server_trusting_proxy_headers()  # the peer reaches the app as is; --forwarded-allow-ips decides
+    quiet_malformed_requests()  # a crafted request gradio fails on is one console line, not a traceback
     runtime = build_runtime(settings, engines=engines)
     demo = build_ui(runtime.service, settings, runtime.banners)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
@@ -46,14 +47,22 @@ def launch_kwargs(settings: Settings) -> dict:
     """gradio ``launch()`` arguments from the settings; raises ConfigError for a bad --auth or --forwarded-allow-ips."""
     from starlette.middleware import Middleware
 
-    from vicuna_demo.serving import AUTH_MESSAGE, ClientAddressMiddleware, on_space, parse_auth, trusted_proxies
+    from vicuna_demo.serving import (AUTH_MESSAGE, CheckQueueJoinMiddleware, ClientAddressMiddleware,
+                                      HideApiInfoBeforeLoginMiddleware, RefuseUploadsMiddleware, on_space,
+                                      parse_auth, trusted_proxies)
 
     auth = parse_auth(settings.auth)
     trusted = trusted_proxies(settings, space=on_space())  # ConfigError for a bad --forwarded-allow-ips
     kwargs: dict = dict(server_name=settings.host, server_port=settings.port, share=settings.share or None,
                         # enough worker threads for --concurrency replies plus the quick events (Stop, Clear)
                         max_threads=max(40, settings.concurrency + 8),
-                        app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted)]})
+                        # who the visitor is; no uploads (nothing takes files); no API description on the login
+                        # page; crafted queue requests refused with one sentence (docs/deploy.md, "Trust rules")
+                        app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted),
+                                                   Middleware(RefuseUploadsMiddleware),
+                                                   Middleware(HideApiInfoBeforeLoginMiddleware),
+                                                   Middleware(CheckQueueJoinMiddleware)],
+                                    "openapi_url": None})  # FastAPI's schema of gradio's own routes: not needed
     if auth:
         kwargs.update(auth=auth, auth_message=AUTH_MESSAGE)
     return kwargs

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -98,6 +100,175 @@ class ClientAddressMiddleware:
             if visitor is not None and visitor != peer:
                 scope = {**scope, "client": (visitor, 0)}
         await self.app(scope, receive, send)
+
+
+# -- what a visitor without a password can reach ---------------------------------------------------
+
+UPLOADS_REFUSED = "This demo takes no file uploads."
+
+
+class RefuseUploadsMiddleware:
+    """ASGI middleware: ``POST /gradio_api/upload`` answers 413 before any byte of the body is read.
+
+    No component of this app takes files, yet gradio accepts uploads of any size on that route (and
+    stores them in its temp folder) whenever the caller may use the app at all."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            return await _plain_response(send, 413, UPLOADS_REFUSED)
+        await self.app(scope, receive, send)
+
+
+class HideApiInfoBeforeLoginMiddleware:
+    """ASGI middleware: the login page no longer embeds the API description.
+
+    With --auth, gradio's page for a visitor who has not logged in carries an empty config and
+    ``"auth_required": true``, but still inlines ``window.gradio_api_info`` (every endpoint, parameter
+    and model name) although ``/gradio_api/info`` refuses the same visitor. That script is replaced by
+    ``window.gradio_api_info = null;`` on such pages; after login the page is served whole."""
+
+    MARK = b'"auth_required":true'
+    START, END = b"<script>window.gradio_api_info = ", b";</script>"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "GET" or "/gradio_api/" in scope["path"]:
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def send_filtered(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", ()))
+                if not headers.get(b"content-type", b"").startswith(b"text/html") or b"content-encoding" in headers:
+                    start = None
+                    return await send(message)
+                start = message
+                return
+            if message["type"] != "http.response.body" or start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = self.strip(b"".join(chunks))
+            headers = [(k, v) for k, v in start.get("headers", ()) if k != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, send_filtered)
+
+    def strip(self, page: bytes) -> bytes:
+        if self.MARK not in page:
+            return page
+        begin = page.find(self.START)
+        end = page.find(self.END, begin + len(self.START))
+        if begin < 0 or end < 0:
+            return page
+        return page[:begin] + self.START + b"null" + page[end:]
+
+
+class CheckQueueJoinMiddleware:
+    """ASGI middleware: a crafted ``POST /gradio_api/queue/join`` naming no event (unknown ``fn_index``) or
+    sending fewer input values than the event takes gets a 422 with one sentence, instead of a 500 and
+    a traceback in the console (gradio raises KeyError / ValueError on them)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or \
+                not scope["path"].rstrip("/").endswith("/gradio_api/queue/join"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = self.problem(scope, body)
+        if problem:
+            return await _plain_response(send, 422, problem)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def problem(scope, body: bytes) -> str:
+        try:
+            join = json.loads(body)
+        except ValueError:
+            return ""  # FastAPI answers 422 itself
+        app = scope.get("app")
+        if not isinstance(join, dict) or not isinstance(join.get("data"), list) or app is None or \
+                _needs_login(app, scope):
+            return ""  # gradio answers 401 to a visitor who has not logged in: say nothing about events
+        fn_index = join.get("fn_index")
+        fn = app.get_blocks().fns.get(fn_index) if isinstance(fn_index, int) else None
+        if fn is None:
+            return f"No event has fn_index {fn_index!r}."
+        if len(join["data"]) < len(fn.inputs):
+            return f"This event takes {len(fn.inputs)} input values; the request sent {len(join['data'])}."
+        return ""
+
+
+def _needs_login(app, scope) -> bool:
+    """Does gradio want a login for this request (auth on and no valid session cookie)? Reads gradio's
+    cookie (``access-token-<cookie_id>``); when those internals are missing, assume a login is needed."""
+    if getattr(app, "auth", None) is None and getattr(app, "auth_dependency", None) is None:
+        return False
+    from starlette.requests import HTTPConnection
+    cookies = HTTPConnection(scope).cookies
+    cookie_id, tokens = getattr(app, "cookie_id", None), getattr(app, "tokens", None) or {}
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return cookie_id is None or tokens.get(token) is None
+
+
+async def _plain_response(send, status: int, text: str) -> None:
+    body = text.encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class OneLineRequestErrors(logging.Filter):
+    """uvicorn's "Exception in ASGI application" (a crafted request gradio fails on: an unknown
+    fn_index, a queue stream for an unknown session) becomes one line naming the error; the full
+    traceback is logged at DEBUG (``--log-level DEBUG``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Exception in ASGI application"):
+            error = record.exc_info[1]
+            while error is not None and error.__cause__ is not None and isinstance(error, RuntimeError):
+                error = error.__cause__  # starlette's "response already started" wraps the real one
+            logging.getLogger("vicuna_demo.requests").debug("a request failed", exc_info=record.exc_info)
+            record.msg = "A malformed request failed in gradio: %s: %s"
+            record.args = (type(error).__name__, str(error)[:200].replace("\n", " "))
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    """Install OneLineRequestErrors on uvicorn's error logger (once per process)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, OneLineRequestErrors) for f in logger.filters):
+        logger.addFilter(OneLineRequestErrors())
 
 
 # -- start-up and share link -----------------------------------------------------------------------
