@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .data.ratings import MIN_BATTLES
-from .engines.protocol import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE  # stdlib-only module
+from .engines.protocol import (MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE,  # stdlib-only module
+                               SamplingParams)
 
 ENV_PREFIX = "VICUNA_DEMO_"
 DEFAULT_GPU_MODEL = "lmsys/vicuna-7b-v1.5"
@@ -143,11 +144,11 @@ class Settings:
     compile_level: int = 0
     prefix_cache: bool = True
     warmup: bool = True
-    # generation (UI defaults and limits)
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    max_new_tokens_limit: int = 2048
+    # generation: the server's defaults (sliders, and API callers that omit a value) and the cap
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    max_new_tokens: int = SamplingParams.max_new_tokens
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_RANGE[1]
     # moderation
     moderation: str = "auto"
     moderation_model: str = "omni-moderation-latest"

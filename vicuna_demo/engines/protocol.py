@@ -27,7 +27,9 @@ class PromptTooLong(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. ``temperature == 0`` means greedy decoding."""
+    """Per-request sampling. ``temperature == 0`` means greedy decoding. These defaults are also the flags'
+    (config.Settings reads them from here); a server started with --temperature etc. passes its own
+    defaults to ``clamped``."""
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -39,11 +41,12 @@ class SamplingParams:
 
     @classmethod
     def clamped(cls, temperature: Any, top_p: Any, max_new_tokens: Any,
-                max_tokens_cap: int = MAX_NEW_TOKENS_RANGE[1]) -> "SamplingParams":
+                max_tokens_cap: int = MAX_NEW_TOKENS_RANGE[1],
+                defaults: "SamplingParams | None" = None) -> "SamplingParams":
         """Build parameters from untrusted input (UI or API), clamping each into its range.
 
-        Non-numeric values fall back to the defaults, so no input can crash a request."""
-        default = cls()
+        Missing or non-numeric values fall back to ``defaults`` (the server's), so no input can crash a request."""
+        default = defaults or cls()
 
         def number(value: Any, fallback: float) -> float:
             try:

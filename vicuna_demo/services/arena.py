@@ -28,15 +28,10 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..config import ConfigError
+from ..data.storage import WINNERS  # model_a, model_b, tie, tie (bothbad): the one home of the stored values
 
-# vote button labels and what they mean (FastChat's clean-battle winners)
-VOTES: dict[str, str] = {
-    "👈 A is better": "model_a",
-    "👉 B is better": "model_b",
-    "🤝 Tie": "tie",
-    "👎 Both are bad": "tie (bothbad)",
-}
-WINNERS = tuple(VOTES.values())
+# vote button labels, in WINNERS' order, and what they mean (FastChat's clean-battle winners)
+VOTES: dict[str, str] = dict(zip(("👈 A is better", "👉 B is better", "🤝 Tie", "👎 Both are bad"), WINNERS))
 _VOTE_ALIASES = {"a": "model_a", "left": "model_a", "leftvote": "model_a",
                  "b": "model_b", "right": "model_b", "rightvote": "model_b",
                  "tie": "tie", "tievote": "tie",

@@ -1,11 +1,21 @@
-"""One chat turn, whatever the tab: check the input, moderate it, fit the context, stream, log.
+"""One chat turn, whatever the tab: check the input, moderate it, stream the reply, log it.
 
-This is the only place where text goes to an engine, so every entry point (single chat, Regenerate,
-both sides of a comparison, the anonymous arena, the API) gets the same checks in the same order:
+``ChatService.turn`` is the whole of a visitor's event, one call, in this order:
 
-    limits (empty, too long, too many turns, rate) -> moderation -> template + context -> engine -> log
+    gate (one generating event per session) -> sanitize -> limits (empty, too long, turns, rate)
+    -> unknown model -> messages (a frozen snapshot) -> moderation of exactly the new text in that
+    snapshot -> engine -> log
 
-UI code calls ``ChatService``; it never talks to an engine directly.
+The messages are built once, before the moderation check, and never read again from the session, so
+what reaches the model is exactly what was moderated, even when a second event of the same visitor
+arrives meanwhile (it is refused by the gate anyway). A flagged message is logged as flagged and never
+enters a later turn's context. ``ChatService.reply`` streams one reply for a snapshot already checked:
+``turn`` and the battle service (services/battle.py) use it; nothing else sends text to an engine.
+
+    service = ChatService(engines, moderator, store, limits=Limits(), defaults=SamplingParams())
+    session = ChatSession()
+    for update in service.turn(session, "Hello", model="Vicuna-7B", system=None, client="hash"):
+        print(update.status, update.reply)       # session.exchanges[-1] is kept in step
 """
 
 from __future__ import annotations
@@ -13,20 +23,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 from moderation import ModerationResult, Moderator
 
-from ..engines.protocol import Engine, EngineError, PromptTooLong, ReplyStats, SamplingParams
+from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError,
+                                PromptTooLong, ReplyStats, SamplingParams)
 from ..data.storage import TurnRecord
+from .session import BUSY_NOTICE, CancelToken, ChatSession, Exchange, messages_for, new_id  # noqa: F401
 
 log = logging.getLogger("vicuna_demo.services.chat")
 
 OUTPUT_FLAGGED_NOTICE = ("This reply was withdrawn: the content moderation check flagged it ({categories}). "
                          "Please try a different question.")
+NOTHING_TO_REGENERATE = "There is no reply to regenerate yet."
 
 
 @dataclass(frozen=True)
@@ -34,42 +46,7 @@ class Limits:
     max_input_chars: int = 12000
     max_turns: int = 50
     rate_limit_per_min: int = 30          # 0 = unlimited
-    max_new_tokens: int = 2048
-
-
-class CancelToken:
-    """Lets the Stop button (another gradio event) stop the reply a visitor is receiving.
-
-    Lives in the visitor's ``gr.State``; gradio hands the same object to every event of a session."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-        self._cancelled = False
-
-    def __deepcopy__(self, memo):  # gradio deep-copies a session's initial state: give it its own token
-        return CancelToken()
-
-    def arm(self) -> None:
-        with self._lock:
-            self._cancelled, self._callbacks = False, []
-
-    def bind(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._cancelled:
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled, callbacks, self._callbacks = True, self._callbacks, []
-        for callback in callbacks:
-            callback()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
+    max_new_tokens_cap: int = 2048        # no request may ask for more new tokens (--max-new-tokens-limit)
 
 
 class RateLimiter:
@@ -105,7 +82,9 @@ class TurnUpdate:
 
     reply: str = ""
     done: bool = False
-    status: str = "streaming"      # streaming | done | error | moderated | cancelled | rejected
+    # streaming | done | error | moderated | cancelled | rejected (the prompt cannot fit) | refused (nothing
+    # was sent: busy, a limit, an unknown model; the session is unchanged and ``notice`` says why)
+    status: str = "streaming"
     notice: str = ""               # user-facing message (moderation, context dropped, errors)
     stats: ReplyStats | None = None
     model: str = ""
@@ -120,10 +99,6 @@ class TurnContext:
     client_hash: str
     battle_id: str | None = None
     side: str | None = None
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 def plain_text(content) -> str:
@@ -148,12 +123,14 @@ class ChatService:
     """Everything a turn needs, shared by all visitors (thread-safe; holds no visitor data)."""
 
     def __init__(self, engines: Mapping[str, Engine], moderator: Moderator, store, *, limits: Limits = Limits(),
-                 moderate_output: bool = False):
+                 moderate_output: bool = False, defaults: SamplingParams | None = None):
         self.engines = dict(engines)
         self.moderator = moderator
         self.store = store
         self.limits = limits
         self.moderate_output = moderate_output
+        # --temperature / --top-p / --max-new-tokens: what a caller that omits a parameter (or sends junk) gets
+        self.defaults = defaults or SamplingParams()
         self.rate_limiter = RateLimiter(limits.rate_limit_per_min)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -164,7 +141,17 @@ class ChatService:
         try:
             return self.engines[name]
         except KeyError:
-            raise KeyError(f"Unknown model {name!r}; available: {', '.join(self.engines)}.") from None
+            raise KeyError(self.check_model(name)) from None
+
+    def check_model(self, name) -> str:
+        """'' when ``name`` is a loaded model, else the reason to show the user (the one "unknown model" check)."""
+        if isinstance(name, str) and name in self.engines:
+            return ""
+        return f"Unknown model {name!r}; choose one of: {', '.join(self.engines)}."
+
+    def default_system(self, model: str) -> str:
+        """The model's own default system prompt ('' for an unknown model)."""
+        return getattr(self.engines.get(model), "default_system", "") or ""
 
     def check_message(self, text: str, user_turns_so_far: int, client_hash: str, *, count_rate: bool = True) -> str:
         """'' when the message may be sent, else the reason to show the user."""
@@ -195,8 +182,97 @@ class ChatService:
         joined = "\n\n".join(t for t in texts if t and t.strip())
         return self.moderator.check(joined)
 
-    def params(self, temperature, top_p, max_new_tokens) -> SamplingParams:
-        return SamplingParams.clamped(temperature, top_p, max_new_tokens, max_tokens_cap=self.limits.max_new_tokens)
+    def ranges(self) -> tuple[tuple[float, float], tuple[float, float], tuple[int, int]]:
+        """(temperature, top_p, max new tokens) ranges a visitor may choose from (the last ends at the cap)."""
+        return TEMPERATURE_RANGE, TOP_P_RANGE, (MAX_NEW_TOKENS_RANGE[0], self.limits.max_new_tokens_cap)
+
+    def params(self, temperature=None, top_p=None, max_new_tokens=None) -> SamplingParams:
+        """Untrusted values -> clamped parameters; a missing or non-numeric value takes the server's default."""
+        return SamplingParams.clamped(temperature, top_p, max_new_tokens, max_tokens_cap=self.limits.max_new_tokens_cap,
+                                      defaults=self.defaults)
+
+    # -- a visitor's event ------------------------------------------------------------------------
+    def turn(self, session: ChatSession, text, *, model: str, system=None, temperature=None, top_p=None,
+             max_new_tokens=None, client: str = "unknown") -> Iterator[TurnUpdate]:
+        """Send ``text`` in ``session`` and stream the reply; the whole of one visitor event.
+
+        ``system`` None means the model's default system prompt; any text is used as given (and moderated
+        with the message when it differs from the model's default). Yields ``TurnUpdate``s; the session's
+        last exchange follows them. A refusal (busy, a limit, an unknown model) yields one update with
+        ``status="refused"`` and leaves the session as it was."""
+        yield from self._gated(session, lambda: self._turn(session, text, model, system,
+                                                           (temperature, top_p, max_new_tokens), client, False))
+
+    def regenerate(self, session: ChatSession, *, model: str, system=None, temperature=None, top_p=None,
+                   max_new_tokens=None, client: str = "unknown") -> Iterator[TurnUpdate]:
+        """Ask again for the reply to the last message (checked and moderated again), replacing it."""
+        yield from self._gated(session, lambda: self._turn(session, None, model, system,
+                                                           (temperature, top_p, max_new_tokens), client, True))
+
+    def stop(self, session: ChatSession) -> None:
+        session.cancel.cancel()
+
+    def clear(self, session: ChatSession) -> ChatSession:
+        """Stop the session's reply and give the visitor a new, empty conversation."""
+        session.cancel.cancel()
+        return ChatSession()
+
+    def _gated(self, session: ChatSession, run: Callable[[], Iterator[TurnUpdate]]) -> Iterator[TurnUpdate]:
+        gate = session.gate
+        if not gate.begin():
+            yield TurnUpdate(done=True, status="refused", notice=BUSY_NOTICE)
+            return
+        held = True
+        try:
+            for update in run():
+                if update.done:  # the reply is over: the session is free when the visitor sees it
+                    gate.end()
+                    held = False
+                yield update
+        finally:
+            if held:
+                gate.end()
+
+    def _turn(self, session: ChatSession, text, model, system, raw_params, client, regenerate: bool):
+        if regenerate:
+            if not session.exchanges:
+                yield TurnUpdate(done=True, status="refused", notice=NOTHING_TO_REGENERATE, model=model)
+                return
+            text, history = session.exchanges[-1].user, session.exchanges[:-1]
+        else:
+            text, history = sanitize_input(text), session.exchanges
+        system = None if system is None else sanitize_input(system)
+        problem = (self.check_system(system or "") or self.check_message(text, len(history), client)
+                   or self.check_model(model))
+        if problem:
+            yield TurnUpdate(done=True, status="refused", notice=problem, model=model)
+            return
+        params = self.params(*raw_params)
+        default = self.default_system(model)
+        messages = messages_for(history, default if system is None else system, text)
+        exchange = Exchange(user=text, model=model)
+        if regenerate:
+            session.exchanges[-1] = exchange
+        else:
+            session.exchanges.append(exchange)
+        session.turn_counter += 1
+        session.cancel.arm()  # before the first update: a Stop pressed from then on is honoured
+        yield TurnUpdate(model=model)
+        verdict = self.moderate(self.new_text(messages, default))
+        ctx = TurnContext(conversation_id=session.conversation_id, turn_index=session.turn_counter,
+                          client_hash=client)
+        for update in self.reply(model, messages, params, verdict, ctx, session.cancel):
+            exchange.apply(update)
+            yield update
+
+    @staticmethod
+    def new_text(messages: Sequence[dict], default_system: str) -> list[str]:
+        """What moderation must see in a snapshot: its last message (the visitor's), and its system prompt
+        when the visitor changed it (a model's own default is not the visitor's text)."""
+        texts = [messages[-1]["content"]]
+        if messages[0]["role"] == "system" and messages[0]["content"] != default_system:
+            texts.append(messages[0]["content"])
+        return texts
 
     # -- a turn -----------------------------------------------------------------------------------
     def reply(self, model: str, messages: list[dict], params: SamplingParams, moderation: ModerationResult,

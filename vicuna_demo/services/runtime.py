@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 from moderation import create_moderator, parse_thresholds
 
+from .battle import BattleService
 from .chat import ChatService, Limits
 from .judge import JudgeService
 from ..config import ConfigError, Settings, default_model_specs, judge_unknown_message
 from ..engines.zerogpu import start_engine, zerogpu_spaces
 from ..publish import start_dataset_push
 from ..engines.local import EngineOptions
+from ..engines.protocol import SamplingParams
 from ..loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
 from ..engines.remote import start_remote_engines
 from ..data.storage import open_store
@@ -30,6 +32,7 @@ log = logging.getLogger("vicuna_demo")
 class Runtime:
     service: ChatService
     banners: list[str] = field(default_factory=list)
+    battles: BattleService | None = None   # side by side and the anonymous arena (Arena built once, here)
     engines: dict = field(default_factory=dict)
     store: object = None
     pusher: object = None        # deploy.DatasetPush when --hf-dataset is set
@@ -103,12 +106,22 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
                        "--moderation openai) before sharing this demo.")
     store = open_store(settings.log_dir or None)
     limits = Limits(max_input_chars=settings.max_input_chars, max_turns=settings.max_turns,
-                    rate_limit_per_min=settings.rate_limit, max_new_tokens=settings.max_new_tokens_limit)
-    service = ChatService(engines, moderator, store, limits=limits, moderate_output=settings.moderate_output)
+                    rate_limit_per_min=settings.rate_limit, max_new_tokens_cap=settings.max_new_tokens_limit)
+    defaults = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                              max_new_tokens=settings.max_new_tokens)
+    service = ChatService(engines, moderator, store, limits=limits, moderate_output=settings.moderate_output,
+                          defaults=defaults)
+    try:
+        battles = BattleService.from_settings(service, settings)  # ArenaConfigError for bad --arena-weights
+    except ConfigError:
+        for engine in started.values():
+            engine.close()
+        store.close()
+        raise
     log.info(moderator.describe())
     judge = build_judge(service, settings)
     pusher = start_dataset_push(settings)
-    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher, judge=judge)
+    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher, battles=battles, judge=judge)
 
 
 def build_judge(service: ChatService, settings: Settings) -> JudgeService:

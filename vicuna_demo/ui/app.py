@@ -1,9 +1,10 @@
-"""Assemble the tabs into one gr.Blocks app with the banners (offline model, moderation off)."""
+"""Assemble the tabs into one gr.Blocks app with the banners (offline model, moderation off), each shown once."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from ..services.battle import BattleService
 from ..services.chat import ChatService
 from ..services.judge import JudgeService
 from .chat_tab import build_chat_tab
@@ -40,20 +41,22 @@ def _warmup_status(service: ChatService) -> None:
 
 
 def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = (),
-             judge: JudgeService | None = None) -> gr.Blocks:
-    """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off)."""
+             battles: BattleService | None = None, judge: JudgeService | None = None) -> gr.Blocks:
+    """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off); ``battles`` is
+    the runtime's battle service (built here from ``settings`` when not given)."""
+    battles = battles or BattleService.from_settings(service, settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# 🦙 {TITLE}\nChat with open models, compare them side by side, and vote.")
-        for text in banners:
+        for text in dict.fromkeys(banners):  # two embedded models share one note
             gr.Markdown(f"> ⚠️ {text}", elem_classes=["banner"])
         _warmup_status(service)
         with gr.Tabs():
             with gr.Tab("💬 Chat", id="chat"):
-                build_chat_tab(service, settings)
+                build_chat_tab(service)
             with gr.Tab("⚔️ Arena (anonymous)", id="arena"):
-                build_compare_tab(service, settings, anonymous=True)
+                build_compare_tab(battles, anonymous=True)
             with gr.Tab("👥 Side by side", id="compare"):
-                build_compare_tab(service, settings, anonymous=False)
+                build_compare_tab(battles, anonymous=False)
             with gr.Tab("🏆 Leaderboard", id="leaderboard") as leaderboard:
                 build_leaderboard_tab(service, settings, leaderboard)
             with gr.Tab("📋 Evaluate", id="evaluate"):

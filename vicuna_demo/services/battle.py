@@ -1,0 +1,347 @@
+"""A battle: two models answer the same prompts side by side, then the visitor votes. No gradio here.
+
+    battles = BattleService(chat_service, Arena.from_settings(models, settings))   # once, at start-up
+    battle = Battle(anonymous=True)                                # one per visitor and tab (gr.State)
+    for update in battles.send(battle, "Hello", params=(0.7, 1.0, 256), client="hash"):
+        battle.a.exchanges[-1].reply, battle.b.exchanges[-1].reply # both stream at once
+    battles.vote(battle, "a", client="hash")                       # -> the notice to show; names revealed
+
+Two uses, one module: named (the visitor picks both models, ``models=("A", "B")`` on each send; the
+same model twice is allowed) and anonymous (``Battle(anonymous=True)``: the arena draws two different
+models when the first round starts; their names stay out of everything shown until the vote).
+
+A round: the visitor's text is checked once (the session gate, limits, unknown models), each side's
+messages are built as a frozen snapshot, the text is moderated ONCE and that verdict goes to both
+sides' ``ChatService.reply``, so a flagged text reaches neither model. Both replies stream at once:
+each side runs in its own thread and feeds a queue; the round yields whenever either side moved.
+Each side has its own Stop. Votes open when a round has finished and are stored as a ``VoteRecord``;
+``arena.battle_counts`` decides whether the battle counts for the leaderboard (not after moderation,
+an error, or, when anonymous, a reply that gave its model away).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Mapping, Sequence
+
+from ..data.storage import VoteRecord
+from .arena import VOTES, Arena, NotEnoughModels, battle_counts, find_identity_leak, winner_for
+from .chat import NOTHING_TO_REGENERATE, ChatService, TurnContext, TurnUpdate, sanitize_input
+from .session import CancelToken, Exchange, Gate, messages_for, new_id
+
+log = logging.getLogger("vicuna_demo.services.battle")
+
+SIDES = ("a", "b")
+LABELS = {"a": "Model A", "b": "Model B"}
+ERROR_STATUSES = ("error", "rejected")
+BUSY_NOTICE = "Please wait for both replies (or press Stop) before sending another message."
+HIDDEN_NOTE = "Model A and Model B stay anonymous until you vote."
+MODELS_CHANGED = "The models changed, so a new comparison started."
+REASON_TEXT = {
+    "moderated": "a message was stopped by content moderation",
+    "error": "a reply failed",
+    "identity_leak": "a reply gave its model's name away",
+}
+
+
+@dataclass
+class Side:
+    """One side of a battle: its model, its own conversation, its own Stop."""
+
+    model: str = ""
+    conversation_id: str = field(default_factory=new_id)
+    exchanges: list[Exchange] = field(default_factory=list)
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.exchanges) and not self.exchanges[-1].done
+
+
+@dataclass
+class Battle:
+    """A visitor's battle: both sides, what happened in its rounds, and the vote once cast."""
+
+    anonymous: bool = False
+    battle_id: str = field(default_factory=new_id)
+    a: Side = field(default_factory=Side)
+    b: Side = field(default_factory=Side)
+    gate: Gate = field(default_factory=Gate)
+    rounds_done: int = 0
+    moderated: bool = False
+    errored: bool = False
+    winner: str | None = None
+    counted: bool | None = None
+    not_counted_reason: str | None = None
+
+    def __deepcopy__(self, memo):  # gradio deep-copies a session's initial value: a fresh battle
+        return Battle(anonymous=self.anonymous)
+
+    def side(self, key: str) -> Side:
+        return self.a if key == "a" else self.b
+
+    @property
+    def busy(self) -> bool:
+        return self.gate.busy
+
+    @property
+    def can_vote(self) -> bool:
+        return self.rounds_done > 0 and not self.busy and self.winner is None
+
+    @property
+    def vote_label(self) -> str | None:
+        """The vote button label of the visitor's vote (None before the vote)."""
+        return next((label for label, winner in VOTES.items() if winner == self.winner), None)
+
+    def reset(self, keep_gate: bool = False) -> None:
+        """Stop both sides and start a new battle IN PLACE (gradio keeps handing this same object to the
+        session's events). A round still winding down keeps the old sides and the old gate, so it writes
+        nothing back here and does not hold up the new battle (``keep_gate``: the caller holds the gate
+        and goes on with the new battle)."""
+        self.a.cancel.cancel()
+        self.b.cancel.cancel()
+        fresh = Battle(anonymous=self.anonymous)
+        for f in fields(self):
+            if not (keep_gate and f.name == "gate"):
+                setattr(self, f.name, getattr(fresh, f.name))
+
+
+@dataclass
+class RoundUpdate:
+    """What a round tells the UI besides the battle itself (whose exchanges follow the replies)."""
+
+    notice: str = ""
+    done: bool = False
+    refused: bool = False        # nothing was sent (busy, a limit, voted already...): ``notice`` says why
+
+
+def _hide_names(text: str, names: Mapping[str, str]) -> str:
+    """Replace model names (longest first) by their side labels, for what is shown before the vote."""
+    for name in sorted(names, key=len, reverse=True):
+        if name:
+            text = text.replace(name, names[name])
+    return text
+
+
+def _side_params(params) -> dict[str, tuple]:
+    """``(t, p, n)`` for both sides, or ``{"a": (t, p, n), "b": (...)}``."""
+    if isinstance(params, Mapping):
+        return {key: tuple(params[key]) for key in SIDES}
+    return {key: tuple(params or ()) for key in SIDES}
+
+
+class BattleService:
+    """Battles for every visitor (thread-safe; the visitor's data lives in their ``Battle``)."""
+
+    def __init__(self, chat: ChatService, arena: Arena, rng: random.Random | None = None):
+        self.chat = chat
+        self.arena = arena
+        self.rng = rng or random.SystemRandom()
+
+    @classmethod
+    def from_settings(cls, chat: ChatService, settings) -> "BattleService":
+        """Reads --arena-weights and --identity-words; raises ``arena.ArenaConfigError``."""
+        return cls(chat, Arena.from_settings(chat.model_names(), settings))
+
+    # -- a round ------------------------------------------------------------------------------------
+    def send(self, battle: Battle, text, *, models: Sequence[str] | None = None, params=(),
+             client: str = "unknown") -> Iterator[RoundUpdate]:
+        """Send ``text`` to both sides and stream both replies. ``models`` (named battles) picks the two
+        models; changing them after a round starts a new battle. ``params``: ``(temperature, top_p,
+        max_new_tokens)`` for both sides or ``{"a": (...), "b": (...)}``; missing values take the defaults."""
+        yield from self._gated(battle, lambda: self._round(battle, text, models, params, client, False))
+
+    def regenerate(self, battle: Battle, *, params=(), client: str = "unknown") -> Iterator[RoundUpdate]:
+        """Ask both sides again for the reply to the last message (checked and moderated again)."""
+        yield from self._gated(battle, lambda: self._round(battle, None, None, params, client, True))
+
+    def _gated(self, battle: Battle, run) -> Iterator[RoundUpdate]:
+        gate = battle.gate  # this battle's: a reset during the round gives the new battle its own
+        if not gate.begin():
+            yield RoundUpdate(notice=BUSY_NOTICE, done=True, refused=True)
+            return
+        held = True
+        try:
+            for update in run():
+                if update.done:  # the last view already shows the battle free again (votes open)
+                    gate.end()
+                    held = False
+                yield update
+        finally:
+            if held:
+                gate.end()
+
+    def _problem(self, battle: Battle, text: str, client: str, turns_before: int) -> str:
+        if battle.winner is not None:
+            what = "🎲 New round" if battle.anonymous else "🗑️ Clear"
+            return f"You already voted on this battle. Press {what} to start another."
+        for key in SIDES:
+            model = battle.side(key).model
+            if model and self.chat.check_model(model):
+                return self.chat.check_model(model)
+        return self.chat.check_message(text, turns_before, client)
+
+    def _round(self, battle: Battle, text, models, params, client: str, regenerate: bool):
+        notes = []
+        if models is not None and (battle.a.model, battle.b.model) != tuple(models):
+            if battle.a.exchanges:  # the vote must name the models that answered: start afresh
+                battle.reset(keep_gate=True)
+                notes.append(MODELS_CHANGED)
+            battle.a.model, battle.b.model = models
+        if regenerate:
+            if not battle.a.exchanges:
+                yield RoundUpdate(notice=NOTHING_TO_REGENERATE, done=True, refused=True)
+                return
+            text = battle.a.exchanges[-1].user
+        else:
+            text = sanitize_input(text)
+        problem = self._problem(battle, text, client, len(battle.a.exchanges) - (1 if regenerate else 0))
+        if problem:
+            yield RoundUpdate(notice=problem, done=True, refused=True)
+            return
+        if not battle.a.model:  # anonymous: draw the pair when the battle's first round starts
+            try:
+                battle.a.model, battle.b.model = self.arena.sample_pair(self.rng)
+            except NotEnoughModels as exc:
+                yield RoundUpdate(notice=str(exc), done=True, refused=True)
+                return
+        side_params = {key: self.chat.params(*values) for key, values in _side_params(params).items()}
+        sides = {key: battle.side(key) for key in SIDES}
+        snapshots, exchanges = {}, {}
+        for key, side in sides.items():
+            history = side.exchanges[:-1] if regenerate else side.exchanges
+            snapshots[key] = messages_for(history, self.chat.default_system(side.model) or None, text)
+            exchanges[key] = Exchange(user=text, model=side.model)
+            if regenerate:
+                side.exchanges[-1] = exchanges[key]
+            else:
+                side.exchanges.append(exchanges[key])
+            side.cancel.arm()
+        note = " ".join(notes)
+        yield RoundUpdate(notice=note)
+        yield from self._stream(battle, sides, snapshots, exchanges, side_params, client, note)
+
+    def _stream(self, battle: Battle, sides, snapshots, exchanges, params, client, note):
+        """Moderate the round's text once, run both sides in threads, yield whenever one moved."""
+        battle_id = battle.battle_id
+        verdict = self.chat.moderate([snapshots["a"][-1]["content"]])  # the same user text on both sides
+        hidden = {sides["a"].model: LABELS["a"], sides["b"].model: LABELS["b"]} if battle.anonymous else {}
+        inbox: queue.Queue = queue.Queue()
+        workers = []
+        for key, side in sides.items():
+            ctx = TurnContext(conversation_id=side.conversation_id, turn_index=len(side.exchanges),
+                              client_hash=client, battle_id=battle_id, side=key)
+            workers.append(threading.Thread(target=self._side_worker, name=f"battle-{key}", daemon=True,
+                                            args=(side, key, snapshots[key], params[key], verdict, ctx, inbox)))
+        statuses = {key: "streaming" for key in SIDES}
+        pending = set(SIDES)
+        try:
+            for worker in workers:
+                worker.start()
+            while pending:
+                items = [inbox.get()]
+                while True:
+                    try:
+                        items.append(inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for key, update in items:
+                    if update is None:
+                        pending.discard(key)
+                        continue
+                    if hidden:
+                        update.notice = _hide_names(update.notice, hidden)
+                    exchanges[key].apply(update)
+                    if update.done:
+                        statuses[key] = update.status
+                if pending:
+                    yield RoundUpdate(notice=note)
+        finally:
+            if pending:  # the visitor left mid-round: stop both generations
+                for side in sides.values():
+                    side.cancel.cancel()
+        if battle.battle_id == battle_id:  # not reset meanwhile (Clear / New round / another model)
+            battle.rounds_done += 1
+            battle.moderated |= any(s == "moderated" for s in statuses.values())
+            battle.errored |= any(s in ERROR_STATUSES for s in statuses.values())
+        yield RoundUpdate(notice=note, done=True)
+
+    def _side_worker(self, side: Side, key, messages, params, verdict, ctx, inbox: queue.Queue) -> None:
+        try:
+            for update in self.chat.reply(side.model, messages, params, verdict, ctx, side.cancel):
+                inbox.put((key, TurnUpdate(reply=update.reply, done=update.done, status=update.status,
+                                           notice=update.notice, stats=update.stats, model=update.model)))
+        except BaseException as exc:  # noqa: BLE001 - report it on this side, never hang the other
+            log.exception("battle side %s crashed", key)
+            inbox.put((key, TurnUpdate(done=True, status="error", model=side.model,
+                                       notice=f"⚠️ Something went wrong on this side ({type(exc).__name__}).")))
+        finally:
+            inbox.put((key, None))
+
+    # -- the rest of a battle ----------------------------------------------------------------------------
+    def vote(self, battle: Battle, choice, client: str = "unknown") -> str:
+        """Store the visitor's vote (once per battle) -> the notice to show."""
+        if battle.winner is not None:
+            return "You already voted on this battle."
+        gate = battle.gate
+        if not gate.begin():  # a round is running (or another vote is being stored)
+            return "Votes open once both replies have finished."
+        try:
+            if battle.winner is not None:
+                return "You already voted on this battle."
+            if battle.rounds_done == 0:
+                return "Votes open once both replies have finished."
+            try:
+                winner = winner_for(choice if isinstance(choice, str) else "")
+            except ValueError as exc:
+                return str(exc)
+            replies = [e.reply for key in SIDES for e in battle.side(key).exchanges]
+            counted, reason = battle_counts(anony=battle.anonymous, replies=replies, errored=battle.errored,
+                                            moderated=battle.moderated, leak_words=self.arena.leak_words)
+            record = VoteRecord(battle_id=battle.battle_id, tstamp=time.time(), client_hash=client,
+                                anony=battle.anonymous, model_a=battle.a.model, model_b=battle.b.model, winner=winner,
+                                counted=counted, not_counted_reason=reason,
+                                conversation_a_id=battle.a.conversation_id, conversation_b_id=battle.b.conversation_id)
+            self.chat.store.log_vote(record)
+            battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
+        finally:
+            gate.end()
+        if reason and "identity_leak" in reason:
+            log.info("battle %s not counted: identity word %r", battle.battle_id,
+                     find_identity_leak(replies, self.arena.leak_words))
+        again = "🎲 New round" if battle.anonymous else "🗑️ Clear"
+        thanks = f"Thanks for voting! Press {again} to start another battle."
+        if not battle.anonymous and not counted:
+            thanks += f" (Not counted in the leaderboard: {REASON_TEXT.get(reason.split(',')[0], reason)}.)"
+        return thanks
+
+    def stop(self, battle: Battle, key: str) -> None:
+        if key in SIDES:
+            battle.side(key).cancel.cancel()
+
+    def reset(self, battle: Battle) -> None:
+        battle.reset()
+
+    def models_changed(self, battle: Battle) -> str:
+        """A model picker changed: a battle under way starts afresh (the vote must name who answered)."""
+        if not battle.a.exchanges:
+            return ""
+        battle.reset()
+        return MODELS_CHANGED
+
+    def reveal(self, battle: Battle) -> str:
+        """The line under the panes: anonymous until the vote, then the names (and why it is not counted)."""
+        if not battle.anonymous:
+            return ""
+        if battle.winner is None:
+            return HIDDEN_NOTE
+        text = f"**Model A: {battle.a.model} · Model B: {battle.b.model}**"
+        if not battle.counted:
+            reasons = [REASON_TEXT.get(r, r) for r in (battle.not_counted_reason or "").split(",") if r]
+            text += f"\n\nThis battle is not counted in the leaderboard: {'; '.join(reasons)}."
+        return text

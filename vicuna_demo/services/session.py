@@ -1,0 +1,146 @@
+"""A visitor's conversation as the services keep it: its exchanges, its Stop, and its one-event gate.
+
+    session = ChatSession()                 # one per visitor and tab (gradio keeps it in gr.State)
+    session.begin() -> True                 # the gate: a second generating event is refused while one runs
+    session.exchanges[-1].reply             # what the visitor sees, kept in step while a reply streams
+    messages_for(session.exchanges, "Be brief.", "Next question?")   # a frozen snapshot for the model
+
+The gate is the rule "one generating event per session at a time": ``ChatService.turn`` and the
+battle service take it before anything else and give it back when the reply ends, so two events
+racing in one session (two browser clicks, or crafted API calls) cannot interleave; the second is
+refused with ``BUSY_NOTICE``. It is a plain ``threading.Lock`` because gradio may resume a streaming
+generator on another worker thread than the one that started it.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..engines.protocol import ReplyStats
+
+BUSY_NOTICE = "Please wait for the current reply (or press Stop) before sending another message."
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class CancelToken:
+    """Lets Stop (another event of the same visitor) stop the reply being generated."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._cancelled = False
+
+    def __deepcopy__(self, memo):  # gradio deep-copies a session's initial state: give it its own token
+        return CancelToken()
+
+    def arm(self) -> None:
+        with self._lock:
+            self._cancelled, self._callbacks = False, []
+
+    def bind(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled, callbacks, self._callbacks = True, self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+class Gate:
+    """At most one generating event at a time. ``begin()`` never blocks: False means refuse."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        return Gate()
+
+    def begin(self) -> bool:
+        return self._lock.acquire(blocking=False)
+
+    def end(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+
+@dataclass
+class Exchange:
+    """One user message and the reply to it, as the visitor sees them."""
+
+    user: str
+    reply: str = ""
+    model: str = ""
+    status: str = "streaming"         # a TurnUpdate status: streaming | done | cancelled | moderated | error ...
+    notice: str = ""                  # moderation, error or context notice for this exchange
+    stats: ReplyStats | None = None
+    done: bool = False
+
+    @property
+    def in_context(self) -> bool:
+        """Does the model see this exchange in later turns? Only a reply that was really given (a flagged
+        message, a withdrawn or failed reply never is)."""
+        return self.status in ("done", "cancelled") and bool(self.reply)
+
+    @property
+    def footer(self) -> str:
+        """The statistics line under a finished reply ('' while streaming or when nothing was generated);
+        a reply stopped before its first token still says "0 tokens · stopped"."""
+        if not self.done or self.stats is None or not (self.stats.n_tokens or self.status == "cancelled"):
+            return ""
+        return self.stats.summary()
+
+    def apply(self, update) -> None:
+        """Take a ``TurnUpdate`` of the reply to this exchange."""
+        self.reply, self.status, self.notice, self.done = update.reply, update.status, update.notice, update.done
+        self.stats = update.stats or self.stats
+        self.model = update.model or self.model
+
+
+@dataclass
+class ChatSession:
+    """One visitor's single-chat conversation (lives in the visitor's ``gr.State``)."""
+
+    conversation_id: str = field(default_factory=new_id)
+    exchanges: list[Exchange] = field(default_factory=list)
+    cancel: CancelToken = field(default_factory=CancelToken)
+    gate: Gate = field(default_factory=Gate)
+    turn_counter: int = 0
+
+    def __deepcopy__(self, memo):
+        return ChatSession()
+
+    @property
+    def busy(self) -> bool:
+        return self.gate.busy
+
+
+def messages_for(history: Sequence[Exchange], system: str | None, user: str) -> tuple[dict, ...]:
+    """The messages for the model, built once: the system prompt, the earlier exchanges the model saw,
+    then ``user``. A new tuple of new dicts, so nothing that happens to the session later can change
+    what was moderated and sent."""
+    messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
+    for exchange in history:
+        if exchange.in_context:
+            messages += [{"role": "user", "content": exchange.user},
+                         {"role": "assistant", "content": exchange.reply}]
+    messages.append({"role": "user", "content": user})
+    return tuple(messages)
