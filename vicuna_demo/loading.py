@@ -1,8 +1,8 @@
 """Model loading: a Hub id, a local folder, a GGUF file, or the embedded offline model -> model + tokenizer.
 
-fp16 on CUDA, fp32 on CPU, 8-bit through bitsandbytes when asked. Every failure a user can cause
-(a missing model, a bad path, bitsandbytes absent, out of memory) becomes one ``LoadError`` line
-that names the model and the fix; ``app.py`` prints it and exits non-zero.
+fp16 on CUDA, fp32 on CPU, 8-bit (LLM.int8) or 4-bit (NF4) through bitsandbytes when asked. Every
+failure a user can cause (a missing model, a bad path, bitsandbytes absent, out of memory) becomes one
+``LoadError`` line that names the model and the fix; ``app.py`` prints it and exits non-zero.
 
 A Hub id is checked before anything loads: one plain request to the Hub, bounded by a few
 seconds. The Hub client's own downloads retry a failed connection five times with back-off
@@ -53,6 +53,7 @@ class LoadedModel:
     dtype: str
     load_8bit: bool
     embedded: bool = False
+    load_4bit: bool = False
 
 
 def embedded_gguf_path() -> Path:
@@ -199,10 +200,10 @@ def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
     import torch
     name, text = spec.display_name, str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return LoadError(f"Model '{name}': out of memory while loading. Try --load-8bit, a smaller model, "
+        return LoadError(f"Model '{name}': out of memory while loading. Try 4bit or 8bit in its spec, a smaller model, "
                          "another GPU (device=cuda:N) or device=multi to spread it over several GPUs.")
     if isinstance(exc, ImportError) and "bitsandbytes" in text.lower():
-        return LoadError(f"Model '{name}': 8-bit loading needs bitsandbytes: `pip install bitsandbytes`.")
+        return LoadError(f"Model '{name}': 8-bit and 4-bit loading need bitsandbytes: `pip install bitsandbytes`.")
     if isinstance(exc, ImportError) and "gguf" in text.lower():
         return LoadError(f"Model '{name}': reading GGUF files needs the gguf package: `pip install gguf`.")
     if isinstance(exc, OSError) and _hub_offline() and not Path(os.path.expanduser(spec.source)).exists():
@@ -220,8 +221,8 @@ def check_spec(spec: ModelSpec) -> None:
     _hub_access(spec)
     device, _ = _resolve_device(spec)
     _resolve_dtype(spec, device)
-    if spec.load_8bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise LoadError(f"Model '{spec.display_name}': --load-8bit needs bitsandbytes: "
+    if (spec.load_8bit or spec.load_4bit) and importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(f"Model '{spec.display_name}': {'8' if spec.load_8bit else '4'}-bit loading needs bitsandbytes: "
                         "`pip install bitsandbytes`.")
     if spec.template and spec.template not in list_templates():
         raise LoadError(f"Model '{spec.display_name}': unknown template {spec.template!r} "
@@ -238,11 +239,9 @@ def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
     device, device_map = _resolve_device(spec)
     dtype = _resolve_dtype(spec, device)
     kwargs: dict[str, Any] = dict(extra, dtype=dtype, device_map=device_map)
-    if spec.load_8bit:
-        from transformers import BitsAndBytesConfig
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    progress(f"Loading {spec.display_name} from {spec.source} on {device} "
-             f"({'8-bit' if spec.load_8bit else str(dtype).removeprefix('torch.')})")
+    kwargs.update(_quantization(spec, dtype))
+    precision = "8-bit" if spec.load_8bit else "4-bit NF4" if spec.load_4bit else str(dtype).removeprefix("torch.")
+    progress(f"Loading {spec.display_name} from {spec.source} on {device} ({precision})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
@@ -274,5 +273,20 @@ def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
     return LoadedModel(
         name=spec.display_name, source=spec.source, model=model, tokenizer=tokenizer, template=template,
         context_window=window, eos_token_ids=frozenset(eos), device=device,
-        dtype="int8" if spec.load_8bit else str(dtype).removeprefix("torch."), load_8bit=spec.load_8bit,
-        embedded=spec.source == EMBEDDED_SOURCE)
+        dtype="int8" if spec.load_8bit else "nf4" if spec.load_4bit else str(dtype).removeprefix("torch."),
+        load_8bit=spec.load_8bit, load_4bit=spec.load_4bit, embedded=spec.source == EMBEDDED_SOURCE)
+
+
+def _quantization(spec: ModelSpec, dtype) -> dict:
+    """from_pretrained's quantization_config for 8bit / 4bit specs (none otherwise). 4-bit: bitsandbytes NF4,
+    blocks of 64 weights with their absmax scales themselves quantized to 8 bits (double quantization:
+    0.4 bit less per weight, what lets a 33B model fit a 24 GB card), computing in the model's dtype
+    (fp16 on a GPU). A checkpoint saved already quantized brings its own config, which transformers uses."""
+    if not (spec.load_8bit or spec.load_4bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+    if spec.load_8bit:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=dtype,
+                                                       bnb_4bit_use_double_quant=True)}

@@ -11,7 +11,7 @@ is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the 
 - ``silu_mul(g, u)``: SiLU(g) * u.
 - ``gemv(x, w, scale)``: x @ (w * scale).T for a few rows at a time (decode), over int8 weights stored
   the way bitsandbytes' LLM.int8 stores them (row-wise absmax / 127) or over 16-bit weights (used where
-  it beats cuBLAS for a shape); ``dequant_linear`` is the int8 fallback through a 16-bit copy.
+  it beats cuBLAS for a shape). Batches of int8 rows and 4-bit weights: ``kernels_quant.py``.
 
 Their numerics follow the eager PyTorch ops they replace (fp32 inside, fp16 stored);
 ``tests/test_fastpath.py`` checks them against those ops in Triton's CPU interpreter when available.
@@ -275,8 +275,6 @@ def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride
              mask=(mrows[:, None] < M) & nmask[None, :])
 
 
-W8_MAX_ROWS = 8
-
 
 def _m_tile(m: int) -> int:
     return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
@@ -301,22 +299,3 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, bl
                                              HAS_SCALE=scale is not None, GATED=up is not None, M_TILE=m_tile,
                                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return out
-
-
-@triton.jit
-def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = k < K
-    w = tl.load(w_ptr + row.to(tl.int64) * K + k, mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * K + k, (w * tl.load(s_ptr + row)).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def dequant_linear(x: torch.Tensor, cb: torch.Tensor, scale_127: torch.Tensor) -> torch.Tensor:
-    """x @ (cb * scale).T through a 16-bit copy of the weight made on the fly (for more rows than GEMV suits)."""
-    n, k = cb.shape
-    w = torch.empty((n, k), dtype=x.dtype, device=x.device)
-    block = 1024
-    _dequant_kernel[(n, triton.cdiv(k, block))](cb, scale_127, w, k, BLOCK=block, num_warps=4)
-    return torch.nn.functional.linear(x, w)
-

@@ -62,7 +62,7 @@ class FastModel(TuningMixin):
         self.blocks_per_row = math.ceil(self.max_len / self.block)
         fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
         self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
-        self.layers = [_Layer(layer, fuse=fuse, int8_kernel=self.use_kernels and options.int8_kernel)
+        self.layers = [_Layer(layer, fuse=fuse, quant_kernels=self.use_kernels and options.int8_kernel)
                        for layer in model.model.layers[: self.config.num_hidden_layers]]
         self.embed = model.model.embed_tokens
         self.n_embeddings = int(self.embed.weight.shape[0])

@@ -8,7 +8,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .sampling import sample
 from .weights import _Linear
@@ -20,57 +19,42 @@ class TuningMixin:
     """Measured choices of kernel configurations; needs FastModel's attributes."""
 
     def tune_gemv(self, progress: Callable[[str], None] = lambda m: None) -> dict:
-        """For each projection shape and small row count, time cuBLAS against our GEMV configurations on this
-        GPU and keep the fastest (int8 weights: the fastest GEMV configuration). Runs once at warm-up."""
-        from . import kernels as fk
+        """For each projection shape and decode batch size, time the ways to compute it on this GPU and keep
+        the fastest: cuBLAS against our GEMV for 16-bit weights (up to 8 rows); for int8 and 4-bit weights our
+        GEMV (one row), our tiled kernel, a 16-bit copy + cuBLAS, and bitsandbytes' own matmul. Runs once at
+        warm-up; each candidate is timed inside a CUDA graph, the way the decode step runs it."""
         if not (self.cuda and self.use_kernels):
             return {}
         groups: dict[tuple, list[_Linear]] = {}
         for p in self.linears():
-            # 16-bit weights: cuBLAS against our GEMV (on an H200 ours won at 1 row for 4 of 5 Vicuna shapes,
-            # cuBLAS at 8 rows); int8 weights: our GEMV configurations against dequantize + cuBLAS.
-            if (p.weight is not None and self.options.tune_dense) or p.int8 is not None:
+            if (p.weight is not None and self.options.tune_dense) or p.quant is not None:
                 groups.setdefault(p.shape_key(), []).append(p)
-        small = [b for b in self.buckets if b <= fk.W8_MAX_ROWS]
         chosen = {}
         for key, members in groups.items():
             sample_set = members[:8]          # several layers' weights: more than the L2 cache holds
-            k_dim = key[0][1]
-            for rows in small:
+            k_dim = (members[0].quant.shape if members[0].quant is not None else members[0].weight.shape)[1]
+            for rows in self.buckets:
+                candidates = _candidates(members[0], rows)
+                if len(candidates) < 2:
+                    continue
                 x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
-                int8 = members[0].weight is None
-                configs = [(8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8), (4, 512, 4)] \
-                    if rows == 1 else [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
-                    [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
-                candidates: list = ["dequant"] if int8 else [None]
-                if rows <= 2 or not int8:
-                    candidates += configs
                 timings = []
                 for config in candidates:
                     def run():
                         for p in sample_set:
-                            if config is None:
-                                F.linear(x, p.weight)
-                            elif config == "dequant":
-                                fk.dequant_linear(x, p.int8[0], p.int8[1])
-                            elif int8:
-                                fk.gemv(x, p.int8[0], p.int8[1], *config)
-                            else:
-                                fk.gemv(x, p.weight, None, *config)
+                            p.run(x, config)
                     try:
                         timings.append((_time_ms(run), config))
                     except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
-                        log.debug("GEMV config %s failed: %s", config, exc)
+                        log.debug("projection config %s failed: %s", config, exc)
+                if not timings:
+                    continue
                 best_ms, best = min(timings, key=lambda t: t[0])
-                cublas_ms = next((t for t, c in timings if c is None), None)
                 for p in members:
-                    if best is None:
-                        p.gemv_config.pop(rows, None)
-                    else:
-                        p.gemv_config[rows] = best
-                chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1),
-                                                       round(cublas_ms / len(sample_set) * 1000, 1) if cublas_ms else None)
-        progress(f"tuned GEMV for {len(groups)} weight shapes")
+                    p.config[rows] = best
+                per = {str(c): round(t / len(sample_set) * 1000, 1) for t, c in timings}
+                chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), per)
+        progress(f"tuned matrix products for {len(groups)} weight shapes")
         return chosen
 
     def warm_prefill(self) -> None:
@@ -159,3 +143,27 @@ def _time_ms(fn, reps: int = 10) -> float:
     torch.cuda.synchronize()
     del graph
     return start.elapsed_time(end) / reps
+
+
+def _candidates(p: _Linear, rows: int) -> list:
+    """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
+    bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    tiled = [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in
+             ((16, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3))]
+    if p.quant is None:                      # 16-bit: cuBLAS, or our GEMV for a few rows
+        if rows > 8:
+            return [None]
+        gemv = [(8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8), (4, 512, 4)] if rows == 1 else \
+            [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
+            [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
+        return [None] + [("gemv", *c) for c in gemv]
+    out: list = ["dequant"] + tiled
+    if p.quant.kind == "nf4":
+        out.append("module")                 # bitsandbytes' own 4-bit matmul (its GEMV for one row)
+        if rows == 1:
+            out += [("gemv", *c) for c in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4),
+                                           (64, 128, 4))]
+    elif rows <= 8:
+        out += [("gemv", *c) for c in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8))] \
+            if rows == 1 else [("gemv", *c) for c in ((4, 1024, 4), (8, 512, 4), (4, 256, 4), (8, 256, 4))]
+    return out

@@ -1,16 +1,39 @@
-"""Weights as the decode step uses them: dense, fused q/k/v and gate/up, or bitsandbytes int8 through our GEMV."""
+"""Weights as the decode step uses them: dense, fused q/k/v and gate/up, or bitsandbytes' int8 / 4-bit
+weights read in place by our Triton kernels (``kernels.py``, ``kernels_quant.py``)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-def _is_int8(module) -> bool:
-    return type(module).__name__ == "Linear8bitLt"
+
+@dataclass
+class QuantWeight:
+    """A quantized weight [N, K] as bitsandbytes stores it (views of its tensors, nothing copied).
+    int8: ``data`` [N, K] int8, ``scale`` [N] fp32 (row absmax / 127). nf4: ``data`` the packed bytes (two
+    4-bit indices each, row-major), ``absmax`` per 64 weights (fp32, or uint8 when nested, then with
+    ``absmax2`` / ``offset2`` per group of ``group`` blocks and ``code2``), ``code`` the 16-value table."""
+    kind: str
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    offset2: torch.Tensor | None = None
+    code: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    group: int = 1
 
 
-def _int8_parts(module):
-    """-> (cb int8 [out, in], scale/127 fp32 [out]) of a bitsandbytes Linear8bitLt, or None."""
+def _kind(module) -> str | None:
+    name = type(module).__name__
+    return "int8" if name == "Linear8bitLt" else "nf4" if name in ("Linear4bit", "LinearNF4", "LinearFP4") else None
+
+
+def _int8_parts(module) -> QuantWeight | None:
+    """bitsandbytes' Linear8bitLt -> QuantWeight (cb int8 [out, in], scale = SCB / 127), or None."""
     weight = module.weight
     cb = getattr(module.state, "CB", None)
     scb = getattr(module.state, "SCB", None)
@@ -20,89 +43,166 @@ def _int8_parts(module):
         cb = weight.data
     if cb is None or scb is None or cb.dtype != torch.int8:
         return None
-    return cb, (scb.float() / 127.0).contiguous()
+    return QuantWeight("int8", tuple(cb.shape), cb, scale=(scb.float() / 127.0).contiguous())
+
+
+def _nf4_parts(module) -> QuantWeight | None:
+    """bitsandbytes' Linear4bit (NF4 or FP4, blocks of 64, plain or nested absmax) -> QuantWeight, or None when
+    stored some other way (another block size, CPU packing, a storage dtype other than uint8)."""
+    weight = module.weight
+    qs = getattr(weight, "quant_state", None)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or weight.dtype != torch.uint8:
+        return None
+    if len(qs.shape) != 2 or qs.blocksize != 64 or qs.shape[1] % 64 or qs.code is None or qs.code.numel() != 16:
+        return None
+    n, k = int(qs.shape[0]), int(qs.shape[1])
+    part = QuantWeight("nf4", (n, k), weight.data.view(-1), absmax=qs.absmax,
+                       code=qs.code.to(weight.device, torch.float32).contiguous())
+    if qs.nested:
+        group = int(qs.state2.blocksize)
+        groups = qs.state2.absmax.numel()
+        part.absmax2 = qs.state2.absmax.float()
+        part.offset2 = torch.full((groups,), float(qs.offset), dtype=torch.float32, device=weight.device)
+        part.code2 = qs.state2.code.to(weight.device, torch.float32).contiguous()
+        part.group = group
+    elif qs.absmax.dtype != torch.float32:
+        return None
+    return part
+
+
+def _fuse_nf4(modules) -> QuantWeight | None:
+    """One QuantWeight for several NF4 modules of the same input (q/k/v, gate/up): their bytes and scales
+    concatenated, and each module's tensors made views of the concatenation (no memory is duplicated).
+    None when the parts cannot be joined (different nesting, or a group of scales spanning two modules)."""
+    parts = [_nf4_parts(m) for m in modules]
+    if any(p is None for p in parts) or len({(p.shape[1], p.group, p.absmax2 is None) for p in parts}) != 1:
+        return None
+    if any((p.absmax.numel() % p.group) for p in parts):
+        return None
+    data = torch.cat([p.data for p in parts])
+    absmax = torch.cat([p.absmax for p in parts])
+    start_d = start_a = 0
+    for m, p in zip(modules, parts):
+        m.weight.data = data[start_d:start_d + p.data.numel()].view(-1, 1)
+        m.weight.quant_state.absmax = absmax[start_a:start_a + p.absmax.numel()]
+        start_d += p.data.numel()
+        start_a += p.absmax.numel()
+    first = parts[0]
+    fused = QuantWeight("nf4", (sum(p.shape[0] for p in parts), first.shape[1]), data, absmax=absmax,
+                        code=first.code, code2=first.code2, group=first.group)
+    if first.absmax2 is not None:
+        fused.absmax2 = torch.cat([p.absmax2 for p in parts])
+        fused.offset2 = torch.cat([p.offset2 for p in parts])
+    return fused
 
 
 class _Linear:
-    """One projection as the decode step calls it: dense weight (cuBLAS, or our GEMV where it measured
-    faster for that shape and row count), int8 weights through our GEMV, or the module itself."""
+    """One projection as the decode step calls it: a dense weight (cuBLAS, or our GEMV where it measured faster
+    for that shape and row count), quantized weights through our kernels, or the module(s) themselves.
 
-    def __init__(self, module=None, weight=None, bias=None, int8_kernel=False):
-        self.module = module
+    ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps),
+    ("tiled", bm, bn, bk, warps, stages), "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own
+    matmul) or, for dense weights, absent (cuBLAS). Row counts never timed (prefill) use ``default``."""
+
+    def __init__(self, module=None, weight=None, bias=None, quant_kernels=False, modules=None, quant=None):
+        self.modules = modules or ([module] if module is not None else [])
         self.weight = weight if weight is not None else (getattr(module, "weight", None) if module is not None else None)
         self.bias = bias if bias is not None else (getattr(module, "bias", None) if module is not None else None)
-        self.int8 = None
-        self.gemv_config: dict[int, tuple[int, int, int]] = {}   # rows -> (block_n, block_k, warps)
-        if module is not None and _is_int8(module):
+        self.quant = quant
+        self.config: dict[int, object] = {}
+        kind = _kind(module) if module is not None else None
+        if kind is not None:
             self.weight = None
-            self.int8 = _int8_parts(module) if int8_kernel else None
+            if quant_kernels:
+                self.quant = _int8_parts(module) if kind == "int8" else _nf4_parts(module)
+        if self.quant is not None:
+            self.weight = None
+
+    def default(self, rows: int):
+        """What an untimed row count runs: our kernels for decode-sized batches, a 16-bit copy beyond."""
+        if self.quant is None:
+            return None
+        if self.quant.kind == "nf4":
+            return ("gemv", 16, 256, 4) if rows == 1 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "dequant"
+        return ("gemv", None, None, 4) if rows <= 2 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "dequant"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None and (self.quant is None or x.dim() != 2):
+            return self._modules(x)
         rows = x.shape[0] if x.dim() == 2 else -1
-        if self.weight is not None:
-            config = self.gemv_config.get(rows)
-            if config is None:
-                return F.linear(x, self.weight, self.bias)
-            from . import kernels as fastkernels
-            out = fastkernels.gemv(x, self.weight, None, *config)
-            return out + self.bias if self.bias is not None else out
-        if self.int8 is not None and x.dim() == 2:
-            from . import kernels as fastkernels
-            config = self.gemv_config.get(rows, "dequant" if rows > 2 else (None, None, 4))
-            if config == "dequant":
-                out = fastkernels.dequant_linear(x, self.int8[0], self.int8[1])
-            else:
-                out = fastkernels.gemv(x, self.int8[0], self.int8[1], *config)
-            return out + self.bias if self.bias is not None else out
-        return self.module(x)
+        return self.run(x, self.config.get(rows, self.default(rows)))
+
+    def _modules(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.modules], dim=-1) if len(self.modules) > 1 else self.modules[0](x)
+
+    def run(self, x: torch.Tensor, config, up: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + bias the way ``config`` says; with ``up``, of SiLU(x) * up."""
+        if config == "module":
+            from . import kernels as fk
+            return self._modules(fk.silu_mul(x, up) if up is not None else x)
+        out = self._product(x, config, up)
+        return out + self.bias if self.bias is not None else out
+
+    def _product(self, x: torch.Tensor, config, up: torch.Tensor | None) -> torch.Tensor:
+        from . import kernels as fk
+        gemv = isinstance(config, tuple) and config[0] == "gemv"
+        if up is not None and not (gemv and x.shape[0] == 1):
+            x, up = fk.silu_mul(x, up), None
+        if self.quant is None:
+            return F.linear(x, self.weight) if config is None else fk.gemv(x, self.weight, None, *config[1:], up=up)
+        from . import kernels_quant as kq
+        q = self.quant
+        if config == "dequant":
+            return F.linear(x, kq.dequantize(q, x.dtype))
+        if config[0] == "tiled":
+            return kq.qmatmul(x, q, *config[1:])
+        if q.kind == "int8":
+            return fk.gemv(x, q.data, q.scale, *config[1:], up=up)
+        return kq.nf4_gemv(x, q, *config[1:], up=up) if x.shape[0] == 1 else kq.qmatmul(x, q)
 
     def gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-        """down(SiLU(g) * u) in one kernel when our GEMV serves this row count; None otherwise."""
-        rows = g.shape[0]
-        if rows != 1:
+        """down(SiLU(g) * u) in one kernel when a GEMV serves this row count; None otherwise."""
+        config = self.config.get(g.shape[0], self.default(g.shape[0]))
+        if g.shape[0] != 1 or not (isinstance(config, tuple) and config[0] == "gemv"):
             return None
-        from . import kernels as fastkernels
-        if self.weight is not None and rows in self.gemv_config:
-            out = fastkernels.gemv(g, self.weight, None, *self.gemv_config[rows], up=u)
-        elif self.int8 is not None and self.gemv_config.get(rows, (None,)) != "dequant":
-            out = fastkernels.gemv(g, self.int8[0], self.int8[1], *self.gemv_config.get(rows, (None, None, 4)), up=u)
-        else:
-            return None
-        return out + self.bias if self.bias is not None else out
+        return self.run(g, config, up=u)
 
     def capturable(self, rows: int) -> bool:
         """Can a CUDA graph hold this projection for ``rows`` rows? (bitsandbytes' outlier path synchronises.)"""
-        if self.weight is not None or self.int8 is not None:
+        if (self.weight is not None or self.quant is not None) and self.config.get(rows) != "module":
             return True
-        state = getattr(self.module, "state", None)
-        return state is None or float(getattr(state, "threshold", 0.0) or 0.0) == 0.0
+        return all(float(getattr(getattr(m, "state", None), "threshold", 0.0) or 0.0) == 0.0 for m in self.modules)
 
     def shape_key(self) -> tuple:
-        w = self.weight if self.weight is not None else (self.int8[0] if self.int8 is not None else None)
-        return (tuple(w.shape), w.dtype) if w is not None else ()
+        if self.quant is not None:
+            return (self.quant.shape, self.quant.kind, self.quant.absmax2 is not None)
+        return (tuple(self.weight.shape), self.weight.dtype) if self.weight is not None else ()
 
 
 class _Layer:
-    def __init__(self, layer, fuse: bool, int8_kernel: bool):
+    def __init__(self, layer, fuse: bool, quant_kernels: bool):
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
         self.eps1 = float(getattr(self.ln1, "variance_epsilon", getattr(self.ln1, "eps", 1e-6)))
         self.eps2 = float(getattr(self.ln2, "variance_epsilon", getattr(self.ln2, "eps", 1e-6)))
         self.attn, self.mlp = attn, mlp
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
-        dense = all(type(p) is torch.nn.Linear for p in projections)
-        if fuse and dense:
-            self.qkv = _Linear(weight=_fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj]),
-                               bias=_fuse_biases([attn.q_proj, attn.k_proj, attn.v_proj]))
-            self.gate_up = _Linear(weight=_fuse_weights([mlp.gate_proj, mlp.up_proj]),
-                                   bias=_fuse_biases([mlp.gate_proj, mlp.up_proj]))
-            self.q = self.k = self.v = self.gate = self.up = None
+        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+        self.qkv = self.gate_up = None
+        if fuse and all(type(p) is torch.nn.Linear for p in qkv + gate_up):
+            self.qkv = _Linear(weight=_fuse_weights(qkv), bias=_fuse_biases(qkv))
+            self.gate_up = _Linear(weight=_fuse_weights(gate_up), bias=_fuse_biases(gate_up))
+        elif fuse and quant_kernels and all(_kind(p) == "nf4" and p.bias is None for p in qkv + gate_up):
+            fused_qkv, fused_gu = _fuse_nf4(qkv), _fuse_nf4(gate_up)
+            if fused_qkv is not None and fused_gu is not None:
+                self.qkv = _Linear(modules=qkv, quant=fused_qkv)
+                self.gate_up = _Linear(modules=gate_up, quant=fused_gu)
+        if self.qkv is None:
+            self.q, self.k, self.v = (_Linear(p, quant_kernels=quant_kernels) for p in qkv)
+            self.gate, self.up = (_Linear(p, quant_kernels=quant_kernels) for p in gate_up)
         else:
-            self.qkv = self.gate_up = None
-            self.q, self.k, self.v = (_Linear(p, int8_kernel=int8_kernel) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-            self.gate, self.up = (_Linear(p, int8_kernel=int8_kernel) for p in (mlp.gate_proj, mlp.up_proj))
-        self.o = _Linear(attn.o_proj, int8_kernel=int8_kernel)
-        self.down = _Linear(mlp.down_proj, int8_kernel=int8_kernel)
+            self.q = self.k = self.v = self.gate = self.up = None
+        self.o = _Linear(attn.o_proj, quant_kernels=quant_kernels)
+        self.down = _Linear(mlp.down_proj, quant_kernels=quant_kernels)
 
 
 def _fuse_weights(modules) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""4-bit (and 8-bit) weights: the ``4bit`` spec word, the fast path over bitsandbytes' NF4 weights on CPU,
+and our Triton kernels for quantized weights checked against bitsandbytes in Triton's CPU interpreter.
+
+The model is a small Llama built in the test, saved, and loaded back through transformers with the
+``BitsAndBytesConfig`` that ``loading.py`` builds for a ``4bit`` spec (bitsandbytes 0.50 runs NF4 on CPU),
+so the greedy tokens of the fast path can be compared with plain ``generate`` on the same 4-bit model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from vicuna_demo.config import ConfigError, ModelSpec, load_settings
+from vicuna_demo.engines.fastpath import FastModel, FastOptions, FastScheduler, Job
+from vicuna_demo.loading import _quantization
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_4bit_spec_word_and_flag_choose_nf4_and_exclude_8bit():
+    assert ModelSpec.parse("lmsys/vicuna-13b-v1.5,4bit").load_4bit
+    spec = ModelSpec.parse("lmsys/vicuna-13b-v1.5,4bit", default_8bit=True)     # the spec's word wins
+    assert spec.load_4bit and not spec.load_8bit
+    with pytest.raises(ConfigError, match="8bit or 4bit"):
+        ModelSpec.parse("lmsys/vicuna-13b-v1.5,8bit,4bit")
+    settings = load_settings(["--load-4bit", "--model", "a", "--model", "b,8bit", "--model", "c,fp16"], environ={})
+    assert [(m.load_4bit, m.load_8bit) for m in settings.models] == [(True, False), (False, True), (False, False)]
+    with pytest.raises(ConfigError, match="choose one"):
+        load_settings(["--load-4bit", "--load-8bit"], environ={})
+    config = _quantization(ModelSpec("a", load_4bit=True), torch.float16)["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_compute_dtype == torch.float16 and config.bnb_4bit_use_double_quant
+
+
+@pytest.fixture(scope="module")
+def nf4_model(tmp_path_factory):
+    """A 2-layer Llama with NF4 weights as `--model FOLDER,4bit` would load it on a CPU."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.15)
+    folder = tmp_path_factory.mktemp("nf4")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                                 **_quantization(ModelSpec(str(folder), load_4bit=True), torch.float32))
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    return model.eval()
+
+
+class Reply:
+    """A job's emit callback: the tokens, and an event set when the job ends (with its error, if any)."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, tokens, finished, error):
+        self.tokens += tokens
+        if finished:
+            self.error = error
+            self.done.set()
+
+
+def test_fast_path_greedy_tokens_equal_generate_on_a_4bit_model(nf4_model):
+    scheduler = FastScheduler(FastModel(nf4_model, 200, FastOptions()), name="nf4")
+    scheduler.start()
+    try:
+        assert scheduler.wait_ready(60)
+        torch.manual_seed(1)
+        prompts = [torch.randint(3, 320, (n,)).tolist() for n in (9, 23, 14)]
+        replies = [Reply() for _ in prompts]
+        for i, (ids, reply) in enumerate(zip(prompts, replies)):      # submitted together: batched
+            scheduler.submit(Job(request_id=f"q{i}", ids=ids, max_new=24, temperature=0.0, top_p=1.0,
+                                 eos=frozenset(), emit=reply))
+        for ids, reply in zip(prompts, replies):
+            assert reply.done.wait(120) and reply.error is None
+            inputs = torch.tensor([ids])
+            with torch.inference_mode():
+                want = nf4_model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=24,
+                                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+            assert reply.tokens == want.tolist()
+        assert len({tuple(r.tokens) for r in replies}) == 3        # the prompts lead to different replies
+    finally:
+        scheduler.close()
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+    from vicuna_demo.engines.fastpath import kernels_quant as kq
+    from vicuna_demo.engines.fastpath.weights import _nf4_parts, _fuse_nf4, QuantWeight
+    torch.manual_seed(0)
+
+    def linear4(n, k, nested):
+        m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, compress_statistics=nested,
+                              quant_type="nf4")
+        m.weight = bnb.nn.Params4bit(torch.randn(n, k) * 0.05, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=nested, module=m)
+        m.weight._quantize("cpu")
+        return m
+
+    def reference(m):   # bitsandbytes' own de-quantization
+        return bf.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+
+    worst = {}
+    def note(name, got, ref):
+        worst[name] = max(worst.get(name, 0.0), ((got.float() - ref).abs().max() / ref.abs().max()).item())
+
+    for nested in (False, True):
+        m = linear4(96, 320, nested)       # 480 blocks of 64: the second group of 256 scales is partial
+        q, w = _nf4_parts(m), reference(m)
+        assert (q.absmax2 is not None) == nested
+        note("dequantize", kq.dequantize(q, torch.float32), w)
+        x, g, u = torch.randn(1, 320), torch.randn(1, 320), torch.randn(1, 320)
+        note("gemv", kq.nf4_gemv(x, q, 16, 128, 4), x @ w.T)
+        note("gemv", kq.nf4_gemv(g, q, 32, 64, 4, up=u), (torch.nn.functional.silu(g) * u) @ w.T)
+        for rows in (3, 17):
+            x = torch.randn(rows, 320).half()
+            note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3), x.float() @ w.half().float().T)
+        # q/k/v fused into one weight: the modules become views of it and still compute what they did
+        parts = [linear4(n, 256, nested) for n in (128, 64, 64)]
+        before = [reference(p) for p in parts]
+        fused = _fuse_nf4(parts)
+        assert fused is not None and fused.shape == (256, 256)
+        note("fused", kq.dequantize(fused, torch.float32), torch.cat(before))
+        note("fused", torch.cat([reference(p) for p in parts]), torch.cat(before))
+        assert parts[1].weight.data.data_ptr() == fused.data.data_ptr() + 128 * 128
+
+    cb = torch.randint(-127, 128, (40, 192), dtype=torch.int8)
+    scale = torch.rand(40) / 127
+    q8, w8 = QuantWeight("int8", (40, 192), cb, scale=scale), cb.float() * scale[:, None]
+    for rows in (2, 9, 33):
+        x = torch.randn(rows, 192).half()
+        note("int8 tiled", kq.qmatmul(x, q8, 16, 16, 64, 4, 3), x.float() @ w8.T)
+    note("int8 dequantize", kq.dequantize(q8, torch.float32), w8)
+    print("WORST", worst)
+""")
+
+
+def test_quantized_kernels_match_bitsandbytes_in_the_triton_interpreter(tmp_path):
+    """Our NF4 GEMV, tiled kernel and de-quantization against bitsandbytes' dequantize_4bit + matmul, with
+    plain and nested (double-quantized) scales; fused q/k/v; int8 tiles. No GPU: Triton's interpreter."""
+    probe = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("Triton is not installed here: pip install -r requirements-dev.txt")
+    script = tmp_path / "quant_check.py"
+    script.write_text(KERNEL_CHECK)
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst = eval(done.stdout.split("WORST")[-1])      # noqa: S307 - our own script's dict literal
+    assert worst["dequantize"] == 0.0 and worst["fused"] == 0.0 and worst["int8 dequantize"] < 1e-6
+    assert worst["gemv"] < 1e-5                       # fp32 inside, fp32 out
+    assert worst["tiled"] < 2e-3 and worst["int8 tiled"] < 2e-3    # fp16 output rounding
