@@ -13,6 +13,7 @@ import sys
 
 from vicuna_demo.config import ConfigError, Settings, default_model_specs, load_settings
 from vicuna_demo.services.arena import parse_weights
+from vicuna_demo.engines.memory import PlanError
 from vicuna_demo.loading import LoadError, check_spec, cuda_available
 
 log = logging.getLogger("vicuna_demo")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         # and so do --arena-weights that name no model
         parse_weights(settings.arena_weights, [s.display_name for s in specs] + [e.name for e in settings.endpoints])
         demo, runtime = create_app(settings)
-    except (LoadError, ConfigError) as exc:
+    except (LoadError, ConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:

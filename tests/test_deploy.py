@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import pickle
 import re
 import socket
@@ -31,6 +32,7 @@ from app import create_app, main, serve
 from tests.engines import RecordingEngine
 from vicuna_demo import serving, publish
 from vicuna_demo.engines import zerogpu as zerogpu_engine
+from vicuna_demo.engines.local import start_engine
 from vicuna_demo.config import ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -359,7 +361,7 @@ def test_zerogpu_reply_runs_all_gpu_work_inside_one_spaces_gpu_call(zerogpu, tin
     from vicuna_demo.loading import load_model
 
     loaded = load_model(ModelSpec(str(tiny_llama_dir), name="Tiny", device="cpu"))
-    engine = zerogpu_engine.start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
+    engine = start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
     assert isinstance(engine, zerogpu_engine.ZeroGPUEngine)
     seen, handle = record_forwards(loaded.model, zerogpu)
     try:
@@ -386,7 +388,7 @@ def test_zerogpu_reply_can_be_stopped_and_the_gpu_call_ends(zerogpu, tiny_llama_
 
     loaded = load_model(ModelSpec(str(tiny_llama_dir), name="Tiny", device="cpu"))
     loaded.model.generation_config.eos_token_id = None  # a random model could end at once: make it run on
-    engine = zerogpu_engine.start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
+    engine = start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
     engine._eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=400)
     stream = engine.stream(engine.prepare([{"role": "user", "content": "Count"}], params), params)
@@ -401,11 +403,13 @@ def test_zerogpu_reply_can_be_stopped_and_the_gpu_call_ends(zerogpu, tiny_llama_
     assert zerogpu.active == 0
 
 
-def test_the_app_on_zerogpu_serves_replies_through_spaces_gpu(zerogpu, tiny_llama_dir, serve_app):
-    url, _, runtime = serve_app(["--model", f"{tiny_llama_dir},name=Tiny,device=cpu", "--no-warmup",
+@pytest.mark.parametrize("flags", [[], ["--no-warmup"]], ids=["default-flags", "no-warmup"])
+def test_the_app_on_zerogpu_serves_replies_through_spaces_gpu(zerogpu, tiny_llama_dir, serve_app, flags):
+    url, _, runtime = serve_app(["--model", f"{tiny_llama_dir},name=Tiny,device=cpu", *flags,
                                  "--moderation", "off", "--max-new-tokens", "16"])
-    engine = runtime.service.engines["Tiny"]
-    assert isinstance(engine, zerogpu_engine.ZeroGPUEngine)
+    assert runtime.wait_ready(60)
+    engine = runtime.service.engines["Tiny"].engine
+    assert isinstance(engine, zerogpu_engine.ZeroGPUEngine) and engine.ready
     seen, handle = record_forwards(engine.model, zerogpu)
     try:
         chatbot, _box, notice = Client(url, verbose=False).predict(
@@ -417,6 +421,62 @@ def test_the_app_on_zerogpu_serves_replies_through_spaces_gpu(zerogpu, tiny_llam
     assert len(zerogpu.calls) == 1 and seen and all(seen)
     (row,) = runtime.store.turns()
     assert row.model == "Tiny" and row.finish_reason in ("stop", "length") and row.n_tokens >= 1
+
+
+SPACES_STANDIN = """
+import functools, inspect, pickle
+calls = []
+
+def GPU(task=None, *, duration=None, size=None):
+    if task is None:
+        return functools.partial(GPU, duration=duration, size=size)
+    assert inspect.isgeneratorfunction(task)
+
+    @functools.wraps(task)
+    def attached(*args, **kwargs):
+        pickle.dumps((args, kwargs))
+        calls.append(task.__name__)
+        for item in task(*args, **kwargs):
+            pickle.dumps(item)
+            yield item
+    return attached
+"""
+
+
+@pytest.mark.slow
+def test_python_app_py_starts_on_zerogpu_with_default_flags(tmp_path, tiny_llama_dir):
+    """`python app.py` as a ZeroGPU Space runs it: SPACES_ZERO_GPU set, a `spaces` module importable, warm-up
+    on (the default). It serves the page, the model is ready, and nothing is printed as a traceback."""
+    (tmp_path / "standin").mkdir()
+    (tmp_path / "standin" / "spaces.py").write_text(SPACES_STANDIN)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICUNA_DEMO_") and k != "OPENAI_API_KEY"}
+    env.update(SPACES_ZERO_GPU="true", PYTHONPATH=str(tmp_path / "standin"), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "app.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "app.py", "--model", f"{tiny_llama_dir},name=Tiny,device=cpu",
+                                 "--port", str(port), "--log-dir", str(tmp_path / "logs"), "--moderation", "off"],
+                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "Tiny: ready" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.5)
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+            assert proc.poll() is None
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    output = log_path.read_text()
+    assert "Traceback" not in output and "TypeError" not in output, output
+    assert "ZeroGPU" in output
 
 
 # -- pushing logs to a Hub dataset ---------------------------------------------------------------------

@@ -51,6 +51,7 @@ class ModelSpec:
     device: str | None = None
     context_window: int | None = None
     load_4bit: bool = False
+    kv_share: float | None = None    # kv=F: this model's fraction of its GPU's KV-cache memory (engines/memory.py)
 
     @property
     def display_name(self) -> str:
@@ -85,11 +86,23 @@ class ModelSpec:
                 values[key] = value.strip()
             elif key in ("ctx", "context") and value.strip().isdigit() and int(value) > 0:
                 values["context_window"] = int(value)
+            elif key == "kv" and _fraction(value) is not None:
+                values["kv_share"] = _fraction(value)
             else:
                 raise ConfigError(
                     f"--model '{text}': cannot read '{part}'. Options are name=, template=, dtype=, device=, "
-                    "ctx= and the word 8bit or 4bit, e.g. --model lmsys/vicuna-7b-v1.5,name=Vicuna,8bit")
+                    "ctx=, kv= (a share of the GPU's KV cache, 0.3 or 30%) and the word 8bit or 4bit, e.g. --model lmsys/vicuna-7b-v1.5,name=Vicuna,8bit")
         return cls(**values)
+
+
+def _fraction(text: str) -> float | None:
+    """'0.3' or '30%' -> 0.3; None unless it is in (0, 1]."""
+    text = text.strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+    return value if 0 < value <= 1 else None
 
 
 @dataclass(frozen=True)

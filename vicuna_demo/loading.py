@@ -229,8 +229,45 @@ def check_spec(spec: ModelSpec) -> None:
                         f"(use one of {', '.join(list_templates())}).")
 
 
-def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
-    """Load one model as its spec says; raise LoadError with a one-line explanation on failure."""
+def read_config(spec: ModelSpec):
+    """The model's transformers config (config.json, or the GGUF header), without loading weights: what the
+    start-up memory plan needs (engines/memory.py). Raises LoadError."""
+    from transformers import AutoConfig
+
+    where, extra = _locate(spec)
+    extra = dict(extra, **_hub_access(spec))
+    try:
+        return AutoConfig.from_pretrained(where, **extra)
+    except (Exception, ImportError) as exc:  # noqa: BLE001 - one clear line
+        raise _explain(spec, exc) from None
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer alone (seconds), so the page can show the model before its weights load."""
+    from transformers import AutoTokenizer
+
+    where, extra = _locate(spec)
+    extra = dict(extra, **_hub_access(spec))
+    try:
+        return AutoTokenizer.from_pretrained(where, **extra)
+    except (Exception, ImportError) as exc:  # noqa: BLE001 - one clear line
+        raise _explain(spec, exc) from None
+
+
+def choose_template(spec: ModelSpec, tokenizer) -> Template:
+    """The spec's template=, else the one its source and tokenizer imply. Raises LoadError."""
+    has_own = bool(getattr(tokenizer, "chat_template", None))
+    template_name = spec.template or auto_template_name(
+        spec.source if spec.source != EMBEDDED_SOURCE else EMBEDDED_GGUF, has_own)
+    try:
+        return get_template(template_name, tokenizer=tokenizer)
+    except ValueError as exc:
+        raise LoadError(f"Model '{spec.display_name}': {exc}") from None
+
+
+def load_model(spec: ModelSpec, progress=lambda message: None, tokenizer=None) -> LoadedModel:
+    """Load one model as its spec says (``tokenizer``: one already loaded by ``load_tokenizer``); raise
+    LoadError with a one-line explanation on failure."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_spec(spec)
@@ -243,7 +280,8 @@ def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
     precision = "8-bit" if spec.load_8bit else "4-bit NF4" if spec.load_4bit else str(dtype).removeprefix("torch.")
     progress(f"Loading {spec.display_name} from {spec.source} on {device} ({precision})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except LoadError:
         raise
@@ -252,14 +290,7 @@ def load_model(spec: ModelSpec, progress=lambda message: None) -> LoadedModel:
         raise _explain(spec, exc) from None
     model.eval()
 
-    has_own = bool(getattr(tokenizer, "chat_template", None))
-    template_name = spec.template or auto_template_name(
-        spec.source if spec.source != EMBEDDED_SOURCE else EMBEDDED_GGUF, has_own)
-    try:
-        template = get_template(template_name, tokenizer=tokenizer)
-    except ValueError as exc:
-        raise LoadError(f"Model '{spec.display_name}': {exc}") from None
-
+    template = choose_template(spec, tokenizer)
     eos: set[int] = set()
     for candidate in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(candidate, int):

@@ -1,15 +1,15 @@
 """What every engine shares: sampling parameters, reply statistics, errors, and the Engine interface.
 
 An *engine* turns a conversation (OpenAI-style messages) into a stream of text deltas. The local
-engine (``engine.py``) renders a template and runs the model; a remote engine speaks the OpenAI chat
-API. Nothing above this interface knows which one it talks to.
+engine (``local.py``) renders a template and runs the model; a remote engine (``remote.py``) speaks the
+OpenAI chat API. Nothing above this interface knows which one it talks to.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 # FastChat's ranges, which users of such demos know.
 TEMPERATURE_RANGE = (0.0, 1.0)
@@ -117,11 +117,27 @@ class ReplyStream(Protocol):
 
 
 class Engine(Protocol):
-    """One loaded (or remote) model."""
+    """One loaded (or remote) model: everything the services and the page use of an engine.
+
+    Implemented by LocalEngine (engines/local.py), ZeroGPUEngine (engines/zerogpu.py), RemoteEngine
+    (engines/remote.py) and the start-up placeholder StartingEngine (engines/startup.py);
+    tests/test_engine_interface.py checks that each has every member with a compatible signature."""
 
     name: str                 # display name, unique in the app
     template_name: str        # for logs ("remote" for endpoints)
     default_system: str       # the template's default system prompt
+    status: str               # one line for the log and the page: loading, warming up, ready, failed
+    capacity: str             # what the engine holds at once (KV cache, conversations), "" if nothing to say
+
+    @property
+    def ready(self) -> bool:
+        """True once requests are served without waiting for start-up."""
+        ...
+
+    def warmup(self, progress: Callable[[str], None] = ..., background: bool = False,
+               timeout_s: float = ...) -> float:
+        """Do the start-up work now (or in the background), report it through ``progress``; -> seconds."""
+        ...
 
     def prepare(self, messages: list[dict], params: SamplingParams) -> Prompt:
         """Fit the conversation to the context window; raise PromptTooLong if the last message cannot fit."""

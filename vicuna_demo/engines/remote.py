@@ -138,6 +138,17 @@ class RemoteEngine:
     def __repr__(self) -> str:
         return f"RemoteEngine(name={self.name!r}, url={self.url!r}, model={self.model!r})"
 
+    # -- start-up (nothing to warm up: the server is up or it is not; replies report problems) -------------
+    ready = True
+    capacity = ""
+
+    @property
+    def status(self) -> str:
+        return f"{self.name}: remote endpoint at {self.url}"
+
+    def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
+        return 0.0
+
     # -- prompt ----------------------------------------------------------------------------
     def max_tokens(self, params: SamplingParams) -> int:
         """The reply length to ask for: the visitor's choice, capped by the spec's max_tokens=."""

@@ -9,7 +9,7 @@ back in the request's thread. Everywhere else (a GPU box, a normal GPU Space, ev
 installed) nothing changes.
 
     spaces = zerogpu_spaces()                               # before anything touches CUDA
-    engine = start_engine(loaded, options, spaces=spaces)   # LocalEngine, or ZeroGPUEngine on ZeroGPU
+    engine = local.start_engine(loaded, options, spaces=spaces)   # LocalEngine, or ZeroGPUEngine on ZeroGPU
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import logging
 import os
 import queue
 import threading
-import time
 from typing import Callable, Iterator
 
 from ..loading import LoadedModel
-from .local import _fail_message
-from .local import start_engine as start_local_engine
 from .prompting import PromptingModel
-from .protocol import EngineError, Prompt, ReplyStats, SamplingParams
-from .textstream import IncrementalDecoder, StopFilter
+from .protocol import EngineError, Prompt, SamplingParams
+from .replies import TokenReply, fail_message
 
 log = logging.getLogger("vicuna_demo.zerogpu")
 
@@ -47,14 +44,6 @@ def zerogpu_spaces():
     return spaces
 
 
-def start_engine(loaded: LoadedModel, options=None, *, spaces=None):
-    """The engine for a loaded model: the batching ``LocalEngine``, or on ZeroGPU (``spaces`` given)
-    a ``ZeroGPUEngine`` whose every reply runs inside ``spaces.GPU``."""
-    if spaces is None:
-        return start_local_engine(loaded, options)
-    return ZeroGPUEngine(loaded, spaces.GPU)
-
-
 def gpu_seconds(max_new_tokens: int) -> int:
     """The GPU time asked of ZeroGPU for one reply: a start-up allowance plus ~12 tokens/s, capped.
     (Longer requests wait longer in ZeroGPU's queue; a reply that overruns is aborted.)"""
@@ -62,13 +51,17 @@ def gpu_seconds(max_new_tokens: int) -> int:
 
 
 class ZeroGPUEngine(PromptingModel):
-    """Implements ``generation.Engine`` for ZeroGPU: one ``spaces.GPU`` generator call per reply.
+    """Implements ``protocol.Engine`` for ZeroGPU: one ``spaces.GPU`` generator call per reply.
 
-    Templates and context fitting are the shared ``PromptingModel``'s, as for LocalEngine."""
+    Templates and context fitting are the shared ``PromptingModel``'s, as for LocalEngine. There is nothing
+    to warm up (a GPU is attached per request), so the engine is ready at once."""
+
+    capacity = ""            # no KV cache held between requests
 
     def __init__(self, loaded: LoadedModel, gpu: Callable, token_timeout_s: float = 120.0):
         super().__init__(loaded)
         self._closed = False
+        self.status = f"{self.name}: ready (ZeroGPU: a GPU is attached per request)"
         pad = self.tokenizer.pad_token_id
         model, eos, timeout = self.model, sorted(self._eos_ids), token_timeout_s
 
@@ -78,7 +71,12 @@ class ZeroGPUEngine(PromptingModel):
 
         self._generate = gpu(duration=lambda ids, max_new, sampling: gpu_seconds(max_new))(generate_ids)
 
-    def warmup(self, progress=lambda message: None) -> float:
+    @property
+    def ready(self) -> bool:
+        return not self._closed
+
+    def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
+        """Nothing to do on ZeroGPU; says so through ``progress``. Returns 0.0."""
         progress(f"{self.name}: no warm-up on ZeroGPU (a GPU is attached per request)")
         return 0.0
 
@@ -95,56 +93,17 @@ class ZeroGPUEngine(PromptingModel):
         self._closed = True
 
 
-class ZeroGPUReply:
-    """One streaming reply from a ``spaces.GPU`` call; ``cancel()`` (any thread) ends it at the next token."""
+class ZeroGPUReply(TokenReply):
+    """One streaming reply from a ``spaces.GPU`` call; ``cancel()`` (any thread) ends it at the next token,
+    and closing the call's generator tells the worker to stop generating."""
 
     def __init__(self, engine: ZeroGPUEngine, ids: list[int], max_new: int, sampling: dict):
-        self.stats = ReplyStats()
-        self._engine, self._ids, self._max_new, self._sampling = engine, ids, max_new, sampling
-        self._cancelled = threading.Event()
+        super().__init__(tokenizer=engine.tokenizer, eos_ids=engine._eos_ids, stop_strings=engine._stop_strings,
+                         max_new=max_new)
+        self._engine, self._ids, self._sampling = engine, ids, sampling
 
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def __iter__(self) -> Iterator[str]:
-        engine, stats = self._engine, self.stats
-        decoder, stops = IncrementalDecoder(engine.tokenizer), StopFilter(engine._stop_strings)
-        submitted = time.perf_counter()
-        generated: list[int] = []
-        chunks = engine._generate(self._ids, self._max_new, self._sampling)
-        try:
-            for new in chunks:
-                if self._cancelled.is_set():
-                    stats.finish_reason = "cancelled"
-                    return
-                now = time.perf_counter()
-                if stats.ttft_s is None:
-                    stats.ttft_s, first_at = now - submitted, now
-                generated += new
-                stats.n_tokens = len(generated)
-                stats.decode_s = now - first_at
-                text = stops.push(decoder.push([t for t in new if t not in engine._eos_ids]))
-                if text:
-                    yield text
-                if stops.stopped:
-                    stats.finish_reason = "stop"
-                    return
-            tail = stops.push(decoder.flush()) + stops.flush()
-            if tail:
-                yield tail
-            ended_on_eos = bool(generated) and generated[-1] in engine._eos_ids
-            stats.finish_reason = "stop" if ended_on_eos or len(generated) < self._max_new else "length"
-        except EngineError as exc:
-            stats.finish_reason, stats.error = "error", str(exc)
-            raise
-        except Exception as exc:  # spaces reports worker failures as gr.Error and others
-            stats.finish_reason = "error"
-            stats.error = _fail_message(f"{type(exc).__name__}: {exc}")
-            raise EngineError(stats.error) from exc
-        finally:
-            if stats.finish_reason is None:
-                stats.finish_reason = "cancelled"
-            chunks.close()  # on ZeroGPU this tells the worker to stop generating
+    def _chunks(self) -> Iterator[list[int]]:
+        return self._engine._generate(self._ids, self._max_new, self._sampling)
 
 
 def _generate_token_ids(model, ids: list[int], max_new: int, sampling: dict, eos: list[int], pad: int | None,
@@ -196,11 +155,11 @@ def _generate_token_ids(model, ids: list[int], max_new: int, sampling: dict, eos
             try:
                 item = out.get(timeout=timeout_s)
             except queue.Empty:
-                raise EngineError(_fail_message(f"no token for {timeout_s:.0f} s")) from None
+                raise EngineError(fail_message(f"no token for {timeout_s:.0f} s")) from None
             if item is done:
                 return
             if isinstance(item, BaseException):
-                raise EngineError(_fail_message(f"{type(item).__name__}: {item}"))
+                raise EngineError(fail_message(f"{type(item).__name__}: {item}"))
             yield item
     finally:
         stop.set()

@@ -1,8 +1,13 @@
-"""Services built from settings: models loaded, engines started, moderator, store, ChatService.
+"""Services built from settings: models planned and started, moderator, store, ChatService.
 
-    runtime = build_runtime(settings)     # raises LoadError / ConfigError with one clear line
-    ... runtime.service, runtime.banners ...
+    runtime = build_runtime(settings)     # raises LoadError / ConfigError / PlanError with one clear line
+    ... runtime.service, runtime.banners ...   # the page can be served now
+    runtime.wait_ready(timeout_s)         # scripts: True once every model has loaded and warmed up
     runtime.close()
+
+Models load in the background (engines/startup.py): ``build_runtime`` returns after the memory plan
+and the tokenizers (seconds), so the page is up while weights load and engines warm up, each model's
+status showing where it is. Nothing here needs gradio.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from .battle import BattleService
 from .chat import ChatService, Limits
 from .judge import JudgeService
 from ..config import ConfigError, Settings, default_model_specs, judge_unknown_message
-from ..engines.zerogpu import start_engine, zerogpu_spaces
+from ..engines.startup import ModelStartup
+from ..engines.zerogpu import zerogpu_spaces
 from ..publish import start_dataset_push
 from ..engines.local import EngineOptions
 from ..engines.protocol import SamplingParams
-from ..loading import EMBEDDED_NOTE, LoadError, cuda_available, load_model
+from ..loading import EMBEDDED_NOTE, LoadError, cuda_available
 from ..engines.remote import start_remote_engines
 from ..data.storage import open_store
 
@@ -37,8 +43,15 @@ class Runtime:
     store: object = None
     pusher: object = None        # deploy.DatasetPush when --hf-dataset is set
     judge: JudgeService | None = None   # --judge (JudgeService.available is False without one)
+    startup: ModelStartup | None = None  # the local models' background start-up
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """True once every local model has loaded and warmed up (False on timeout or a failed model)."""
+        return self.startup.wait(timeout_s) if self.startup is not None else True
 
     def close(self) -> None:
+        if self.startup is not None:
+            self.startup.close()
         for engine in self.engines.values():
             engine.close()
         if self.pusher is not None:
@@ -69,26 +82,23 @@ def build_moderator(settings: Settings):
         raise ConfigError(str(exc)) from None
 
 
-def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime:
-    """Load every model and start its engine (or use ``engines`` given by a test), then the services."""
+def build_runtime(settings: Settings, *, engines: dict | None = None, background: bool = True) -> Runtime:
+    """Plan and start every local model (or use ``engines`` given by a test), then the services.
+
+    The memory plan and the tokenizers are ready when this returns; weights, engines and warm-up follow on a
+    background thread (``background=False``: before this returns)."""
     moderator = build_moderator(settings)
     banners: list[str] = []
     started: dict = {}
+    startup = None
     if engines is None:
         spaces = zerogpu_spaces()  # on ZeroGPU, imported before CUDA is touched
-        try:
-            for spec in default_model_specs(settings, gpu=cuda_available()):
-                loaded = load_model(spec, progress=log.info)
-                engine = start_engine(loaded, engine_options(settings), spaces=spaces)
-                started[engine.name] = engine
-                if loaded.embedded:
-                    banners.append(EMBEDDED_NOTE)
-                if settings.warmup:  # in the background: the UI starts now and shows engine.status
-                    engine.warmup(background=True)  # the engine logs its own progress
-        except BaseException:
-            for engine in started.values():
-                engine.close()
-            raise
+        specs = default_model_specs(settings, gpu=cuda_available())
+        startup = ModelStartup(specs, engine_options(settings), spaces=spaces, warmup=settings.warmup)
+        startup.prepare()
+        started = dict(startup.engines)
+        if any(e.embedded for e in started.values()):
+            banners.append(EMBEDDED_NOTE)
         engines = started
     clash = sorted({spec.name for spec in settings.endpoints} & set(engines))
     if clash:
@@ -121,7 +131,10 @@ def build_runtime(settings: Settings, *, engines: dict | None = None) -> Runtime
     log.info(moderator.describe())
     judge = build_judge(service, settings)
     pusher = start_dataset_push(settings)
-    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher, battles=battles, judge=judge)
+    if startup is not None:
+        startup.start(background=background)
+    return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher, battles=battles,
+                   judge=judge, startup=startup)
 
 
 def build_judge(service: ChatService, settings: Settings) -> JudgeService:

@@ -16,27 +16,39 @@ TITLE = "Vicuna demo"
 
 
 def warmup_lines(service: ChatService) -> list[str]:
-    """Status of every engine still warming up (engines without a warm-up, e.g. remote ones, count as ready)."""
-    return [str(getattr(engine, "status", "")) for engine in service.engines.values()
-            if not getattr(engine, "ready", True)]
+    """While any model is still starting: every model's status (loading, warm-up, ready with what it holds).
+    Once all are ready: what each model holds (KV cache in tokens, conversations at once), if it says."""
+    engines = list(service.engines.values())
+    starting = any(not getattr(engine, "ready", True) for engine in engines)
+    lines = []
+    for engine in engines:
+        capacity = str(getattr(engine, "capacity", "") or "")
+        if starting:
+            status = str(getattr(engine, "status", "") or f"{engine.name}: ready")
+            lines.append(f"{status} · {capacity}" if capacity else status)
+        elif capacity:
+            lines.append(f"{engine.name}: {capacity}")
+    return lines
 
 
 def _warmup_status(service: ChatService) -> None:
-    """A line that shows start-up progress (loading, CUDA graphs, warm-up) until every model is ready.
+    """A line that shows start-up progress (loading, CUDA graphs, warm-up) until every model is ready, then
+    what each local model holds at once.
 
-    Requests sent meanwhile wait for the warm-up instead of compiling inside a visitor's reply."""
-    def text() -> str:
+    Requests sent meanwhile wait for their model instead of compiling inside a visitor's reply."""
+    def text() -> tuple[str, bool]:
         lines = warmup_lines(service)
-        return "⏳ Getting ready (replies start when this is done):\n" + "\n".join(f"- {l}" for l in lines) \
-            if lines else ""
+        starting = any(not getattr(engine, "ready", True) for engine in service.engines.values())
+        head = "⏳ Getting ready (replies start when each model is ready):" if starting else "Models:"
+        return (head + "\n" + "\n".join(f"- {line}" for line in lines) if lines else ""), starting
 
     def refresh():
-        current = text()
-        return gr.update(value=current, visible=bool(current)), gr.Timer(active=bool(current))
+        current, starting = text()
+        return gr.update(value=current, visible=bool(current)), gr.Timer(active=starting)
 
-    initial = text()
+    initial, starting = text()
     status = gr.Markdown(initial, visible=bool(initial), elem_id="warmup-status")
-    timer = gr.Timer(1.0, active=bool(initial))
+    timer = gr.Timer(1.0, active=starting)
     timer.tick(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
 
 

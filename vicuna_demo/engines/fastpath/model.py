@@ -102,20 +102,23 @@ class FastModel(TuningMixin):
         element = torch.finfo(self.dtype).bits // 8
         return 2 * len(self.layers) * self.n_kv * self.block * self.head_dim * element
 
+    def useful_kv_bytes(self) -> int:
+        """The most KV memory this model can use: every row of a full batch at the full context."""
+        return (self.max_rows * self.blocks_per_row + 1) * self.kv_bytes_per_block()
+
     def allocate_cache(self, n_blocks: int | None = None) -> int:
-        """Allocate the KV pool; on CUDA sized from free memory unless given. Returns the number of blocks."""
+        """Allocate the KV pool: ``n_blocks``, else the options' ``kv_blocks``, else on CUDA what is free after
+        the measured activation peak (engines/memory.py; the start-up plan passes its share instead), else
+        a small pool on CPU. Returns the number of blocks."""
         per_block = self.kv_bytes_per_block()
         if n_blocks is None:
             n_blocks = self.options.kv_blocks
         if n_blocks is None:
             if self.cuda:
-                torch.cuda.empty_cache()
+                from ..memory import kv_total
+                reserve = self.measure_activation_peak()
                 free, _ = torch.cuda.mem_get_info(self.device)
-                reserve = 6 * 2**30 + 2 * self._prefill_reserve_bytes()
-                budget = max(0, int((free - reserve) * self.options.kv_memory_fraction))
-                n_blocks = budget // per_block
-                wanted = self.max_rows * self.blocks_per_row + 1      # every row at full context
-                n_blocks = min(n_blocks, wanted)
+                n_blocks = min(kv_total(free, [reserve]), self.useful_kv_bytes()) // per_block
             else:
                 n_blocks = 2 * self.max_rows + 1
         n_blocks = int(max(n_blocks, self.blocks_per_row + 1))
@@ -126,12 +129,46 @@ class FastModel(TuningMixin):
         self.n_blocks = n_blocks
         return n_blocks
 
-    def _prefill_reserve_bytes(self) -> int:
-        hidden = int(self.config.hidden_size)
-        inter = int(getattr(self.config, "intermediate_size", 4 * hidden))
-        element = torch.finfo(self.dtype).bits // 8
-        per_token = (6 * hidden + 3 * inter) * element
-        return self.options.prefill_tokens * per_token + 64 * self.max_rows * self.vocab * 4 * 3
+    def measure_activation_peak(self) -> int:
+        """Bytes to keep free besides the weights and the KV cache, measured on this GPU: the peak of the
+        largest prefill (``prefill_tokens`` tokens, the scheduler's padded limit) plus the peak of a decode
+        step of a full batch (about what the CUDA-graph pool keeps), plus memory.ENGINE_MARGIN_BYTES.
+        Uses a pool of one context's blocks (writes go to trash block 0) and frees it. 0 on a CPU."""
+        if not self.cuda:
+            return 0
+        from ..memory import ENGINE_MARGIN_BYTES
+        dev = self.device
+        temporary = not self.k_cache
+        if temporary:
+            self.allocate_cache(self.blocks_per_row + 1)
+        peaks = []
+        with torch.inference_mode(), torch.cuda.device(dev):
+            for run in (self._peak_prefill, self._peak_decode):
+                torch.cuda.synchronize(dev)
+                base = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                run()
+                torch.cuda.synchronize(dev)
+                peaks.append(max(0, torch.cuda.max_memory_allocated(dev) - base))
+        if temporary:
+            self.release()
+            self.n_blocks = 0
+        torch.cuda.empty_cache()
+        self.measured_peaks = {"prefill": peaks[0], "decode": peaks[1]}
+        return max(peaks) + peaks[1] + ENGINE_MARGIN_BYTES
+
+    def _peak_prefill(self) -> None:
+        length = max(16, min(self.options.prefill_tokens, self.max_len - 3))
+        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), 0)])
+        ones = torch.ones(1, device=self.device)
+        sample(logits, ones, ones * 0.9, torch.zeros(1, dtype=torch.bool, device=self.device), "top_p")
+
+    def _peak_decode(self) -> None:
+        self.active.zero_()
+        self.table.zero_()
+        self.pos.zero_()
+        self._step(self.max_rows, "top_p")
+        self.pos.zero_()
 
     # -- prefill -----------------------------------------------------------------------------------
     def prefill(self, rows: list[tuple[list[int], list[int], int]]) -> torch.Tensor:

@@ -12,8 +12,7 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 class FastOptions:
     max_rows: int | None = None            # requests decoded together (None: 64 on CUDA, 8 on CPU)
     block_size: int | None = None          # tokens per KV block (None: 64 on CUDA, a whole context on CPU)
-    kv_memory_fraction: float = 0.8        # of the GPU memory still free after the reserve
-    kv_blocks: int | None = None           # force the pool size (tests, benchmarks)
+    kv_blocks: int | None = None           # force the pool size (else: the start-up plan's share, or what is free)
     prefill_tokens: int = 4096             # most prompt tokens prefilled in one forward pass
     burst_prefill_s: float = 0.3           # prefill waiting requests back to back for up to this long
     cpu_threads: int | None = None         # CPU: intra-op threads of the scheduler thread only (None: torch's)

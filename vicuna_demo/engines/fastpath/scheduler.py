@@ -10,69 +10,40 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..gpugate import GPU_GATE
+from .jobs import Job, _Slot, describe as _describe, safe_emit as _safe_emit
 from .kvpool import _BlockPool
 from .model import FastModel
 from .sampling import sample, sampling_mode
 
+__all__ = ["FastScheduler", "Job", "_Slot"]
+
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
 
-@dataclass
-class Job:
-    """One request. ``emit(tokens, finished, error)`` is called on the scheduler thread."""
-
-    request_id: str
-    ids: list[int]
-    max_new: int
-    temperature: float
-    top_p: float
-    eos: frozenset[int]
-    emit: Callable[[list[int], bool, str | None], None]
-    submitted: float = field(default_factory=time.perf_counter)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 1e-5
-
-
-@dataclass
-class _Slot:
-    job: Job
-    blocks: list[int]
-    start: int                         # tokens already cached (prefix reuse)
-    generated: list[int] = field(default_factory=list)
-    n_written: int = 0                 # positions whose K/V are in the cache
-    last_token: int = 0
-    done: bool = False
-
-    @property
-    def greedy(self):
-        return self.job.greedy
-
-    @property
-    def temperature(self):
-        return self.job.temperature
-
-    @property
-    def top_p(self):
-        return self.job.top_p
-
-
 class FastScheduler:
-    """Owns a FastModel and a thread that admits, prefills and decodes every request.
+    """Owns a FastModel and a thread that admits, prefills and decodes every request (the ``fast`` back end
+    of engines/backends.py: start, wait_ready, submit, cancel, alive, close, held_request_ids).
 
     The thread keeps up to two decode steps in flight on CUDA: while the GPU runs step t+1 the
     host hands out the tokens of step t. A request that finishes is noticed one step late; the extra
-    token is discarded (its blocks were reserved for it)."""
+    token is discarded (its blocks were reserved for it).
 
-    def __init__(self, runner: FastModel, name: str = "model"):
+    KV memory: ``kv_bytes`` (the start-up plan's share, engines/memory.py), else ``kv_blocks`` of the
+    options, else on CUDA what is free after the measured activation peak. On CUDA the start-up work
+    (allocation, tuning, capture) holds the process's GPU gate exclusively and every step holds it shared
+    (engines/gpugate.py), so one engine's graph capture never overlaps another's steps."""
+
+    kind = "fast"
+
+    def __init__(self, runner: FastModel, name: str = "model", kv_bytes: int | None = None):
         self.runner = runner
         self.name = name
+        self.kv_bytes = kv_bytes
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
@@ -131,6 +102,15 @@ class FastScheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    @property
+    def kv_tokens(self) -> int | None:
+        """Tokens the KV cache holds (None until it is allocated)."""
+        runner = self.runner
+        return (runner.n_blocks - 1) * runner.block if runner.n_blocks and self._ready.is_set() else None
+
+    def held_request_ids(self) -> set[str]:
+        return self.request_ids()
+
     def request_ids(self) -> set[str]:
         """The requests this scheduler still holds: submitted, waiting, or being decoded."""
         held = {job.request_id for job in list(self._inbox.queue) if job is not None}
@@ -157,88 +137,106 @@ class FastScheduler:
     def _run_on_stream(self) -> None:
         runner = self.runner
         try:
-            with torch.inference_mode():
-                started = time.perf_counter()
-                self.status = "allocating the KV cache"
-                self._progress(f"{self.name}: allocating the KV cache")
-                runner.allocate_cache()
-                if runner.use_kernels:
-                    self.status = "tuning kernels"
-                    self.tuning = runner.tune_gemv(lambda m: self._progress(f"{self.name}: {m}"))
-                    self.attention_tuning = runner.tune_attention(progress=lambda m: self._progress(f"{self.name}: {m}"))
-                if runner.use_graphs:
-                    self.status = "capturing CUDA graphs"
-                    runner.capture(lambda m: self._progress(f"{self.name}: {m}"))
-                if runner.cuda:
-                    self.status = "warming up prefill"
-                    self._progress(f"{self.name}: warming up prefill")
-                    runner.warm_prefill()
-                self._pool = _BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
-                if runner.cuda:
-                    self._host = [torch.empty(runner.max_rows, dtype=torch.long, pin_memory=True) for _ in range(4)]
-                self._progress(f"{self.name}: fast path ready in {time.perf_counter() - started:.1f} s "
-                               f"({runner.n_blocks - 1} KV blocks of {runner.block} tokens, "
-                               f"{'CUDA graphs' if runner.graphs else 'no CUDA graphs'}, "
-                               f"{'Triton kernels' if runner.use_kernels else 'eager ops'})")
-                self.status = "ready"
+            with torch.inference_mode(), (GPU_GATE.exclusive() if runner.cuda else contextlib.nullcontext()):
+                self._prepare()
         except BaseException as exc:  # noqa: BLE001 - reported to whoever waits for readiness
-            log.exception("fast path warm-up failed")
-            runner.release()
-            if runner.cuda:
-                torch.cuda.empty_cache()   # give the KV pool back: a fallback back end needs the memory
-            self._warm_error = exc
-            self.status = f"failed: {exc}"
-            self._ready.set()
-            self._closed.set()
-            while True:    # requests that arrived during the warm-up end now instead of timing out
-                try:
-                    job = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    _safe_emit(job, [], True, f"the fast path could not start ({_describe(exc)})")
+            self._start_failed(exc)
             return
         self._ready.set()
         with torch.inference_mode():
             self._loop()
 
+    def _prepare(self) -> None:
+        """Allocate the KV cache, tune kernels, capture graphs, warm prefill (the thread's first work)."""
+        runner = self.runner
+        started = time.perf_counter()
+        self.status = "allocating the KV cache"
+        self._progress(f"{self.name}: allocating the KV cache")
+        blocks = None if self.kv_bytes is None else max(1, self.kv_bytes // runner.kv_bytes_per_block())
+        runner.allocate_cache(blocks)
+        if runner.use_kernels:
+            self.status = "tuning kernels"
+            self.tuning = runner.tune_gemv(lambda m: self._progress(f"{self.name}: {m}"))
+            self.attention_tuning = runner.tune_attention(progress=lambda m: self._progress(f"{self.name}: {m}"))
+        if runner.use_graphs:
+            self.status = "capturing CUDA graphs"
+            runner.capture(lambda m: self._progress(f"{self.name}: {m}"))
+        if runner.cuda:
+            self.status = "warming up prefill"
+            self._progress(f"{self.name}: warming up prefill")
+            runner.warm_prefill()
+        self._pool = _BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
+        if runner.cuda:
+            self._host = [torch.empty(runner.max_rows, dtype=torch.long, pin_memory=True) for _ in range(4)]
+        self._progress(f"{self.name}: fast path ready in {time.perf_counter() - started:.1f} s "
+                       f"({runner.n_blocks - 1} KV blocks of {runner.block} tokens, "
+                       f"{'CUDA graphs' if runner.graphs else 'no CUDA graphs'}, "
+                       f"{'Triton kernels' if runner.use_kernels else 'eager ops'})")
+        self.status = "ready"
+
+    def _start_failed(self, exc: BaseException) -> None:
+        log.exception("fast path warm-up failed")
+        runner = self.runner
+        runner.release()
+        if runner.cuda:
+            torch.cuda.empty_cache()   # give the KV pool back: a fallback back end needs the memory
+        self._warm_error = exc
+        self.status = f"failed: {exc}"
+        self._ready.set()
+        self._closed.set()
+        while True:    # requests that arrived during the warm-up end now instead of timing out
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                _safe_emit(job, [], True, f"the fast path could not start ({_describe(exc)})")
+
     def _loop(self) -> None:
         runner = self.runner
         inflight: deque = deque()
         reload = True
+        gate = GPU_GATE.shared if runner.cuda else contextlib.nullcontext
         while not self._closed.is_set():
-            try:
-                idle = not self._slots and not inflight and not (self._waiting and not self._admit_blocked)
-                if self._take_inbox(block=idle):
-                    self._admit_blocked = False
-                if self._closed.is_set():
-                    break
-                if any(s.done for s in self._slots):
-                    self._drain(inflight)
-                    self._retire_done()
-                    reload = True
-                if self._waiting and not self._admit_blocked and len(self._slots) < runner.max_rows:
-                    self._drain(inflight)
-                    self._retire_done()
-                    if self._admit():
-                        reload = True
-                    self._retire_done()           # a reply may end at its first token
-                if not self._slots:
-                    self._drain(inflight)
-                    continue
-                if reload:
-                    self._drain(inflight)
-                    runner.load_rows(self._slots)
-                    reload = False
-                self._launch(inflight)
-                if len(inflight) > (1 if runner.pipelined else 0):
-                    self._process(inflight.popleft())
-            except Exception as exc:  # noqa: BLE001 - fail the requests in hand, keep serving
-                log.exception("%s: a generation step failed", self.name)
-                inflight.clear()
-                self._fail_all_active(_describe(exc))
-                reload = True
+            idle = not self._slots and not inflight and not (self._waiting and not self._admit_blocked)
+            if self._take_inbox(block=idle):
+                self._admit_blocked = False
+            if self._closed.is_set():
+                break
+            with gate():
+                reload = self._work(inflight, reload)
         self._shutdown()
+
+    def _work(self, inflight: deque, reload: bool) -> bool:
+        """Retire, admit and prefill, launch one decode step and process the previous one. -> reload flag."""
+        runner = self.runner
+        try:
+            if any(s.done for s in self._slots):
+                self._drain(inflight)
+                self._retire_done()
+                reload = True
+            if self._waiting and not self._admit_blocked and len(self._slots) < runner.max_rows:
+                self._drain(inflight)
+                self._retire_done()
+                if self._admit():
+                    reload = True
+                self._retire_done()           # a reply may end at its first token
+            if not self._slots:
+                self._drain(inflight)
+                return reload
+            if reload:
+                self._drain(inflight)
+                runner.load_rows(self._slots)
+                reload = False
+            self._launch(inflight)
+            if len(inflight) > (1 if runner.pipelined else 0):
+                self._process(inflight.popleft())
+        except Exception as exc:  # noqa: BLE001 - fail the requests in hand, keep serving
+            log.exception("%s: a generation step failed", self.name)
+            inflight.clear()
+            self._fail_all_active(_describe(exc))
+            reload = True
+        return reload
 
     def _take_inbox(self, block: bool) -> bool:
         """Move submitted jobs to the waiting queue; apply cancellations. -> whether anything changed."""
@@ -344,7 +342,7 @@ class FastScheduler:
         runner, pool = self.runner, self._pool
         budget = runner.options.prefill_tokens
         batch: list[_Slot] = []
-        used = 0
+        longest = 0
         while self._waiting and len(self._slots) + len(batch) < runner.max_rows:
             job = self._waiting[0]
             if len(job.ids) + job.max_new + 1 > runner.max_len:
@@ -356,7 +354,10 @@ class FastScheduler:
                 _safe_emit(job, [], True, "the prompt has a token id outside the model's vocabulary")
                 continue
             reused, start = pool.reuse(job.ids) if pool.keep_cache else ([], 0)
-            if batch and (used + len(job.ids) - start > budget or start or batch[0].start):
+            # the batch is padded to its longest prompt: its padded size stays within the budget (the
+            # activation peak measured at warm-up is a prefill of ``prefill_tokens`` tokens)
+            padded = (len(batch) + 1) * max(longest, len(job.ids) - start)
+            if batch and (padded > budget or start or batch[0].start):
                 pool.remember(job.ids[:start], reused)      # a reused prefix is prefilled on its own
                 break
             need = math.ceil((len(job.ids) + job.max_new + 1) / runner.block) - len(reused)
@@ -371,7 +372,7 @@ class FastScheduler:
                 break
             self._waiting.popleft()
             batch.append(_Slot(job=job, blocks=reused + fresh, start=start))
-            used += len(job.ids) - start
+            longest = max(longest, len(job.ids) - start)
         return batch
 
     def _prefill(self, batch: list[_Slot]) -> None:
@@ -419,17 +420,3 @@ class FastScheduler:
         if self.runner.cuda:
             torch.cuda.synchronize(self.runner.device)
             torch.cuda.empty_cache()
-
-
-def _safe_emit(job: Job, tokens: list[int], finished: bool, error: str | None) -> None:
-    try:
-        job.emit(tokens, finished, error)
-    except Exception:  # noqa: BLE001 - a broken consumer must not stop the scheduler
-        log.exception("delivering tokens for %s failed", job.request_id)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return "out of memory"
-    return f"{type(exc).__name__}: {text}"
