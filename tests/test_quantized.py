@@ -144,13 +144,69 @@ KERNEL_CHECK = textwrap.dedent("""
         x = torch.randn(rows, 192).half()
         note("int8 tiled", kq.qmatmul(x, q8, 16, 16, 64, 4, 3), x.float() @ w8.T)
     note("int8 dequantize", kq.dequantize(q8, torch.float32), w8)
+
+    # The whole kernel decode step over a 4-bit model (fused q/k/v and gate/up whose 128-block parts do not
+    # fill a group of 256 scales) against the same model with bitsandbytes' de-quantized weights in fp32.
+    import tempfile
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from vicuna_demo.engines.fastpath import FastModel, FastOptions, Job
+    from vicuna_demo.engines.fastpath.weights import _Layer
+    from vicuna_demo.engines.fastpath.scheduler import _Slot
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.1)
+    folder = tempfile.mkdtemp()
+    LlamaForCausalLM(config).save_pretrained(folder)
+    nf4 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True))
+    dense = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in nf4.state_dict().items() if k in dense.state_dict() and v.dtype == torch.float32}
+    for name, module in nf4.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            state[name + ".weight"] = reference(module)
+    assert not dense.load_state_dict(state, strict=False).missing_keys
+
+    def runner(model):
+        r = FastModel(model, 100, FastOptions(block_size=16, max_rows=4, kv_blocks=40, pipeline=False))
+        r.allocate_cache(40)
+        return r
+    kernels, eager = runner(nf4), runner(dense)
+    kernels.use_kernels = True
+    kernels.layers = [_Layer(layer, fuse=True, quant_kernels=True) for layer in nf4.model.layers]
+    assert all(layer.qkv.quant.absmax2 is not None for layer in kernels.layers)
+    for p in kernels.linears():
+        if p.quant is not None:
+            p.config[1] = ("gemv", 16, 64, 4)             # one row: our GEMV (SiLU fused into down)
+            p.config[4] = ("tiled", 16, 16, 64, 4, 3)     # batches: the tiled kernel; prefill: de-quantize
+    prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
+    tables = [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]]
+    with torch.inference_mode():
+        a = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
+        note("model", kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)]), a)
+        for rows in (2, 1):
+            slots = []
+            for p, t, logit in list(zip(prompts, tables, a))[:rows]:
+                slot = _Slot(job=Job("x", p, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=t, start=0)
+                slot.n_written, slot.last_token = len(p), int(logit.argmax())
+                slots.append(slot)
+            for r in (eager, kernels):
+                r.load_rows(slots)
+            for step in range(3):
+                x, y = eager._decode_torch(rows), kernels._decode_kernels(1 if rows == 1 else 4)[:rows]
+                note("model", y, x)
+                for r in (eager, kernels):
+                    r.tokens[:rows] = x.argmax(-1)
+                    r.pos[:rows] += 1
     print("WORST", worst)
 """)
 
 
+@pytest.mark.slow
 def test_quantized_kernels_match_bitsandbytes_in_the_triton_interpreter(tmp_path):
     """Our NF4 GEMV, tiled kernel and de-quantization against bitsandbytes' dequantize_4bit + matmul, with
-    plain and nested (double-quantized) scales; fused q/k/v; int8 tiles. No GPU: Triton's interpreter."""
+    plain and nested (double-quantized) scales; fused q/k/v; int8 tiles; and the fast path's whole kernel
+    decode step on a 4-bit model against its de-quantized fp32 twin. No GPU: Triton's interpreter (~25 s)."""
     probe = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("Triton is not installed here: pip install -r requirements-dev.txt")
@@ -164,3 +220,4 @@ def test_quantized_kernels_match_bitsandbytes_in_the_triton_interpreter(tmp_path
     assert worst["dequantize"] == 0.0 and worst["fused"] == 0.0 and worst["int8 dequantize"] < 1e-6
     assert worst["gemv"] < 1e-5                       # fp32 inside, fp32 out
     assert worst["tiled"] < 2e-3 and worst["int8 tiled"] < 2e-3    # fp16 output rounding
+    assert worst["model"] < 1e-4

@@ -236,7 +236,7 @@ class FastModel(TuningMixin):
                     qkv = layer.qkv(flat)
                     q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
                 else:
-                    q, k, v = attn.q_proj(flat), attn.k_proj(flat), attn.v_proj(flat)
+                    q, k, v = layer.q(flat), layer.k(flat), layer.v(flat)
                 q, k_rot = fk.rope_store(q, k, v, self.cos, self.sin, positions.view(-1), tok_phys, tok_off,
                                          self.k_cache[li], self.v_cache[li], self.n_heads, self.n_kv,
                                          return_k=True)
@@ -268,15 +268,15 @@ class FastModel(TuningMixin):
                                                      enable_gqa=self.n_kv != self.n_heads)
             out = out.transpose(1, 2).reshape(n, length, -1)
             if fused:
-                x = attn.o_proj(out.reshape(n * length, -1))
+                x = layer.o(out.reshape(n * length, -1))
                 flat, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
                 if layer.gate_up is not None:
                     gu = layer.gate_up(flat)
                     half = gu.shape[1] // 2
                     g, u = gu[:, :half], gu[:, half:]
                 else:
-                    g, u = layer.mlp.gate_proj(flat), layer.mlp.up_proj(flat)
-                x = layer.mlp.down_proj(fk.silu_mul(g, u)).view(n, length, -1)
+                    g, u = layer.gate(flat), layer.up(flat)
+                x = layer.down(fk.silu_mul(g, u)).view(n, length, -1)
             else:
                 x = residual + attn.o_proj(out)
                 residual = x

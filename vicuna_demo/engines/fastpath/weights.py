@@ -3,6 +3,7 @@ weights read in place by our Triton kernels (``kernels.py``, ``kernels_quant.py`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +74,11 @@ def _nf4_parts(module) -> QuantWeight | None:
 def _fuse_nf4(modules) -> QuantWeight | None:
     """One QuantWeight for several NF4 modules of the same input (q/k/v, gate/up): their bytes and scales
     concatenated, and each module's tensors made views of the concatenation (no memory is duplicated).
-    None when the parts cannot be joined (different nesting, or a group of scales spanning two modules)."""
+    None when the parts cannot be joined (different block layouts or nesting)."""
     parts = [_nf4_parts(m) for m in modules]
     if any(p is None for p in parts) or len({(p.shape[1], p.group, p.absmax2 is None) for p in parts}) != 1:
         return None
-    if any((p.absmax.numel() % p.group) for p in parts):
-        return None
+    group = math.gcd(parts[0].group, *(p.absmax.numel() for p in parts))   # every part starts on a group
     data = torch.cat([p.data for p in parts])
     absmax = torch.cat([p.absmax for p in parts])
     start_d = start_a = 0
@@ -89,10 +89,12 @@ def _fuse_nf4(modules) -> QuantWeight | None:
         start_a += p.absmax.numel()
     first = parts[0]
     fused = QuantWeight("nf4", (sum(p.shape[0] for p in parts), first.shape[1]), data, absmax=absmax,
-                        code=first.code, code2=first.code2, group=first.group)
-    if first.absmax2 is not None:
-        fused.absmax2 = torch.cat([p.absmax2 for p in parts])
-        fused.offset2 = torch.cat([p.offset2 for p in parts])
+                        code=first.code, code2=first.code2, group=group)
+    if first.absmax2 is not None:     # groups of ``group`` blocks: each scale repeated where groups got smaller
+        def finer(t, p):
+            return t.repeat_interleave(p.group // group)[:math.ceil(p.absmax.numel() / group)]
+        fused.absmax2 = torch.cat([finer(p.absmax2, p) for p in parts])
+        fused.offset2 = torch.cat([finer(p.offset2, p) for p in parts])
     return fused
 
 
