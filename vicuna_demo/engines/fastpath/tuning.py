@@ -23,6 +23,7 @@ class TuningMixin:
         the fastest: cuBLAS against our GEMV for 16-bit weights (up to 8 rows); for int8 and 4-bit weights our
         GEMV (one row), our tiled kernel, a 16-bit copy + cuBLAS, and bitsandbytes' own matmul. Runs once at
         warm-up; each candidate is timed inside a CUDA graph, the way the decode step runs it."""
+        self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
         if not (self.cuda and self.use_kernels):
             return {}
         groups: dict[tuple, list[_Linear]] = {}
@@ -52,8 +53,11 @@ class TuningMixin:
                 best_ms, best = min(timings, key=lambda t: t[0])
                 for p in members:
                     p.config[rows] = best
-                per = {str(c): round(t / len(sample_set) * 1000, 1) for t, c in timings}
-                chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), per)
+                us = {c if isinstance(c, str) or c is None else "/".join(map(str, c)):
+                      round(t / len(sample_set) * 1000, 1) for t, c in timings}
+                baseline = us.get(None, us.get("module", us.get("dequant")))   # cuBLAS / bitsandbytes / 16-bit copy
+                chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), baseline)
+                self.tuning_detail[(key[0], str(key[1]), rows)] = us
         progress(f"tuned matrix products for {len(groups)} weight shapes")
         return chosen
 
@@ -148,8 +152,7 @@ def _time_ms(fn, reps: int = 10) -> float:
 def _candidates(p: _Linear, rows: int) -> list:
     """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    tiled = [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in
-             ((16, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3))]
+    tiled = [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))]
     if p.quant is None:                      # 16-bit: cuBLAS, or our GEMV for a few rows
         if rows > 8:
             return [None]
@@ -159,11 +162,10 @@ def _candidates(p: _Linear, rows: int) -> list:
         return [None] + [("gemv", *c) for c in gemv]
     out: list = ["dequant"] + tiled
     if p.quant.kind == "nf4":
-        out.append("module")                 # bitsandbytes' own 4-bit matmul (its GEMV for one row)
+        out.append("module")                 # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
         if rows == 1:
-            out += [("gemv", *c) for c in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4),
-                                           (64, 128, 4))]
-    elif rows <= 8:
-        out += [("gemv", *c) for c in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8))] \
-            if rows == 1 else [("gemv", *c) for c in ((4, 1024, 4), (8, 512, 4), (4, 256, 4), (8, 256, 4))]
+            out += [("gemv", *c) for c in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (32, 128, 4))]
+    elif rows <= 2:
+        out += [("gemv", *c) for c in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))] \
+            if rows == 1 else [("gemv", *c) for c in ((4, 1024, 4), (8, 512, 4))]
     return out

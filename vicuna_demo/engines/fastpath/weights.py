@@ -108,8 +108,8 @@ class _Linear:
 
     def __init__(self, module=None, weight=None, bias=None, quant_kernels=False, modules=None, quant=None):
         self.modules = modules or ([module] if module is not None else [])
-        self.weight = weight if weight is not None else (getattr(module, "weight", None) if module is not None else None)
-        self.bias = bias if bias is not None else (getattr(module, "bias", None) if module is not None else None)
+        self.weight = weight if weight is not None else getattr(module, "weight", None)
+        self.bias = bias if bias is not None else getattr(module, "bias", None)
         self.quant = quant
         self.config: dict[int, object] = {}
         kind = _kind(module) if module is not None else None
