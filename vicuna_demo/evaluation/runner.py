@@ -241,16 +241,7 @@ class EvaluationRunner:
         report = progress or (lambda stage, done, total: None)
         result = EvaluationResult(mode=mode, models=models, judge=self.judge, questions=list(questions))
         started = time.perf_counter()
-        workers = self.max_in_flight or max(1, len(questions) * len(models))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
-            blocked = dict(zip([q.question_id for q in questions], pool.map(self._blocked, questions)))
-            futures = [(model, q, pool.submit(self._answer, model, q, blocked[q.question_id]))
-                       for q in questions for model in models]
-            total = len(futures)
-            report("answers", 0, total)
-            for done, (model, question, future) in enumerate(futures, start=1):
-                result.answers.setdefault(model, {})[question.question_id] = future.result()
-                report("answers", done, total)
+        result.answers = self.answer(questions, models, progress=report)
         result.answer_s = time.perf_counter() - started
         if self._cancel.is_set():
             result.cancelled = True
@@ -279,6 +270,22 @@ class EvaluationRunner:
         result.judge_s = time.perf_counter() - started
         result.cancelled = self._cancel.is_set()
         return result
+
+    def answer(self, questions: Sequence[Question], models: Sequence[str],
+               progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
+        """Every model's answers to every question, all submitted at once: model -> question_id -> Answer."""
+        report = progress or (lambda stage, done, total: None)
+        answers: dict[str, dict] = {model: {} for model in models}
+        workers = self.max_in_flight or max(1, len(questions) * len(models))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
+            blocked = dict(zip([q.question_id for q in questions], pool.map(self._blocked, questions)))
+            futures = [(model, q, pool.submit(self._answer, model, q, blocked[q.question_id]))
+                       for q in questions for model in models]
+            report("answers", 0, len(futures))
+            for done, (model, question, future) in enumerate(futures, start=1):
+                answers[model][question.question_id] = future.result()
+                report("answers", done, len(futures))
+        return answers
 
     def _plan_judgments(self, result: EvaluationResult) -> tuple[list[Judgment], list[tuple]]:
         """The judgments to make and their requests (judgment, "g1"/"g2", JudgePrompt)."""
