@@ -1,24 +1,21 @@
-"""``FastModel``: the model's math over its own weights with a paged KV cache: prefill, eager and kernel
-decode steps, and one CUDA graph per batch bucket."""
+"""``FastModel``: the model's math over its own weights with a paged KV cache: prefill and the eager decode
+step (CPU); the kernel decode step and its CUDA graphs are in ``decode.py``, warm-up timing in ``tuning.py``."""
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
+from .decode import DecodeMixin
 from .options import FastOptions, unsupported_reason
 from .sampling import sample
 from .tuning import TuningMixin
 from .weights import _Layer, _Linear
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
-
-if TYPE_CHECKING:
-    from .scheduler import _Slot
 
 
 def _rotate_half(x):
@@ -35,7 +32,7 @@ def _pow2_buckets(limit: int) -> list[int]:
     return sorted(set(buckets))
 
 
-class FastModel(TuningMixin):
+class FastModel(DecodeMixin, TuningMixin):
     """The model's math over its own weights, with a paged KV cache. Single-threaded: the scheduler's thread
     is the only caller once warm-up starts."""
 
@@ -354,140 +351,6 @@ class FastModel(TuningMixin):
                 x = residual + layer.mlp(h)
         return self.lm_head(self.norm(x[:, 0])).float()
 
-    def _decode_kernels(self, rows: int) -> torch.Tensor:
-        """One decode step with the fused Triton kernels; shapes depend only on ``rows`` (graph-safe)."""
-        from . import kernels as fk
-        tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
-        active = self.active[:rows]
-        seq_lens = ((pos + 1) * active).to(torch.int32)
-        phys = table.gather(1, (pos // self.block)[:, None].to(torch.int64).clamp(max=self.blocks_per_row - 1)
-                            .to(torch.int64))[:, 0]
-        off = pos % self.block
-        splits, warps, stages = self._splits.get(rows) or self._choose_splits(rows)
-        qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        x = self.embed(tokens)                       # [B, H]
-        residual = None
-        for li, layer in enumerate(self.layers):
-            h, residual = fk.add_rmsnorm(x, residual, layer.ln1.weight, layer.eps1)
-            if layer.qkv is not None:
-                qkv = layer.qkv(h)
-                q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
-            else:
-                q, k, v = layer.q(h), layer.k(h), layer.v(h)
-            q = fk.rope_store(q, k, v, self.cos, self.sin, pos, phys, off, self.k_cache[li], self.v_cache[li],
-                              self.n_heads, self.n_kv)
-            a = fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale,
-                                   warps, stages)
-            x = layer.o(a)
-            h, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
-            if layer.gate_up is not None:
-                gu = layer.gate_up(h)
-                half = gu.shape[1] // 2
-                g, u = gu[:, :half], gu[:, half:]
-            else:
-                g, u = layer.gate(h), layer.up(h)
-            x = layer.down.gated(g, u)
-            if x is None:
-                x = layer.down(fk.silu_mul(g, u))
-        h, _ = fk.add_rmsnorm(x, residual, self.norm.weight, self.norm_eps)
-        return self.lm_head(h).float()
-
-    def linears(self) -> list[_Linear]:
-        out = []
-        for layer in self.layers:
-            out += [p for p in (layer.qkv, layer.q, layer.k, layer.v, layer.o, layer.gate_up, layer.gate, layer.up,
-                                layer.down) if p is not None]
-        return out + [self.lm_head]
-
-    def capturable(self, rows: int) -> bool:
-        return all(p.capturable(rows) for p in self.linears())
-
-    def _step(self, rows: int, mode: str) -> torch.Tensor:
-        logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows)
-        nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode)
-        self.next_tokens[:rows].copy_(nxt)
-        self.tokens[:rows].copy_(nxt)
-        self.pos[:rows] += self.active[:rows]
-        return self.next_tokens[:rows]
-
-    def bucket(self, n_active: int) -> int:
-        for b in self.buckets:
-            if b >= n_active:
-                return b
-        return self.buckets[-1]
-
-    def decode(self, n_active: int, mode: str) -> tuple[int, torch.Tensor]:
-        """Launch one decode step for rows [0, n_active). -> (rows computed, next-token tensor on the device)."""
-        if not self.use_kernels:
-            return n_active, self._step(n_active, mode)
-        rows = self.bucket(n_active)
-        graph = self.graphs.get((rows, mode))
-        if graph is None:
-            return rows, self._step(rows, mode)
-        graph.replay()
-        return rows, self.next_tokens[:rows]
-
-    def capture(self, progress: Callable[[str], None] = lambda m: None) -> None:
-        """Capture one CUDA graph per (batch bucket, sampling mode). Runs on the scheduler's thread."""
-        if not self.use_graphs:
-            return
-        self.active.zero_()
-        self.table.zero_()
-        self.pos.zero_()
-        modes = ("greedy", "sample", "top_p")
-        for rows in self.buckets:          # compile the Triton kernels and warm cuBLAS outside capture
-            for mode in modes:
-                self._step(rows, mode)
-        torch.cuda.synchronize(self.device)
-        self._graph_pool = torch.cuda.graph_pool_handle()
-        done = 0
-        try:
-            for rows in reversed(self.buckets):   # largest first: later graphs reuse its pool memory
-                if not self.capturable(rows):
-                    continue                      # decoded eagerly (e.g. bitsandbytes' outlier matmul)
-                for mode in modes:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream):
-                        self._step(rows, mode)
-                    self.graphs[(rows, mode)] = graph
-                    done += 1
-                progress(f"captured CUDA graphs for up to {rows} requests ({done}/{len(self.buckets) * len(modes)})")
-        except Exception as exc:  # noqa: BLE001 - e.g. a layer that synchronises: run the steps eagerly
-            log.warning("CUDA-graph capture failed (%s: %s); decoding without graphs",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.graphs.clear()
-            self.use_graphs = False
-            progress("CUDA graphs unavailable for this model; decoding without them")
-        torch.cuda.synchronize(self.device)
-        self.pos.zero_()
-
-    def release(self) -> None:
-        """Drop the graphs and the KV cache (the model's weights stay with the caller)."""
-        self.graphs.clear()
-        self.k_cache, self.v_cache = [], []
-        self._graph_pool = None
-
-    def load_rows(self, rows: list["_Slot"]) -> None:
-        """Write the host-side state of rows [0, len(rows)) to the device buffers; clear the rest."""
-        n = len(rows)
-        size = self.max_rows
-        tokens = torch.zeros(size, dtype=torch.long)
-        pos = torch.zeros(size, dtype=torch.long)
-        active = torch.zeros(size, dtype=torch.long)
-        table = torch.zeros(size, self.blocks_per_row, dtype=torch.int32)
-        temperature = torch.ones(size)
-        top_p = torch.ones(size)
-        greedy = torch.ones(size, dtype=torch.bool)
-        for i, slot in enumerate(rows):
-            tokens[i], pos[i], active[i] = slot.last_token, slot.n_written, 1
-            table[i, :len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
-            temperature[i] = 1.0 if slot.greedy else max(slot.temperature, 1e-5)
-            top_p[i] = slot.top_p
-            greedy[i] = slot.greedy
-        del n
-        for dst, src in ((self.tokens, tokens), (self.pos, pos), (self.active, active), (self.table, table),
-                         (self.temperature, temperature), (self.top_p, top_p), (self.greedy, greedy)):
-            dst.copy_(src)
 
 
 def _round_up(n: int, m: int) -> int:
