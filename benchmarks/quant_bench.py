@@ -3,7 +3,7 @@
 On a GPU, with random weights of the real Vicuna shapes (no download; decoding speed does not depend on
 the values), 512-token prompts and 256 new tokens, EOS disabled:
 
-- ``7b``: the fp16 fast path (1 / 8 / 64 streams); the same weights quantized in memory exactly as
+- ``fp16``, ``nf4``, ``int8`` (7B): the fp16 fast path (1 / 8 / 64 streams); the same weights quantized in memory exactly as
   ``--model ...,4bit`` loads them (bitsandbytes NF4, double-quantized scales, fp16 compute, lm_head kept in
   fp16): plain ``generate`` + streamer (the baseline), then the fast path; the same for 8-bit (LLM.int8,
   threshold 6). Weight memory of each. Correctness: tokens the fast path generated for 16 streams are fed
@@ -17,8 +17,8 @@ the values), 512-token prompts and 256 new tokens, EOS disabled:
 Prints one JSON line per measurement (``--out FILE`` appends them there too); asserts nothing.
 
     python benchmarks/quant_bench.py --out quant.jsonl                    # all stages (~7 min on an H200)
-    python benchmarks/quant_bench.py --stages 7b --streams 1,8,64
-    python benchmarks/quant_bench.py --tiny --stages 7b,card13            # CPU dry run on tiny shapes
+    python benchmarks/quant_bench.py --stages fp16,nf4 --streams 1,8,64
+    python benchmarks/quant_bench.py --tiny --new-tokens 16 --prompt-len 40   # CPU dry run on tiny shapes
 """
 
 from __future__ import annotations
@@ -240,52 +240,68 @@ def free_gib() -> float | None:
     return round(torch.cuda.mem_get_info()[0] / 2**30, 2) if torch.cuda.is_available() else None
 
 
-def stage_7b(args) -> None:
-    size = "tiny" if args.tiny else "7b"
-    device, dtype = device_dtype()
-    counts = [int(c) for c in args.streams.split(",")]
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model16 = LlamaForCausalLM(llama_config(size)).eval()
-    torch.set_default_dtype(torch.float32)
-    fp16_bytes = weight_bytes(model16)
-    vocab = int(model16.config.vocab_size)
-    eb.say(stage="build", model=f"{size} random {dtype}", weights_gib=round(fp16_bytes / 2**30, 3))
-    model4, model8 = copy.deepcopy(model16), copy.deepcopy(model16)
+CTX: dict = {}      # what the 7B stages share: the fp16 model (later the de-quantized reference) and its twins
 
-    engine = eb.start(loaded_model(model16, f"{size}-fp16", "float16"), EngineOptions(backend="fast"), "fp16")
-    streams_stage(engine, "fp16_fast", counts, args, vocab)
+
+def fp16_model(args):
+    """The random fp16 7B model and an untouched copy for 8-bit (built once per run)."""
+    if "model16" not in CTX:
+        size = "tiny" if args.tiny else "7b"
+        device, dtype = device_dtype()
+        torch.manual_seed(0)
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model16 = LlamaForCausalLM(llama_config(size)).eval()
+        torch.set_default_dtype(torch.float32)
+        CTX.update(model16=model16, size=size, fp16_bytes=weight_bytes(model16), model8=copy.deepcopy(model16))
+        eb.say(stage="build", model=f"{size} random {dtype}", weights_gib=round(CTX["fp16_bytes"] / 2**30, 3))
+    return CTX["model16"]
+
+
+def stage_fp16(args) -> None:
+    model16 = fp16_model(args)
+    engine = eb.start(loaded_model(model16, f"{CTX['size']}-fp16", "float16"), EngineOptions(backend="fast"), "fp16")
+    streams_stage(engine, "fp16_fast", [int(c) for c in args.streams.split(",")], args, model16.config.vocab_size)
     teacher_forced(engine, model16, "fp16")
     eb.stop(engine)
 
+
+def stage_nf4(args) -> None:
+    model16 = fp16_model(args)
+    vocab = int(model16.config.vocab_size)
     started = time.time()
+    model4 = copy.deepcopy(model16)
     quantize_4bit(model4)
-    loaded4 = loaded_model(model4, f"{size}-nf4", "nf4")
+    loaded4 = loaded_model(model4, f"{CTX['size']}-nf4", "nf4")
     nf4_bytes = weight_bytes(model4)
     eb.say(stage="nf4_quantize", seconds=round(time.time() - started, 1), weights_gib=round(nf4_bytes / 2**30, 3),
-           fraction_of_fp16=round(nf4_bytes / fp16_bytes, 4))
+           fraction_of_fp16=round(nf4_bytes / CTX["fp16_bytes"], 4))
     eb.hf_generate_streamer(loaded4, eb.random_prompt(args.prompt_len, 1, vocab), args.baseline_tokens,
                             "nf4_generate_baseline")
     engine = eb.start(loaded4, EngineOptions(backend="fast"), "nf4")
     eb.say(stage="nf4_tuning", us_per_projection=tuning_summary(engine))
-    streams_stage(engine, "nf4_fast", counts, args, vocab)
+    streams_stage(engine, "nf4_fast", [int(c) for c in args.streams.split(",")], args, vocab)
     dequantized_into(model16, model4)
     teacher_forced(engine, model16, "nf4")
     eb.stop(engine)
     del model4, loaded4
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
-    started = time.time()
-    loaded8 = eb.quantize_8bit(loaded_model(model8, f"{size}-int8", "int8")) if device == "cuda" else None
-    if loaded8 is None:
+
+def stage_int8(args) -> None:
+    model16 = fp16_model(args)
+    if not torch.cuda.is_available():
         return
+    started = time.time()
+    loaded8 = eb.quantize_8bit(loaded_model(CTX.pop("model8"), f"{CTX['size']}-int8", "int8"))
     int8_bytes = weight_bytes(loaded8.model)
     eb.say(stage="int8_quantize", seconds=round(time.time() - started, 1), weights_gib=round(int8_bytes / 2**30, 3),
-           fraction_of_fp16=round(int8_bytes / fp16_bytes, 4))
+           fraction_of_fp16=round(int8_bytes / CTX["fp16_bytes"], 4))
     engine = eb.start(loaded8, EngineOptions(backend="fast"), "int8")
     eb.say(stage="int8_tuning", us_per_projection=tuning_summary(engine))
-    streams_stage(engine, "int8_fast", counts, args, vocab)
+    streams_stage(engine, "int8_fast", [int(c) for c in args.streams.split(",")], args, model16.config.vocab_size)
     dequantized_into(model16, loaded8.model)
     teacher_forced(engine, model16, "int8")
     eb.stop(engine)
@@ -295,11 +311,10 @@ def stage_card(args) -> None:
     """One simulated card: hold everything beyond ``--card-gb`` (decimal GB: the card's whole memory,
     the CUDA context included), then build the 4-bit model and serve ``--card-streams`` streams."""
     hold = None
-    if torch.cuda.is_available():
-        torch.zeros(1, device="cuda")                    # the CUDA context first: it counts against the card
-        free, total = torch.cuda.mem_get_info()
-        used = total - free
-        hold = torch.empty(max(0, free - (int(args.card_gb * 1e9) - used)), dtype=torch.uint8, device="cuda")
+    if torch.cuda.is_available():     # the card's memory holds our CUDA context too (measured by the parent)
+        free, _ = torch.cuda.mem_get_info()
+        hold = torch.empty(max(0, free - (int(args.card_gb * 1e9) - args.context_bytes)), dtype=torch.uint8,
+                           device="cuda")
         eb.say(stage=f"card_{args.card_size}", card_gb=args.card_gb, held_gib=round(hold.numel() / 2**30, 2),
                free_gib=free_gib())
     started = time.time()
@@ -320,7 +335,7 @@ def stage_card(args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", default="7b,card13,card33")
+    parser.add_argument("--stages", default="fp16,nf4,card13,card33,int8")
     parser.add_argument("--streams", default="1,8,64")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -331,23 +346,29 @@ def main(argv=None) -> int:
     parser.add_argument("--card-size", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--card-gb", type=float, default=16.0, help=argparse.SUPPRESS)
     parser.add_argument("--card-streams", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--context-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     eb.OUT_FILE = Path(args.out) if args.out else None
-    eb.DEVICE_NAME = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():     # before anything else: what this process's CUDA context takes
+        free, total = torch.cuda.mem_get_info()
+        args.context_bytes = args.context_bytes or total - free
+        eb.DEVICE_NAME = torch.cuda.get_device_name(0)
     if args.card_size:
         stage_card(args)
         return 0
     cards = {"card13": ("13b", 16.0, 8), "card33": ("33b", 24.0, 4)}
+    stages = {"fp16": stage_fp16, "nf4": stage_nf4, "int8": stage_int8}
     for stage in args.stages.split(","):
         if eb.out_of_time(args):
             eb.say(stage=stage, skipped="out of time")
             continue
-        if stage == "7b":
-            stage_7b(args)
+        if stage in stages:
+            stages[stage](args)
         elif stage in cards:     # a fresh process: the card starts empty
             size, gb, n = cards[stage]
             cmd = [sys.executable, __file__, "--card-size", size, "--card-gb", str(gb), "--card-streams", str(n),
-                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--context-bytes", str(args.context_bytes)]
             cmd += (["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
             done = subprocess.run(cmd, env=os.environ.copy())
             if done.returncode:
