@@ -140,3 +140,37 @@ def test_the_leaderboard_judge_view_rates_verdicts_and_shows_agreement_with_huma
     assert sorted(row[1] for row in table["data"]) == ["Endpoint", SMALL]
     human, _, _ = client.predict(True, api_name="/leaderboard_refresh")
     assert "**4** counted anonymous and named battles" in human    # human votes never mix with the judge's
+
+
+# -- the ⚖️ Ask the judge button of the side-by-side tab ---------------------------------------------------
+def send_round(client, text="What is 6 times 7?"):
+    return client.predict(text, SMALL, "Endpoint", 0.0, 1.0, 16, 0.0, 1.0, 16, api_name="/compare_send")
+
+
+def test_asking_the_judge_streams_both_orders_then_a_verdict_stored_as_a_judge_vote(launch_app, embedded_engine,
+                                                                                   servers):
+    client, runtime = start(launch_app, embedded_engine, servers)
+    first = client.predict(api_name="/compare_judge")
+    assert "no finished round to judge" in first
+    send_round(client)
+    job = client.submit(api_name="/compare_judge")
+    final = job.result(timeout=120)
+    panels = [out for out in job.outputs()]
+    assert any("▌" in p for p in panels[:-1])                              # the reasoning streams
+    assert "Order 1: Model A's answer shown first" in final and "Order 2: Model B's answer shown first" in final
+    assert "**Verdict:** Model B (Endpoint) wins: the judge chose it in both answer orders." in final
+    store = runtime.service.store
+    [row] = store.judge_vote_rows()
+    assert (row["model_a"], row["model_b"], row["winner"], row["judge"]) == (SMALL, "Endpoint", "model_b", "Judge")
+    assert store.count_votes() == 0                                         # never a human vote
+    client.predict("a", api_name="/compare_vote")                           # the visitor disagrees
+    summary, _, _ = client.predict(api_name="/leaderboard_judge")
+    assert "agree on **0 of 1** round" in summary
+
+
+def test_the_judge_button_without_a_judge_says_how_to_add_one(launch_app, embedded_engine, servers):
+    client, runtime = start(launch_app, embedded_engine, servers, judge=False)
+    send_round(client)
+    answer = client.predict(api_name="/compare_judge")
+    assert "No judge is set up" in answer and "--judge NAME" in answer
+    assert runtime.service.store.judge_vote_rows() == []

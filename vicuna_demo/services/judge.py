@@ -229,6 +229,22 @@ class JudgeService:
             log.exception("could not store the judge verdict of battle %s", battle_id)
         yield update
 
+    def judge_battle(self, battle, client_hash: str) -> Iterator[JudgeUpdate]:
+        """``judge_round`` on a side-by-side ``Battle`` (services/battle.py): every exchange both models
+        answered, judged on the last one. Refused (one update with ``error``) while a round streams, before
+        any round, or when the last round has no complete reply on both sides (moderation, an error)."""
+        a, b = battle.a.exchanges, battle.b.exchanges
+        if battle.busy or any(not e.done for e in (*a, *b)):
+            return iter([JudgeUpdate(done=True, error="Please wait until both replies have finished.")])
+        pairs = [(x, y) for x, y in zip(a, b) if x.in_context and y.in_context]
+        if not a or not pairs or pairs[-1][0] is not a[-1]:
+            return iter([JudgeUpdate(done=True, error="There is no finished round to judge: both models must "
+                                                        "answer the last message first.")])
+        return self.judge_round([x.user for x, _ in pairs], [x.reply for x, _ in pairs], [y.reply for _, y in pairs],
+                                model_a=battle.a.model, model_b=battle.b.model, battle_id=battle.battle_id,
+                                conversation_a_id=battle.a.conversation_id,
+                                conversation_b_id=battle.b.conversation_id, client_hash=client_hash)
+
     # -- evaluations from the page -----------------------------------------------------------------
     def evaluate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
                  max_new_tokens: int | None = None) -> Iterator[EvaluationEvent]:

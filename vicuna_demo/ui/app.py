@@ -57,6 +57,7 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
     """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off); ``battles`` is
     the runtime's battle service (built here from ``settings`` when not given)."""
     battles = battles or BattleService.from_settings(service, settings)
+    judge = judge or JudgeService.from_settings(service, settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# 🦙 {TITLE}\nChat with open models, compare them side by side, and vote.")
         for text in dict.fromkeys(banners):  # two embedded models share one note
@@ -68,9 +69,9 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
             with gr.Tab("⚔️ Arena (anonymous)", id="arena"):
                 build_compare_tab(battles, anonymous=True)
             with gr.Tab("👥 Side by side", id="compare"):
-                build_compare_tab(battles, anonymous=False)
+                build_compare_tab(battles, anonymous=False, judge=judge)
             with gr.Tab("🏆 Leaderboard", id="leaderboard") as leaderboard:
                 build_leaderboard_tab(service, settings, leaderboard)
             with gr.Tab("📋 Evaluate", id="evaluate"):
-                build_evaluate_tab(service, judge or JudgeService.from_settings(service, settings), settings)
+                build_evaluate_tab(service, judge, settings)
     return demo

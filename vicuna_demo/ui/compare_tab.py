@@ -24,15 +24,18 @@ import gradio as gr
 
 from ..services.arena import VOTES
 from ..services.battle import LABELS, SIDES, Battle, BattleService, RoundUpdate
+from ..services.judge import JudgeService
 from .common import client_hash, render_exchanges, sampling_controls
+from .judge_panel import add_judge_panel
 
 
 def _vote_id(prefix: str, winner: str) -> str:
     return f"{prefix}-vote-{winner}".replace(" ", "-").replace("(", "").replace(")", "")
 
 
-def build_compare_tab(battles: BattleService, anonymous: bool) -> None:
-    """Add the comparison (``anonymous=False``) or the anonymous arena to the enclosing Blocks."""
+def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeService | None = None) -> None:
+    """Add the comparison (``anonymous=False``) or the anonymous arena to the enclosing Blocks; the named
+    comparison gets the "⚖️ Ask the judge" button when ``judge`` is given (``judge_panel.py``)."""
     service = battles.chat
     names = service.model_names()
     prefix = "arena" if anonymous else "compare"
@@ -71,6 +74,8 @@ def build_compare_tab(battles: BattleService, anonymous: bool) -> None:
         for label, winner in VOTES.items():
             vote_buttons[label] = gr.Button(label, interactive=False, elem_id=_vote_id(prefix, winner))
     notice = gr.Markdown(elem_id=f"{prefix}-notice")
+    if judge is not None and not anonymous:
+        add_judge_panel(judge, state, service)
     with gr.Row():
         textbox = gr.Textbox(placeholder="Type a prompt for both models and press Enter", show_label=False,
                              scale=8, max_lines=12, elem_id=f"{prefix}-input")
