@@ -27,7 +27,10 @@ QUESTIONS = """\
 def servers():
     """(contestant endpoint, judge) servers; the judge prefers the endpoint's answer."""
     def prefers_the_endpoint(messages):
-        first, _ = judged_answers(messages)
+        try:
+            first, _ = judged_answers(messages)
+        except ValueError:                      # not a pairwise prompt: a grade, or an answer as a contestant
+            return "A fair answer. [[6]]"
         return "Step by step... " + ("[[A]]" if ENDPOINT_ANSWER in first else "[[B]]")
 
     with JudgeServer(lambda m: ENDPOINT_ANSWER) as contestant, JudgeServer(prefers_the_endpoint) as judge:
@@ -174,3 +177,11 @@ def test_the_judge_button_without_a_judge_says_how_to_add_one(launch_app, embedd
     answer = client.predict(api_name="/compare_judge")
     assert "No judge is set up" in answer and "--judge NAME" in answer
     assert runtime.service.store.judge_vote_rows() == []
+
+
+def test_a_judge_that_is_also_a_contestant_gets_a_self_preference_warning(launch_app, embedded_engine, servers,
+                                                                         question_file):
+    client, _ = start(launch_app, embedded_engine, servers)
+    status, summary, *_ = client.predict("Judge", None, "single", handle_file(str(question_file)), 16,
+                                         api_name="/evaluate")
+    assert status == "✅ Done." and "self-preference bias" in summary

@@ -102,8 +102,9 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
                     yield {status: f"⏳ {text}", **nothing}
                     continue
                 headers, rows = category_table(event.summary)
+                note = judge.self_judging_note(a, *([b] if b else []))
                 yield {status: "✅ Done." if not event.result.cancelled else "⏹ Stopped.",
-                       summary: summary_markdown(event.summary),
+                       summary: summary_markdown(event.summary) + (f"\n\n> ⚠️ {note}" if note else ""),
                        table: {"headers": headers, "data": rows}, plot: plot_summary(event.summary),
                        archive: str(event.archive)}
         except (EvaluationBusy, ValueError) as exc:
