@@ -28,8 +28,13 @@ from typing import Sequence
 GiB = 2**30
 MiB = 2**20
 # Kept free per engine besides its measured peak: the serving thread's cuBLAS workspace, kernels loaded
-# later, CUDA-graph objects. Measured on an H200 as ~120 MiB for a 7B model; twice that to be safe.
-ENGINE_MARGIN_BYTES = 256 * MiB
+# later, CUDA-graph objects, the allocator's rounding. 512 MiB (an H200 run with 256 MiB ran out of memory
+# in the prefill warm-up of a 24 GB card).
+ENGINE_MARGIN_BYTES = 512 * MiB
+# PyTorch's allocator setting for planned start-up: without expandable segments, the weights freed when the
+# fast path fuses q/k/v and gate/up stay reserved in half-used segments (3 GiB of a 7B model on an H200
+# run), invisible to the plan and too fragmented for the KV cache or a prefill.
+ALLOC_CONF = "expandable_segments:True"
 # Prompt tokens prefilled in one forward pass (fastpath.FastOptions.prefill_tokens): the largest prefill.
 PREFILL_TOKENS = 4096
 # A "typical" conversation for the page's capacity line: the fast path reserves a request's prompt plus its

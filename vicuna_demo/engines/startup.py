@@ -19,6 +19,7 @@ message.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ from typing import Callable, Sequence
 from ..config import ModelSpec
 from ..loading import LoadError, load_model, load_tokenizer, choose_template, read_config
 from .gpugate import GPU_GATE
-from .memory import KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs
+from .memory import ALLOC_CONF, KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs
 from .protocol import EngineError, Prompt, SamplingParams
 
 log = logging.getLogger("vicuna_demo.engines.startup")
@@ -140,6 +141,8 @@ class ModelStartup:
 
     def __init__(self, specs: Sequence[ModelSpec], options, *, spaces=None, warmup: bool = True,
                  plan: bool = True, wait_s: float = 600.0):
+        if spaces is None:    # before anything touches CUDA (memory.ALLOC_CONF says why)
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
         from .local import EngineOptions  # noqa: PLC0415 - torch-heavy; only when models are local
         self.specs = list(specs)
         self.options = options or EngineOptions()
