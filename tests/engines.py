@@ -1,5 +1,6 @@
-"""Test engines that implement ``generation.Engine`` without a model: they record every prompt they
-receive and stream a scripted reply, so tests can assert what reached (or never reached) a model."""
+"""Test engines that implement ``engines.protocol.Engine`` without a model: they record every prompt they
+receive and stream a scripted reply, so tests can assert what reached (or never reached) a model; and a
+moderator that flags one word (``WordModerator``) for service tests without any server."""
 
 from __future__ import annotations
 
@@ -63,3 +64,26 @@ class RecordingEngine:
 
     def close(self):
         pass
+
+
+class WordModerator:
+    """A moderator that flags texts containing ``word``; records every text it checks. With ``hold`` (a
+    threading.Event), each check waits for it, so a test can act while moderation is under way."""
+
+    enabled = True
+
+    def __init__(self, word: str = "nitroglow", hold: threading.Event | None = None):
+        self.word, self.hold = word, hold
+        self.seen: list[str] = []
+        self.checking = threading.Event()
+
+    def check(self, text: str):
+        from moderation import ModerationResult
+        self.seen.append(text)
+        self.checking.set()
+        if self.hold is not None:
+            self.hold.wait(10)
+        return ModerationResult.flagged(["violence"]) if self.word in text else ModerationResult.passed()
+
+    def describe(self) -> str:
+        return f"test moderator flagging {self.word!r}"

@@ -1,0 +1,186 @@
+"""ChatService.turn without gradio: the whole of a visitor's event in one call, on a ChatSession, with an
+engine that records what it receives, a moderator that flags one word, and a real SQLite store.
+
+What reaches the model is the snapshot built before moderation, even when the session changes while
+moderation runs; a second event during a reply is refused; a flagged message is logged as flagged and
+never enters a later context; the system prompt is moderated only when it differs from the model's
+default; limits and unknown models refuse without touching the session; the server's defaults fill in
+parameters a caller leaves out.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.engines import RecordingEngine, WordModerator
+from vicuna_demo.data.storage import open_store
+from vicuna_demo.engines.protocol import SamplingParams
+from vicuna_demo.services.chat import BUSY_NOTICE, ChatService, Limits
+from vicuna_demo.services.session import ChatSession, Exchange
+
+MODEL = "Rec"
+REPLY = "Hello from the recording engine."
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """-> (service, engine, moderator, store)"""
+    def make(moderator=None, limits=Limits(rate_limit_per_min=0), defaults=None, delay_s=0.0):
+        engine = RecordingEngine(MODEL, REPLY, delay_s=delay_s)
+        moderator = moderator or WordModerator()
+        store = open_store(tmp_path / "logs")
+        return ChatService({MODEL: engine}, moderator, store, limits=limits, defaults=defaults), engine, moderator, store
+    return make
+
+
+def run(service, session, text, **kwargs):
+    kwargs.setdefault("model", MODEL)
+    return list(service.turn(session, text, **kwargs))
+
+
+def test_a_turn_streams_into_the_session_and_is_logged(setup):
+    service, engine, moderator, store = setup()
+    session = ChatSession()
+    updates = run(service, session, "Hi there", client="visitor-1")
+    assert len(updates) > 3 and updates[-1].done and updates[-1].status == "done"
+    [exchange] = session.exchanges
+    assert (exchange.user, exchange.reply, exchange.done, exchange.in_context) == ("Hi there", REPLY, True, True)
+    assert "tokens" in exchange.footer
+    assert engine.received == [[{"role": "system", "content": RecordingEngine.default_system},
+                                {"role": "user", "content": "Hi there"}]]
+    assert moderator.seen == ["Hi there"]          # the model's own default system prompt is not checked
+    [row] = store.turns()
+    assert (row.reply, row.moderation, row.client_hash, row.turn_index) == (REPLY, "passed", "visitor-1", 1)
+    assert not session.busy
+
+
+def test_what_reaches_the_model_is_the_snapshot_that_was_moderated_whatever_happens_to_the_session(setup):
+    hold = threading.Event()
+    service, engine, moderator, store = setup(WordModerator(hold=hold))
+    session = ChatSession()
+    session.exchanges.append(Exchange(user="Earlier question", reply="Earlier answer", status="done", done=True))
+    done = []
+    worker = threading.Thread(target=lambda: done.append(run(service, session, "Tell me about llamas")))
+    worker.start()
+    assert moderator.checking.wait(5)
+    # while moderation runs, something rewrites the session (a racing writer that skipped the gate)
+    session.exchanges[0].reply = "nitroglow recipe"
+    session.exchanges.insert(1, Exchange(user="nitroglow please", reply="sure", status="done", done=True))
+    hold.set()
+    worker.join(10)
+    assert done and done[0][-1].status == "done"
+    assert engine.received == [[{"role": "system", "content": RecordingEngine.default_system},
+                                {"role": "user", "content": "Earlier question"},
+                                {"role": "assistant", "content": "Earlier answer"},
+                                {"role": "user", "content": "Tell me about llamas"}]]
+    assert store.turns()[-1].messages == engine.received[0]
+
+
+def test_a_second_event_while_a_reply_streams_is_refused_and_changes_nothing(setup):
+    service, engine, _, store = setup(delay_s=0.01)
+    session = ChatSession()
+    first = service.turn(session, "First", model=MODEL)
+    next(first)                                     # the first event holds the session
+    assert session.busy
+    for second in (service.turn(session, "Second", model=MODEL), service.regenerate(session, model=MODEL)):
+        [refused] = list(second)
+        assert (refused.status, refused.notice, refused.done) == ("refused", BUSY_NOTICE, True)
+    rest = list(first)
+    assert rest[-1].status == "done" and not session.busy
+    assert [e.user for e in session.exchanges] == ["First"] and len(engine.received) == 1
+    assert len(store.turns()) == 1
+    assert run(service, session, "Second")[-1].status == "done"   # free again once the reply ended
+
+
+def test_the_gate_opens_when_the_visitor_walks_away_mid_reply(setup):
+    service, engine, _, store = setup(delay_s=0.01)
+    session = ChatSession()
+    stream = service.turn(session, "Tell me a story", model=MODEL)
+    next(stream), next(stream)
+    stream.close()                                  # gradio closes the generator when the visitor leaves
+    assert not session.busy
+    assert store.turns()[-1].finish_reason == "cancelled"
+
+
+def test_a_flagged_message_is_logged_as_flagged_and_never_enters_a_later_context(setup):
+    service, engine, _, store = setup()
+    session = ChatSession()
+    flagged = run(service, session, "How to make nitroglow?")
+    assert flagged[-1].status == "moderated" and "flagged by the content moderation check" in flagged[-1].notice
+    assert engine.received == []
+    assert not session.exchanges[0].in_context
+    run(service, session, "Tell me about llamas")
+    assert not any("nitroglow" in m["content"] for m in engine.received[0])
+    assert [(t.moderation, t.finish_reason) for t in store.turns()] == [("flagged", "moderated"), ("passed", "stop")]
+
+
+def test_the_system_prompt_is_moderated_only_when_it_differs_from_the_models_default(setup):
+    service, engine, moderator, _ = setup()
+    session = ChatSession()
+    run(service, session, "Hello", system=RecordingEngine.default_system)
+    assert moderator.seen == ["Hello"]
+    updates = run(service, session, "Hello again", system="Always explain nitroglow.")
+    assert updates[-1].status == "moderated"
+    assert moderator.seen[-1] == "Hello again\n\nAlways explain nitroglow."
+    assert len(engine.received) == 1
+    run(service, session, "Hello once more", system="")   # an emptied system prompt is sent as it is
+    assert engine.received[-1][0] == {"role": "system", "content": ""}
+
+
+@pytest.mark.parametrize("text, model, expected", [
+    ("   ", MODEL, "Please type a message first."),
+    ("x" * 13, MODEL, "13 characters long; the limit is 12"),
+    ("Hi", "No-Such-Model", "Unknown model 'No-Such-Model'; choose one of: Rec."),
+    ("Hi", None, "Unknown model None"),
+])
+def test_limits_and_unknown_models_refuse_without_touching_the_session_the_model_or_moderation(
+        setup, text, model, expected):
+    service, engine, moderator, store = setup(limits=Limits(max_input_chars=12, rate_limit_per_min=0))
+    session = ChatSession()
+    [refused] = list(service.turn(session, text, model=model))
+    assert refused.status == "refused" and expected in refused.notice
+    assert session.exchanges == [] and engine.received == [] and moderator.seen == [] and store.turns() == []
+    assert not session.busy
+
+
+def test_the_rate_limit_counts_each_visitor_event(setup):
+    service, engine, _, _ = setup(limits=Limits(rate_limit_per_min=2))
+    session = ChatSession()
+    assert run(service, session, "one", client="v")[-1].status == "done"
+    assert run(service, session, "two", client="v")[-1].status == "done"
+    refused = run(service, session, "three", client="v")[-1]
+    assert refused.status == "refused" and "too fast" in refused.notice
+    assert run(service, ChatSession(), "other visitor", client="w")[-1].status == "done"
+
+
+def test_regenerate_replaces_the_last_exchange_and_is_moderated_again(setup):
+    service, engine, moderator, store = setup()
+    session = ChatSession()
+    [nothing] = list(service.regenerate(session, model=MODEL))
+    assert nothing.status == "refused" and "no reply to regenerate" in nothing.notice
+    run(service, session, "Tell me about llamas")
+    list(service.regenerate(session, model=MODEL))
+    assert len(session.exchanges) == 1 and len(engine.received) == 2
+    assert engine.received[0] == engine.received[1]
+    assert moderator.seen == ["Tell me about llamas"] * 2
+    assert [t.turn_index for t in store.turns()] == [1, 2]
+
+
+def test_parameters_a_caller_leaves_out_take_the_servers_defaults(setup):
+    service, engine, _, store = setup(defaults=SamplingParams(temperature=0.2, top_p=0.5, max_new_tokens=64))
+    run(service, ChatSession(), "Hi")
+    assert store.turns()[-1].params == {"temperature": 0.2, "top_p": 0.5, "max_new_tokens": 64}
+    run(service, ChatSession(), "Hi", temperature="hot", top_p=None, max_new_tokens=10**9)
+    assert store.turns()[-1].params == {"temperature": 0.2, "top_p": 0.5, "max_new_tokens": 2048}
+
+
+def test_clear_stops_the_reply_and_gives_a_new_conversation(setup):
+    service, engine, _, _ = setup(delay_s=0.02)
+    session = ChatSession()
+    stream = service.turn(session, "Tell me a long story about llamas and alpacas", model=MODEL)
+    next(stream), next(stream)
+    fresh = service.clear(session)
+    assert fresh.exchanges == [] and fresh.conversation_id != session.conversation_id and not fresh.busy
+    assert list(stream)[-1].status == "cancelled"
