@@ -244,7 +244,7 @@ CTX: dict = {}      # what the 7B stages share: the fp16 model (later the de-qua
 
 
 def fp16_model(args):
-    """The random fp16 7B model and an untouched copy for 8-bit (built once per run)."""
+    """The random fp16 7B model (seeded: every stage's process builds the same weights)."""
     if "model16" not in CTX:
         size = "tiny" if args.tiny else "7b"
         device, dtype = device_dtype()
@@ -253,7 +253,7 @@ def fp16_model(args):
         with torch.device(device):
             model16 = LlamaForCausalLM(llama_config(size)).eval()
         torch.set_default_dtype(torch.float32)
-        CTX.update(model16=model16, size=size, fp16_bytes=weight_bytes(model16), model8=copy.deepcopy(model16))
+        CTX.update(model16=model16, size=size, fp16_bytes=weight_bytes(model16))
         eb.say(stage="build", model=f"{size} random {dtype}", weights_gib=round(CTX["fp16_bytes"] / 2**30, 3))
     return CTX["model16"]
 
@@ -295,7 +295,7 @@ def stage_int8(args) -> None:
     if not torch.cuda.is_available():
         return
     started = time.time()
-    loaded8 = eb.quantize_8bit(loaded_model(CTX.pop("model8"), f"{CTX['size']}-int8", "int8"))
+    loaded8 = eb.quantize_8bit(loaded_model(copy.deepcopy(model16), f"{CTX['size']}-int8", "int8"))
     int8_bytes = weight_bytes(loaded8.model)
     eb.say(stage="int8_quantize", seconds=round(time.time() - started, 1), weights_gib=round(int8_bytes / 2**30, 3),
            fraction_of_fp16=round(int8_bytes / CTX["fp16_bytes"], 4))
@@ -347,7 +347,12 @@ def main(argv=None) -> int:
     parser.add_argument("--card-gb", type=float, default=16.0, help=argparse.SUPPRESS)
     parser.add_argument("--card-streams", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--context-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("fp16", "nf4", "int8"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if os.environ.get("QUANT_BENCH_DEBUG"):      # which matmul candidate warm-up is timing, as it goes
+        import logging
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(message)s")
+        logging.getLogger("vicuna_demo.engines.fastpath").setLevel(logging.DEBUG)
     eb.OUT_FILE = Path(args.out) if args.out else None
     if torch.cuda.is_available():     # before anything else: what this process's CUDA context takes
         free, total = torch.cuda.mem_get_info()
@@ -358,21 +363,26 @@ def main(argv=None) -> int:
         return 0
     cards = {"card13": ("13b", 16.0, 8), "card33": ("33b", 24.0, 4)}
     stages = {"fp16": stage_fp16, "nf4": stage_nf4, "int8": stage_int8}
+    if args.only:
+        stages[args.only](args)
+        return 0
     for stage in args.stages.split(","):
         if eb.out_of_time(args):
             eb.say(stage=stage, skipped="out of time")
             continue
-        if stage in stages:
-            stages[stage](args)
-        elif stage in cards:     # a fresh process: the card starts empty
+        # each stage in a fresh process: a simulated card starts empty, and a fault ends one stage only
+        cmd = [sys.executable, __file__, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               "--streams", args.streams, "--baseline-tokens", str(args.baseline_tokens),
+               "--context-bytes", str(args.context_bytes)]
+        cmd += (["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
+        if stage in cards:
             size, gb, n = cards[stage]
-            cmd = [sys.executable, __file__, "--card-size", size, "--card-gb", str(gb), "--card-streams", str(n),
-                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--context-bytes", str(args.context_bytes)]
-            cmd += (["--out", args.out] if args.out else []) + (["--tiny"] if args.tiny else [])
-            done = subprocess.run(cmd, env=os.environ.copy())
-            if done.returncode:
-                eb.say(stage=stage, failed=f"exit {done.returncode}")
+            cmd += ["--card-size", size, "--card-gb", str(gb), "--card-streams", str(n)]
+        else:
+            cmd += ["--only", stage]
+        done = subprocess.run(cmd, env=os.environ.copy())
+        if done.returncode:
+            eb.say(stage=stage, failed=f"exit {done.returncode}")
     return 0
 
 

@@ -21,8 +21,9 @@ class TuningMixin:
     def tune_gemv(self, progress: Callable[[str], None] = lambda m: None) -> dict:
         """For each projection shape and decode batch size, time the ways to compute it on this GPU and keep
         the fastest: cuBLAS against our GEMV for 16-bit weights (up to 8 rows); for int8 and 4-bit weights our
-        GEMV (one row), our tiled kernel, a 16-bit copy + cuBLAS, and bitsandbytes' own matmul. Runs once at
-        warm-up; each candidate is timed inside a CUDA graph, the way the decode step runs it."""
+        GEMV (one row), our tiled kernel and a 16-bit copy + cuBLAS, each timed inside a CUDA graph, the way the
+        decode step runs it; bitsandbytes' own 4-bit matmul is timed too (eagerly: it is not captured) and
+        reported in ``tuning_detail`` beside them. Runs once at warm-up."""
         self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
         if not (self.cuda and self.use_kernels):
             return {}
@@ -44,17 +45,21 @@ class TuningMixin:
                     def run():
                         for p in sample_set:
                             p.run(x, config)
+                    log.debug("timing %s x %d rows: %s", key, rows, config)
                     try:
-                        timings.append((_time_ms(run), config))
+                        # bitsandbytes' matmul is timed without a graph: it is not known to be safe to capture
+                        timings.append((_time_eager_ms(run) if config == "module" else _time_ms(run), config))
+                        torch.cuda.synchronize(self.device)       # a fault shows here, next to its candidate
                     except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
                         log.debug("projection config %s failed: %s", config, exc)
+                us = {c if isinstance(c, str) or c is None else "/".join(map(str, c)):
+                      round(t / len(sample_set) * 1000, 1) for t, c in timings}
+                timings = [t for t in timings if t[1] != "module"]     # reported, never chosen (see above)
                 if not timings:
                     continue
                 best_ms, best = min(timings, key=lambda t: t[0])
                 for p in members:
                     p.config[rows] = best
-                us = {c if isinstance(c, str) or c is None else "/".join(map(str, c)):
-                      round(t / len(sample_set) * 1000, 1) for t, c in timings}
                 baseline = us.get(None, us.get("module", us.get("dequant")))   # cuBLAS / bitsandbytes / 16-bit copy
                 chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), baseline)
                 self.tuning_detail[(key[0], str(key[1]), rows)] = us
@@ -127,6 +132,19 @@ class TuningMixin:
                 chosen[rows] = (best[1], round(best[0] / 4 * 1000, 1))
         progress(f"tuned attention for {len(chosen)} batch sizes")
         return chosen
+
+
+def _time_eager_ms(fn, reps: int = 10) -> float:
+    """GPU time of ``fn`` launched eagerly (its launch gaps included), for what cannot go into a graph."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _time_ms(fn, reps: int = 10) -> float:
