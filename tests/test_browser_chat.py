@@ -1,8 +1,9 @@
 """A visitor in a real browser: Debian's chromium, driven by Playwright, chats with the embedded SmolLM2.
 
-The message is typed and sent; the reply is seen growing in several steps (streaming reaches the
-page, not only the API), then the statistics line with tokens/s appears under it. A second, long
-reply is halted with the Stop button and marked as stopped. The app runs in-process over the real
+The message is typed and sent; the box empties at once; the reply is seen growing in several steps
+(streaming reaches the page, not only the API), then the statistics line with tokens/s appears under
+it. Stop is lit only while a reply streams. A second, long reply is halted with the Stop button and
+marked as stopped. The chatbot carries no floating label that could cover its text when scrolled. The app runs in-process over the real
 engine. scripts/test.sh installs chromium (apt-get install -y chromium) when it is missing.
 """
 
@@ -36,6 +37,9 @@ def test_typed_message_streams_a_reply_with_the_tokens_per_second_line(launch_ap
             page.goto(url)
             chatbot = page.locator("#chatbot")
             box = page.locator("#chat-input textarea")
+            stop = page.locator("#chat-stop")
+            assert stop.is_disabled()  # nothing generates yet
+            assert chatbot.get_by_text("Conversation", exact=True).count() == 0  # no label over the text
             box.fill("Write a haiku about the sea.")
             page.locator("#chat-send").click()
 
@@ -50,6 +54,7 @@ def test_typed_message_streams_a_reply_with_the_tokens_per_second_line(launch_ap
                 time.sleep(0.05)
             final = chatbot.inner_text()
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+            page.wait_for_function("() => document.querySelector('#chat-stop').disabled", timeout=10_000)
             assert STATS.search(final), final
             growing = [t for t in seen if "Write a haiku about the sea." in t and not STATS.search(t)]
             assert len({len(t) for t in growing}) >= 3, f"the reply did not stream in the page: {seen}"
@@ -63,9 +68,11 @@ def test_typed_message_streams_a_reply_with_the_tokens_per_second_line(launch_ap
             box.fill("Write a long story about a dragon who learns to cook, in ten paragraphs.")
             page.locator("#chat-send").click()
             expect(chatbot).to_contain_text("▌", timeout=60_000)  # streaming has begun
-            page.locator("#chat-stop").click()
+            expect(stop).to_be_enabled(timeout=10_000)
+            stop.click()
             expect(chatbot).to_contain_text("stopped", timeout=30_000)
             expect(chatbot).not_to_contain_text("▌")
+            expect(stop).to_be_disabled()
         finally:
             browser.close()
 

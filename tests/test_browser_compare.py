@@ -1,5 +1,6 @@
 """One anonymous comparison round in a real browser (Debian's chromium, driven by Playwright): type a
-prompt, watch both panes stream at the same time, click a vote, and see the names revealed.
+prompt, watch both panes stream at the same time (each Stop lit only while its side streams), click a
+vote, see the names revealed and the chosen vote highlighted.
 
 The app is the real one, launched in-process with two scripted engines (tests/engines.py)."""
 
@@ -22,6 +23,7 @@ KOALA_REPLY = "Paris is the capital of France and also its largest city by popul
 ALPACA_REPLY = "The capital city of France is Paris, which lies on the river Seine."
 PANES_JS = """() => ['#arena-chatbot-a', '#arena-chatbot-b', '#arena-reveal', '#arena-notice']
     .map(sel => (document.querySelector(sel) || {}).innerText || '')"""
+STOPS_LIT_JS = "() => ['#arena-stop-a', '#arena-stop-b'].map(sel => !document.querySelector(sel).disabled)"
 
 
 @pytest.fixture
@@ -47,13 +49,15 @@ def test_an_arena_round_in_the_browser_streams_both_panes_then_reveals_names_aft
     page.get_by_role("tab", name="⚔️ Arena (anonymous)").click()
     vote_a = page.locator("#arena-vote-model_a")
     assert vote_a.is_disabled()
+    stops = [page.locator("#arena-stop-a"), page.locator("#arena-stop-b")]
+    assert all(stop.is_disabled() for stop in stops)
     page.locator("#arena-input textarea").fill("What is the capital of France?")
     page.locator("#arena-input textarea").press("Enter")
 
     snapshots = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        snapshots.append(page.evaluate(PANES_JS))
+        snapshots.append(page.evaluate(PANES_JS) + [page.evaluate(STOPS_LIT_JS)])
         pane_a, pane_b = snapshots[-1][:2]
         if ("Paris" in pane_a and "tok/s" in pane_a) and ("Paris" in pane_b and "tok/s" in pane_b):
             break
@@ -63,6 +67,7 @@ def test_an_arena_round_in_the_browser_streams_both_panes_then_reveals_names_aft
     both_streaming = [s for s in snapshots if "▌" in s[0] and "▌" in s[1]
                       and any(w in s[0] for w in ("Paris", "The")) and any(w in s[1] for w in ("Paris", "The"))]
     assert both_streaming, "the two panes did not stream at the same time"
+    assert any(s[4] == [True, True] for s in both_streaming), "Stop was not lit while both sides streamed"
     for texts in snapshots:  # no model name on the arena's panes before the vote
         assert not any(KOALA in t or ALPACA in t for t in texts)
 
@@ -76,5 +81,10 @@ def test_an_arena_round_in_the_browser_streams_both_panes_then_reveals_names_aft
     assert f"Model A: {model_a} · Model B: {model_b}" in reveal
     assert "Thanks for voting" in page.locator("#arena-notice").inner_text()
     assert vote_a.is_disabled()
+    assert all(stop.is_disabled() for stop in stops)
+    classes = {w: page.locator(f"#arena-vote-{w}").get_attribute("class").split()
+               for w in ("model_a", "model_b", "tie", "tie-bothbad")}
+    assert "primary" in classes["model_a"]                        # the chosen vote stays highlighted
+    assert all("secondary" in classes[w] for w in ("model_b", "tie", "tie-bothbad"))
     [vote] = runtime.service.store.vote_rows()
     assert (vote["anony"], vote["model_a"], vote["winner"]) == (True, model_a, "model_a")

@@ -253,3 +253,20 @@ def test_python_app_py_serves_the_embedded_model_with_its_note(tmp_path):
         log.close()
     output = (tmp_path / "app.log").read_text()
     assert "Traceback" not in output, output
+
+
+def test_each_banner_shows_once_even_with_two_embedded_models(tmp_path):
+    """Two embedded models each add the offline-model note; the page shows it once."""
+    from moderation import NoModerator
+    from tests.engines import RecordingEngine
+    from vicuna_demo.config import Settings
+    from vicuna_demo.data.storage import open_store
+    from vicuna_demo.loading import EMBEDDED_NOTE
+    from vicuna_demo.services.chat import ChatService
+    from vicuna_demo.ui import build_ui
+    engines = {name: RecordingEngine(name) for name in ("SmolLM2 A", "SmolLM2 B")}
+    service = ChatService(engines, NoModerator(), open_store(tmp_path / "logs"))
+    demo = build_ui(service, Settings(), [EMBEDDED_NOTE, EMBEDDED_NOTE, "Content moderation is OFF"])
+    shown = [str(c.get("props", {}).get("value", "")) for c in demo.config["components"]]
+    assert sum(EMBEDDED_NOTE in text for text in shown) == 1
+    assert sum("Content moderation is OFF" in text for text in shown) == 1
