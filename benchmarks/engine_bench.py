@@ -234,7 +234,7 @@ def engine_streams(engine: LocalEngine, prompts: list[list[int]], new_tokens: in
                   ttft_max_s=round(ttfts[-1], 3) if ttfts else None, **extra)
     if errors:
         record["errors"] = errors[:3]
-    fast = getattr(engine, "_fast", None)
+    fast = engine.fast_path
     if fast is not None:
         launches = [t for t in fast.launch_times if t >= started]
         fast.launch_times.clear()
@@ -262,7 +262,7 @@ def greedy_agreement(engine: LocalEngine, loaded: LoadedModel, label: str, n: in
     logit margins, so fp16 rounding may flip a late token; an early mismatch would mean a bug.
     (Exact equality is tested on CPU in tests/test_fastpath.py.)"""
     from vicuna_demo.engines.fastpath import Job
-    fast = getattr(engine, "_fast", None)
+    fast = engine.fast_path
     if fast is None:
         return
     vocab = int(loaded.model.config.vocab_size)
@@ -298,7 +298,7 @@ def start(loaded: LoadedModel, options: EngineOptions, label: str) -> LocalEngin
 
 
 def fast_info(engine: LocalEngine) -> dict:
-    fast = getattr(engine, "_fast", None)
+    fast = engine.fast_path
     if fast is None:
         return {}
     runner = fast.runner
@@ -312,7 +312,7 @@ def fast_info(engine: LocalEngine) -> dict:
 
 def stop(engine: LocalEngine) -> None:
     engine.close()
-    engine._fast = engine._manager = engine.model = None   # let the KV cache and graphs go now
+    engine.model = None   # let the weights go now (close() released the KV cache and graphs)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -336,7 +336,7 @@ def run_streams(engine, loaded, args, label, vocab, counts, params_list):
 def step_times(engine: LocalEngine, label: str, kv_len: int = 0) -> None:
     """Replay the captured decode graphs alone (idle engine) and time them with CUDA events; with ``kv_len``
     every row attends to that many cached tokens (in free blocks: their contents do not matter)."""
-    fast = engine._fast
+    fast = engine.fast_path
     if fast is None or not fast.runner.graphs:
         return
     runner = fast.runner
@@ -345,7 +345,7 @@ def step_times(engine: LocalEngine, label: str, kv_len: int = 0) -> None:
     runner.pos.zero_()
     if kv_len:
         per_row = -(-(kv_len + 1) // runner.block)
-        free = list(fast._pool.free)
+        free = fast.free_block_ids()
         rows_max = min(runner.max_rows, len(free) // per_row)
         runner.active[:rows_max] = 1
         runner.pos[:rows_max] = kv_len
@@ -379,7 +379,7 @@ def step_times(engine: LocalEngine, label: str, kv_len: int = 0) -> None:
 def profile_step(engine: LocalEngine, label: str, rows: int = 1) -> None:
     """GPU time per kernel of one captured decode step (CUPTI traces the kernels inside the graph)."""
     from torch.profiler import ProfilerActivity, profile
-    fast = engine._fast
+    fast = engine.fast_path
     if fast is None or not fast.runner.graphs:
         return
     runner = fast.runner
@@ -529,7 +529,7 @@ def gpu_main(args) -> int:
             engine_streams(engine, [base], 32, SamplingParams(temperature=0, max_new_tokens=32), "fast_fp16_turn1")
             engine_streams(engine, [base + random_prompt(64, 98, vocab)[1:]], 32,
                            SamplingParams(temperature=0, max_new_tokens=32), "fast_fp16_turn2_prefix_reuse",
-                           stats=engine._fast.stats())
+                           stats=engine.backend_stats())
         finally:
             stop(engine)
     if "baseline" in stages:   # after the fast path: it shows the engine also starts after other GPU work

@@ -168,9 +168,9 @@ def scenario(name: str, models_dir: Path, tiny: bool) -> dict:
         engine = proxy.engine
         row = dict(status=proxy.status, ready=proxy.ready, capacity=proxy.capacity,
                    kv_tokens=getattr(engine, "kv_tokens", None))
-        runner = getattr(engine, "_runner", None)
-        if runner is not None and getattr(runner, "measured_peaks", None):
-            row["measured_peaks_mib"] = {k: round(v / 2**20) for k, v in runner.measured_peaks.items()}
+        peaks = getattr(engine, "measured_peaks", {})
+        if peaks:
+            row["measured_peaks_mib"] = {k: round(v / 2**20) for k, v in peaks.items()}
         if ename in plan:
             row.update({k: (round(v / GiB, 2) if isinstance(v, int) else v) for k, v in plan[ename].items()})
         report["engines"][ename] = row

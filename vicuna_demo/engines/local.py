@@ -296,6 +296,17 @@ class LocalEngine(PromptingModel):
         """Requests the back end still holds (queued, waiting or being decoded): for tests and monitoring."""
         return self._backend.held_request_ids() if self._backend is not None else set()
 
+    @property
+    def measured_peaks(self) -> dict:
+        """Bytes of the activation peaks measured for the start-up plan ({"prefill", "decode"}), or {}."""
+        return dict(getattr(self._runner, "measured_peaks", None) or {})
+
+    @property
+    def fast_path(self) -> FastScheduler | None:
+        """The fast path's scheduler while it serves this model (benchmarks read its timings), else None."""
+        backend = self._backend
+        return backend if isinstance(backend, FastScheduler) else None
+
     def backend_stats(self) -> dict:
         """The back end's counters (fast path: active, waiting, steps, prefills, free blocks), for benchmarks."""
         stats = getattr(self._backend, "stats", None)
