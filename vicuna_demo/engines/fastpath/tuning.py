@@ -170,6 +170,8 @@ def _time_ms(fn, reps: int = 10) -> float:
 def _candidates(p: _Linear, rows: int) -> list:
     """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    if p.quant is not None and p.quant.kind == "nf4":
+        bm = min(bm, 32)      # NF4 tiles of 64 rows faulted on an H200 (Triton 3.6): 32-row tiles, twice over
     tiled = [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))]
     if p.quant is None:                      # 16-bit: cuBLAS, or our GEMV for a few rows
         if rows > 8:
