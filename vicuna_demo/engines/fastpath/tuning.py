@@ -21,9 +21,9 @@ class TuningMixin:
     def tune_gemv(self, progress: Callable[[str], None] = lambda m: None) -> dict:
         """For each projection shape and decode batch size, time the ways to compute it on this GPU and keep
         the fastest: cuBLAS against our GEMV for 16-bit weights (up to 8 rows); for int8 and 4-bit weights our
-        GEMV (one row), our tiled kernel and a 16-bit copy + cuBLAS, each timed inside a CUDA graph, the way the
-        decode step runs it; bitsandbytes' own 4-bit matmul is timed too (eagerly: it is not captured) and
-        reported in ``tuning_detail`` beside them. Runs once at warm-up."""
+        GEMV (one row), our tiled kernel, a 16-bit copy + cuBLAS, and for 4-bit bitsandbytes' own matmul; each
+        timed inside a CUDA graph, the way the decode step runs it (every candidate's time: ``tuning_detail``).
+        Runs once at warm-up."""
         self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
         if not (self.cuda and self.use_kernels):
             return {}
@@ -47,14 +47,12 @@ class TuningMixin:
                             p.run(x, config)
                     log.debug("timing %s x %d rows: %s", key, rows, config)
                     try:
-                        # bitsandbytes' matmul is timed without a graph: it is not known to be safe to capture
-                        timings.append((_time_eager_ms(run) if config == "module" else _time_ms(run), config))
+                        timings.append((_time_ms(run), config))
                         torch.cuda.synchronize(self.device)       # a fault shows here, next to its candidate
                     except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
                         log.debug("projection config %s failed: %s", config, exc)
                 us = {c if isinstance(c, str) or c is None else "/".join(map(str, c)):
                       round(t / len(sample_set) * 1000, 1) for t, c in timings}
-                timings = [t for t in timings if t[1] != "module"]     # reported, never chosen (see above)
                 if not timings:
                     continue
                 best_ms, best = min(timings, key=lambda t: t[0])
@@ -134,19 +132,6 @@ class TuningMixin:
         return chosen
 
 
-def _time_eager_ms(fn, reps: int = 10) -> float:
-    """GPU time of ``fn`` launched eagerly (its launch gaps included), for what cannot go into a graph."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def _time_ms(fn, reps: int = 10) -> float:
     """GPU time of ``fn`` replayed as a CUDA graph: what it costs inside a captured decode step, without the
     host's launch overhead (which on a slow host would otherwise decide the comparison)."""
@@ -180,6 +165,8 @@ def _candidates(p: _Linear, rows: int) -> list:
             [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
             [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
         return [None] + [("gemv", *c) for c in gemv]
+    if p.quant.kind == "int8" and rows > 32:
+        tiled.append(("tiled", bm, 128, 128, 8, 3))      # wider tiles: at 64 rows the widest tried won (H200)
     out: list = ["dequant"] + tiled
     if p.quant.kind == "nf4":
         out.append("module")                 # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)

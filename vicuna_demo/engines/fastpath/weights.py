@@ -124,8 +124,8 @@ class _Linear:
         """What an untimed row count runs: our kernels for decode-sized batches, a 16-bit copy beyond."""
         if self.quant is None:
             return None
-        if self.quant.kind == "nf4":
-            return ("gemv", 16, 256, 4) if rows == 1 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "dequant"
+        if self.quant.kind == "nf4":    # many rows (prefill): bitsandbytes' own de-quantize + cuBLAS, its fastest
+            return ("gemv", 16, 256, 4) if rows == 1 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "module"
         return ("gemv", None, None, 4) if rows <= 2 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "dequant"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
