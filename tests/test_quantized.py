@@ -1,5 +1,7 @@
-"""4-bit (and 8-bit) weights: the ``4bit`` spec word, the fast path over bitsandbytes' NF4 weights on CPU,
-and our Triton kernels for quantized weights checked against bitsandbytes in Triton's CPU interpreter.
+"""4-bit (and 8-bit) weights: the ``4bit`` spec word, a ``FOLDER,4bit`` spec loaded by the app and served by
+both back ends (fast path, continuous batching) as ``generate`` would, batched fast-path replies on NF4
+weights, and our Triton kernels for quantized weights checked against bitsandbytes in Triton's CPU
+interpreter.
 
 The model is a small Llama built in the test, saved, and loaded back through transformers with the
 ``BitsAndBytesConfig`` that ``loading.py`` builds for a ``4bit`` spec (bitsandbytes 0.50 runs NF4 on CPU),
@@ -92,6 +94,35 @@ def test_fast_path_greedy_tokens_equal_generate_on_a_4bit_model(nf4_model):
         assert len({tuple(r.tokens) for r in replies}) == 3        # the prompts lead to different replies
     finally:
         scheduler.close()
+
+
+@pytest.mark.parametrize("backend", ["fast", "cb"])
+def test_4bit_spec_loads_nf4_and_every_back_end_streams_what_generate_says(tiny_llama_dir, backend):
+    """The app's own loading of a `FOLDER,4bit` spec, then a reply through LocalEngine on each back end."""
+    import bitsandbytes as bnb
+    from vicuna_demo.engines.local import EngineOptions, LocalEngine
+    from vicuna_demo.engines.protocol import SamplingParams
+    from vicuna_demo.loading import load_model
+
+    loaded = load_model(ModelSpec(str(tiny_llama_dir), load_4bit=True, template="vicuna_v1.1"))
+    assert loaded.load_4bit and not loaded.load_8bit and loaded.dtype == "nf4"
+    assert isinstance(loaded.model.model.layers[1].mlp.down_proj, bnb.nn.Linear4bit)
+    engine = LocalEngine(loaded, EngineOptions(backend=backend))
+    try:
+        assert engine.backend == backend
+        params = SamplingParams(temperature=0, max_new_tokens=8)
+        prepared = engine.prepare([{"role": "user", "content": "Hello there"}], params)
+        reply = engine.stream(prepared, params)
+        text = "".join(reply)
+        ids = torch.tensor([list(prepared.payload)])
+        with torch.inference_mode():
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                        eos_token_id=sorted(loaded.eos_token_ids),
+                                        pad_token_id=loaded.tokenizer.pad_token_id)
+        assert reply.stats.n_tokens >= 1
+        assert text == loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        engine.close()
 
 
 KERNEL_CHECK = textwrap.dedent("""
