@@ -200,7 +200,8 @@ def _explain(spec: ModelSpec, exc: BaseException) -> LoadError:
     import torch
     name, text = spec.display_name, str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return LoadError(f"Model '{name}': out of memory while loading. Try 4bit or 8bit in its spec, a smaller model, "
+        return LoadError(f"Model '{name}': out of memory while loading. Try --load-4bit or --load-8bit (or "
+                         "4bit / 8bit in its spec), a smaller model, "
                          "another GPU (device=cuda:N) or device=multi to spread it over several GPUs.")
     if isinstance(exc, ImportError) and "bitsandbytes" in text.lower():
         return LoadError(f"Model '{name}': 8-bit and 4-bit loading need bitsandbytes: `pip install bitsandbytes`.")
