@@ -3,7 +3,8 @@ sampling parameters apply per request.
 
 Greedy tokens of the scheduler equal ``generate`` on the embedded SmolLM2, also with the GPU's
 pipelined bookkeeping (a step launched before the previous one is read), with several prompts of
-different lengths batched together, and when a second turn reuses the first turn's KV cache. A
+different lengths batched together (also over a KV pool whose unwritten slots hold NaN), and when a
+second turn reuses the first turn's KV cache. A
 nucleus of one token equals greedy; temperature sampling varies; greedy and sampled requests share a
 batch without affecting each other. Bad requests (token ids outside the vocabulary, prompts over the
 context window) end with an error while the scheduler keeps serving. Models the fast path does not
@@ -104,6 +105,35 @@ def test_prompts_of_different_lengths_batched_together_each_equal_generate(embed
     results = run_jobs(embedded_scheduler, [(p, 20, 0.0, 1.0) for p in prompts], eos=embedded_loaded.eos_token_ids)
     for prompt, got in zip(prompts, results):
         assert got.tokens == generate_ids(embedded_loaded, prompt, 20)
+
+
+class PoisonedPool(FastModel):
+    """A fast path whose fresh KV pool holds NaN, as a reused heap can on a CPU (the pool is torch.empty)."""
+
+    def allocate_cache(self, n_blocks=None):
+        blocks = super().allocate_cache(n_blocks)
+        for cache in self.k_cache + self.v_cache:
+            cache.fill_(float("nan"))
+        return blocks
+
+
+def test_unwritten_cache_slots_never_reach_a_reply(embedded_loaded):
+    """Rows of different lengths read each other's span of the cache; what a row has not written (here NaN)
+    must not matter: each reply equals generate, also for a second turn that reuses a cached prefix."""
+    scheduler = FastScheduler(PoisonedPool(embedded_loaded.model, 2048, FastOptions()), name="poisoned")
+    scheduler.start()
+    try:
+        assert scheduler.wait_ready(60)
+        prompts = [chat_ids(embedded_loaded, q) for q in QUESTIONS]
+        results = run_jobs(scheduler, [(p, 12, 0.0, 1.0) for p in prompts], eos=embedded_loaded.eos_token_ids)
+        for prompt, got in zip(prompts, results):
+            assert got.error is None and got.tokens == generate_ids(embedded_loaded, prompt, 12)
+        follow = [p + r.tokens + chat_ids(embedded_loaded, "Why?")[1:] for p, r in zip(prompts, results)]
+        again = run_jobs(scheduler, [(f, 8, 0.0, 1.0) for f in follow], eos=embedded_loaded.eos_token_ids)
+        for ids, got in zip(follow, again):
+            assert got.error is None and got.tokens == generate_ids(embedded_loaded, ids, 8)
+    finally:
+        scheduler.close()
 
 
 def test_second_turn_reuses_the_first_turns_cache_and_still_equals_generate(embedded_scheduler, embedded_loaded):

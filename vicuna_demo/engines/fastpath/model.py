@@ -18,6 +18,15 @@ from .weights import _Layer, _Linear
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
 
+def _written_only(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    """Zero the cache slots a row has not written (``mask`` [rows, 1, 1, S] is True where written).
+
+    On a CPU the pool is ``torch.empty`` (pages are touched only when used), so slots past a row's length
+    hold whatever the heap held, NaN included; attention gives them weight 0, but 0 * NaN is NaN."""
+    written = mask.transpose(-1, -2)                     # [rows, 1, S, 1]
+    return keys.masked_fill(~written, 0), values.masked_fill(~written, 0)
+
+
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -255,6 +264,9 @@ class FastModel(DecodeMixin, TuningMixin):
             if with_prefix:
                 keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
                 values = vc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
+                if not self.cuda:
+                    written = (torch.arange(kv_len, device=dev)[None, :] < totals.to(dev)[:, None])[:, None, None, :]
+                    keys, values = _written_only(keys, values, written)
                 if self.n_kv != self.n_heads:
                     group = self.n_heads // self.n_kv
                     keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
@@ -338,6 +350,8 @@ class FastModel(DecodeMixin, TuningMixin):
                 vc[phys, :, off] = v[:, :, 0]
                 keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
                 values = vc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
+            if mask is not None and not self.cuda:
+                keys, values = _written_only(keys, values, mask)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=self.n_kv != self.n_heads)
             x = residual + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
