@@ -39,7 +39,7 @@ def create_app(settings: Settings, engines: dict | None = None):
     stop_server_trusting_proxy_headers()  # the peer reaches the app as is; --forwarded-allow-ips decides
     quiet_malformed_requests()  # a crafted request gradio fails on is one console line, not a traceback
     runtime = build_runtime(settings, engines=engines)
-    demo = build_ui(runtime.service, settings, runtime.banners, battles=runtime.battles)
+    demo = build_ui(runtime.service, settings, runtime.banners, battles=runtime.battles, judge=runtime.judge)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
     return demo, runtime
 

@@ -103,6 +103,24 @@ def test_only_one_evaluation_runs_at_a_time(launch_app, embedded_engine, servers
     assert first.result(timeout=240)[0] == "✅ Done."
 
 
+def test_the_page_uses_the_runtimes_judge_one_per_app(launch_app, embedded_engine, servers, question_file):
+    """The Evaluate tab runs in runtime.judge (one JudgeService per app, built by the runtime), so its
+    one-evaluation-at-a-time rule and rate limits hold for the page and for everything else in the app."""
+    contestant, judge_server = servers
+    judge_server.delay_s = 0.2        # keep the evaluation busy while we look
+    client, runtime = start(launch_app, embedded_engine, servers)
+    assert not runtime.judge.evaluation_running
+    job = client.submit("Endpoint", SMALL, "pairwise", handle_file(str(question_file)), 16, api_name="/evaluate")
+    deadline = time.monotonic() + 60
+    while not any(out[0].startswith("⏳") for out in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert runtime.judge.evaluation_running       # the page's evaluation holds the runtime's judge
+    with pytest.raises(Exception, match="Another evaluation is running"):
+        next(iter(runtime.judge.evaluate([], "Endpoint", SMALL)))
+    assert job.result(timeout=240)[0] == "✅ Done."
+    assert not runtime.judge.evaluation_running
+
+
 def test_without_a_judge_the_app_starts_and_says_how_to_add_one(launch_app, embedded_engine, servers):
     client, runtime = start(launch_app, embedded_engine, servers, judge=False)
     assert not runtime.judge.available

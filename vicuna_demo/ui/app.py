@@ -54,8 +54,9 @@ def _warmup_status(service: ChatService) -> None:
 
 def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = (),
              battles: BattleService | None = None, judge: JudgeService | None = None) -> gr.Blocks:
-    """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off); ``battles`` is
-    the runtime's battle service (built here from ``settings`` when not given)."""
+    """Build the app. ``banners`` are notices every visitor must see (e.g. moderation is off); ``battles`` and
+    ``judge`` are the runtime's services, one per app (built here from ``settings`` only when not given: UI
+    tests without a runtime)."""
     battles = battles or BattleService.from_settings(service, settings)
     judge = judge or JudgeService.from_settings(service, settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
