@@ -7,6 +7,7 @@ HfApi subclass). The app is the real one, started through app.serve() and driven
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -387,9 +388,11 @@ def test_zerogpu_reply_can_be_stopped_and_the_gpu_call_ends(zerogpu, tiny_llama_
     from vicuna_demo.loading import load_model
 
     loaded = load_model(ModelSpec(str(tiny_llama_dir), name="Tiny", device="cpu"))
-    loaded.model.generation_config.eos_token_id = None  # a random model could end at once: make it run on
+    # a random model could end at once: make it run on (no end-of-sequence token for generate's own config, for
+    # the GPU call or for the reply)
+    loaded.model.generation_config.eos_token_id = None
+    loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
     engine = start_engine(loaded, spaces=zerogpu_engine.zerogpu_spaces())
-    engine._eos_ids = frozenset()
     params = SamplingParams(temperature=0, max_new_tokens=400)
     stream = engine.stream(engine.prepare([{"role": "user", "content": "Count"}], params), params)
     pieces = []

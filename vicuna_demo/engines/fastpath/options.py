@@ -18,7 +18,8 @@ class FastOptions:
     cpu_threads: int | None = None         # CPU: intra-op threads of the scheduler thread only (None: torch's)
     cuda_graphs: bool = True               # capture decode steps as CUDA graphs (CUDA only)
     kernels: bool = True                   # Triton kernels for the decode step (CUDA only)
-    int8_kernel: bool = True               # weight-only GEMV over bitsandbytes int8 weights when decoding
+    int8_kernel: bool = True               # our weight-only kernels over bitsandbytes' quantized weights when
+                                           # decoding: int8 (8-bit) and NF4 (4-bit) alike (name kept from 8-bit)
     prefix_cache: bool = True              # reuse a finished reply's KV for the next turn
     fuse_projections: bool | None = None   # concatenate q/k/v and gate/up weights (dense weights; None: yes)
     tune_dense: bool = True                # also time our GEMV against cuBLAS for 16-bit weights
