@@ -39,12 +39,12 @@ def chat_ids(loaded, text: str) -> list[int]:
     return loaded.tokenizer(loaded.template.render([{"role": "user", "content": text}]))["input_ids"]
 
 
-def generate_ids(loaded, ids: list[int], n: int) -> list[int]:
+def generate_ids(loaded, ids: list[int], n: int, **extra) -> list[int]:
     inputs = torch.tensor([ids])
     with torch.inference_mode():
         out = loaded.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, do_sample=False,
                                     eos_token_id=sorted(loaded.eos_token_ids),
-                                    pad_token_id=loaded.tokenizer.pad_token_id)
+                                    pad_token_id=loaded.tokenizer.pad_token_id, **extra)
     return out[0, len(ids):].tolist()
 
 
@@ -63,13 +63,15 @@ class Collector:
             self.done.set()
 
 
-def run_jobs(scheduler: FastScheduler, specs: list[tuple[list[int], int, float, float]], eos=frozenset()):
-    """Submit (ids, max_new, temperature, top_p) jobs together; -> their collectors once all ended."""
+def run_jobs(scheduler: FastScheduler, specs: list[tuple], eos=frozenset()):
+    """Submit (ids, max_new, temperature, top_p[, repetition_penalty]) jobs together; -> their collectors once
+    all ended."""
     collectors = []
-    for i, (ids, max_new, temperature, top_p) in enumerate(specs):
+    for i, (ids, max_new, temperature, top_p, *penalty) in enumerate(specs):
         c = Collector()
         scheduler.submit(Job(request_id=f"job-{time.monotonic_ns()}-{i}", ids=ids, max_new=max_new,
-                             temperature=temperature, top_p=top_p, eos=eos, emit=c))
+                             temperature=temperature, top_p=top_p, eos=eos, emit=c,
+                             repetition_penalty=penalty[0] if penalty else 1.0))
         collectors.append(c)
     for c in collectors:
         assert c.done.wait(180), "a job never ended"
@@ -164,6 +166,32 @@ def test_greedy_and_sampled_requests_share_a_batch_without_affecting_each_other(
     greedy = generate_ids(embedded_loaded, ids, 16)
     assert results[0].tokens == greedy and results[2].tokens == greedy
     assert all(r.error is None and r.tokens for r in results)
+
+
+def test_repetition_penalty_equals_generate_and_leaves_other_rows_of_the_batch_alone(embedded_scheduler,
+                                                                                    embedded_loaded):
+    """Greedy with penalty 1.3 (over prompt and reply) gives generate(..., repetition_penalty=1.3)'s tokens, also
+    for prompts of different lengths batched with unpenalised rows, which stay exactly greedy."""
+    prompts = [chat_ids(embedded_loaded, q) for q in QUESTIONS[:2]]
+    results = run_jobs(embedded_scheduler, [(prompts[0], 24, 0.0, 1.0, 1.3), (prompts[1], 24, 0.0, 1.0),
+                                            (prompts[1], 24, 0.0, 1.0, 1.3)], eos=embedded_loaded.eos_token_ids)
+    assert all(r.error is None for r in results)
+    penalised = generate_ids(embedded_loaded, prompts[0], 24, repetition_penalty=1.3)
+    assert results[0].tokens == penalised
+    assert results[1].tokens == generate_ids(embedded_loaded, prompts[1], 24)
+    assert results[2].tokens == generate_ids(embedded_loaded, prompts[1], 24, repetition_penalty=1.3)
+    assert results[2].tokens != results[1].tokens     # the penalty changed something (or the test proves nothing)
+
+
+def test_penalize_divides_positive_and_multiplies_negative_logits_of_seen_tokens_only():
+    from vicuna_demo.engines.fastpath.sampling import mark_seen, penalize, seen_mask
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5]])
+    seen = seen_mask([[0, 1, 1], [0, 1]], [1.5, 1.0], 4, "cpu")
+    assert seen.tolist() == [[True, True, False, False], [False, False, False, False]]  # penalty 1.0: no mask
+    mark_seen(seen, torch.tensor([3, 2]))
+    out = penalize(logits, torch.tensor([2.0, 1.0]), seen)
+    assert out[0].tolist() == [1.0, -4.0, 1.0, 0.25]
+    assert torch.equal(out[1], logits[1])           # a row with penalty 1.0 is bit-identical
 
 
 def test_bad_requests_end_with_an_error_and_the_scheduler_keeps_serving(embedded_scheduler, embedded_loaded):

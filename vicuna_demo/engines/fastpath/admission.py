@@ -11,7 +11,7 @@ import time
 import torch
 
 from .jobs import _Slot, describe as _describe, safe_emit as _safe_emit
-from .sampling import sample, sampling_mode
+from .sampling import sample, sampling_mode, seen_mask
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
@@ -80,7 +80,9 @@ class AdmissionMixin:
             temperature = torch.tensor([1.0 if s.greedy else max(s.temperature, 1e-5) for s in batch], device=dev)
             top_p = torch.tensor([s.top_p for s in batch], device=dev, dtype=torch.float32)
             greedy = torch.tensor([s.greedy for s in batch], device=dev)
-            first = sample(logits, temperature, top_p, greedy, sampling_mode(batch)).tolist()
+            penalty = torch.tensor([s.repetition_penalty for s in batch], device=dev, dtype=torch.float32)
+            seen = seen_mask([s.job.ids for s in batch], [s.repetition_penalty for s in batch], logits.shape[-1], dev)
+            first = sample(logits, temperature, top_p, greedy, sampling_mode(batch), penalty, seen).tolist()
         except Exception as exc:  # noqa: BLE001 - these requests fail; the others go on
             log.exception("%s: prefill failed", self.name)
             for slot in batch:

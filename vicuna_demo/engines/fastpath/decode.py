@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .sampling import sample
+from .sampling import mark_seen, sample, seen_mask
 from .weights import _Linear
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
@@ -71,7 +71,9 @@ class DecodeMixin:
 
     def _step(self, rows: int, mode: str) -> torch.Tensor:
         logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows)
-        nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode)
+        nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode,
+                     self.penalty[:rows], self.seen[:rows])
+        mark_seen(self.seen[:rows], nxt)
         self.next_tokens[:rows].copy_(nxt)
         self.tokens[:rows].copy_(nxt)
         self.pos[:rows] += self.active[:rows]
@@ -145,13 +147,20 @@ class DecodeMixin:
         temperature = torch.ones(size)
         top_p = torch.ones(size)
         greedy = torch.ones(size, dtype=torch.bool)
+        penalty = torch.ones(size)
         for i, slot in enumerate(rows):
             tokens[i], pos[i], active[i] = slot.last_token, slot.n_written, 1
             table[i, :len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
             temperature[i] = 1.0 if slot.greedy else max(slot.temperature, 1e-5)
             top_p[i] = slot.top_p
             greedy[i] = slot.greedy
-        del n
+            penalty[i] = slot.repetition_penalty
         for dst, src in ((self.tokens, tokens), (self.pos, pos), (self.active, active), (self.table, table),
-                         (self.temperature, temperature), (self.top_p, top_p), (self.greedy, greedy)):
+                         (self.temperature, temperature), (self.top_p, top_p), (self.greedy, greedy),
+                         (self.penalty, penalty)):
             dst.copy_(src)
+        # each penalised row's seen tokens (prompt + reply so far); the step adds every new token itself
+        self.seen.zero_()
+        if any(slot.repetition_penalty != 1.0 for slot in rows):
+            self.seen[:n].copy_(seen_mask([s.seen_ids() for s in rows], [s.repetition_penalty for s in rows],
+                                          self.vocab, self.device))

@@ -25,6 +25,7 @@ class Job:
     eos: frozenset[int]
     emit: Callable[[list[int], bool, str | None], None]
     submitted: float = field(default_factory=time.perf_counter)
+    repetition_penalty: float = 1.0    # 1.0 = off; over the prompt and the reply (sampling.penalize)
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +53,14 @@ class _Slot:
     @property
     def top_p(self):
         return self.job.top_p
+
+    @property
+    def repetition_penalty(self):
+        return self.job.repetition_penalty
+
+    def seen_ids(self) -> list[int]:
+        """Every token of the sequence so far (prompt and reply): what the repetition penalty applies to."""
+        return self.job.ids + self.generated
 
 
 def safe_emit(job: Job, tokens: list[int], finished: bool, error: str | None) -> None:

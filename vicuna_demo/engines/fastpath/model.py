@@ -95,6 +95,8 @@ class FastModel(DecodeMixin, TuningMixin):
         self.temperature = torch.ones(rows, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(rows, dtype=torch.float32, device=dev)
         self.greedy = torch.ones(rows, dtype=torch.bool, device=dev)
+        self.penalty = torch.ones(rows, dtype=torch.float32, device=dev)        # repetition penalty, 1.0 = off
+        self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=dev)  # tokens each row has seen
         self.next_tokens = torch.zeros(rows, dtype=torch.long, device=dev)
         self.buckets = _pow2_buckets(rows)
         # All of this model's GPU work (eager prefill, graph capture and replay) runs on one stream of its own.

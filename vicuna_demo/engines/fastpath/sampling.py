@@ -1,14 +1,44 @@
-"""Per-row sampling that is safe inside a CUDA graph (greedy, temperature, top_p in one batch)."""
+"""Per-row sampling that is safe inside a CUDA graph (greedy, temperature, top_p, repetition penalty in one
+batch): fixed shapes, no host synchronisation, no allocation that depends on the data."""
 
 from __future__ import annotations
 
 import torch
 
 
+def penalize(logits: torch.Tensor, penalty: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """The repetition penalty of transformers' ``RepetitionPenaltyLogitsProcessor`` (CTRL's), per row: the
+    logit of each token already in the row's sequence (``seen`` [B, V] bool) is divided by the row's
+    ``penalty`` [B] when positive and multiplied by it when negative. A row with penalty 1.0 comes out
+    bit-identical (x / 1.0 and x * 1.0 are exact)."""
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
+def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Add each row's new token ([B] long) to its seen set (in place, graph-safe)."""
+    seen.scatter_(1, tokens[:, None], True)
+
+
+def seen_mask(sequences: list[list[int]], penalties: list[float], vocab: int, device) -> torch.Tensor:
+    """[len(sequences), vocab] bool: the tokens of each sequence whose penalty is not 1.0 (others all False).
+    Built outside any graph (admission, reloading rows)."""
+    mask = torch.zeros(len(sequences), vocab, dtype=torch.bool, device=device)
+    for row, (ids, penalty) in enumerate(zip(sequences, penalties)):
+        if penalty != 1.0 and ids:
+            index = torch.tensor([t for t in ids if 0 <= t < vocab], dtype=torch.long)
+            mask[row, index.to(device)] = True
+    return mask
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, greedy: torch.Tensor,
-           mode: str) -> torch.Tensor:
+           mode: str, penalty: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row sampling, safe inside a CUDA graph. logits [B, V] fp32; temperature/top_p [B] fp32 (1.0 for
-    greedy rows); greedy [B] bool. mode: "greedy" (every row greedy), "sample" (no top_p below 1), "top_p"."""
+    greedy rows); greedy [B] bool; penalty [B] fp32 and seen [B, V] bool (the repetition penalty, applied
+    first as in transformers; None: none). mode: "greedy" (every row greedy), "sample" (no top_p below 1),
+    "top_p"."""
+    if penalty is not None:
+        logits = penalize(logits, penalty, seen)
     best = logits.argmax(dim=-1)
     if mode == "greedy":
         return best
