@@ -6,6 +6,9 @@ mixed with human votes); ratings read ``Store.battles()`` / ``Store.judge_battle
 ``python -m vicuna_demo.data.export`` reads the rest. Rows are never updated or deleted (triggers
 refuse it); a regenerated reply is a new row for the same turn.
 
+- Modules: the records and the values their fields take are in ``records.py``; the reads (battles,
+  judge verdicts, turns, conversations) in ``queries.py``; this module keeps the connection, writes,
+  failure handling and privacy. Everything is importable from here as before.
 - Schema: ``migrations.MIGRATIONS`` is an ordered tuple of numbered functions; the number of those
   applied is kept in ``PRAGMA user_version``. Opening a store applies the missing ones in a single
   transaction, so an empty or new file becomes a current store and a reopen changes nothing.
@@ -33,91 +36,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
 import sqlite3
 import threading
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate  # noqa: F401 - MIGRATIONS re-exported for tests
+from .queries import StoreQueries
+# the records and their values live in records.py; importing them from here keeps working
+from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, SIDES, TURN_COLUMNS, VOTE_COLUMNS,  # noqa: F401
+                      WINNERS, JudgeVoteRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
 
 LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"
 SALT_FILENAME = "salt"
-WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
-JUDGE_WINNERS = ("model_a", "model_b", "tie", "no_verdict")
-SIDES = (None, "a", "b")
 BUSY_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class TurnRecord:
-    conversation_id: str
-    turn_index: int
-    tstamp: float
-    client_hash: str
-    model: str
-    template: str
-    params: dict  # {"temperature": .., "top_p": .., "max_new_tokens": ..}
-    messages: list[dict]  # OpenAI-style messages sent to the model, system included, after context fitting
-    reply: str
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error" | "moderated"
-    n_tokens: int
-    ttft_s: float | None
-    tok_s: float | None
-    moderation: str  # moderation status, e.g. "passed" | "flagged" | "unavailable" | "off"
-    moderation_categories: tuple[str, ...]
-    error: str | None = None
-    battle_id: str | None = None
-    side: str | None = None  # "a" / "b" for comparison turns
-
-
-@dataclass(frozen=True)
-class VoteRecord:
-    battle_id: str
-    tstamp: float
-    client_hash: str
-    anony: bool
-    model_a: str
-    model_b: str
-    winner: str  # "model_a" | "model_b" | "tie" | "tie (bothbad)"
-    counted: bool
-    not_counted_reason: str | None  # e.g. "identity_leak", "error", "moderated"
-    conversation_a_id: str
-    conversation_b_id: str
-
-
-@dataclass(frozen=True)
-class JudgeVoteRecord:
-    """A judge's verdict on a side-by-side round, asked in both answer orders (see services/judge.py)."""
-
-    battle_id: str
-    tstamp: float
-    client_hash: str             # the visitor who asked for the verdict
-    judge: str                   # the judge model's name
-    prompt: str                  # the judge prompt's name, e.g. "pair-v1"
-    model_a: str
-    model_b: str
-    winner: str                  # "model_a" | "model_b" | "tie" | "no_verdict"
-    g1_winner: str | None        # model_a's answer shown first: "model_a" | "model_b" | "tie" | None
-    g2_winner: str | None        # model_b's answer shown first
-    g1_judgment: str
-    g2_judgment: str
-    error: str | None
-    n_turns: int
-    conversation_a_id: str
-    conversation_b_id: str
-
-
-def is_moderated(turn: dict | TurnRecord) -> bool:
-    """True when a turn's reply was withheld or flagged by moderation (export omits such replies)."""
-    get = turn.get if isinstance(turn, dict) else lambda k: getattr(turn, k)
-    return get("finish_reason") == "moderated" or get("moderation") == "flagged"
 
 
 # --- schema: see migrations.py -------------------------------------------------------------
@@ -128,22 +65,8 @@ def store_path(log_dir: str | os.PathLike) -> Path:
 
 # --- the store ----------------------------------------------------------------------------
 
-_TURN_COLUMNS = tuple(
-    "conversation_id turn_index tstamp client_hash model template params messages reply "
-    "finish_reason n_tokens ttft_s tok_s moderation moderation_categories error battle_id side".split()
-)
-_VOTE_COLUMNS = tuple(
-    "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
-    "conversation_a_id conversation_b_id".split()
-)
-_JUDGE_COLUMNS = tuple(
-    "battle_id tstamp client_hash judge prompt model_a model_b winner g1_winner g2_winner g1_judgment "
-    "g2_judgment error n_turns conversation_a_id conversation_b_id".split()
-)
-_JSON_TURN_COLUMNS = ("params", "messages", "moderation_categories")
 
-
-class Store:
+class Store(StoreQueries):
     """The SQLite log. Never raises on I/O trouble: see the module docstring."""
 
     def __init__(self, log_dir: str | os.PathLike, *, salt: bytes | None = None, read_only: bool = False):
@@ -297,17 +220,17 @@ class Store:
         """Append one model turn; False if it could not be stored (a warning is logged once)."""
         if rec.side not in SIDES:
             raise ValueError(f"side must be 'a', 'b' or None, got {rec.side!r}")
-        values = tuple(_encode(getattr(rec, c)) if c in _JSON_TURN_COLUMNS else getattr(rec, c)
-                       for c in _TURN_COLUMNS)
-        return self._write("turns", _TURN_COLUMNS, values)
+        values = tuple(encode_json(getattr(rec, c)) if c in JSON_TURN_COLUMNS else getattr(rec, c)
+                       for c in TURN_COLUMNS)
+        return self._write("turns", TURN_COLUMNS, values)
 
     def log_vote(self, rec: VoteRecord) -> bool:
         """Append one vote; False if it could not be stored (a warning is logged once)."""
         if rec.winner not in WINNERS:
             raise ValueError(f"winner must be one of {', '.join(WINNERS)}, got {rec.winner!r}")
         values = tuple(int(v) if c in ("anony", "counted") else v
-                       for c, v in ((c, getattr(rec, c)) for c in _VOTE_COLUMNS))
-        return self._write("votes", _VOTE_COLUMNS, values)
+                       for c, v in ((c, getattr(rec, c)) for c in VOTE_COLUMNS))
+        return self._write("votes", VOTE_COLUMNS, values)
 
     def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
         """Append one judge verdict; False if it could not be stored (a warning is logged once)."""
@@ -316,119 +239,7 @@ class Store:
         for order in (rec.g1_winner, rec.g2_winner):
             if order not in (None, "model_a", "model_b", "tie"):
                 raise ValueError(f"an order's verdict must be model_a, model_b, tie or None, got {order!r}")
-        return self._write("judge_votes", _JUDGE_COLUMNS, tuple(getattr(rec, c) for c in _JUDGE_COLUMNS))
-
-    # -- reading --
-
-    def judge_vote_rows(self) -> list[dict]:
-        """Every judge verdict as a dict with JudgeVoteRecord's field names, oldest first."""
-        return [{c: r[c] for c in _JUDGE_COLUMNS} for r in self._read("SELECT * FROM judge_votes ORDER BY id")]
-
-    def judge_battles(self) -> list[tuple[str, str, str]]:
-        """(model_a, model_b, winner) per judged round, for ``compute_leaderboard``: the latest verdict
-        per battle (a round judged again replaces the earlier verdict), rounds without a verdict left out."""
-        latest: dict[str, dict] = {}
-        for row in self.judge_vote_rows():
-            latest[row["battle_id"]] = row
-        return [(r["model_a"], r["model_b"], r["winner"]) for r in latest.values() if r["winner"] != "no_verdict"]
-
-    def judge_human_pairs(self) -> list[tuple[str, str]]:
-        """(judge winner, human winner) for every battle that has both a judge verdict (the latest, not
-        "no_verdict") and a human vote (the first), oldest battle first. The judge judged the battle's
-        latest round; the human vote came after whatever rounds the visitor saw."""
-        judged = {}
-        for row in self.judge_vote_rows():
-            judged[row["battle_id"]] = row["winner"]
-        pairs = []
-        for vote in self.vote_rows(anony_only=False, counted_only=False, first_per_battle=True):
-            winner = judged.get(vote["battle_id"])
-            if winner is not None and winner != "no_verdict":
-                pairs.append((winner, vote["winner"]))
-        return pairs
-
-    def battles(self, *, anony_only: bool = True, counted_only: bool = True) -> list[tuple[str, str, str]]:
-        """(model_a, model_b, winner) per battle, oldest first, for ``compute_leaderboard``.
-
-        One vote per battle: the first recorded for a battle_id (later ones are ignored).
-        """
-        return [(r["model_a"], r["model_b"], r["winner"])
-                for r in self._vote_query(anony_only, counted_only, first_per_battle=True)]
-
-    def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
-                  first_per_battle: bool = True) -> list[dict]:
-        """Votes as dicts with VoteRecord's field names, oldest first (first vote per battle)."""
-        return [{c: bool(r[c]) if c in ("anony", "counted") else r[c] for c in _VOTE_COLUMNS}
-                for r in self._vote_query(anony_only, counted_only, first_per_battle)]
-
-    def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool) -> list[sqlite3.Row]:
-        where = []
-        if first_per_battle:
-            where.append("id IN (SELECT MIN(id) FROM votes GROUP BY battle_id)")
-        if anony_only:
-            where.append("anony = 1")
-        if counted_only:
-            where.append("counted = 1")
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        return self._read(f"SELECT * FROM votes{clause} ORDER BY id")
-
-    def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
-        """Every stored turn (regenerations included), in insertion order."""
-        if conversation_id is None:
-            rows = self._read("SELECT * FROM turns ORDER BY id")
-        else:
-            rows = self._read("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (conversation_id,))
-        return [_turn_from_row(r) for r in rows]
-
-    def conversations(self) -> list[dict]:
-        """Latest state of each conversation, oldest conversation first.
-
-        Each dict: conversation_id, model, template, client_hash, battle_id, side, tstamp (last
-        turn), n_turns, ``messages`` (the last turn's messages plus its reply as an assistant
-        message), ``system`` (its system text or None) and ``turns``: per turn_index the latest
-        row (a regeneration replaces the earlier reply) as {turn_index, tstamp, user, reply,
-        finish_reason, moderation, moderation_categories, moderated, error}. ``turns`` keeps
-        every exchange even when context fitting dropped old messages from ``messages``.
-        """
-        latest: dict[str, dict[int, TurnRecord]] = {}
-        for turn in self.turns():
-            latest.setdefault(turn.conversation_id, {})[turn.turn_index] = turn
-        result = []
-        for conversation_id, by_index in latest.items():
-            ordered = [by_index[i] for i in sorted(by_index)]
-            last = ordered[-1]
-            system = next((_text(m.get("content")) for m in last.messages if m.get("role") == "system"), None)
-            result.append({
-                "conversation_id": conversation_id,
-                "model": last.model,
-                "template": last.template,
-                "client_hash": last.client_hash,
-                "battle_id": last.battle_id,
-                "side": last.side,
-                "tstamp": last.tstamp,
-                "n_turns": len(ordered),
-                "system": system,
-                "messages": [*last.messages, {"role": "assistant", "content": last.reply}],
-                "turns": [{
-                    "turn_index": t.turn_index,
-                    "tstamp": t.tstamp,
-                    "user": _last_user_text(t.messages),
-                    "reply": t.reply,
-                    "finish_reason": t.finish_reason,
-                    "moderation": t.moderation,
-                    "moderation_categories": list(t.moderation_categories),
-                    "moderated": is_moderated(t),
-                    "error": t.error,
-                } for t in ordered],
-            })
-        return result
-
-    def count_turns(self) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM turns")
-        return rows[0]["n"] if rows else 0
-
-    def count_votes(self) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM votes")
-        return rows[0]["n"] if rows else 0
+        return self._write("judge_votes", JUDGE_COLUMNS, tuple(getattr(rec, c) for c in JUDGE_COLUMNS))
 
     def close(self) -> None:
         """Close the connection; later calls store nothing and return empty results."""
@@ -547,31 +358,3 @@ def _load_or_create_salt(log_dir: Path) -> bytes:
     return data
 
 
-def _encode(value: Any) -> str:
-    if isinstance(value, tuple):
-        value = list(value)
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _turn_from_row(row: sqlite3.Row) -> TurnRecord:
-    values = {c: json.loads(row[c]) if c in _JSON_TURN_COLUMNS else row[c] for c in _TURN_COLUMNS}
-    values["moderation_categories"] = tuple(values["moderation_categories"])
-    return TurnRecord(**values)
-
-
-def _text(content: Any) -> str:
-    """Message content as text; accepts a string or a list of {"type": "text", "text": ...} blocks."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    return str(content)
-
-
-def _last_user_text(messages: list[dict]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return _text(message.get("content"))
-    return ""
