@@ -252,3 +252,11 @@ def test_plot_win_rates_draws_a_heatmap_with_numbers(tmp_path):
 def test_plot_win_rates_handles_no_models():
     fig = plot_win_rates([], np.zeros((0, 0)))
     assert fig.axes
+
+
+def test_the_winners_a_rating_accepts_are_the_ones_the_store_keeps():
+    """One home for the vote values: the ratings and the store share records.WINNERS (not two copies)."""
+    from vicuna_demo.data import ratings, records, storage
+    assert ratings.WINNERS is records.WINNERS is storage.WINNERS
+    with pytest.raises(ValueError, match="is not one of"):
+        ratings.compute_leaderboard([("a", "b", "bothbad")])

@@ -53,7 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
+from .records import WINNERS  # the stored vote values (their one home; the store checks votes against them)
+
 SCALE = 400.0
 CENTER = 1000.0
 PRIOR_SD = 200.0     # rating points; see the module docstring
