@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from vicuna_demo.data.ratings import compute_leaderboard
-from vicuna_demo.data.storage import Store, TurnRecord, VoteRecord
+from vicuna_demo.data.storage import JudgeVoteRecord, Store, TurnRecord, VoteRecord
 
 REPO = Path(__file__).resolve().parents[1]
 WINNERS = {"model_a", "model_b", "tie", "tie (bothbad)"}
@@ -108,6 +108,54 @@ def test_export_include_named_adds_named_battles(log_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(out)
     assert [(r["question_id"], r["anony"]) for r in rows] == [("b1", True), ("b2", True), ("b3", True), ("b4", False)]
+
+
+def judge_vote(battle_id: str, winner: str, conversations: tuple[str, str], *, tstamp: float, g1="model_a",
+               g2="model_a", error=None, said="") -> JudgeVoteRecord:
+    return JudgeVoteRecord(battle_id=battle_id, tstamp=tstamp, client_hash="j" * 64, judge="GPT-4o",
+                           prompt="pair-v1", model_a="vicuna-7b", model_b="smollm2", winner=winner, g1_winner=g1,
+                           g2_winner=g2, g1_judgment=f"{battle_id} first order: {said}[[A]]",
+                           g2_judgment=f"{battle_id} second order: [[B]]", error=error, n_turns=1,
+                           conversation_a_id=conversations[0], conversation_b_id=conversations[1])
+
+
+def test_export_writes_judge_votes_as_pairwise_judgments_redacted_like_the_conversations(log_dir, tmp_path):
+    with Store(log_dir) as store:
+        store.log_turn(turn("c5", 0, "Name a colour.", "Blue.", battle_id="b5", side="a"))
+        store.log_turn(turn("c6", 0, "Name a colour.", "Red.", model="smollm2", battle_id="b5", side="b"))
+        # c1 holds a moderated reply: the judge's text on its battle may quote it
+        store.log_judge_vote(judge_vote("b1", "model_b", ("c1", "c2"), tstamp=3000.0, g1="model_b", g2="model_b",
+                                        said="A said 'awful text'. "))
+        store.log_judge_vote(judge_vote("b1", "model_a", ("c1", "c2"), tstamp=3001.0))   # asked again: this counts
+        store.log_judge_vote(judge_vote("b5", "model_a", ("c5", "c6"), tstamp=3002.0))
+        store.log_judge_vote(judge_vote("b6", "no_verdict", ("c5", "c6"), tstamp=3003.0, g1=None, g2=None,
+                                        error="the judge timed out"))
+    out = tmp_path / "judge_votes.jsonl"
+    result = run_module("vicuna_demo.data.export", "--log-dir", log_dir, "--judge-votes", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 judge votes" in result.stderr
+    rows = read_jsonl(out)
+    assert [(r["question_id"], r["winner"], r["counted"]) for r in rows] == [
+        ("b1", "model_b", False), ("b1", "model_a", True), ("b5", "model_a", True), ("b6", "no_verdict", False)]
+    b5 = rows[2]
+    assert b5 == {"question_id": "b5", "model_a": "vicuna-7b", "model_b": "smollm2", "winner": "model_a",
+                  "judge": ["GPT-4o", "pair-v1"], "g1_winner": "model_a", "g2_winner": "model_a",
+                  "g1_judgment": "b5 first order: [[A]]", "g2_judgment": "b5 second order: [[B]]",
+                  "judgment_withheld": None, "error": None, "turn": 1, "tstamp": 3002.0, "client": "j" * 64,
+                  "conversation_a_id": "c5", "conversation_b_id": "c6", "counted": True}
+    for row in rows[:2]:   # the moderated conversation's battle: verdicts kept, the judge's words left out
+        assert row["g1_judgment"] is None and row["g2_judgment"] is None
+        assert row["judgment_withheld"] == "moderated" and row["g1_winner"] is not None
+    assert "awful" not in out.read_text()
+    assert rows[3]["error"] == "the judge timed out" and rows[3]["g1_winner"] is None
+    # the judge leaderboard's battles are exactly the counted rows
+    with Store(log_dir, read_only=True) as store:
+        assert store.judge_battles() == [(r["model_a"], r["model_b"], r["winner"]) for r in rows if r["counted"]]
+    # judge votes never enter the human battles export
+    battles = tmp_path / "battles.jsonl"
+    assert run_module("vicuna_demo.data.export", "--log-dir", log_dir, "--battles", battles, "--include-named",
+                      cwd=tmp_path).returncode == 0
+    assert "j" * 64 not in battles.read_text()
 
 
 def test_export_without_a_store_fails_with_one_clear_line(tmp_path):

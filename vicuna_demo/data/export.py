@@ -9,11 +9,21 @@
   hash), ``anony``, ``tstamp``, ``counted``, ``not_counted_reason``, ``conversation_a_id``,
   ``conversation_b_id``. Anonymous battles only, unless ``--include-named``. Uncounted votes
   are written with ``counted: false`` (the leaderboard skips them unless asked not to).
+- Judge votes (``--judge-votes``): every verdict of the judge on a side-by-side round, oldest first,
+  in the shape of FastChat's MT-bench pairwise judgments: ``question_id`` (the battle id),
+  ``model_a``, ``model_b``, ``winner`` ("model_a" | "model_b" | "tie" | "no_verdict"),
+  ``judge`` ([judge model, prompt name]), ``g1_winner`` / ``g2_winner`` and ``g1_judgment`` /
+  ``g2_judgment`` (model A's answer shown first / model B's), ``error``, ``turn`` (rounds judged),
+  ``tstamp``, ``client`` (salted hash of the visitor who asked), ``counted`` (the verdict the judge
+  leaderboard uses: the latest per battle, with a verdict), ``conversation_a_id``,
+  ``conversation_b_id``. Redacted as the conversations are: when either conversation has a reply
+  withheld or flagged by moderation, the judgments' text (which may quote it) is left out
+  (``null``) and ``judgment_withheld`` is "moderated"; the verdicts stay.
 
 Run::
 
     python -m vicuna_demo.data.export --log-dir logs --conversations conversations.jsonl \\
-        --battles battles.jsonl [--include-named]
+        --battles battles.jsonl [--include-named] [--judge-votes judge_votes.jsonl]
 
 Either output may be ``-`` for stdout. Exits 1 with one ``error:`` line if the log dir holds no
 readable store. The store is opened read-only: exporting never changes it.
@@ -29,6 +39,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from vicuna_demo.data.records import is_moderated
 from vicuna_demo.data.storage import Store, store_path
 
 
@@ -61,6 +72,34 @@ def battle_record(vote: dict) -> dict:
     }
 
 
+def judge_vote_records(rows: list[dict], moderated_conversations: set[str]) -> list[dict]:
+    """``Store.judge_vote_rows()`` (oldest first) as MT-bench-style pairwise judgments, redacted (module docstring)."""
+    latest = {row["battle_id"]: i for i, row in enumerate(rows)}
+    records = []
+    for i, row in enumerate(rows):
+        withheld = bool({row["conversation_a_id"], row["conversation_b_id"]} & moderated_conversations)
+        records.append({
+            "question_id": row["battle_id"],
+            "model_a": row["model_a"],
+            "model_b": row["model_b"],
+            "winner": row["winner"],
+            "judge": [row["judge"], row["prompt"]],
+            "g1_winner": row["g1_winner"],
+            "g2_winner": row["g2_winner"],
+            "g1_judgment": None if withheld else row["g1_judgment"],
+            "g2_judgment": None if withheld else row["g2_judgment"],
+            "judgment_withheld": "moderated" if withheld else None,
+            "error": row["error"],
+            "turn": row["n_turns"],
+            "tstamp": row["tstamp"],
+            "client": row["client_hash"],
+            "counted": latest[row["battle_id"]] == i and row["winner"] != "no_verdict",
+            "conversation_a_id": row["conversation_a_id"],
+            "conversation_b_id": row["conversation_b_id"],
+        })
+    return records
+
+
 def write_jsonl(path: str, records: Iterable[dict]) -> int:
     """Write records one per line to path ('-' = stdout), atomically for files; return the count."""
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
@@ -82,16 +121,19 @@ def write_jsonl(path: str, records: Iterable[dict]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vicuna_demo.data.export",
-        description="Export logged conversations (ShareGPT JSONL) and battles (FastChat clean-battle JSONL).",
+        description="Export logged conversations (ShareGPT JSONL), battles (FastChat clean-battle JSONL) and "
+                    "judge votes (MT-bench-style pairwise judgments, JSONL).",
     )
     parser.add_argument("--log-dir", required=True, help="the demo's log directory (holds vicuna_demo.sqlite3)")
     parser.add_argument("--conversations", metavar="PATH", help="write ShareGPT conversations here ('-' = stdout)")
     parser.add_argument("--battles", metavar="PATH", help="write battles here ('-' = stdout)")
     parser.add_argument("--include-named", action="store_true",
                         help="also export votes from named (non-anonymous) comparisons")
+    parser.add_argument("--judge-votes", metavar="PATH",
+                        help="write the judge's verdicts on side-by-side rounds here ('-' = stdout)")
     args = parser.parse_args(argv)
-    if not args.conversations and not args.battles:
-        parser.error("nothing to do: give --conversations PATH and/or --battles PATH")
+    if not args.conversations and not args.battles and not args.judge_votes:
+        parser.error("nothing to do: give --conversations PATH, --battles PATH and/or --judge-votes PATH")
 
     logging.basicConfig(level=logging.ERROR)  # the store's problems are reported below, once
     if not store_path(args.log_dir).is_file():
@@ -103,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         conversations = store.conversations() if args.conversations else []
         votes = store.vote_rows(anony_only=not args.include_named) if args.battles else []
+        judged = []
+        if args.judge_votes:
+            moderated = {t.conversation_id for t in store.turns() if is_moderated(t)}
+            judged = judge_vote_records(store.judge_vote_rows(), moderated)
         if not store.ok:
             print(f"error: cannot read the store: {store.problem}", file=sys.stderr)
             return 1
@@ -113,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.battles:
             n = write_jsonl(args.battles, (battle_record(v) for v in votes))
             print(f"wrote {n} battles to {args.battles}", file=sys.stderr)
+        if args.judge_votes:
+            n = write_jsonl(args.judge_votes, judged)
+            print(f"wrote {n} judge votes to {args.judge_votes}", file=sys.stderr)
     except OSError as exc:
         print(f"error: cannot write output: {exc}", file=sys.stderr)
         return 1
