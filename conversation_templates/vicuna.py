@@ -10,7 +10,7 @@ assistant turn ends with `</s>`, both as FastChat renders them.
 vicuna_v0 starts with its system text, then the built-in example exchange, then every turn as
 `\n### Human: ...` / `\n### Assistant: ...`; the open slot is `\n### Assistant:` and a
 conversation that ends on a finished assistant turn ends with `\n### `. Generation stops at
-`###`.
+`###`; vicuna_v1.1 stops at `</s>` and at a role marker that starts a line (`VICUNA_V1_1_STOPS`).
 """
 
 from collections.abc import Sequence
@@ -50,10 +50,16 @@ def format_vicuna_v0(system: str | None, turns: Sequence[RoleContent]) -> str:
     return "".join(parts)
 
 
+# Vicuna itself ends a reply with its EOS token `</s>`. A model that was not trained on this format (the
+# embedded SmolLM2 with template=vicuna_v1.1) goes on writing the next turns itself, each on a new line and
+# often with a lookalike marker ("\nUSERS: ...", "\nASSISTANT: ..."): the reply stops at a role marker that
+# starts a line, while one inside a line ("fill in the USER: field") is text and stays.
+VICUNA_V1_1_STOPS = ("</s>", "\nUSER:", "\nUSERS:", "\nASSISTANT:")
+
 VICUNA_V1_1 = Template(
     name="vicuna_v1.1",
     system_message=VICUNA_SYSTEM,
-    stop_strings=("</s>", "USER:"),
+    stop_strings=VICUNA_V1_1_STOPS,
     reserved=("USER:", "ASSISTANT:", "</s>", "<s>"),
     format=format_vicuna_v1_1,
 )

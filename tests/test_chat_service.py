@@ -184,3 +184,54 @@ def test_clear_stops_the_reply_and_gives_a_new_conversation(setup):
     fresh = service.clear(session)
     assert fresh.exchanges == [] and fresh.conversation_id != session.conversation_id and not fresh.busy
     assert list(stream)[-1].status == "cancelled"
+
+
+# -- per-model defaults, the user's flags, what an engine cannot apply (issue 15) ----------------------------
+
+class DefaultsEngine(RecordingEngine):
+    """A recording engine with its own sampling defaults and fields it cannot apply; records each request's params."""
+
+    def __init__(self, name, defaults, unsupported=frozenset()):
+        super().__init__(name, REPLY, delay_s=0.0)
+        self.defaults, self.unsupported_params, self.params = defaults, frozenset(unsupported), []
+
+    def stream(self, prompt, params):
+        self.params.append(params)
+        return super().stream(prompt, params)
+
+
+def test_each_model_has_its_own_defaults_flags_win_over_them_and_a_request_over_both(tmp_path):
+    small = DefaultsEngine("Small", SamplingParams(temperature=0.2, top_p=0.9, max_new_tokens=256,
+                                                   repetition_penalty=1.1))
+    big = DefaultsEngine("Big", SamplingParams(temperature=0.9, top_p=0.6))
+    store = open_store(tmp_path / "logs")
+    service = ChatService({"Small": small, "Big": big}, WordModerator(), store, limits=Limits(rate_limit_per_min=0))
+    run(service, ChatSession(), "Hi", model="Small")
+    run(service, ChatSession(), "Hi", model="Big")
+    assert small.params[-1] == SamplingParams(0.2, 0.9, 256, 1.1) and big.params[-1] == SamplingParams(0.9, 0.6)
+    assert store.turns()[0].params == {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 256,
+                                       "repetition_penalty": 1.1}
+    service = ChatService({"Small": small, "Big": big}, WordModerator(), store, limits=Limits(rate_limit_per_min=0),
+                          flags={"temperature": 0.5, "max_new_tokens": 100})
+    run(service, ChatSession(), "Hi", model="Small")
+    assert small.params[-1] == SamplingParams(0.5, 0.9, 100, 1.1)             # the flags over the model's
+    run(service, ChatSession(), "Hi", model="Big", temperature=0.0, repetition_penalty=1.3)
+    assert big.params[-1] == SamplingParams(0.0, 0.6, 100, 1.3)                # the request over both
+    store.close()
+
+
+def test_a_value_the_engine_cannot_apply_is_left_out_and_the_reply_says_so(tmp_path, caplog):
+    cb = DefaultsEngine("CB", SamplingParams(repetition_penalty=1.05), unsupported={"repetition_penalty"})
+    store = open_store(tmp_path / "logs")
+    service = ChatService({"CB": cb}, WordModerator(), store, limits=Limits(rate_limit_per_min=0),
+                          flags={"repetition_penalty": 1.2})
+    assert service.defaults_for("CB").repetition_penalty == 1.0 and service.unsupported("CB") == {"repetition_penalty"}
+    updates = run(service, ChatSession(), "Hi", model="CB")          # the default: nothing to say
+    assert updates[-1].notice == "" and cb.params[-1].repetition_penalty == 1.0
+    updates = run(service, ChatSession(), "Hi", model="CB", repetition_penalty=1.4)
+    assert updates[-1].status == "done" and updates[-1].reply == REPLY
+    assert updates[-1].notice == ("CB cannot apply a repetition penalty (its back end has none); this reply was "
+                                  "generated without it.")
+    assert cb.params[-1].repetition_penalty == 1.0
+    assert "repetition_penalty" not in store.turns()[-1].params        # the log says what was applied
+    store.close()

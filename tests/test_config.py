@@ -189,8 +189,10 @@ def test_every_numeric_flag_declares_the_range_it_accepts():
     (["--max-new-tokens", "4096"], "--max-new-tokens 4096: the default reply length cannot exceed "
                                    "--max-new-tokens-limit (2048)."),
     (["--max-new-tokens", "8"], "--max-new-tokens 8: must be at least 16."),
-    (["--max-new-tokens-limit", "512"], "--max-new-tokens-limit 512: below the default reply length (1024); "
-                                        "lower --max-new-tokens as well."),
+    (["--max-new-tokens-limit", "512", "--max-new-tokens", "1024"],
+     "--max-new-tokens 1024: the default reply length cannot exceed --max-new-tokens-limit (512)."),
+    (["--repetition-penalty", "0.9"], "--repetition-penalty 0.9: must be from 1 to 2."),
+    (["--repetition-penalty", "2.5"], "--repetition-penalty 2.5: must be from 1 to 2."),
     (["--port", "0"], "--port 0: must be from 1 to 65535."),
     (["--port", "65536"], "--port 65536: must be from 1 to 65535."),
     (["--concurrency", "0"], "--concurrency 0: must be at least 1."),
@@ -218,6 +220,18 @@ def test_range_limits_themselves_are_accepted():
     assert (settings.temperature, settings.top_p, settings.port, settings.min_battles) == (0.0, 1.0, 65535, 0)
     settings = load_settings(["--max-new-tokens-limit", "256", "--max-new-tokens", "256"], environ={})
     assert settings.max_new_tokens == settings.max_new_tokens_limit == 256
+
+
+def test_sampling_flags_are_only_those_the_user_gave_by_flag_or_variable():
+    """A flag the user gave wins over each model's own defaults; one left out does not (issue 15), even when the
+    value given equals the built-in one. A lower limit alone caps the reply length instead of refusing."""
+    assert load_settings([], environ={}).sampling_flags() == {}
+    settings = load_settings(["--temperature", "0.7", "--repetition-penalty", "1.2"],
+                             environ={"VICUNA_DEMO_TOP_P": "0.5"})
+    assert settings.sampling_flags() == {"temperature": 0.7, "top_p": 0.5, "repetition_penalty": 1.2}
+    assert {"temperature", "top_p", "repetition_penalty"} <= settings.given and "max_new_tokens" not in settings.given
+    settings = load_settings(["--max-new-tokens-limit", "512"], environ={})
+    assert settings.max_new_tokens == 512 and settings.sampling_flags() == {}
 
 
 def test_an_out_of_range_variable_is_named_as_the_variable():

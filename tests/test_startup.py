@@ -61,6 +61,7 @@ def test_every_engine_type_implements_the_whole_engine_interface(tiny):
                         assert param in mine.parameters, f"{kind}.{name} does not take {param}"
             assert isinstance(engine.status, str) and isinstance(engine.capacity, str)
             assert isinstance(engine.ready, bool)
+            assert isinstance(engine.defaults, SamplingParams) and isinstance(engine.unsupported_params, frozenset)
             assert engine.warmup(background=True) == 0.0 or kind == "LocalEngine"
     finally:
         for engine in engines:

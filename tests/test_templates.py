@@ -225,7 +225,7 @@ def test_vicuna_default_system_message_is_fastchats():
 @pytest.mark.parametrize(
     ("name", "stops"),
     [
-        ("vicuna_v1.1", ("</s>", "USER:")),
+        ("vicuna_v1.1", ("</s>", "\nUSER:", "\nUSERS:", "\nASSISTANT:")),
         ("vicuna_v0", ("###",)),
         ("llama-2-chat", ("</s>", "[INST]")),
         ("chatml", ("<|im_end|>",)),

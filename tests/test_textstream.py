@@ -158,3 +158,23 @@ def test_incremental_decoder_keeps_spaces_between_words(embedded_tokenizer):
     deltas = [decoder.push([i]) for i in ids] + [decoder.flush()]
     assert "".join(deltas) == text
     assert sum(1 for d in deltas if d) >= len(ids) - 1  # streamed token by token, not at the end
+
+
+# -- the vicuna_v1.1 template's stop strings (issue 15) ---------------------------------------------------
+
+@pytest.mark.parametrize("text,shown", [
+    # a model not trained on the format writes the next turns itself, on new lines, with lookalike markers
+    ("The capital of France is Paris.\nUSERS: And of Spain?\nASSISTANT: Madrid.", "The capital of France is Paris."),
+    ("Paris.\nUSER: thanks", "Paris."),
+    ("Paris.\nASSISTANT: anything else?", "Paris."),
+    ("Paris.</s>USER: thanks", "Paris."),
+    # a role marker inside a line is text: it is shown whole
+    ("Fill in the USER: field, then the ASSISTANT: one.", "Fill in the USER: field, then the ASSISTANT: one."),
+    ("Type USERS: and a colon.\nUSERNAME=me", "Type USERS: and a colon.\nUSERNAME=me"),
+])
+def test_vicuna_stops_at_a_role_marker_starting_a_line_but_not_inside_one(text, shown):
+    from conversation_templates import get_template
+    stops = get_template("vicuna_v1.1").stop_strings
+    for size in (1, 3, len(text)):
+        output, stopped = run_filter(stops, [text[i:i + size] for i in range(0, len(text), size)])
+        assert output == shown and stopped == (output != text)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .data.ratings import MIN_BATTLES
-from .engines.protocol import (MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE,  # stdlib-only module
-                               SamplingParams)
+from .engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE,  # stdlib-only module
+                               SAMPLING_FIELDS, TEMPERATURE_RANGE, TOP_P_RANGE, SamplingParams)
 
 ENV_PREFIX = "VICUNA_DEMO_"
 DEFAULT_GPU_MODEL = "lmsys/vicuna-7b-v1.5"
@@ -166,11 +166,12 @@ class Settings:
     compile_level: int = 0
     prefix_cache: bool = True
     warmup: bool = True
-    # generation: the server's defaults (sliders, and API callers that omit a value) and the cap
+    # generation: the built-in values; a flag the user gave (see ``given``) wins over every model's own defaults
     temperature: float = SamplingParams.temperature
     top_p: float = SamplingParams.top_p
     max_new_tokens: int = SamplingParams.max_new_tokens
     max_new_tokens_limit: int = MAX_NEW_TOKENS_RANGE[1]
+    repetition_penalty: float = SamplingParams.repetition_penalty
     # moderation
     moderation: str = "auto"
     moderation_model: str = "omni-moderation-latest"
@@ -199,6 +200,13 @@ class Settings:
     arena_weights: str = ""
     identity_words: tuple[str, ...] = DEFAULT_IDENTITY_WORDS
     min_battles: int = MIN_BATTLES
+    # the settings the user gave (flag or variable), by name: a default and a value given equal to it differ
+    given: frozenset[str] = frozenset()
+
+    def sampling_flags(self) -> dict[str, float | int]:
+        """The sampling values the user gave (--temperature, --top-p, --max-new-tokens, --repetition-penalty):
+        they win over every model's own defaults (engines/sampling_defaults.py); a request's value wins over them."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if name in self.given}
 
 
 @dataclass(frozen=True)
@@ -244,15 +252,23 @@ _OPTIONS: tuple[_Opt, ...] = (
          "Do not reuse the previous turn's KV cache for the next turn of a conversation."),
     _Opt("performance", "--no-warmup", "warmup", "bool",
          "Skip the warm-up at start-up (the first request then pays for CUDA-graph capture and kernel loading)."),
-    _Opt("generation", "--temperature", "temperature", "float", "Default temperature (0 = greedy, up to 1).",
+    _Opt("generation", "--temperature", "temperature", "float", "Default temperature of every model (0 = greedy, "
+         "up to 1). Not given: each model's recommended value (its generation_config.json), else the default shown.",
          low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1]),
-    _Opt("generation", "--top-p", "top_p", "float", "Default top_p (more than 0, up to 1).",
+    _Opt("generation", "--top-p", "top_p", "float", "Default top_p of every model (more than 0, up to 1). Not given: "
+         "each model's recommended value, else the default shown.",
          low=TOP_P_RANGE[0], high=TOP_P_RANGE[1], above=True),
     _Opt("generation", "--max-new-tokens", "max_new_tokens", "int",
-         f"Default reply length in tokens ({MAX_NEW_TOKENS_RANGE[0]} to --max-new-tokens-limit).",
-         low=MAX_NEW_TOKENS_RANGE[0]),
+         f"Default reply length in tokens of every model ({MAX_NEW_TOKENS_RANGE[0]} to --max-new-tokens-limit). Not "
+         "given: the model's own if it sets one, else 256 for a model on a CPU (a reply in seconds) and the default "
+         "shown on a GPU or an endpoint.", low=MAX_NEW_TOKENS_RANGE[0]),
     _Opt("generation", "--max-new-tokens-limit", "max_new_tokens_limit", "int",
          "Upper bound a visitor may choose for the reply length.", low=MAX_NEW_TOKENS_RANGE[0]),
+    _Opt("generation", "--repetition-penalty", "repetition_penalty", "float",
+         "Default repetition penalty of every model (1 = off, up to 2; above 1 a token already in the conversation "
+         "becomes less likely, as transformers' repetition_penalty). Not given: each model's recommended value, "
+         "else off. Not applied by continuous batching (--engine cb); sent to endpoints as repetition_penalty.",
+         low=REPETITION_PENALTY_RANGE[0], high=REPETITION_PENALTY_RANGE[1]),
     _Opt("moderation", "--moderation", "moderation", "choice",
          "Check every user message with the OpenAI moderation API. auto = on when OPENAI_API_KEY is set.",
          choices=("auto", "openai", "off")),
@@ -439,14 +455,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             if opt.kind in ("int", "float"):
                 _check_range(opt, value, given_as[opt.dest])
             values[opt.dest] = value
+    values["given"] = frozenset(values)
     limit = values.get("max_new_tokens_limit", Settings.max_new_tokens_limit)
-    default = values.get("max_new_tokens", Settings.max_new_tokens)
-    if default > limit:
-        if "max_new_tokens" in values:
-            raise ConfigError(f"{given_as['max_new_tokens'].format(default)}: the default reply length cannot exceed "
-                              f"--max-new-tokens-limit ({limit}).")
-        raise ConfigError(f"{given_as['max_new_tokens_limit'].format(limit)}: below the default reply length "
-                          f"({default}); lower --max-new-tokens as well.")
+    if "max_new_tokens" not in values:     # each model's default is capped by the limit where it is used
+        values["max_new_tokens"] = min(Settings.max_new_tokens, limit)
+    elif values["max_new_tokens"] > limit:
+        raise ConfigError(f"{given_as['max_new_tokens'].format(values['max_new_tokens'])}: the default reply length "
+                          f"cannot exceed --max-new-tokens-limit ({limit}).")
     load_8bit = bool(values.get("load_8bit", False))
     load_4bit = bool(values.get("load_4bit", False))
     if load_8bit and load_4bit:

@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class LoadedModel:
     load_8bit: bool
     embedded: bool = False
     load_4bit: bool = False
+    sampling: dict = field(default_factory=dict)   # the model's recommended sampling values (recommended_sampling)
 
 
 def embedded_gguf_path() -> Path:
@@ -255,11 +256,39 @@ def load_tokenizer(spec: ModelSpec):
         raise _explain(spec, exc) from None
 
 
+def model_id(spec: ModelSpec) -> str:
+    """What per-model tables match against (template_rules, sampling_defaults.RECOMMENDED): the source, or for
+    the embedded model its GGUF file name."""
+    return spec.source if spec.source != EMBEDDED_SOURCE else EMBEDDED_GGUF
+
+
+def recommended_sampling(spec: ModelSpec, generation_config=None) -> dict:
+    """The sampling values the model's authors recommend (engines/sampling_defaults.py): those its generation
+    config sets (``generation_config``: the loaded model's; None: generation_config.json is read, without the
+    weights), over its row of the built-in table. {} when there are none; never raises."""
+    from .engines import sampling_defaults
+    if generation_config is None:
+        generation_config = _read_generation_config(spec)
+    return sampling_defaults.recommended(model_id(spec), generation_config)
+
+
+def _read_generation_config(spec: ModelSpec):
+    """generation_config.json of a Hub id or folder, or None (a GGUF file, none in the model, unreachable)."""
+    try:
+        where, extra = _locate(spec)
+        if extra.get("gguf_file"):
+            return None
+        from transformers import GenerationConfig
+        return GenerationConfig.from_pretrained(where, **_hub_access(spec))
+    except (Exception, ImportError) as exc:  # noqa: BLE001 - no recommended values is a fine answer
+        log.debug("%s: no generation_config.json read (%s)", spec.display_name, exc)
+        return None
+
+
 def choose_template(spec: ModelSpec, tokenizer) -> Template:
     """The spec's template=, else the one its source and tokenizer imply. Raises LoadError."""
     has_own = bool(getattr(tokenizer, "chat_template", None))
-    template_name = spec.template or auto_template_name(
-        spec.source if spec.source != EMBEDDED_SOURCE else EMBEDDED_GGUF, has_own)
+    template_name = spec.template or auto_template_name(model_id(spec), has_own)
     try:
         return get_template(template_name, tokenizer=tokenizer)
     except ValueError as exc:
@@ -306,7 +335,8 @@ def load_model(spec: ModelSpec, progress=lambda message: None, tokenizer=None) -
         name=spec.display_name, source=spec.source, model=model, tokenizer=tokenizer, template=template,
         context_window=window, eos_token_ids=frozenset(eos), device=device,
         dtype="int8" if spec.load_8bit else "nf4" if spec.load_4bit else str(dtype).removeprefix("torch."),
-        load_8bit=spec.load_8bit, load_4bit=spec.load_4bit, embedded=spec.source == EMBEDDED_SOURCE)
+        load_8bit=spec.load_8bit, load_4bit=spec.load_4bit, embedded=spec.source == EMBEDDED_SOURCE,
+        sampling=recommended_sampling(spec, model.generation_config))
 
 
 def _quantization(spec: ModelSpec, dtype) -> dict:

@@ -168,6 +168,8 @@ class BatchingBackend:
 
     # -- requests -----------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        """Queue ``job``; its repetition_penalty is not applied (transformers' continuous batching has none:
+        LocalEngine.unsupported_params says so and ChatService tells the visitor)."""
         if self._closed.is_set():
             raise EngineError(f"{self.name} is shutting down.")
         if self._failed:

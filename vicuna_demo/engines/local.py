@@ -104,6 +104,9 @@ class LocalEngine(PromptingModel):
             except Exception as exc:  # noqa: BLE001 - any surprise: the general back end serves
                 log.warning("%s: fast path unavailable (%s); using continuous batching", self.name, exc)
                 self.backend = "cb"
+        if self.backend == "cb" and loaded.sampling.get("repetition_penalty", 1.0) != 1.0:
+            log.info("%s: the model recommends repetition_penalty %s, which continuous batching cannot apply; "
+                     "its replies are generated without it", self.name, loaded.sampling["repetition_penalty"])
         if start:
             self.start()
 
@@ -118,6 +121,12 @@ class LocalEngine(PromptingModel):
                             self.name, reason)
             return "cb"
         return "fast"
+
+    @property
+    def unsupported_params(self) -> frozenset[str]:
+        """transformers' continuous batching has no repetition penalty (its per-request processors are temperature,
+        top_p and top_k only); the fast path applies every field."""
+        return frozenset({"repetition_penalty"}) if self.backend == "cb" else frozenset()
 
     # -- memory (for the start-up plan, engines/memory.py) ----------------------------------------------
     @property
@@ -282,7 +291,8 @@ class LocalEngine(PromptingModel):
         reply = LocalReply(self, f"{uuid.uuid4().hex[:8]}-{next(self._counter)}", max_new)
         job = Job(request_id=reply.request_id, ids=ids, max_new=max_new,
                   temperature=0.0 if params.greedy else float(params.temperature),
-                  top_p=1.0 if params.greedy else float(params.top_p), eos=frozenset(self._eos_ids), emit=reply.push)
+                  top_p=1.0 if params.greedy else float(params.top_p), eos=frozenset(self._eos_ids), emit=reply.push,
+                  repetition_penalty=float(params.repetition_penalty))
         backend = self._serving_backend()
         try:
             backend.submit(job)

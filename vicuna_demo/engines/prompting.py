@@ -23,6 +23,7 @@ from conversation_templates.neutralise import ZWSP
 
 from ..loading import LoadedModel
 from .protocol import Prompt, PromptTooLong, SamplingParams
+from .sampling_defaults import engine_defaults
 
 
 class PromptEncoder:
@@ -93,6 +94,17 @@ class PromptingModel:
         self._eos_ids = loaded.eos_token_ids
         self._stop_strings = tuple(loaded.template.stop_strings)
         self.prompt_encoder = PromptEncoder(loaded.tokenizer)
+        # the model's recommended sampling values, and a shorter reply on a CPU (sampling_defaults.py)
+        self._model_defaults = engine_defaults(loaded.sampling, cpu=loaded.device == "cpu")
+
+    unsupported_params: frozenset[str] = frozenset()   # an engine whose back end cannot apply a field says so
+
+    @property
+    def defaults(self) -> SamplingParams:
+        """The model's defaults (``protocol.Engine.defaults``); a field this engine cannot apply keeps the built-in
+        value (a model's recommended repetition penalty is dropped on continuous batching)."""
+        built_in = SamplingParams()
+        return self._model_defaults.overridden({f: getattr(built_in, f) for f in self.unsupported_params})
 
     # -- prompt ---------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict]) -> list[int]:

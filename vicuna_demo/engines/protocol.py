@@ -7,14 +7,18 @@ OpenAI chat API. Nothing above this interface knows which one it talks to.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 # FastChat's ranges, which users of such demos know.
 TEMPERATURE_RANGE = (0.0, 1.0)
 TOP_P_RANGE = (0.0, 1.0)
 MAX_NEW_TOKENS_RANGE = (16, 2048)
+# 1.0 = off; above 1 a token already in the prompt or the reply is made less likely (HF / CTRL style).
+REPETITION_PENALTY_RANGE = (1.0, 2.0)
+SAMPLING_FIELDS = ("temperature", "top_p", "max_new_tokens", "repetition_penalty")
 
 
 class EngineError(RuntimeError):
@@ -27,25 +31,37 @@ class PromptTooLong(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. ``temperature == 0`` means greedy decoding. These defaults are also the flags'
-    (config.Settings reads them from here); a server started with --temperature etc. passes its own
-    defaults to ``clamped``."""
+    """Per-request sampling. ``temperature == 0`` means greedy decoding; ``repetition_penalty`` 1.0 means off
+    (above 1, each token already in the prompt or the reply has its logit divided by it when positive and
+    multiplied by it when negative, as transformers' ``repetition_penalty`` does).
+
+    These are the built-in values, the bottom layer of a request's parameters: a request's own value wins
+    over the user's flag (--temperature ...), which wins over the engine's ``defaults`` (the model's
+    recommended values from its generation_config.json, and a reply length suited to its device,
+    engines/sampling_defaults.py), which win over these."""
 
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 1024
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
 
+    def overridden(self, values: Mapping[str, Any]) -> "SamplingParams":
+        """These parameters with the non-None entries of ``values`` (field name -> value) put over them."""
+        given = {k: v for k, v in values.items() if k in SAMPLING_FIELDS and v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
     @classmethod
     def clamped(cls, temperature: Any, top_p: Any, max_new_tokens: Any,
                 max_tokens_cap: int = MAX_NEW_TOKENS_RANGE[1],
-                defaults: "SamplingParams | None" = None) -> "SamplingParams":
+                defaults: "SamplingParams | None" = None, repetition_penalty: Any = None) -> "SamplingParams":
         """Build parameters from untrusted input (UI or API), clamping each into its range.
 
-        Missing or non-numeric values fall back to ``defaults`` (the server's), so no input can crash a request."""
+        Missing or non-numeric values fall back to ``defaults`` (the model's, with the user's flags over
+        them), so no input can crash a request."""
         default = defaults or cls()
 
         def number(value: Any, fallback: float) -> float:
@@ -60,10 +76,17 @@ class SamplingParams:
         if p <= 0.0:
             p = 0.01  # top_p 0 would keep nothing; the smallest nucleus is the top token
         n = int(min(max(number(max_new_tokens, default.max_new_tokens), 1), max_tokens_cap))
-        return cls(temperature=t, top_p=p, max_new_tokens=n)
+        r = min(max(number(repetition_penalty, default.repetition_penalty), REPETITION_PENALTY_RANGE[0]),
+                REPETITION_PENALTY_RANGE[1])
+        return cls(temperature=t, top_p=p, max_new_tokens=n, repetition_penalty=r)
 
     def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        """What the log stores: FastChat's three keys, and ``repetition_penalty`` only when one was used
+        (absent means 1.0, off), so records without one keep FastChat's shape."""
+        out = {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
+        return out
 
 
 @dataclass
@@ -128,6 +151,14 @@ class Engine(Protocol):
     default_system: str       # the template's default system prompt
     status: str               # one line for the log and the page: loading, warming up, ready, failed
     capacity: str             # what the engine holds at once (KV cache, conversations), "" if nothing to say
+    # The sampling values a request that leaves one out gets from this engine, before the user's flags
+    # (services/chat.py puts those over it): the model's recommended values (its generation_config.json, or
+    # the built-in table of engines/sampling_defaults.py) and a reply length suited to where it runs (shorter
+    # on a CPU). A remote engine has the built-in SamplingParams().
+    defaults: SamplingParams
+    # SamplingParams fields this engine cannot honour (e.g. {"repetition_penalty"} on transformers'
+    # continuous batching); a request's value for them is ignored and ChatService says so in the reply.
+    unsupported_params: frozenset[str]
 
     @property
     def ready(self) -> bool:

@@ -27,6 +27,12 @@ variable is reported in the log at start-up and in each reply of that model, and
 starts. Without ``key_env=`` the placeholder ``EMPTY`` is sent (what vLLM and SGLang expect when they
 run without ``--api-key``); OPENAI_API_KEY is never sent to an endpoint implicitly.
 
+Sampling: temperature, top_p and max_tokens are the API's own. The API has no repetition penalty (OpenAI's
+frequency_penalty / presence_penalty are different rules), but vLLM, SGLang, TGI and FastChat's servers
+read a ``repetition_penalty`` field with transformers' meaning: it is sent in the request body only when
+it is not 1.0 (off), so servers that do not know it never see it; one that refuses it gets a reply that
+says so. The engine's ``defaults`` are the built-in ones: the model's recommended values live on the server.
+
 Context: the server applies its own chat template and knows its own window. With ``ctx=N`` in the
 spec, the oldest exchanges are dropped (never the system prompt) so that the characters of the
 conversation stay under ``(N - reply tokens) * CHARS_PER_TOKEN``, a deliberately cautious estimate
@@ -141,6 +147,8 @@ class RemoteEngine:
     # -- start-up (nothing to warm up: the server is up or it is not; replies report problems) -------------
     ready = True
     capacity = ""
+    defaults = SamplingParams()                      # the server applies its own model's recommendations
+    unsupported_params: frozenset[str] = frozenset()  # repetition_penalty goes in the body; the server decides
 
     @property
     def status(self) -> str:
@@ -185,6 +193,8 @@ class RemoteEngine:
         request = dict(model=self.model, messages=list(prompt.payload), stream=True,
                        temperature=0.0 if params.greedy else float(params.temperature),
                        top_p=float(params.top_p), max_tokens=self.max_tokens(params))
+        if params.repetition_penalty != 1.0:   # not an OpenAI field: only when asked for (module docstring)
+            request["extra_body"] = {"repetition_penalty": float(params.repetition_penalty)}
         reply = RemoteReply(self)
         future = asyncio.run_coroutine_threadsafe(self._pump(request, reply._inbox.put), self._loop)
         reply._future = future
@@ -285,6 +295,9 @@ class RemoteEngine:
             if "context" in lowered and any(w in lowered for w in ("length", "maximum", "too long", "exceed")):
                 text = (f"The conversation is too long for {who}'s context window; press Clear to start a new "
                         f"one, or shorten the message. The server said: {detail}")
+            elif "repetition_penalty" in lowered:
+                text = (f"{who} does not accept a repetition penalty (the OpenAI API has none; vLLM, SGLang, TGI "
+                        f"and FastChat's servers do): set it to 1.0 for this model. The server said: {detail}")
             else:
                 text = f"{who} rejected the request ({exc.status_code}): {detail or 'no reason given'}"
         elif isinstance(exc, openai.APIStatusError):

@@ -25,10 +25,11 @@ import time
 from typing import Callable, Sequence
 
 from ..config import ModelSpec
-from ..loading import LoadError, load_model, load_tokenizer, choose_template, read_config
+from ..loading import LoadError, load_model, load_tokenizer, choose_template, read_config, recommended_sampling
 from .gpugate import GPU_GATE
 from .memory import ALLOC_CONF, KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs
 from .protocol import EngineError, Prompt, SamplingParams
+from .sampling_defaults import engine_defaults
 
 log = logging.getLogger("vicuna_demo.engines.startup")
 
@@ -76,12 +77,17 @@ class StartingEngine:
         self.default_system = ""
         self.engine = None
         self.error: str | None = None
+        self._defaults = SamplingParams()      # until set_defaults: the built-in values
         self._status = f"{self.name}: waiting to load"
         self._settled = threading.Event()       # the engine exists, or the model failed
 
     # -- filled in by ModelStartup ----------------------------------------------------------------------
     def set_template(self, template) -> None:
         self.template_name, self.default_system = template.name, template.system_message
+
+    def set_defaults(self, defaults: SamplingParams) -> None:
+        """The model's defaults, known before its weights load (its generation_config.json and device)."""
+        self._defaults = defaults
 
     def set_status(self, text: str) -> None:
         self._status = f"{self.name}: {text}"
@@ -109,6 +115,17 @@ class StartingEngine:
     @property
     def capacity(self) -> str:
         return getattr(self.engine, "capacity", "") if self.engine is not None else ""
+
+    @property
+    def defaults(self) -> SamplingParams:
+        """The engine's once it exists; before, the same values read from the model's files (set_defaults)."""
+        return self.engine.defaults if self.engine is not None else self._defaults
+
+    @property
+    def unsupported_params(self) -> frozenset[str]:
+        """The engine's once it exists; before, none (which back end serves the model is decided at load; a
+        request is checked against the engine itself after ``prepare``, which waits for it)."""
+        return self.engine.unsupported_params if self.engine is not None else frozenset()
 
     def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
         """ModelStartup warms the engine up in order; this only reports where it is."""
@@ -162,7 +179,11 @@ class ModelStartup:
         for spec in self.specs:
             tokenizer = load_tokenizer(spec)
             self._tokenizers[spec.display_name] = tokenizer
-            self.engines[spec.display_name].set_template(choose_template(spec, tokenizer))
+            proxy = self.engines[spec.display_name]
+            proxy.set_template(choose_template(spec, tokenizer))
+            # the same values the loaded engine will have: zerogpu attaches a GPU, everything else runs where planned
+            cpu = self.spaces is None and _device_of(spec) == "cpu"
+            proxy.set_defaults(engine_defaults(recommended_sampling(spec), cpu=cpu))
 
     def start(self, background: bool = True) -> None:
         if background:

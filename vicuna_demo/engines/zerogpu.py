@@ -56,7 +56,7 @@ class ZeroGPUEngine(PromptingModel):
     Templates and context fitting are the shared ``PromptingModel``'s, as for LocalEngine. There is nothing
     to warm up (a GPU is attached per request), so the engine is ready at once."""
 
-    capacity = ""            # no KV cache held between requests
+    capacity = ""            # no KV cache held between requests (generate applies every SamplingParams field)
 
     def __init__(self, loaded: LoadedModel, gpu: Callable, token_timeout_s: float = 120.0):
         super().__init__(loaded)
@@ -87,6 +87,8 @@ class ZeroGPUEngine(PromptingModel):
         max_new = max(1, min(params.max_new_tokens, self.context_window - len(ids)))
         sampling = (dict(do_sample=False) if params.greedy else
                     dict(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0))
+        if params.repetition_penalty != 1.0:
+            sampling["repetition_penalty"] = float(params.repetition_penalty)
         return ZeroGPUReply(self, ids, max_new, sampling)
 
     def close(self) -> None:

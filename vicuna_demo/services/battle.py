@@ -2,7 +2,7 @@
 
     battles = BattleService(chat_service, Arena.from_settings(models, settings))   # once, at start-up
     battle = Battle(anonymous=True)                                # one per visitor and tab (gr.State)
-    for update in battles.send(battle, "Hello", params=(0.7, 1.0, 256), client="hash"):
+    for update in battles.send(battle, "Hello", params=(0.7, 1.0, 256, 1.1), client="hash"):
         battle.a.exchanges[-1].reply, battle.b.exchanges[-1].reply # both stream at once
     battles.vote(battle, "a", client="hash")                       # -> the notice to show; names revealed
 
@@ -129,7 +129,8 @@ def _hide_names(text: str, names: Mapping[str, str]) -> str:
 
 
 def _side_params(params) -> dict[str, tuple]:
-    """``(t, p, n)`` for both sides, or ``{"a": (t, p, n), "b": (...)}``."""
+    """``(t, p, n[, r])`` for both sides, or ``{"a": (t, p, n[, r]), "b": (...)}``; None or a missing value
+    means that side's model's default."""
     if isinstance(params, Mapping):
         return {key: tuple(params[key]) for key in SIDES}
     return {key: tuple(params or ()) for key in SIDES}
@@ -153,7 +154,9 @@ class BattleService:
              client: str = "unknown") -> Iterator[RoundUpdate]:
         """Send ``text`` to both sides and stream both replies. ``models`` (named battles) picks the two
         models; changing them after a round starts a new battle. ``params``: ``(temperature, top_p,
-        max_new_tokens)`` for both sides or ``{"a": (...), "b": (...)}``; missing values take the defaults."""
+        max_new_tokens, repetition_penalty)`` for both sides or ``{"a": (...), "b": (...)}``; a missing or None
+        value takes each side's own model's default (ChatService.defaults_for), so in the anonymous arena
+        each model answers with its own recommended settings unless the visitor set a value."""
         yield from self._gated(battle, lambda: self._round(battle, text, models, params, client, False))
 
     def regenerate(self, battle: Battle, *, params=(), client: str = "unknown") -> Iterator[RoundUpdate]:
@@ -210,7 +213,8 @@ class BattleService:
             except NotEnoughModels as exc:
                 yield RoundUpdate(notice=str(exc), done=True, refused=True)
                 return
-        side_params = {key: self.chat.params(*values) for key, values in _side_params(params).items()}
+        side_params = {key: self.chat.params(*values, model=battle.side(key).model)
+                       for key, values in _side_params(params).items()}
         sides = {key: battle.side(key) for key in SIDES}
         snapshots, exchanges = {}, {}
         for key, side in sides.items():

@@ -12,7 +12,7 @@ arrives meanwhile (it is refused by the gate anyway). A flagged message is logge
 enters a later turn's context. ``ChatService.reply`` streams one reply for a snapshot already checked:
 ``turn`` and the battle service (services/battle.py) use it; nothing else sends text to an engine.
 
-    service = ChatService(engines, moderator, store, limits=Limits(), defaults=SamplingParams())
+    service = ChatService(engines, moderator, store, limits=Limits(), flags={"temperature": 0.5})
     session = ChatSession()
     for update in service.turn(session, "Hello", model="Vicuna-7B", system=None, client="hash"):
         print(update.status, update.reply)       # session.exchanges[-1] is kept in step
@@ -20,6 +20,7 @@ enters a later turn's context. ``ChatService.reply`` streams one reply for a sna
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -29,8 +30,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from moderation import ModerationResult, Moderator
 
-from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError,
-                                PromptTooLong, ReplyStats, SamplingParams)
+from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE,
+                                Engine, EngineError, PromptTooLong, ReplyStats, SamplingParams)
 from ..data.storage import TurnRecord
 from .session import BUSY_NOTICE, CancelToken, ChatSession, Exchange, messages_for, new_id  # noqa: F401
 
@@ -39,6 +40,10 @@ log = logging.getLogger("vicuna_demo.services.chat")
 OUTPUT_FLAGGED_NOTICE = ("This reply was withdrawn: the content moderation check flagged it ({categories}). "
                          "Please try a different question.")
 NOTHING_TO_REGENERATE = "There is no reply to regenerate yet."
+UNSUPPORTED_NOTICE = ("{model} cannot apply a {what} (its back end has none); this reply was generated "
+                      "without it.")
+_FIELD_WORDS = {"repetition_penalty": "repetition penalty", "temperature": "temperature", "top_p": "top_p",
+                "max_new_tokens": "reply length"}
 
 
 @dataclass(frozen=True)
@@ -123,14 +128,17 @@ class ChatService:
     """Everything a turn needs, shared by all visitors (thread-safe; holds no visitor data)."""
 
     def __init__(self, engines: Mapping[str, Engine], moderator: Moderator, store, *, limits: Limits = Limits(),
-                 moderate_output: bool = False, defaults: SamplingParams | None = None):
+                 moderate_output: bool = False, defaults: SamplingParams | None = None,
+                 flags: Mapping[str, float | int] | None = None):
         self.engines = dict(engines)
         self.moderator = moderator
         self.store = store
         self.limits = limits
         self.moderate_output = moderate_output
-        # --temperature / --top-p / --max-new-tokens: what a caller that omits a parameter (or sends junk) gets
+        # what a model whose engine reports no defaults of its own starts from (a test's scripted engine)
         self.defaults = defaults or SamplingParams()
+        # the sampling flags the user gave (Settings.sampling_flags): over every model's own defaults
+        self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
         self.rate_limiter = RateLimiter(limits.rate_limit_per_min)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -182,32 +190,52 @@ class ChatService:
         joined = "\n\n".join(t for t in texts if t and t.strip())
         return self.moderator.check(joined)
 
-    def ranges(self) -> tuple[tuple[float, float], tuple[float, float], tuple[int, int]]:
-        """(temperature, top_p, max new tokens) ranges a visitor may choose from (the last ends at the cap)."""
-        return TEMPERATURE_RANGE, TOP_P_RANGE, (MAX_NEW_TOKENS_RANGE[0], self.limits.max_new_tokens_cap)
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """The range a visitor may choose from, per SamplingParams field (the reply length ends at the cap)."""
+        return {"temperature": TEMPERATURE_RANGE, "top_p": TOP_P_RANGE,
+                "max_new_tokens": (MAX_NEW_TOKENS_RANGE[0], self.limits.max_new_tokens_cap),
+                "repetition_penalty": REPETITION_PENALTY_RANGE}
 
-    def params(self, temperature=None, top_p=None, max_new_tokens=None) -> SamplingParams:
-        """Untrusted values -> clamped parameters; a missing or non-numeric value takes the server's default."""
+    def defaults_for(self, model: str | None) -> SamplingParams:
+        """What ``model`` uses for a value a request leaves out: its engine's defaults (the model's recommended
+        values, a reply length suited to its device) with the user's flags over them, the reply length capped.
+        A field the engine cannot apply keeps the built-in value. An unknown model (or None): the service's."""
+        engine = self.engines.get(model) if isinstance(model, str) else None
+        params = (getattr(engine, "defaults", None) or self.defaults).overridden(self.flags)
+        built_in = SamplingParams()
+        params = params.overridden({f: getattr(built_in, f) for f in getattr(engine, "unsupported_params", ())})
+        return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, self.limits.max_new_tokens_cap))
+
+    def unsupported(self, model: str | None) -> frozenset[str]:
+        """SamplingParams fields ``model``'s engine cannot apply (the page greys their sliders out)."""
+        engine = self.engines.get(model) if isinstance(model, str) else None
+        return frozenset(getattr(engine, "unsupported_params", ()) or ())
+
+    def params(self, temperature=None, top_p=None, max_new_tokens=None, repetition_penalty=None, *,
+               model: str | None = None) -> SamplingParams:
+        """Untrusted values -> clamped parameters; a missing (None) or non-numeric value takes ``model``'s default
+        (``defaults_for``)."""
         return SamplingParams.clamped(temperature, top_p, max_new_tokens, max_tokens_cap=self.limits.max_new_tokens_cap,
-                                      defaults=self.defaults)
+                                      defaults=self.defaults_for(model), repetition_penalty=repetition_penalty)
 
     # -- a visitor's event ------------------------------------------------------------------------
     def turn(self, session: ChatSession, text, *, model: str, system=None, temperature=None, top_p=None,
-             max_new_tokens=None, client: str = "unknown") -> Iterator[TurnUpdate]:
+             max_new_tokens=None, repetition_penalty=None, client: str = "unknown") -> Iterator[TurnUpdate]:
         """Send ``text`` in ``session`` and stream the reply; the whole of one visitor event.
 
         ``system`` None means the model's default system prompt; any text is used as given (and moderated
-        with the message when it differs from the model's default). Yields ``TurnUpdate``s; the session's
-        last exchange follows them. A refusal (busy, a limit, an unknown model) yields one update with
-        ``status="refused"`` and leaves the session as it was."""
-        yield from self._gated(session, lambda: self._turn(session, text, model, system,
-                                                           (temperature, top_p, max_new_tokens), client, False))
+        with the message when it differs from the model's default). A sampling value left None takes the
+        model's default (``defaults_for``). Yields ``TurnUpdate``s; the session's last exchange follows them.
+        A refusal (busy, a limit, an unknown model) yields one update with ``status="refused"`` and leaves
+        the session as it was."""
+        raw = (temperature, top_p, max_new_tokens, repetition_penalty)
+        yield from self._gated(session, lambda: self._turn(session, text, model, system, raw, client, False))
 
     def regenerate(self, session: ChatSession, *, model: str, system=None, temperature=None, top_p=None,
-                   max_new_tokens=None, client: str = "unknown") -> Iterator[TurnUpdate]:
+                   max_new_tokens=None, repetition_penalty=None, client: str = "unknown") -> Iterator[TurnUpdate]:
         """Ask again for the reply to the last message (checked and moderated again), replacing it."""
-        yield from self._gated(session, lambda: self._turn(session, None, model, system,
-                                                           (temperature, top_p, max_new_tokens), client, True))
+        raw = (temperature, top_p, max_new_tokens, repetition_penalty)
+        yield from self._gated(session, lambda: self._turn(session, None, model, system, raw, client, True))
 
     def stop(self, session: ChatSession) -> None:
         session.cancel.cancel()
@@ -247,7 +275,7 @@ class ChatService:
         if problem:
             yield TurnUpdate(done=True, status="refused", notice=problem, model=model)
             return
-        params = self.params(*raw_params)
+        params = self.params(*raw_params, model=model)
         default = self.default_system(model)
         messages = messages_for(history, default if system is None else system, text)
         exchange = Exchange(user=text, model=model)
@@ -294,11 +322,15 @@ class ChatService:
             return
         try:
             engine = self.engine(model)
-            prompt = engine.prepare(messages, params)
+            prompt = engine.prepare(messages, params)       # a model still loading is there after this
             sent_messages = prompt.messages
+            notices = []
             if prompt.dropped_turns:
-                update.notice = (f"The conversation was longer than {model}'s context window: the oldest "
-                                 f"{prompt.dropped_turns} exchange(s) were left out (the system prompt was kept).")
+                notices.append(f"The conversation was longer than {model}'s context window: the oldest "
+                               f"{prompt.dropped_turns} exchange(s) were left out (the system prompt was kept).")
+            params, ignored = self._applicable(engine, params)
+            notices += [UNSUPPORTED_NOTICE.format(model=model, what=_FIELD_WORDS.get(f, f)) for f in ignored]
+            update.notice = " ".join(notices)
             stream = engine.stream(prompt, params)
             stats = stream.stats
             if cancel is not None:
@@ -348,6 +380,19 @@ class ChatService:
         self._log(ctx, model, getattr(self.engines.get(model), "template_name", "-"), params,
                   list(sent_messages), update.reply, finish, stats, moderation, started)
         yield update
+
+    @staticmethod
+    def _applicable(engine, params: SamplingParams) -> tuple[SamplingParams, list[str]]:
+        """``params`` without what ``engine`` cannot apply (built-in values instead), and the fields a request
+        asked for in vain (e.g. a repetition penalty on continuous batching: logged, and said in the reply)."""
+        built_in = SamplingParams()
+        ignored = [f for f in sorted(getattr(engine, "unsupported_params", ()) or ())
+                   if getattr(params, f) != getattr(built_in, f)]
+        if ignored:
+            log.info("%s cannot apply %s; ignored for this reply", getattr(engine, "name", "the model"),
+                     ", ".join(f"{f}={getattr(params, f)}" for f in ignored))
+            params = params.overridden({f: getattr(built_in, f) for f in ignored})
+        return params, ignored
 
     def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> None:
         record = TurnRecord(

@@ -117,10 +117,10 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
     store = open_store(settings.log_dir or None)
     limits = Limits(max_input_chars=settings.max_input_chars, max_turns=settings.max_turns,
                     rate_limit_per_min=settings.rate_limit, max_new_tokens_cap=settings.max_new_tokens_limit)
-    defaults = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                              max_new_tokens=settings.max_new_tokens)
+    # each model's own defaults (its engine's) with the sampling flags the user gave over them
     service = ChatService(engines, moderator, store, limits=limits, moderate_output=settings.moderate_output,
-                          defaults=defaults)
+                          defaults=SamplingParams(max_new_tokens=settings.max_new_tokens),
+                          flags=settings.sampling_flags())
     try:
         battles = BattleService.from_settings(service, settings)  # ArenaConfigError for bad --arena-weights
     except ConfigError:

@@ -8,6 +8,10 @@ Send and Enter are gradio's two-step event: ``show_message`` (not queued) shows 
 the box at once, then ``.then(reply)`` streams the service's turn; a refused message (busy, a limit)
 goes back into the box with the reason. gradio_client does not follow ``.then`` chains, so ``/chat``
 is a separate one-call endpoint running the same service call. API: /chat, /regenerate, /stop, /clear.
+
+The sliders show the selected model's defaults and go back to them when the model changes (ui/sampling.py);
+/chat and /regenerate take (…, temperature, top_p, max_tokens, repetition_penalty), the last one new: a
+caller that leaves it out gets the slider's starting value.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import gradio as gr
 
 from ..services.chat import ChatService, ChatSession, TurnUpdate
 from ..services.session import BUSY_NOTICE
-from .common import client_hash, render_exchanges, sampling_controls
+from .common import client_hash, render_exchanges
+from .sampling import follow_model, sampling_controls
 
 
 def build_chat_tab(service: ChatService) -> None:
@@ -40,7 +45,7 @@ def build_chat_tab(service: ChatService) -> None:
     with gr.Accordion("Parameters", open=False):
         system = gr.Textbox(value=service.default_system(names[0]), label="System prompt", lines=3,
                             elem_id="chat-system")
-        temperature, top_p, max_tokens = sampling_controls(service)
+        sliders = sampling_controls(service, names[0])
     chat_api = gr.Button(visible=False)  # the one-call /chat endpoint
 
     def view(session: ChatSession, update: TurnUpdate, text: str | None = None) -> dict:
@@ -62,24 +67,26 @@ def build_chat_tab(service: ChatService) -> None:
         shown = text if text.strip() and not session.busy else None
         return {textbox: "", sent: text, chatbot: render_exchanges(session.exchanges, pending=shown)}
 
-    def reply(text, model_name, system_text, temperature_v, top_p_v, max_v, session: ChatSession,
+    def reply(text, model_name, system_text, temperature_v, top_p_v, max_v, penalty_v, session: ChatSession,
               request: gr.Request):
         for update in service.turn(session, text, model=model_name, system=system_text, temperature=temperature_v,
-                                   top_p=top_p_v, max_new_tokens=max_v, client=client_hash(service, request)):
+                                   top_p=top_p_v, max_new_tokens=max_v, repetition_penalty=penalty_v,
+                                   client=client_hash(service, request)):
             yield view(session, update, text)
 
-    def chat_in_one_call(text, model_name, system_text, temperature_v, top_p_v, max_v, session: ChatSession,
-                         request: gr.Request):
+    def chat_in_one_call(text, model_name, system_text, temperature_v, top_p_v, max_v, penalty_v,
+                         session: ChatSession, request: gr.Request):
         """/chat for API callers: the same service call, the box cleared once the message is taken."""
-        for out in reply(text, model_name, system_text, temperature_v, top_p_v, max_v, session, request):
+        for out in reply(text, model_name, system_text, temperature_v, top_p_v, max_v, penalty_v, session, request):
             out.setdefault(textbox, "")
             del out[stop]
             yield out
 
-    def regenerate_last(model_name, system_text, temperature_v, top_p_v, max_v, session: ChatSession,
+    def regenerate_last(model_name, system_text, temperature_v, top_p_v, max_v, penalty_v, session: ChatSession,
                         request: gr.Request):
         for update in service.regenerate(session, model=model_name, system=system_text, temperature=temperature_v,
-                                         top_p=top_p_v, max_new_tokens=max_v, client=client_hash(service, request)):
+                                         top_p=top_p_v, max_new_tokens=max_v, repetition_penalty=penalty_v,
+                                         client=client_hash(service, request)):
             yield view(session, update)
 
     def stop_reply(session: ChatSession):
@@ -90,13 +97,14 @@ def build_chat_tab(service: ChatService) -> None:
         return {chatbot: [], state: fresh, notice: "", stop: gr.update(interactive=False)}
 
     def model_changed(model_name, system_text):
-        """Switching models switches the default system prompt, unless the visitor edited it."""
+        """Switching models switches the default system prompt, unless the visitor edited it, and puts the sliders
+        at the new model's defaults."""
         defaults = {name: service.default_system(name) for name in names}
         if system_text in defaults.values() or not system_text.strip():
-            return defaults.get(model_name, system_text)
-        return system_text
+            system_text = defaults.get(model_name, system_text)
+        return [system_text, *follow_model(service, model_name)]
 
-    params = [model, system, temperature, top_p, max_tokens, state]
+    params = [model, system, *sliders, state]
     # One pool for every event that generates, sized by --concurrency (queue(default_concurrency_limit=...)).
     # concurrency_limit=None would mean "unlimited" for the whole pool in gradio 6; "default" takes the queue's.
     common = dict(concurrency_id="generate", concurrency_limit="default")
@@ -107,4 +115,4 @@ def build_chat_tab(service: ChatService) -> None:
     regenerate.click(regenerate_last, params, [chatbot, notice, stop], api_name="regenerate", **common)
     stop.click(stop_reply, [state], None, api_name="stop", queue=False)
     clear.click(clear_chat, [state], [chatbot, state, notice, stop], api_name="clear", queue=False)
-    model.change(model_changed, [model, system], [system], api_name=False, queue=False)
+    model.change(model_changed, [model, system], [system, *sliders], api_name=False, queue=False)

@@ -1,10 +1,9 @@
-"""Pieces the tabs share: rendering a conversation for gr.Chatbot, the sampling sliders, client ids."""
+"""Pieces the tabs share: rendering a conversation for gr.Chatbot, client ids (the sampling sliders: sampling.py)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ..services.chat import ChatService
 from ..services.identity import visitor_id
 from ..services.session import Exchange
 
@@ -27,18 +26,6 @@ def render_exchanges(exchanges: list[Exchange], pending: str | None = None) -> l
     if pending:
         rendered += [{"role": "user", "content": pending}, {"role": "assistant", "content": CURSOR}]
     return rendered
-
-
-def sampling_controls(service: ChatService):
-    """Temperature / top_p / max new tokens sliders with FastChat's ranges; their values start at the
-    server's defaults (--temperature, --top-p, --max-new-tokens) and the token slider ends at the cap."""
-    (t_low, t_high), (p_low, p_high), (n_low, cap) = service.ranges()
-    defaults = service.defaults
-    temperature = gr.Slider(t_low, t_high, value=defaults.temperature, step=0.1, label="Temperature",
-                            info="0 = greedy (deterministic)")
-    top_p = gr.Slider(p_low, p_high, value=defaults.top_p, step=0.1, label="Top P")
-    max_tokens = gr.Slider(n_low, cap, value=min(defaults.max_new_tokens, cap), step=16, label="Max output tokens")
-    return temperature, top_p, max_tokens
 
 
 def client_address(request: gr.Request | None) -> str:

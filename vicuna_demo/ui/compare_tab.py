@@ -14,6 +14,10 @@ the box, then ``.then`` stream the round); gradio_client does not follow ``.then
 
 API names (gradio_client), prefix ``compare_`` or ``arena_``: ``send``, ``regenerate``, ``vote``,
 ``stop_a``, ``stop_b``, and ``clear`` (named) or ``new_round`` (anonymous). See docs/arena.md.
+
+Sampling (ui/sampling.py): each side's sliders follow its model's defaults; in the arena a slider left at
+its starting value means each model's own default. The repetition penalty comes last in the API inputs
+(after the existing sliders, ``_a`` then ``_b`` when named), so older callers keep their positions.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import gradio as gr
 from ..services.arena import VOTES
 from ..services.battle import LABELS, SIDES, Battle, BattleService, RoundUpdate
 from ..services.judge import JudgeService
-from .common import client_hash, render_exchanges, sampling_controls
+from .common import client_hash, render_exchanges
+from .sampling import ARENA_NOTE, follow_model, sampling_controls, unless_at_start
 from .judge_panel import add_judge_panel
 
 
@@ -87,13 +92,15 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
     with gr.Accordion("Parameters", open=False):
         controls: dict[str, tuple] = {}
         if anonymous:
-            controls["a"] = controls["b"] = sampling_controls(service)
+            gr.Markdown(ARENA_NOTE)
+            controls["a"] = controls["b"] = sampling_controls(service, None)
+            start = tuple(slider.value for slider in controls["a"])
         else:
             with gr.Row():
                 for key in SIDES:
                     with gr.Column():
                         gr.Markdown(f"**{LABELS[key]}**")
-                        controls[key] = sampling_controls(service)
+                        controls[key] = sampling_controls(service, pickers[key].value)
     send_api = gr.Button(visible=False)     # the one-call *_send endpoint
     vote_choice = gr.Textbox(visible=False)  # the *_vote endpoint's input
     vote_api = gr.Button(visible=False)
@@ -122,7 +129,11 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
 
     # -- wiring: each mode's inputs -> one service call -------------------------------------------------
     def params_of(values) -> tuple | dict:
-        return tuple(values) if anonymous else {"a": tuple(values[:3]), "b": tuple(values[3:6])}
+        """Slider values -> BattleService params: (t, p, n, r) for both sides (arena: None = each model's own
+        default), or per side from the API order (t_a, p_a, n_a, t_b, p_b, n_b, r_a, r_b)."""
+        if anonymous:
+            return unless_at_start(values, start)
+        return {"a": (*values[:3], values[6]), "b": (*values[3:6], values[7])}
 
     def show_message(text, battle: Battle):
         """Step one of Send: the message appears on both sides and the box empties."""
@@ -142,20 +153,22 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
         yield from shown(battle, updates)
 
     if anonymous:
-        def send_fn(text, temperature, top_p, max_tokens, battle: Battle, request: gr.Request):
-            yield from send_round(text, None, (temperature, top_p, max_tokens), battle, request)
+        def send_fn(text, temperature, top_p, max_tokens, repetition_penalty, battle: Battle, request: gr.Request):
+            yield from send_round(text, None, (temperature, top_p, max_tokens, repetition_penalty), battle, request)
 
-        def regenerate_fn(temperature, top_p, max_tokens, battle: Battle, request: gr.Request):
-            yield from regenerate_round((temperature, top_p, max_tokens), battle, request)
+        def regenerate_fn(temperature, top_p, max_tokens, repetition_penalty, battle: Battle, request: gr.Request):
+            yield from regenerate_round((temperature, top_p, max_tokens, repetition_penalty), battle, request)
     else:
         def send_fn(text, model_a, model_b, temperature_a, top_p_a, max_tokens_a, temperature_b, top_p_b,
-                    max_tokens_b, battle: Battle, request: gr.Request):
-            sliders = (temperature_a, top_p_a, max_tokens_a, temperature_b, top_p_b, max_tokens_b)
+                    max_tokens_b, repetition_penalty_a, repetition_penalty_b, battle: Battle, request: gr.Request):
+            sliders = (temperature_a, top_p_a, max_tokens_a, temperature_b, top_p_b, max_tokens_b,
+                       repetition_penalty_a, repetition_penalty_b)
             yield from send_round(text, (model_a, model_b), sliders, battle, request)
 
         def regenerate_fn(temperature_a, top_p_a, max_tokens_a, temperature_b, top_p_b, max_tokens_b,
-                          battle: Battle, request: gr.Request):
-            sliders = (temperature_a, top_p_a, max_tokens_a, temperature_b, top_p_b, max_tokens_b)
+                          repetition_penalty_a, repetition_penalty_b, battle: Battle, request: gr.Request):
+            sliders = (temperature_a, top_p_a, max_tokens_a, temperature_b, top_p_b, max_tokens_b,
+                       repetition_penalty_a, repetition_penalty_b)
             yield from regenerate_round(sliders, battle, request)
 
     def vote_fn(choice, battle: Battle, request: gr.Request):
@@ -175,7 +188,8 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
         """Changing a model mid-conversation starts a new comparison (the vote must name who answered)."""
         return view(battle, {notice: battles.models_changed(battle)})
 
-    slider_inputs = list(controls["a"]) if anonymous else [*controls["a"], *controls["b"]]
+    slider_inputs = (list(controls["a"]) if anonymous else
+                     [*controls["a"][:3], *controls["b"][:3], controls["a"][3], controls["b"][3]])
     model_inputs = [] if anonymous else [pickers["a"], pickers["b"]]
     common = dict(concurrency_id="generate", concurrency_limit="default")  # the --concurrency pool
     round_inputs = [*model_inputs, *slider_inputs, state]
@@ -194,8 +208,10 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
                 queue=False)
     for chatbot in chatbots.values():  # the pane's own 🗑 icon clears the battle, not just the display
         chatbot.clear(reset_battle, [state], outputs, api_name=False, queue=False)
-    for picker in pickers.values():
+    for key, picker in pickers.items():
         picker.change(model_changed, [state], outputs, api_name=False, queue=False)
+        picker.change(functools.partial(follow_model, service), [picker], list(controls[key]), api_name=False,
+                      queue=False)
 
 
 def _one_call(send_fn, textbox):
