@@ -69,7 +69,7 @@ def test_python_app_py_serves_the_page_and_its_status_before_the_model_and_answe
         env = {k: v for k, v in os.environ.items()
                if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OPENAI_API_KEY") and not k.startswith("VICUNA_DEMO_")}
         env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / "hub-cache"), PYTHONUNBUFFERED="1",
-                   GRADIO_ANALYTICS_ENABLED="False")
+                   GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
         proc = subprocess.Popen([sys.executable, "app.py", "--model", f"{HUB_ID},name=Tiny", "--device", "cpu",
                                  "--port", str(port), "--log-dir", str(tmp_path / "logs"), "--rate-limit", "0",
                                  "--max-new-tokens", "24"],
