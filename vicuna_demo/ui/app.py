@@ -31,9 +31,10 @@ def warmup_lines(service: ChatService) -> list[str]:
     return lines
 
 
-def _warmup_status(service: ChatService) -> None:
+def _warmup_status(service: ChatService, demo: gr.Blocks) -> None:
     """A line that shows start-up progress (loading, CUDA graphs, warm-up) until every model is ready, then
-    what each local model holds at once.
+    what each local model holds at once. Each page load reads it afresh (the page is built at start-up, when
+    nothing is ready yet); a timer refreshes it while anything is still starting.
 
     Requests sent meanwhile wait for their model instead of compiling inside a visitor's reply."""
     def text() -> tuple[str, bool]:
@@ -50,6 +51,7 @@ def _warmup_status(service: ChatService) -> None:
     status = gr.Markdown(initial, visible=bool(initial), elem_id="warmup-status")
     timer = gr.Timer(1.0, active=starting)
     timer.tick(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
+    demo.load(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
 
 
 def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = (),
@@ -63,7 +65,7 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
         gr.Markdown(f"# 🦙 {TITLE}\nChat with open models, compare them side by side, and vote.")
         for text in dict.fromkeys(banners):  # two embedded models share one note
             gr.Markdown(f"> ⚠️ {text}", elem_classes=["banner"])
-        _warmup_status(service)
+        _warmup_status(service, demo)
         with gr.Tabs():
             with gr.Tab("💬 Chat", id="chat"):
                 build_chat_tab(service)
