@@ -11,7 +11,7 @@ import pytest
 from gradio_client import Client
 
 from tests.engines import RecordingEngine
-from vicuna_demo.ui.leaderboard_tab import HEADERS, battles_view
+from vicuna_demo.services.leaderboard import HEADERS, battles_view
 
 NAMED = (0.7, 1.0, 32, 0.7, 1.0, 32)  # temperature, top_p, max tokens for side A, then side B
 

@@ -31,9 +31,9 @@ from typing import Iterator, Mapping, Sequence
 
 from ..data.storage import JudgeVoteRecord
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
-from ..evaluation.outputs import summarize, write_outputs
+from ..evaluation.outputs import category_table, plot_summary, summarize, write_outputs
 from ..evaluation.prompts import pairwise_prompt
-from ..evaluation.questions import Question
+from ..evaluation.questions import Question, QuestionFileError, builtin_questions, load_questions
 from ..evaluation.runner import JUDGE_PARAMS, EvaluationResult, EvaluationRunner
 from ..evaluation.verdicts import PairVerdict, combine, explain, parse_pair
 from .chat import RateLimiter
@@ -80,6 +80,14 @@ class EvaluationEvent:
     result: EvaluationResult | None = None
     summary: dict | None = None
     archive: Path | None = None
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """(headers, rows) of the per-category results (once done)."""
+        return category_table(self.summary or {})
+
+    def figure(self):
+        """The results as a matplotlib figure (once done)."""
+        return plot_summary(self.summary or {})
 
 
 class JudgeService:
@@ -136,6 +144,19 @@ class JudgeService:
             return (f"Note: the judge {self.judge} is also one of the contestants; judges tend to favour their own "
                     "answers (self-preference bias).")
         return ""
+
+    # -- question sets ----------------------------------------------------------------------------
+    @staticmethod
+    def builtin_size() -> int:
+        """How many questions the built-in set has."""
+        return len(builtin_questions())
+
+    def question_set(self, path: str | None) -> list[Question]:
+        """The questions of a FastChat JSONL file a visitor gave (held to this app's limits), else the built-in
+        set. Raises QuestionFileError with a message for the visitor."""
+        if not path:
+            return builtin_questions()
+        return load_questions(path, max_questions=self.max_questions, max_chars=self.max_input_chars)
 
     # -- a side-by-side round ---------------------------------------------------------------------
     def _stream_game(self, game: str, messages: list[dict], inbox: queue.Queue, cancel: threading.Event) -> None:

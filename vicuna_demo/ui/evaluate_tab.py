@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..evaluation.outputs import category_table, plot_summary
-from ..evaluation.questions import QuestionFileError, builtin_questions, load_questions
 from ..services.chat import ChatService
-from ..services.judge import EvaluationBusy, JudgeService
+from ..services.judge import EvaluationBusy, JudgeService, QuestionFileError
 
 NONE = "(none)"
 MODES = [("pairwise (A vs B, both answer orders)", "pairwise"), ("single (grade each answer 1-10)", "single")]
@@ -61,7 +59,7 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
                               label="Model B", elem_id="evaluate-model-b")
         mode = gr.Radio(MODES, value="pairwise", label="Mode", elem_id="evaluate-mode")
     with gr.Row():
-        questions = gr.File(label=f"Question file (FastChat JSONL; empty = the built-in {len(builtin_questions())} "
+        questions = gr.File(label=f"Question file (FastChat JSONL; empty = the built-in {judge.builtin_size()} "
                                   "questions)", file_types=[".jsonl", ".json", ".txt"], type="filepath",
                             elem_id="evaluate-questions")
         max_tokens = gr.Slider(16, cap, value=min(DEFAULT_TOKENS, cap), step=16, label="Max tokens per answer",
@@ -84,8 +82,7 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
             yield {status: "Pairwise evaluation needs two different models: pick Model B.", **nothing}
             return
         try:
-            asked = load_questions(path, max_questions=judge.max_questions, max_chars=judge.max_input_chars) \
-                if path else builtin_questions()
+            asked = judge.question_set(path)
         except QuestionFileError as exc:
             yield {status: f"This question file cannot be used: {exc}", **nothing}
             return
@@ -101,11 +98,11 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
                     progress((event.done, event.total or 1), desc=text)
                     yield {status: f"⏳ {text}", **nothing}
                     continue
-                headers, rows = category_table(event.summary)
+                headers, rows = event.table()
                 note = judge.self_judging_note(a, *([b] if b else []))
                 yield {status: "✅ Done." if not event.result.cancelled else "⏹ Stopped.",
                        summary: summary_markdown(event.summary) + (f"\n\n> ⚠️ {note}" if note else ""),
-                       table: {"headers": headers, "data": rows}, plot: plot_summary(event.summary),
+                       table: {"headers": headers, "data": rows}, plot: event.figure(),
                        archive: str(event.archive)}
         except (EvaluationBusy, ValueError) as exc:
             yield {status: str(exc), **nothing}

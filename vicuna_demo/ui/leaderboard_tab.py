@@ -1,13 +1,7 @@
-"""The leaderboard tab: ratings computed live from the stored votes.
+"""The leaderboard tab: renders ``services.leaderboard`` (ratings computed live from the stored votes).
 
-Each refresh reads the battles from the store (``store.battles``: one vote per battle, counted ones
-only; anonymous battles only unless the checkbox includes named ones) and renders them with
-``battles_view``: Bradley-Terry ratings with a weak prior and 95% intervals
-(``ratings.compute_leaderboard``), models with fewer than ``--min-battles`` battles listed last as
-provisional, and the win-rate matrix (``ratings.plot_win_rates``). ``battles_view`` takes any list of
-battles, so another kind of vote can reuse it: the "judge" view rates the judge's verdicts on
-side-by-side rounds (``store.judge_battles``, never mixed with human votes) and says how often the
-judge and the visitor agreed on the rounds that have both. API names:
+A radio picks visitors' votes or the judge's verdicts; a checkbox includes named (side-by-side) battles.
+Each refresh asks the service for (summary, table, plot) and shows them. API names:
 ``/leaderboard_refresh(include_named) -> (summary, table, plot)`` (human votes) and
 ``/leaderboard_judge() -> (summary, table, plot)``.
 """
@@ -16,102 +10,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..data.ratings import (MIN_BATTLES, compute_leaderboard, interval_text, plot_win_rates, win_rate_matrix,
-                            without_self_battles)
-from ..data.storage import NullStore
-from ..services.arena import Arena
 from ..services.chat import ChatService
-from ..services.judge import NO_JUDGE, agreement
+from ..services.leaderboard import HEADERS, LeaderboardService
 
-HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 VIEWS = ("human", "judge")
-PROVISIONAL = "provisional"
-NOT_KEPT = "Votes are not being kept (the app runs with `--log-dir ''`), so there is no leaderboard."
-
-
-def _count(n: int, word: str) -> str:
-    return f"**{n}** {word}{'' if n == 1 else 's'}"
-
-
-def battles_view(battles: list[tuple[str, str, str]], *, kind: str, min_battles: int = MIN_BATTLES,
-                 empty: str = "No votes yet.") -> tuple[str, list[list], object | None]:
-    """(summary markdown, table rows, matplotlib figure or None) for a list of (model_a, model_b, winner).
-
-    ``kind`` names the battles in the summary ("anonymous", "judge"...); ``empty`` is the summary when
-    there is nothing to rate. Battles of a model against itself are left out (and the summary says so).
-    Ranked models come first; provisional ones (fewer than ``min_battles`` battles) follow with
-    "provisional" instead of a rank and "too few votes" instead of an interval. No figure when there
-    is nothing to draw."""
-    rated, self_battles = without_self_battles(battles)
-    left_out = (f" {_count(self_battles, 'vote')} of a model against itself "
-                f"{'is' if self_battles == 1 else 'are'} left out: it says nothing about which model is better."
-                if self_battles else "")
-    if not rated:
-        return empty + left_out, [], None
-    rows = compute_leaderboard(rated, min_battles=min_battles)
-    ranked = [r for r in rows if not r.provisional]
-    provisional = [r for r in rows if r.provisional]
-    table = [[str(r.rank) if r.rank is not None else PROVISIONAL, r.model, round(r.rating), interval_text(r),
-              r.battles] for r in ranked + provisional]
-    summary = (f"{_count(len(rated), f'counted {kind} battle')} between {_count(len(rows), 'model')}.{left_out} "
-               "Bradley-Terry ratings on Chatbot Arena's scale (mean 1000), with a weak prior so that a few votes "
-               "cannot give extreme ratings, and 95% intervals; rank = 1 + the number of ranked models whose "
-               "interval lies entirely above this one.")
-    if provisional:
-        summary += (f" Models with fewer than {min_battles} battles are provisional: listed last, without a rank "
-                    "(their interval is too wide to mean much).")
-        if not ranked:
-            summary += f" No model has {min_battles} battles yet, so none is ranked."
-    names, matrix = win_rate_matrix(rated, [r.model for r in ranked + provisional])
-    return summary, table, plot_win_rates(names, matrix)
-
-
-def empty_message(service: ChatService, settings, include_named: bool) -> str:
-    """What to do to get a leaderboard, pointing only at tabs that can produce counted votes here."""
-    arena = Arena.from_settings(service.model_names(), settings)
-    if len(arena.models) < 2:
-        loaded = arena.models[0] if arena.models else "no model"
-        return ("No votes yet. The leaderboard ranks models by votes between two different models, and only "
-                f"{loaded} is loaded. Start the app with two or more `--model` (or `--endpoint`) entries to "
-                "battle them.")
-    if not arena.can_battle:
-        return ("No votes yet. Anonymous battles are off here (see the ⚔️ Arena tab), so compare two different "
-                "models in the 👥 Side by side tab, vote, and tick the box above to include named battles.")
-    which = "" if include_named else " of anonymous battles (tick the box to include named comparisons)"
-    return ("No votes yet. Battle in the ⚔️ Arena (anonymous) tab and vote: the leaderboard is computed from the "
-            f"counted votes{which}.")
-
-
-def leaderboard_view(service: ChatService, settings, include_named: bool) -> tuple[str, list[list], object | None]:
-    """(summary markdown, table rows, matplotlib figure or None) from the store's counted battles."""
-    store = service.store
-    if isinstance(store, NullStore):
-        return NOT_KEPT, [], None
-    return battles_view(store.battles(anony_only=not include_named),
-                        kind="anonymous and named" if include_named else "anonymous",
-                        min_battles=getattr(settings, "min_battles", MIN_BATTLES),
-                        empty=empty_message(service, settings, include_named))
-
-
-def agreement_text(pairs: list[tuple[str, str]]) -> str:
-    """How often the judge and the visitors agreed, on the rounds that have both verdicts."""
-    agree, n = agreement(pairs)
-    if not n:
-        return ""
-    return (f" Judge and human verdicts agree on **{agree} of {n}** round{'' if n == 1 else 's'} that have both "
-            f"(**{100 * agree / n:.0f}%**; both kinds of tie count as a tie).")
-
-
-def judge_view(service: ChatService, settings) -> tuple[str, list[list], object | None]:
-    """(summary, table, figure) of the judge's verdicts, with the judge/human agreement rate."""
-    store = service.store
-    if isinstance(store, NullStore):
-        return NOT_KEPT, [], None
-    empty = (NO_JUDGE if not getattr(settings, "judge", None) else
-             "No judge verdicts yet. In the 👥 Side by side tab, finish a round and press ⚖️ Ask the judge.")
-    summary, rows, figure = battles_view(store.judge_battles(), kind="judge-verdict",
-                                         min_battles=getattr(settings, "min_battles", MIN_BATTLES), empty=empty)
-    return summary + agreement_text(store.judge_human_pairs()), rows, figure
 
 
 def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = None) -> None:
@@ -127,12 +29,14 @@ def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = N
                          interactive=False, elem_id="leaderboard-table")
     plot = gr.Plot(label="Win rate (row model against column model)", elem_id="leaderboard-plot")
 
+    board = LeaderboardService(service, settings)
+
     def refresh_fn(include: bool):
-        text, rows, figure = leaderboard_view(service, settings, bool(include))
+        text, rows, figure = board.human(bool(include))
         return text, {"headers": HEADERS, "data": rows}, figure  # None: gradio's empty placeholder, not a blank figure
 
     def judge_fn():
-        text, rows, figure = judge_view(service, settings)
+        text, rows, figure = board.judge()
         return text, {"headers": HEADERS, "data": rows}, figure
 
     def view_fn(include: bool, which: str):
