@@ -16,6 +16,7 @@ moderation in front of a remote model, and the client-side context budget.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -436,3 +437,18 @@ def test_context_budget_drops_oldest_exchanges_but_keeps_the_system_prompt(make_
     prompt = plain.prepare([{"role": "system", "content": " "}, *old * 20, {"role": "user", "content": "q"}], params)
     assert prompt.dropped_turns == 0 and prompt.messages[0]["role"] == "user" and len(prompt.messages) == 41
     assert plain.max_tokens(params) == 50
+
+
+def test_a_repetition_penalty_reaches_the_server_only_when_set_and_a_refusal_is_one_clear_line(spec, gateway,
+                                                                                              make_engine):
+    """Sent through the real openai client as ``repetition_penalty`` in the body (vLLM, SGLang, TGI read it); never
+    at 1.0 (off). ``transformers serve`` refuses unknown fields (422), as OpenAI does (400): one clear line."""
+    engine = make_engine(spec)
+    text, _ = ask(engine, "What is the capital of France?")
+    assert "Paris" in text and "repetition_penalty" not in gateway.chat_requests()[-1].body
+    with pytest.raises(EngineError) as caught:
+        ask(engine, "What is the capital of France?", dataclasses.replace(GREEDY, repetition_penalty=1.3))
+    request = gateway.chat_requests()[-1]
+    assert request.body["repetition_penalty"] == 1.3 and request.status in (400, 422)
+    assert str(caught.value).startswith(f"Smol-remote at {gateway.base_url} does not accept a repetition penalty")
+    assert "set it to 1.0 for this model" in str(caught.value)
