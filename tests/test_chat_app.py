@@ -57,7 +57,10 @@ def chat_args(model, text, system="", temperature=0.0, max_tokens=64):
 
 
 def engine_greedy(engine, messages, max_tokens) -> str:
-    params = SamplingParams(temperature=0, max_new_tokens=max_tokens)
+    """What the engine says greedily with the model's own repetition penalty: what a /chat caller that leaves the
+    penalty out gets (the slider's starting value, the model's default; issue 15)."""
+    params = SamplingParams(temperature=0, max_new_tokens=max_tokens,
+                            repetition_penalty=engine.defaults.repetition_penalty)
     return "".join(engine.stream(engine.prepare(messages, params), params))
 
 
