@@ -106,7 +106,7 @@ def test_a_megabyte_system_prompt_is_refused_naming_its_length_and_the_limit(app
 def test_lone_surrogates_in_message_and_system_prompt_are_replaced_and_the_turn_is_logged(app):
     """gradio_client cannot even encode a lone surrogate, so send JSON with \\ud800-style escapes by hand."""
     url, engine, runtime = app
-    body = json.dumps({"data": ["x\ud800y \udcff z", MODEL, "be brief\udc80", 0.7, 1.0, 64]}).encode()
+    body = json.dumps({"data": ["x\ud800y \udcff z", MODEL, "be brief\udc80", 0.7, 1.0, 64, 1.0]}).encode()
     status, events = raw_chat(url, body)
     assert status == 200
     assert events[-1][0] == "complete", events[-1]
