@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from moderation import scrub
+from moderation.redaction import scrub
 
 from ..config import EndpointSpec
 from .protocol import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams

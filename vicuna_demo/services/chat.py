@@ -30,8 +30,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from moderation import ModerationResult, Moderator
 
-from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE,
-                                Engine, EngineError, PromptTooLong, ReplyStats, SamplingParams)
+from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, SAMPLING_FIELDS,  # noqa: F401
+                                TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError, PromptTooLong, ReplyStats,
+                                SamplingParams)
 from ..data.storage import TurnRecord
 from .session import BUSY_NOTICE, CancelToken, ChatSession, Exchange, messages_for, new_id  # noqa: F401
 

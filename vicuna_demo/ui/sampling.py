@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..engines.protocol import SAMPLING_FIELDS
-from ..services.chat import ChatService
+from ..services.chat import SAMPLING_FIELDS, ChatService
 
 LABELS = {"temperature": "Temperature", "top_p": "Top P", "max_new_tokens": "Max output tokens",
           "repetition_penalty": "Repetition penalty"}
