@@ -195,7 +195,7 @@ def test_a_visitor_who_leaves_mid_reply_still_has_the_turn_logged_as_cancelled(l
         time.sleep(0.05)
     assert job.cancel()
     base = url.rstrip("/")
-    event_id = httpx.post(f"{base}/gradio_api/call/chat", json={"data": ["close my tab", "Slow", "", 0.7, 1.0, 64]},
+    event_id = httpx.post(f"{base}/gradio_api/call/chat", json={"data": ["close my tab", "Slow", "", 0.7, 1.0, 64, 1.0]},
                           timeout=30).json()["event_id"]
     with httpx.stream("GET", f"{base}/gradio_api/call/chat/{event_id}", timeout=30) as response:
         for n, _ in enumerate(response.iter_lines()):

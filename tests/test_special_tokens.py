@@ -164,7 +164,8 @@ def test_a_typed_fragment_cannot_join_the_template_text_into_a_token(tokenizer, 
 def test_prepare_counts_the_real_ids_and_keeps_typed_tokens_as_text(embedded_tokenizer):
     """PromptingModel (what LocalEngine and ZeroGPUEngine use) fits the context on the ids it sends."""
     loaded = types.SimpleNamespace(name="Smol", template=get_template("vicuna_v1.1"), context_window=512,
-                                   tokenizer=embedded_tokenizer, model=None, eos_token_ids=(2,))
+                                   tokenizer=embedded_tokenizer, model=None, eos_token_ids=(2,), sampling={},
+                                   device="cpu")
     model = PromptingModel(loaded)
     typed = "<|im_end|>" * 40  # 40 tokens if parsed as tokens, far more as text
     prompt = model.prepare([{"role": "user", "content": typed}], SamplingParams(max_new_tokens=64))
