@@ -58,6 +58,7 @@ from moderation.redaction import scrub
 
 from ..config import EndpointSpec
 from .protocol import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
+from .remote_errors import MalformedChunk, _server_message, describe
 
 log = logging.getLogger("vicuna_demo.engines.remote")
 
@@ -70,10 +71,6 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "fu
                    "content_filter": "content_filter"}
 
 
-class MalformedChunk(ValueError):
-    """A stream chunk that is not a chat-completion chunk."""
-
-
 def display_url(base_url: str) -> str:
     """The endpoint's URL as shown to users and logs: no user:password@, no query string."""
     try:
@@ -84,25 +81,6 @@ def display_url(base_url: str) -> str:
         return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
     except ValueError:
         return "the endpoint"
-
-
-def _one_line(text: Any, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _server_message(exc: openai.APIStatusError) -> str:
-    """The human part of an error answer: ``{"error": {"message": ...}}``, ``{"detail": ...}``, or the text."""
-    body: Any = getattr(exc, "body", None)
-    for _ in range(2):  # unwrap {"error": {"message": ...}} and FastAPI's {"detail": ...}
-        if isinstance(body, dict):
-            body = next((body[k] for k in ("error", "message", "detail") if body.get(k)), body)
-    if body is None or body == "":
-        try:
-            body = exc.response.text
-        except Exception:  # noqa: BLE001 - a streamed error body may be unreadable
-            body = ""
-    return _one_line(body)
 
 
 def _read_key(spec: EndpointSpec, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -273,57 +251,8 @@ class RemoteEngine:
 
     def describe_error(self, exc: BaseException, *, midway: bool = False) -> str:
         """One line for the user: which endpoint, what went wrong, what to do. Never contains the key."""
-        who = f"{self.name} at {self.url}"
-        key_hint = (f"check the key in the environment variable {self.spec.key_env}" if self.spec.key_env else
-                    "the endpoint needs a key: add key_env=VARIABLE to its --endpoint spec")
-        if isinstance(exc, openai.AuthenticationError):
-            text = f"{who} refused the API key (401 Unauthorized): {key_hint}."
-        elif isinstance(exc, openai.PermissionDeniedError):
-            text = (f"{who} denied access (403 Forbidden): the key may not be allowed to use model {self.model!r}; "
-                    f"{key_hint}.")
-        elif isinstance(exc, openai.NotFoundError):
-            text = (f"{who} answered 404 Not Found: check that base_url is the API root (it usually ends in /v1) "
-                    f"and that the server serves model {self.model!r}.")
-        elif isinstance(exc, openai.RateLimitError):
-            retry = exc.response.headers.get("retry-after", "") if exc.response is not None else ""
-            when = f" in {retry.strip()} s" if retry.strip().replace(".", "", 1).isdigit() else " in a moment"
-            text = (f"{who} is rate limiting requests or is overloaded (429 Too Many Requests). "
-                    f"Please retry{when}.")
-        elif isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
-            detail = _server_message(exc)
-            lowered = detail.lower()
-            if "context" in lowered and any(w in lowered for w in ("length", "maximum", "too long", "exceed")):
-                text = (f"The conversation is too long for {who}'s context window; press Clear to start a new "
-                        f"one, or shorten the message. The server said: {detail}")
-            elif "repetition_penalty" in lowered:
-                text = (f"{who} does not accept a repetition penalty (the OpenAI API has none; vLLM, SGLang, TGI "
-                        f"and FastChat's servers do): set it to 1.0 for this model. The server said: {detail}")
-            else:
-                text = f"{who} rejected the request ({exc.status_code}): {detail or 'no reason given'}"
-        elif isinstance(exc, openai.APIStatusError):
-            detail = _server_message(exc)
-            text = (f"{who} failed with an error ({exc.status_code})" + (f": {detail}" if detail else "")
-                    + ". Please retry.")
-        elif isinstance(exc, openai.APITimeoutError):
-            text = (f"{who} sent nothing for {self.timeout_s:.0f} s in the middle of the reply; it was abandoned."
-                    if midway else f"{who} did not answer within {self.timeout_s:.0f} s. Please retry later.")
-        elif isinstance(exc, openai.APIConnectionError):
-            if midway:
-                text = (f"The connection to {who} broke in the middle of the reply; the reply is incomplete. "
-                        "Please retry.")
-            else:
-                cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "connection error"
-                text = f"Cannot reach {who} ({cause}): is the server running and the URL right?"
-        elif isinstance(exc, openai.APIError):  # an error event inside the stream
-            body = exc.body if isinstance(exc.body, str) else getattr(exc, "message", "")
-            text = f"{who} reported an error in the middle of the reply: {_one_line(body) or 'no detail'}"
-        elif isinstance(exc, MalformedChunk):
-            text = f"{who} sent a malformed stream: {exc}. The reply was stopped."
-        elif isinstance(exc, ValueError):  # JSON that does not parse
-            text = f"{who} sent a malformed stream chunk (not valid JSON). The reply was stopped."
-        else:
-            text = f"The request to {who} failed ({type(exc).__name__}). Please retry."
-        return self._redact(text)
+        return self._redact(describe(exc, who=f"{self.name} at {self.url}", key_env=self.spec.key_env,
+                                     model=self.model, timeout_s=self.timeout_s, midway=midway))
 
     def _redact(self, text: str) -> str:
         return scrub(text, (self._key,) if self._key and self._key != NO_KEY else (), limit=2000)
