@@ -1,10 +1,11 @@
 """Helpers for the reliability tests: start the real app in-process, and drive its /chat API through
 gradio_client the way a visitor's browser does (message, model, system prompt, the three sliders), then
-read back the chatbot, the notice line and the reply text."""
+read back the chatbot, the notice line and the reply text; and stop an app started as a subprocess."""
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from dataclasses import dataclass
 
 from gradio_client import Client
@@ -64,3 +65,12 @@ def chat(client: Client, message, model: str, *, timeout: float = 60.0, **params
     """Send one message and wait (at most ``timeout`` seconds) for the final update."""
     chatbot, _textbox, notice = submit_chat(client, message, model, **params).result(timeout=timeout)
     return ChatResult(chatbot=chatbot, notice=notice or "")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    """End an app started as a subprocess (``python app.py``): terminate, then kill after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.chat_client import stop_app
 from tests.fake_hub import FakeHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,11 +127,7 @@ def test_python_app_py_serves_the_page_and_its_status_before_the_model_and_answe
                 finally:
                     browser.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_app(proc)
     output = app_log.read_text()
     assert "Traceback" not in output, output
     assert "Tiny: ready" in output, output

@@ -23,6 +23,7 @@ import pytest
 from gradio_client import Client
 
 from vicuna_demo.engines.protocol import SamplingParams
+from tests.chat_client import stop_app
 
 REPO = Path(__file__).resolve().parent.parent
 STATS_LINE = re.compile(r"<sub>⏱ (\d+) tokens? · first token (\d+\.\d+) s · (\d+\.\d+) tok/s(.*?)</sub>$")
@@ -248,11 +249,7 @@ def test_python_app_py_serves_the_embedded_model_with_its_note(tmp_path):
         assert notice == ""
         assert "Paris" in messages_of(chatbot)[-1][1] and "tok/s" in messages_of(chatbot)[-1][1]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_app(proc)
         log.close()
     output = (tmp_path / "app.log").read_text()
     assert "Traceback" not in output, output

@@ -30,6 +30,7 @@ from gradio_client import Client
 from gradio_client.utils import Status
 
 from app import create_app, main, serve
+from tests.chat_client import stop_app
 from tests.engines import RecordingEngine
 from vicuna_demo import serving, publish
 from vicuna_demo.engines import zerogpu as zerogpu_engine
@@ -472,11 +473,7 @@ def test_python_app_py_starts_on_zerogpu_with_default_flags(tmp_path, tiny_llama
             assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
             assert proc.poll() is None
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_app(proc)
     output = log_path.read_text()
     assert "Traceback" not in output and "TypeError" not in output, output
     assert "ZeroGPU" in output

@@ -103,8 +103,7 @@ class PromptingModel:
     def defaults(self) -> SamplingParams:
         """The model's defaults (``protocol.Engine.defaults``); a field this engine cannot apply keeps the built-in
         value (a model's recommended repetition penalty is dropped on continuous batching)."""
-        built_in = SamplingParams()
-        return self._model_defaults.overridden({f: getattr(built_in, f) for f in self.unsupported_params})
+        return self._model_defaults.without(self.unsupported_params)
 
     # -- prompt ---------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict]) -> list[int]:

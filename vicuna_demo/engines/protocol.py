@@ -54,6 +54,11 @@ class SamplingParams:
         given = {k: v for k, v in values.items() if k in SAMPLING_FIELDS and v is not None}
         return dataclasses.replace(self, **given) if given else self
 
+    def without(self, fields) -> "SamplingParams":
+        """These parameters with ``fields`` back at their built-in values (what an engine cannot apply)."""
+        built_in = SamplingParams()
+        return self.overridden({f: getattr(built_in, f) for f in fields})
+
     @classmethod
     def clamped(cls, temperature: Any, top_p: Any, max_new_tokens: Any,
                 max_tokens_cap: int = MAX_NEW_TOKENS_RANGE[1],

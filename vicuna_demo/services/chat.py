@@ -203,8 +203,7 @@ class ChatService:
         A field the engine cannot apply keeps the built-in value. An unknown model (or None): the service's."""
         engine = self.engines.get(model) if isinstance(model, str) else None
         params = (getattr(engine, "defaults", None) or self.defaults).overridden(self.flags)
-        built_in = SamplingParams()
-        params = params.overridden({f: getattr(built_in, f) for f in getattr(engine, "unsupported_params", ())})
+        params = params.without(self.unsupported(model))     # a flag the engine cannot apply is dropped too
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, self.limits.max_new_tokens_cap))
 
     def unsupported(self, model: str | None) -> frozenset[str]:
@@ -386,14 +385,13 @@ class ChatService:
     def _applicable(engine, params: SamplingParams) -> tuple[SamplingParams, list[str]]:
         """``params`` without what ``engine`` cannot apply (built-in values instead), and the fields a request
         asked for in vain (e.g. a repetition penalty on continuous batching: logged, and said in the reply)."""
-        built_in = SamplingParams()
-        ignored = [f for f in sorted(getattr(engine, "unsupported_params", ()) or ())
-                   if getattr(params, f) != getattr(built_in, f)]
+        unsupported = sorted(getattr(engine, "unsupported_params", ()) or ())
+        applicable = params.without(unsupported)
+        ignored = [f for f in unsupported if getattr(params, f) != getattr(applicable, f)]
         if ignored:
             log.info("%s cannot apply %s; ignored for this reply", getattr(engine, "name", "the model"),
                      ", ".join(f"{f}={getattr(params, f)}" for f in ignored))
-            params = params.overridden({f: getattr(built_in, f) for f in ignored})
-        return params, ignored
+        return applicable, ignored
 
     def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> None:
         record = TurnRecord(
