@@ -239,6 +239,8 @@ def test_the_service_clamps_out_of_range_parameters_for_callers_that_bypass_the_
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 1.0, 2048)
     params = runtime.service.params(float("nan"), "x", None)
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.7, 1.0, 1024)
+    for junk, want in ((99, 2.0), (-5, 1.0), (0.5, 1.0), (float("inf"), 1.0), ("x", 1.0), (None, 1.0)):
+        assert runtime.service.params(repetition_penalty=junk).repetition_penalty == want, junk
 
 
 # -- all at once ----------------------------------------------------------------------------------------
