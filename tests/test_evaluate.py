@@ -114,6 +114,9 @@ def test_a_failing_judge_keeps_the_answers_and_reports_the_failure(embedded_engi
     summary = summarize(result)
     assert summary["no_verdict"] == summary["games"] == 4
     assert all(a.complete for answers in result.answers.values() for a in answers.values())
+    for answer in (a for answers in result.answers.values() for a in answers.values()):   # what each turn took
+        assert len(answer.finish_reasons) == len(answer.turns) and set(answer.finish_reasons) <= {"stop", "length"}
+        assert answer.n_tokens >= len(answer.turns) and answer.n_tokens <= SHORT.max_new_tokens * len(answer.turns)
     assert any("The judge Judge failed on 4 of 4" in p and "503" in p for p in summary["problems"])
     write_outputs(result, tmp_path, summary)
     rows = [json.loads(line) for line in (tmp_path / "model_judgment" / "Judge_pair.jsonl").open()]

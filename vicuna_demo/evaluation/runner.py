@@ -141,8 +141,9 @@ class EvaluationRunner:
         return self._cancel.is_set()
 
     # -- one request --------------------------------------------------------------------------
-    def _generate(self, engine, messages: list[dict], params: SamplingParams) -> str:
-        """The whole reply text; raises EngineError / PromptTooLong / Cancelled."""
+    def _generate(self, engine, messages: list[dict], params: SamplingParams, answer: Answer | None = None) -> str:
+        """The whole reply text (its token count and finish reason added to ``answer``); raises EngineError /
+        PromptTooLong / Cancelled."""
         if self._cancel.is_set():
             raise Cancelled
         prompt = engine.prepare(messages, params)
@@ -170,15 +171,20 @@ class EvaluationRunner:
             raise EngineError(f"no complete reply within {self.timeout_s:g} s (timed out)")
         if self._cancel.is_set():
             raise Cancelled
+        stats = getattr(stream, "stats", None)
+        if answer is not None and stats is not None:
+            answer.n_tokens += int(getattr(stats, "n_tokens", 0) or 0)
+            answer.finish_reasons.append(str(getattr(stats, "finish_reason", "") or ""))
         return text.strip()
 
-    def _attempt(self, engine_name: str, messages: list[dict], params: SamplingParams) -> tuple[str, str | None]:
+    def _attempt(self, engine_name: str, messages: list[dict], params: SamplingParams,
+                 answer: Answer | None = None) -> tuple[str, str | None]:
         """(text, error): errors become a message, so one failure never takes the run with it."""
         engine = self.engines.get(engine_name)
         if engine is None:
             return "", f"no model called {engine_name!r} is loaded"
         try:
-            return self._generate(engine, messages, params), None
+            return self._generate(engine, messages, params, answer), None
         except Cancelled:
             return "", "cancelled"
         except (EngineError, PromptTooLong) as exc:
@@ -203,7 +209,7 @@ class EvaluationRunner:
         messages: list[dict] = [{"role": "system", "content": system}] if system else []
         for turn in question.turns:
             messages.append({"role": "user", "content": turn})
-            text, error = self._attempt(model, messages, params)
+            text, error = self._attempt(model, messages, params, answer)
             if error:
                 answer.error = error
                 break
