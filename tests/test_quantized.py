@@ -156,6 +156,11 @@ KERNEL_CHECK = textwrap.dedent("""
         x, g, u = torch.randn(1, 320), torch.randn(1, 320), torch.randn(1, 320)
         note("gemv", kq.nf4_gemv(x, q, 16, 128, 4), x @ w.T)
         note("gemv", kq.nf4_gemv(g, q, 32, 64, 4, up=u), (torch.nn.functional.silu(g) * u) @ w.T)
+        # the word-decoding variant (its table lookups, not its PTX, in the interpreter): layout, scales, gate
+        assert q.words is not None and q.lut is not None and q.words.numel() * 8 == 96 * 320
+        note("gemv", kq.nf4_gemv(x, q, 16, 128, 4, "lut"), x @ w.T)
+        note("gemv", kq.nf4_gemv(x, q, 32, 256, 4, "lut"), x @ w.T)      # 5 blocks a row: a partial tile
+        note("gemv", kq.nf4_gemv(g, q, 16, 64, 4, "lut", up=u), (torch.nn.functional.silu(g) * u) @ w.T)
         for rows in (3, 17):
             x = torch.randn(rows, 320).half()
             note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3), x.float() @ w.half().float().T)
@@ -232,6 +237,28 @@ KERNEL_CHECK = textwrap.dedent("""
                     r.pos[:rows] += 1
     print("WORST", worst)
 """)
+
+
+def test_word_decoding_program_gives_every_index_in_every_nibble_its_table_value():
+    """The byte-permute program our NF4 GEMV runs on a GPU (nf4_lut.py), executed instruction by instruction
+    in NumPy: every index 0-15 at each of a word's 8 positions decodes to bitsandbytes' NF4 (and FP4) value,
+    as the fp16 copy of the table holds it, and the PTX holds every instruction of the program."""
+    import numpy as np
+    import bitsandbytes.functional as bf
+    from vicuna_demo.engines.fastpath import nf4_lut
+    rng = np.random.default_rng(0)
+    q = np.concatenate([np.tile(np.arange(16)[:, None], (1, 8)), rng.integers(0, 16, size=(2000, 8))])
+    q[16:32] = np.roll(np.arange(16)[:, None] + np.arange(8)[None, :], 3, axis=0) % 16   # mixed indices per word
+    packed = (q[:, 0::2] << 4) | q[:, 1::2]               # bitsandbytes: element 2i in the high nibble of byte i
+    words = (packed[:, 0] | packed[:, 1] << 8 | packed[:, 2] << 16 | packed[:, 3] << 24).astype(np.uint32)
+    for kind in ("nf4", "fp4"):
+        code = bf.get_4bit_type(kind, device="cpu").float().numpy()
+        expected = code.astype(np.float16).astype(np.float32)[q]
+        assert np.array_equal(nf4_lut.emulate(code, words), expected), kind
+        text = nf4_lut.ptx(code)
+        assert text.count("prmt.b32") == 16 and text.count("cvt.f32.f16") == 8
+        assert all(f"${i}" in text for i in range(9))
+    assert nf4_lut.ptx(code) != nf4_lut.ptx(bf.get_4bit_type("nf4", device="cpu").float().numpy())
 
 
 @pytest.mark.slow

@@ -13,14 +13,18 @@ blockwise 8-bit over groups of 256 (an 8-bit code table, one fp32 absmax per gro
 absmax[b] = code2[a8[b]] * absmax2[b // 256] + offset. We keep the offset per group (a fused weight
 concatenates modules with different offsets), and need K % 64 == 0 so that a block never spans two rows.
 
-- ``nf4_gemv(x, q, block_n, block_k, warps, up=None)``: one row; de-quantizes in registers (fp32),
-  optionally with x = SiLU(x) * up computed on the fly (the down projection).
+- ``nf4_gemv(x, q, block_n, block_k, warps, variant, up=None)``: one row; de-quantizes in registers (fp32),
+  optionally with x = SiLU(x) * up computed on the fly (the down projection). Variant "table" loads each
+  value from the code table; "lut" decodes 8 values per 32-bit word with byte permutes (``nf4_lut.py``)
+  and applies each block's absmax once to its 64-value dot product.
 - ``qmatmul(x, q, block_m, block_n, block_k, warps, stages)``: several rows (decode batches): weight
   tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation.
 - ``dequantize(q, dtype)``: the whole weight in 16 bits (for ``F.linear`` when many rows make a copy pay).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -92,15 +96,100 @@ def _nf4_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code
     tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 8 values (fp32, without their block's absmax) of each int32 word of packed indices, elements 0-7.
+    On a GPU: the byte-permute program of ``nf4_lut.py`` (the table in registers); in Triton's interpreter,
+    which runs no PTX: table loads, the same values."""
+    if USE_ASM:
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+    else:     # a byte holds elements (2i, 2i+1) as (high, low) nibble; words are little-endian
+        e0 = tl.load(code_ptr + ((words >> 4) & 15))
+        e1 = tl.load(code_ptr + (words & 15))
+        e2 = tl.load(code_ptr + ((words >> 12) & 15))
+        e3 = tl.load(code_ptr + ((words >> 8) & 15))
+        e4 = tl.load(code_ptr + ((words >> 20) & 15))
+        e5 = tl.load(code_ptr + ((words >> 16) & 15))
+        e6 = tl.load(code_ptr + ((words >> 28) & 15))
+        e7 = tl.load(code_ptr + ((words >> 24) & 15))
+    return e0, e1, e2, e3, e4, e5, e6, e7
+
+
+@triton.jit
+def _input_at(x_ptr, u_ptr, idx, mask, GATED: tl.constexpr):
+    """x[idx] in fp32; with GATED, SiLU(x) * up rounded as the separate SiLU kernel rounds it."""
+    g = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    v = g.to(tl.float32)
+    if GATED:
+        u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v = ((v / (1.0 + tl.exp(-v))).to(g.dtype).to(tl.float32) * u).to(g.dtype).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _nf4_lut_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, N, K, KW,
+                         LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr, GATED: tl.constexpr,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """One row: a tile is [BLOCK_N rows, NB blocks of 64, 8 words]; each block's dot product is summed
+    before its absmax multiplies it (one multiply per 64 values)."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    KB = K // 64
+    b = tl.arange(0, NB)
+    wd = tl.arange(0, 8)
+    rows = n[:, None, None].to(tl.int64) * KW
+    acc = tl.zeros([BLOCK_N, NB], tl.float32)
+    for kb0 in range(0, KB, NB):
+        blk = kb0 + b
+        bmask = blk < KB
+        word = blk[:, None] * 8 + wd[None, :]                      # [NB, 8]: word of the row
+        words = tl.load(w_ptr + rows + word[None, :, :], mask=nmask[:, None, None] & bmask[None, :, None], other=0)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM)
+        col = word * 8                                               # first of the word's 8 columns
+        xm = bmask[:, None]
+        part = e0 * _input_at(x_ptr, u_ptr, col, xm, GATED)[None, :, :]
+        part += e1 * _input_at(x_ptr, u_ptr, col + 1, xm, GATED)[None, :, :]
+        part += e2 * _input_at(x_ptr, u_ptr, col + 2, xm, GATED)[None, :, :]
+        part += e3 * _input_at(x_ptr, u_ptr, col + 3, xm, GATED)[None, :, :]
+        part += e4 * _input_at(x_ptr, u_ptr, col + 4, xm, GATED)[None, :, :]
+        part += e5 * _input_at(x_ptr, u_ptr, col + 5, xm, GATED)[None, :, :]
+        part += e6 * _input_at(x_ptr, u_ptr, col + 6, xm, GATED)[None, :, :]
+        part += e7 * _input_at(x_ptr, u_ptr, col + 7, xm, GATED)[None, :, :]
+        scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB, NESTED, GROUP)
+        acc += tl.sum(part, axis=2) * scale
+    tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def _nf4_lut_gemv(x: torch.Tensor, q, block_n: int, block_k: int, num_warps: int,
+                  up: torch.Tensor | None) -> torch.Tensor:
+    n, k = q.shape
+    if q.words is None or q.lut is None:
+        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    tensors, nested = _nf4_args(q)
+    _nf4_lut_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, up if up is not None else x, q.words, *tensors[1:], out, n, k, k // 8, LUT=q.lut,
+        USE_ASM=os.environ.get("TRITON_INTERPRET") != "1", NESTED=nested, GATED=up is not None, GROUP=q.group,
+        BLOCK_N=block_n, NB=max(1, block_k // 64), num_warps=num_warps)
+    return out
+
+
 def _nf4_args(q):
     nested = q.absmax2 is not None
     return (q.data, q.absmax, q.absmax2 if nested else q.absmax, q.offset2 if nested else q.absmax, q.code,
             q.code2 if nested else q.code), nested
 
 
-def nf4_gemv(x: torch.Tensor, q, block_n: int = 16, block_k: int = 256, num_warps: int = 4,
+def nf4_gemv(x: torch.Tensor, q, block_n: int = 16, block_k: int = 256, num_warps: int = 4, variant: str = "table",
              up: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ W.T for a 4-bit weight; fp32 inside, x's dtype out. With ``up``, the input is SiLU(x) * up."""
+    """x [1, K] @ W.T for a 4-bit weight; fp32 inside, x's dtype out. With ``up``, the input is SiLU(x) * up.
+    ``variant``: "table" looks each value up in memory, "lut" decodes whole words in registers (nf4_lut.py)."""
+    if variant == "lut":
+        return _nf4_lut_gemv(x, q, block_n, block_k, num_warps, up)
     n, k = q.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     tensors, nested = _nf4_args(q)

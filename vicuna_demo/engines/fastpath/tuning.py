@@ -25,6 +25,7 @@ class TuningMixin:
         timed inside a CUDA graph, the way the decode step runs it (every candidate's time: ``tuning_detail``).
         Runs once at warm-up."""
         self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
+        self.rejected_configs: dict[str, float] = {}    # candidates whose result disagreed: relative error
         if not (self.cuda and self.use_kernels):
             return {}
         groups: dict[tuple, list[_Linear]] = {}
@@ -40,6 +41,7 @@ class TuningMixin:
                 if len(candidates) < 2:
                     continue
                 x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
+                reference = _reference(members[0], x)
                 timings = []
                 for config in candidates:
                     def run():
@@ -47,6 +49,12 @@ class TuningMixin:
                             p.run(x, config)
                     log.debug("timing %s x %d rows: %s", key, rows, config)
                     try:
+                        error = _relative_error(members[0].run(x, config), reference)
+                        if error > 2e-2:     # a kernel that computes something else on this GPU is never chosen
+                            log.warning("projection config %s disagrees with the de-quantized weight (relative "
+                                        "error %.3g): not used", config, error)
+                            self.rejected_configs[str((key, rows, config))] = round(error, 4)
+                            continue
                         timings.append((_time_ms(run), config))
                         torch.cuda.synchronize(self.device)       # a fault shows here, next to its candidate
                     except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
@@ -152,6 +160,25 @@ def _time_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _reference(p: _Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """x @ W.T with W as a 16-bit copy (quantized weights) or by cuBLAS (dense): what every candidate must match.
+    None where the card has no room left for the copy (a 33B 4-bit model on a 24 GB card: its gate/up weight is
+    456 MiB in fp16); the candidates are then timed unchecked, as before this check existed."""
+    try:
+        return p.run(x, "dequant" if p.quant is not None else None)
+    except torch.OutOfMemoryError:
+        log.info("no memory for the reference product of %s: its candidates are not checked", p.shape_key())
+        torch.cuda.empty_cache()
+        return None
+
+
+def _relative_error(out: torch.Tensor, reference: torch.Tensor | None) -> float:
+    if reference is None:
+        return 0.0
+    ref = reference.float()
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
 def _candidates(p: _Linear, rows: int) -> list:
     """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
@@ -172,6 +199,9 @@ def _candidates(p: _Linear, rows: int) -> list:
         out.append("module")                 # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
         if rows == 1:
             out += [("gemv", *c) for c in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (32, 128, 4))]
+            if p.quant.lut is not None:      # whole words decoded in registers (nf4_lut.py)
+                out += [("gemv", *c, "lut") for c in ((16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8),
+                                                      (64, 256, 8), (8, 512, 2))]
     elif rows <= 2:
         out += [("gemv", *c) for c in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))] \
             if rows == 1 else [("gemv", *c) for c in ((4, 1024, 4), (8, 512, 4))]

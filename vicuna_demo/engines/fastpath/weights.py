@@ -26,6 +26,17 @@ class QuantWeight:
     code: torch.Tensor | None = None
     code2: torch.Tensor | None = None
     group: int = 1
+    words: torch.Tensor | None = None      # nf4: ``data`` viewed as int32 words (8 indices each)
+    lut: str | None = None                 # nf4: the PTX that decodes a word with ``code`` in registers
+
+    def add_word_decoding(self) -> "QuantWeight":
+        """Fill ``words`` and ``lut`` (nf4), for our word-decoding GEMV; left None where ``data`` cannot be
+        viewed as aligned int32 words. At set-up only: it reads the code table back to the host."""
+        from .nf4_lut import ptx
+        if self.kind == "nf4" and self.data.numel() % 4 == 0 and self.data.storage_offset() % 4 == 0:
+            self.words = self.data.view(torch.int32)
+            self.lut = ptx(self.code.detach().float().cpu().numpy())
+        return self
 
 
 def _kind(module) -> str | None:
@@ -68,7 +79,7 @@ def _nf4_parts(module) -> QuantWeight | None:
         part.group = group
     elif qs.absmax.dtype != torch.float32:
         return None
-    return part
+    return part.add_word_decoding()
 
 
 def _fuse_nf4(modules) -> QuantWeight | None:
@@ -89,7 +100,7 @@ def _fuse_nf4(modules) -> QuantWeight | None:
         start_a += p.absmax.numel()
     first = parts[0]
     fused = QuantWeight("nf4", (sum(p.shape[0] for p in parts), first.shape[1]), data, absmax=absmax,
-                        code=first.code, code2=first.code2, group=group)
+                        code=first.code, code2=first.code2, group=group).add_word_decoding()
     if first.absmax2 is not None:     # groups of ``group`` blocks: each scale repeated where groups got smaller
         def finer(t, p):
             return t.repeat_interleave(p.group // group)[:math.ceil(p.absmax.numel() / group)]
@@ -102,7 +113,8 @@ class _Linear:
     """One projection as the decode step calls it: a dense weight (cuBLAS, or our GEMV where it measured faster
     for that shape and row count), quantized weights through our kernels, or the module(s) themselves.
 
-    ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps),
+    ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps)
+    (4-bit: also ("gemv", bn, bk, warps, "lut"), the word-decoding variant),
     ("tiled", bm, bn, bk, warps, stages), "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own
     matmul) or, for dense weights, absent (cuBLAS). Row counts never timed (prefill) use ``default``."""
 
