@@ -114,10 +114,11 @@ class FastModel(DecodeMixin, TuningMixin):
         """The most KV memory this model can use: every row of a full batch at the full context."""
         return (self.max_rows * self.blocks_per_row + 1) * self.kv_bytes_per_block()
 
-    def allocate_cache(self, n_blocks: int | None = None) -> int:
+    def allocate_cache(self, n_blocks: int | None = None, *, whole_context: bool = True) -> int:
         """Allocate the KV pool: ``n_blocks``, else the options' ``kv_blocks``, else on CUDA what is free after
         the measured activation peak (engines/memory.py; the start-up plan passes its share instead), else
-        a small pool on CPU. Returns the number of blocks."""
+        a small pool on CPU; at least one whole context unless ``whole_context`` is False (the measuring
+        pool). Returns the number of blocks."""
         per_block = self.kv_bytes_per_block()
         if n_blocks is None:
             n_blocks = self.options.kv_blocks
@@ -129,7 +130,7 @@ class FastModel(DecodeMixin, TuningMixin):
                 n_blocks = min(kv_total(free, [reserve]), self.useful_kv_bytes()) // per_block
             else:
                 n_blocks = 2 * self.max_rows + 1
-        n_blocks = int(max(n_blocks, self.blocks_per_row + 1))
+        n_blocks = int(max(n_blocks, self.blocks_per_row + 1 if whole_context else 1))
         shape = (n_blocks, self.n_kv, self.block, self.head_dim)
         alloc = torch.zeros if self.cuda else torch.empty   # CPU: pages are touched only when used
         self.k_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -141,14 +142,16 @@ class FastModel(DecodeMixin, TuningMixin):
         """Bytes to keep free besides the weights and the KV cache, measured on this GPU: the peak of the
         largest prefill (``prefill_tokens`` tokens, the scheduler's padded limit) plus the peak of a decode
         step of a full batch (about what the CUDA-graph pool keeps), plus memory.ENGINE_MARGIN_BYTES.
-        Uses a pool of one context's blocks (writes go to trash block 0) and frees it. 0 on a CPU."""
+        Uses a pool of the trash block alone (every block table is zeros: all writes go to block 0), so that a
+        large model's measurement needs no context of KV memory (33B: 6.6 GB) beside its weights; frees it.
+        0 on a CPU."""
         if not self.cuda:
             return 0
         from ..memory import ENGINE_MARGIN_BYTES
         dev = self.device
         temporary = not self.k_cache
         if temporary:
-            self.allocate_cache(self.blocks_per_row + 1)
+            self.allocate_cache(1, whole_context=False)
         peaks = []
         with torch.inference_mode(), torch.cuda.device(dev):
             for run in (self._peak_prefill, self._peak_decode):
