@@ -288,6 +288,43 @@ def greedy_agreement(engine: LocalEngine, loaded: LoadedModel, label: str, n: in
             engine_first=got[:6], generate_first=ref[:6])
 
 
+def penalty_agreement(engine: LocalEngine, model, label: str, penalty: float = 1.3, n: int = 48) -> list[dict]:
+    """The repetition penalty on the GPU (its seen-token mask and penalty buffer updated inside the captured
+    decode step): greedy tokens of penalised requests, batched beside unpenalised ones, against ``generate``
+    with ``repetition_penalty`` on the same weights. Random weights give small logit margins, so fp16 may flip
+    a late token; a penalty that was not applied shows at once (the unpenalised reply differs early)."""
+    from vicuna_demo.engines.fastpath import Job
+    fast = engine.fast_path
+    if fast is None:
+        return []
+    vocab = int(model.config.vocab_size)
+    device = next(model.parameters()).device
+    cases = [(64, penalty), (300, penalty), (64, 1.0)]
+    got = [([], threading.Event()) for _ in cases]
+    for i, ((length, p), (tokens, done)) in enumerate(zip(cases, got)):
+        fast.submit(Job(request_id=f"penalty-{label}-{i}", ids=random_prompt(length, 70 + i, vocab), max_new=n,
+                        temperature=0.0, top_p=1.0, eos=frozenset(), repetition_penalty=p,
+                        emit=lambda t, f, e, tokens=tokens, done=done: (tokens.extend(t), f and done.set())))
+    records = []
+    for i, ((length, p), (tokens, done)) in enumerate(zip(cases, got)):
+        done.wait(300)
+        ids = random_prompt(length, 70 + i, vocab)
+        inputs = torch.tensor([ids], device=device)
+        with torch.inference_mode():
+            ref = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, repetition_penalty=p)[0, length:].tolist()
+            plain = ref if p == 1.0 else model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                pad_token_id=0)[0, length:].tolist()
+        first_diff = lambda a, b: next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))  # noqa: E731
+        record = dict(stage=f"{label}_penalty_vs_generate", prompt_tokens=length, penalty=p, tokens=len(tokens),
+                      matching_prefix=first_diff(tokens, ref), generate_with_vs_without_penalty=first_diff(ref, plain),
+                      repeated_tokens=len(tokens) - len(set(tokens)))
+        say(**record)
+        records.append(record)
+    return records
+
+
 def start(loaded: LoadedModel, options: EngineOptions, label: str) -> LocalEngine:
     started = time.perf_counter()
     engine = LocalEngine(loaded, options)

@@ -14,8 +14,12 @@ question after another, on ``--baseline-questions`` questions with ``--baseline-
 each; its per-answer time is scaled to 512 tokens (decode at batch 1 costs the same per token over
 this range) and to 160 answers. Prints one JSON line per measurement; no gradio is imported.
 
-    python benchmarks/eval_bench.py                       # GPU: the full benchmark
+    python benchmarks/eval_bench.py                       # GPU: engines built by hand
     python benchmarks/eval_bench.py --device cpu --questions 4 --new-tokens 16   # a smoke run (embedded model)
+
+The figure in RESULTS.md comes from the same measurement through the app's own start-up instead (two
+saved checkpoints, ``build_runtime``, memory plan and ordered warm-up): scenario ``eval_two_7b`` of
+``benchmarks/gpu_acceptance.py``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ the memory left free.
 
     python benchmarks/gpu_acceptance.py --out results/            # every scenario (an H200: ~10 minutes)
     python benchmarks/gpu_acceptance.py --only card24_fp16,refusal
+    python benchmarks/gpu_acceptance.py --only eval_two_7b         # issue 14: 160 answers from two 7B engines
     python benchmarks/gpu_acceptance.py --tiny --out /tmp/acc     # a tiny Llama on CPU: checks the script
 
 The checkpoint (13 GB of random fp16 weights, saved once with save_pretrained) goes to --models-dir and
@@ -43,6 +44,9 @@ SCENARIOS = {
     "card48_fp16_8bit": (48, [("a", "name=A"), ("a", "name=B-8bit,8bit")], "pair"),
     "card80_three": (80, [("a", "name=A"), ("b", "name=B"), ("a", "name=C-8bit,8bit")], "pair"),
     "h200_full": (None, [("a", "name=V-fp16")], "long"),
+    # issue 14: 80 questions x 512 new tokens from two local 7B models through the app's start-up and the
+    # evaluation runner, against FastChat's sequential generate measured in the same process
+    "eval_two_7b": (None, [("a", "name=model-a"), ("b", "name=model-b")], "eval"),
 }
 
 
@@ -128,6 +132,56 @@ def run_streams(engine, n: int, prompt_len: int, new: int, seed: int) -> dict:
     return out
 
 
+def evaluation(runtime, engine, n_questions: int, new_tokens: int, tiny: bool) -> dict:
+    """Issue 14's benchmark: every model answers ``n_questions`` distinct single-turn questions (the built-in
+    set's first turns, cycled, numbered) with ``new_tokens`` greedy tokens each, all submitted at once
+    through ``EvaluationRunner.answer`` on the app's engines; then FastChat's way (``gen_model_answer``:
+    plain ``generate``, greedy, batch 1, one question after another) on 2 of them with 96 tokens, scaled to
+    the same work."""
+    import torch
+    from vicuna_demo.engines.protocol import SamplingParams
+    from vicuna_demo.evaluation.questions import Question, builtin_questions
+    from vicuna_demo.evaluation.runner import EvaluationRunner
+    base = builtin_questions()
+    questions = [Question(question_id=i + 1, category=base[i % len(base)].category,
+                          turns=(f"{base[i % len(base)].turns[0]} (Question {i + 1}.)",)) for i in range(n_questions)]
+    engines = runtime.service.engines
+    runner = EvaluationRunner(engines, judge=next(iter(engines)),
+                              answer_params=SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
+    started = time.perf_counter()
+    answers = runner.answer(questions, list(engines))
+    seconds = time.perf_counter() - started
+    done = [a for per in answers.values() for a in per.values()]
+    tokens = sum(a.n_tokens for a in done)
+    out = dict(models=list(engines), questions=n_questions, answers=sum(a.complete for a in done), of=len(done),
+               new_tokens_each=new_tokens, tokens=tokens, seconds=round(seconds, 1), tok_s=round(tokens / seconds, 1),
+               errors=sorted({a.error for a in done if a.error})[:3],
+               finish_reasons=sorted({r for a in done for r in a.finish_reasons}))
+    # FastChat's way on the same weights and tokenizer
+    model, tokenizer, template = engine.model, engine.tokenizer, engine.template     # the engine's own model
+    times, n_base = [], 16 if tiny else 96
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model.generate(torch.tensor([[1, 2, 3]], device=device), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for question in questions[:2]:
+            ids = tokenizer(template.render([{"role": "user", "content": question.turns[0]}]))["input_ids"]
+            inputs = torch.tensor([ids], device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n_base,
+                           min_new_tokens=n_base, do_sample=False, pad_token_id=0)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    per_token = sum(times) / (len(times) * n_base)
+    sequential = per_token * tokens
+    out.update(baseline=dict(answers=len(times), new_tokens=n_base, seconds=[round(t, 2) for t in times],
+                             tok_s=round(1 / per_token, 1)),
+               sequential_estimate_s=round(sequential, 1), speedup=round(sequential / seconds, 1))
+    return out
+
+
 def scenario(name: str, models_dir: Path, tiny: bool) -> dict:
     import torch
     card, models, workload = SCENARIOS[name]
@@ -206,6 +260,8 @@ def scenario(name: str, models_dir: Path, tiny: bool) -> dict:
         report["side_by_side"] = dict(sides=side, wall_s=round(time.perf_counter() - both_started, 2))
     if workload == "long":
         report["streams_64_long"] = run_streams(first, 64, 100 if tiny else 3500, 40 if tiny else 400, seed=64)
+    if workload == "eval":
+        report["evaluation"] = evaluation(runtime, first, 8 if tiny else 80, 16 if tiny else 512, tiny)
     if torch.cuda.is_available():
         report["free_left_gib"] = round(torch.cuda.mem_get_info()[0] / GiB, 2)
     runtime.close()

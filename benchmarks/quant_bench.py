@@ -33,7 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # as the app's start-up sets it
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_bench as eb  # noqa: E402  (its helpers: say, engine_streams, random prompts, the generate baseline)
@@ -228,8 +230,8 @@ def tuning_summary(engine: LocalEngine) -> dict:
             if rows in (1, 8, 64)}
 
 
-def streams_stage(engine, label: str, counts, args, vocab: int) -> None:
-    params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
+def streams_stage(engine, label: str, counts, args, vocab: int, repetition_penalty: float = 1.0) -> None:
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, repetition_penalty=repetition_penalty)
     for n in counts:
         if eb.out_of_time(args):
             return
@@ -267,6 +269,10 @@ def stage_fp16(args) -> None:
     model16 = fp16_model(args)
     engine = eb.start(loaded_model(model16, f"{CTX['size']}-fp16", "float16"), SEVEN_B_OPTIONS, "fp16")
     streams_stage(engine, "fp16_fast", [int(c) for c in args.streams.split(",")], args, model16.config.vocab_size)
+    # the repetition penalty inside the captured decode step: speed at 1 and 64 streams, tokens against generate
+    streams_stage(engine, "fp16_fast_penalty", [int(c) for c in args.streams.split(",")][::2], args,
+                  model16.config.vocab_size, repetition_penalty=1.1)
+    eb.penalty_agreement(engine, model16, "fp16")
     teacher_forced(engine, model16, "fp16")
     eb.stop(engine)
 
@@ -284,7 +290,8 @@ def stage_nf4(args) -> None:
     eb.hf_generate_streamer(loaded4, eb.random_prompt(args.prompt_len, 1, vocab), args.baseline_tokens,
                             "nf4_generate_baseline")
     engine = eb.start(loaded4, SEVEN_B_OPTIONS, "nf4")
-    eb.say(stage="nf4_tuning", us_per_projection=tuning_summary(engine))
+    eb.say(stage="nf4_tuning", us_per_projection=tuning_summary(engine),
+           rejected=getattr(fast_of(engine).runner, "rejected_configs", {}))
     streams_stage(engine, "nf4_fast", [int(c) for c in args.streams.split(",")], args, vocab)
     dequantized_into(model16, model4)
     teacher_forced(engine, model16, "nf4")
@@ -305,7 +312,8 @@ def stage_int8(args) -> None:
     eb.say(stage="int8_quantize", seconds=round(time.time() - started, 1), weights_gib=round(int8_bytes / 2**30, 3),
            fraction_of_fp16=round(int8_bytes / CTX["fp16_bytes"], 4))
     engine = eb.start(loaded8, SEVEN_B_OPTIONS, "int8")
-    eb.say(stage="int8_tuning", us_per_projection=tuning_summary(engine))
+    eb.say(stage="int8_tuning", us_per_projection=tuning_summary(engine),
+           rejected=getattr(fast_of(engine).runner, "rejected_configs", {}))
     streams_stage(engine, "int8_fast", [int(c) for c in args.streams.split(",")], args, model16.config.vocab_size)
     dequantized_into(model16, loaded8.model)
     teacher_forced(engine, model16, "int8")
@@ -328,8 +336,12 @@ def stage_card(args) -> None:
     vocab = int(model.config.vocab_size)
     eb.say(stage=f"card_{args.card_size}_build", seconds=round(time.time() - started, 1),
            weights_gib=round(weight_bytes(model) / 2**30, 3), free_gib=free_gib())
-    engine = eb.start(loaded_model(model, f"{args.card_size}-nf4", "nf4"), EngineOptions(backend="fast"),
-                      f"card_{args.card_size}")
+    try:
+        engine = eb.start(loaded_model(model, f"{args.card_size}-nf4", "nf4"), EngineOptions(backend="fast"),
+                          f"card_{args.card_size}")
+    except Exception as exc:  # noqa: BLE001 - the engine's one clear error, reported instead of a crash
+        eb.say(stage=f"card_{args.card_size}_failed", error=str(exc)[:400], free_gib=free_gib())
+        return
     eb.say(stage=f"card_{args.card_size}_ready", free_gib=free_gib(), status=engine.status)
     streams_stage(engine, f"card_{args.card_size}_nf4", [args.card_streams], args, vocab)
     eb.say(stage=f"card_{args.card_size}_end", free_gib=free_gib(),
