@@ -164,6 +164,7 @@ KERNEL_CHECK = textwrap.dedent("""
         for rows in (3, 17):
             x = torch.randn(rows, 320).half()
             note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3), x.float() @ w.half().float().T)
+            note("tiled", kq.qmatmul(x, q, 16, 16, 256, 4, 3, "lut"), x.float() @ w.half().float().T)   # partial
         # q/k/v fused into one weight: the modules become views of it and still compute what they did
         parts = [linear4(n, 256, nested) for n in (128, 64, 64)]
         before = [reference(p) for p in parts]
@@ -207,34 +208,70 @@ KERNEL_CHECK = textwrap.dedent("""
         r = FastModel(model, 100, FastOptions(block_size=16, max_rows=4, kv_blocks=40, pipeline=False))
         r.allocate_cache(40)
         return r
-    kernels, eager = runner(nf4), runner(dense)
-    kernels.use_kernels = True
-    kernels.layers = [_Layer(layer, fuse=True, quant_kernels=True) for layer in nf4.model.layers]
-    assert all(layer.qkv.quant.absmax2 is not None for layer in kernels.layers)
-    for p in kernels.linears():
-        if p.quant is not None:
-            p.config[1] = ("gemv", 16, 64, 4)             # one row: our GEMV (SiLU fused into down)
-            p.config[4] = ("tiled", 16, 16, 64, 4, 3)     # batches: the tiled kernel
-            p.config[74] = "dequant"                      # the prefill below (2 x 37 tokens): our de-quantize
-    prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
-    tables = [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]]
-    with torch.inference_mode():
-        a = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
-        note("model", kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)]), a)
-        for rows in (2, 1):
-            slots = []
-            for p, t, logit in list(zip(prompts, tables, a))[:rows]:
-                slot = _Slot(job=Job("x", p, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=t, start=0)
-                slot.n_written, slot.last_token = len(p), int(logit.argmax())
-                slots.append(slot)
-            for r in (eager, kernels):
-                r.load_rows(slots)
-            for step in range(3):
-                x, y = eager._decode_torch(rows), kernels._decode_kernels(1 if rows == 1 else 4)[:rows]
-                note("model", y, x)
+
+    def check_decode(quantized, dense, label, configs):
+        # the kernel decode step (fused q/k/v and gate/up) on quantized against dense (its de-quantized
+        # twin, eager): prefill, then 3 steps of 2 rows and of 1 row
+        kernels, eager = runner(quantized), runner(dense)
+        kernels.use_kernels = True
+        kernels.layers = [_Layer(layer, fuse=True, quant_kernels=True) for layer in quantized.model.layers]
+        assert all(layer.qkv is not None and layer.qkv.quant is not None for layer in kernels.layers), label
+        for p in kernels.linears():
+            if p.quant is not None:
+                p.config.update(configs)
+        prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
+        tables = [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]]
+        with torch.inference_mode():
+            a = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
+            note(label, kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)]), a)
+            for rows in (2, 1):
+                slots = []
+                for p, t, logit in list(zip(prompts, tables, a))[:rows]:
+                    slot = _Slot(job=Job("x", p, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=t, start=0)
+                    slot.n_written, slot.last_token = len(p), int(logit.argmax())
+                    slots.append(slot)
                 for r in (eager, kernels):
-                    r.tokens[:rows] = x.argmax(-1)
-                    r.pos[:rows] += 1
+                    r.load_rows(slots)
+                for step in range(3):
+                    x, y = eager._decode_torch(rows), kernels._decode_kernels(1 if rows == 1 else 4)[:rows]
+                    note(label, y, x)
+                    for r in (eager, kernels):
+                        r.tokens[:rows] = x.argmax(-1)
+                        r.pos[:rows] += 1
+        return kernels
+
+    kernels = check_decode(nf4, dense, "model", {
+        1: ("gemv", 16, 64, 4),              # one row: our GEMV (SiLU fused into down)
+        4: ("tiled", 16, 16, 64, 4, 3),      # batches: the tiled kernel
+        74: "dequant"})                      # the prefill (2 x 37 tokens): our de-quantize
+    assert all(layer.qkv.quant.absmax2 is not None for layer in kernels.layers)
+    check_decode(nf4, dense, "model", {1: ("gemv", 16, 128, 4, "lut"), 4: ("tiled", 16, 16, 128, 4, 3, "lut"),
+                                       74: "dequant"})  # the word-decoding kernels (table loads here)
+
+    # 8-bit (LLM.int8 on CPU): q/k/v and gate/up joined into one int8 weight each, the modules made views of
+    # it and still computing what they did; the kernel decode step against the de-quantized fp32 twin
+    int8 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                                quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    from vicuna_demo.engines.fastpath.weights import _int8_parts
+    dense8 = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in int8.state_dict().items() if k in dense8.state_dict() and v.dtype == torch.float32}
+    for name, module in int8.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            q = _int8_parts(module)
+            state[name + ".weight"] = q.data.float() * q.scale[:, None]
+    assert not dense8.load_state_dict(state, strict=False).missing_keys
+    probe = torch.randn(3, 128)
+    attn = int8.model.layers[0].self_attn
+    with torch.inference_mode():
+        before = [m(probe) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    kernels = check_decode(int8, dense8, "int8 model", {1: ("gemv", None, None, 4), 4: ("tiled", 16, 16, 64, 4, 3),
+                                                        74: "dequant"})
+    fused = kernels.layers[0].qkv.quant
+    assert fused.kind == "int8" and fused.shape == (256, 128)
+    assert attn.k_proj.weight.data.data_ptr() == fused.data.data_ptr() + 128 * 128
+    with torch.inference_mode():
+        after = [m(probe) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    note("int8 views", torch.cat(after, -1), torch.cat(before, -1))
     print("WORST", worst)
 """)
 
@@ -265,7 +302,8 @@ def test_word_decoding_program_gives_every_index_in_every_nibble_its_table_value
 def test_quantized_kernels_match_bitsandbytes_in_the_triton_interpreter(tmp_path):
     """Our NF4 GEMV, tiled kernel and de-quantization against bitsandbytes' dequantize_4bit + matmul, with
     plain and nested (double-quantized) scales; fused q/k/v; int8 tiles; and the fast path's whole kernel
-    decode step on a 4-bit model against its de-quantized fp32 twin. No GPU: Triton's interpreter (~25 s)."""
+    decode step on a 4-bit model (table and word-decoding GEMVs) and on an 8-bit model (q/k/v and gate/up
+    joined) against their de-quantized fp32 twins. No GPU: Triton's interpreter (~25 s)."""
     probe = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("Triton is not installed here: pip install -r requirements-dev.txt")
@@ -280,3 +318,4 @@ def test_quantized_kernels_match_bitsandbytes_in_the_triton_interpreter(tmp_path
     assert worst["gemv"] < 1e-5                       # fp32 inside, fp32 out
     assert worst["tiled"] < 2e-3 and worst["int8 tiled"] < 2e-3    # fp16 output rounding
     assert worst["model"] < 1e-4
+    assert worst["int8 model"] < 1e-4 and worst["int8 views"] == 0.0

@@ -17,8 +17,9 @@ concatenates modules with different offsets), and need K % 64 == 0 so that a blo
   optionally with x = SiLU(x) * up computed on the fly (the down projection). Variant "table" loads each
   value from the code table; "lut" decodes 8 values per 32-bit word with byte permutes (``nf4_lut.py``)
   and applies each block's absmax once to its 64-value dot product.
-- ``qmatmul(x, q, block_m, block_n, block_k, warps, stages)``: several rows (decode batches): weight
-  tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation.
+- ``qmatmul(x, q, block_m, block_n, block_k, warps, stages, variant)``: several rows (decode batches): weight
+  tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation; NF4 variant "lut"
+  decodes whole words and makes one tile per position within a word (8 dots per step).
 - ``dequantize(q, dtype)``: the whole weight in 16 bits (for ``F.linear`` when many rows make a copy pay).
 """
 
@@ -178,6 +179,62 @@ def _nf4_lut_gemv(x: torch.Tensor, q, block_n: int, block_k: int, num_warps: int
     return out
 
 
+@triton.jit
+def _nf4_lut_mm_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, M, N, K, KW, stride_xm,
+                       stride_om, LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Several rows: per step, NB blocks (8 words each) of BLOCK_N weight rows decoded in registers; the values
+    at each of a word's 8 positions form one fp16 tile [BLOCK_N, NB * 8] (scaled, rounded to 16 bits like a
+    de-quantized copy) for a tensor-core dot with the inputs at those columns."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = m < M, n < N
+    W: tl.constexpr = NB * 8
+    wi = tl.arange(0, W)
+    KB = K // 64
+    x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + n[:, None].to(tl.int64) * KW
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb0 in range(0, KB, NB):
+        word = kb0 * 8 + wi                                        # [W]: word of the row
+        inside = word < KW
+        words = tl.load(w_rows + word[None, :], mask=nmask[:, None] & inside[None, :], other=0)
+        scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB, NESTED, GROUP)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, 8)), (BLOCK_N, W))   # one per word
+        e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM)
+        xs = x_rows + word[None, :] * 8                             # the first column of each word
+        xmask = mmask[:, None] & inside[None, :]
+        x = tl.load(xs, mask=xmask, other=0.0)
+        acc += tl.dot(x, tl.trans((e0 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 1, mask=xmask, other=0.0), tl.trans((e1 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 2, mask=xmask, other=0.0), tl.trans((e2 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 3, mask=xmask, other=0.0), tl.trans((e3 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 4, mask=xmask, other=0.0), tl.trans((e4 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 5, mask=xmask, other=0.0), tl.trans((e5 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 6, mask=xmask, other=0.0), tl.trans((e6 * scale).to(x.dtype)))
+        acc += tl.dot(tl.load(xs + 7, mask=xmask, other=0.0), tl.trans((e7 * scale).to(x.dtype)))
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def _nf4_lut_mm(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, num_warps: int,
+                num_stages: int) -> torch.Tensor:
+    m, k = x.shape
+    n = q.shape[0]
+    if q.words is None or q.lut is None:
+        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    tensors, nested = _nf4_args(q)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _nf4_lut_mm_kernel[grid](x, q.words, *tensors[1:], out, m, n, k, k // 8, x.stride(0), out.stride(0), LUT=q.lut,
+                             USE_ASM=os.environ.get("TRITON_INTERPRET") != "1", NESTED=nested, GROUP=q.group,
+                             BLOCK_M=block_m, BLOCK_N=block_n, NB=max(2, block_k // 64), num_warps=num_warps,
+                             num_stages=num_stages)
+    return out
+
+
 def _nf4_args(q):
     nested = q.absmax2 is not None
     return (q.data, q.absmax, q.absmax2 if nested else q.absmax, q.offset2 if nested else q.absmax, q.code,
@@ -237,8 +294,11 @@ def _qmatmul_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, o
 
 
 def qmatmul(x: torch.Tensor, q, block_m: int = 16, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
-            num_stages: int = 3) -> torch.Tensor:
-    """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows)."""
+            num_stages: int = 3, variant: str = "table") -> torch.Tensor:
+    """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows). NF4 ``variant``
+    "lut": whole words decoded in registers (``nf4_lut.py``), block_k of at least 128."""
+    if variant == "lut" and q.kind == "nf4":
+        return _nf4_lut_mm(x, q, block_m, block_n, block_k, num_warps, num_stages)
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -197,6 +197,9 @@ def _candidates(p: _Linear, rows: int) -> list:
     out: list = ["dequant"] + tiled
     if p.quant.kind == "nf4":
         out.append("module")                 # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
+        if rows > 1 and p.quant.lut is not None:     # words decoded in registers into fp16 tiles (nf4_lut.py)
+            out += [("tiled", bm, bn, bk, w, st, "lut") for bn, bk, w, st in
+                    ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))]
         if rows == 1:
             out += [("gemv", *c) for c in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (32, 128, 4))]
             if p.quant.lut is not None:      # whole words decoded in registers (nf4_lut.py)

@@ -109,6 +109,27 @@ def _fuse_nf4(modules) -> QuantWeight | None:
     return fused
 
 
+def _fuse_int8(modules) -> QuantWeight | None:
+    """One int8 QuantWeight for several Linear8bitLt modules of the same input (q/k/v, gate/up): their int8
+    rows concatenated, each module's int8 tensor (``weight.data``, ``state.CB``, ``weight.CB``: what its own
+    forward reads) made a view of the concatenation, so no memory is duplicated and the modules keep working.
+    None when a part is not stored as int8 rows with scales."""
+    parts = [_int8_parts(m) for m in modules]
+    if any(p is None for p in parts) or len({p.shape[1] for p in parts}) != 1:
+        return None
+    data = torch.cat([p.data for p in parts])
+    start = 0
+    for m, p in zip(modules, parts):
+        view = data[start:start + p.shape[0]]
+        m.weight.data = view
+        if getattr(m.state, "CB", None) is not None:
+            m.state.CB = view
+        if getattr(m.weight, "CB", None) is not None:
+            m.weight.CB = view
+        start += p.shape[0]
+    return QuantWeight("int8", (start, parts[0].shape[1]), data, scale=torch.cat([p.scale for p in parts]))
+
+
 class _Linear:
     """One projection as the decode step calls it: a dense weight (cuBLAS, or our GEMV where it measured faster
     for that shape and row count), quantized weights through our kernels, or the module(s) themselves.
@@ -205,8 +226,10 @@ class _Layer:
         if fuse and all(type(p) is torch.nn.Linear for p in qkv + gate_up):
             self.qkv = _Linear(weight=_fuse_weights(qkv), bias=_fuse_biases(qkv))
             self.gate_up = _Linear(weight=_fuse_weights(gate_up), bias=_fuse_biases(gate_up))
-        elif fuse and quant_kernels and all(_kind(p) == "nf4" and p.bias is None for p in qkv + gate_up):
-            fused_qkv, fused_gu = _fuse_nf4(qkv), _fuse_nf4(gate_up)
+        elif fuse and quant_kernels and len({_kind(p) for p in qkv + gate_up}) == 1 and \
+                _kind(qkv[0]) in ("nf4", "int8") and all(p.bias is None for p in qkv + gate_up):
+            join = _fuse_nf4 if _kind(qkv[0]) == "nf4" else _fuse_int8
+            fused_qkv, fused_gu = join(qkv), join(gate_up)
             if fused_qkv is not None and fused_gu is not None:
                 self.qkv = _Linear(modules=qkv, quant=fused_qkv)
                 self.gate_up = _Linear(modules=gate_up, quant=fused_gu)
