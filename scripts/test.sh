@@ -2,7 +2,7 @@
 # Run the tests: create .venv on first use, install requirements-dev.txt and the embedded model, install
 # Debian's chromium and the page's fonts for the browser tests if they are missing, then run pytest with
 # your arguments, e.g.
-#   bash scripts/test.sh                                   # everything (~15 min on 2 cores)
+#   bash scripts/test.sh                                   # everything (~20 min on 2 cores)
 #   bash scripts/test.sh tests/test_engine.py -q            # one file
 #   bash scripts/test.sh -m "not browser and not slow"      # the fast subset, no browser
 set -euo pipefail
