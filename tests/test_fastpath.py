@@ -280,8 +280,8 @@ KERNEL_CHECK = textwrap.dedent("""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from vicuna_demo.engines.fastpath import kernels as fk
-    from vicuna_demo.engines.fastpath import FastModel, FastOptions, Job
-    from vicuna_demo.engines.fastpath.scheduler import _Slot
+    from vicuna_demo.engines.fastpath import FastModel, FastOptions
+    from tests.kernel_checks import compare_decode
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -298,24 +298,11 @@ KERNEL_CHECK = textwrap.dedent("""
     prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
     tables = [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]]
     worst = 0.0
+    def note(got, ref):
+        global worst
+        worst = max(worst, (got - ref).abs().max().item())
+    compare_decode(eager, kernels, prompts, tables, note)
     with torch.inference_mode():
-        a = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
-        b = kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
-        worst = max(worst, (a - b).abs().max().item())
-        for rows in (2, 1):
-            slots = []
-            for p, t, logit in list(zip(prompts, tables, a))[:rows]:
-                s = _Slot(job=Job("x", p, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=t, start=0)
-                s.n_written, s.last_token = len(p), int(logit.argmax())
-                slots.append(s)
-            for r in (eager, kernels):
-                r.load_rows(slots)
-            for step in range(3):
-                x, y = eager._decode_torch(rows), kernels._decode_kernels(1 if rows == 1 else 4)[:rows]
-                worst = max(worst, (x - y).abs().max().item())
-                for r in (eager, kernels):
-                    r.tokens[:rows] = x.argmax(-1)
-                    r.pos[:rows] += 1
         extended = prompts[0][:20] + [5, 6, 7]
         worst = max(worst, (eager.prefill([(extended, tables[0], 20)]) -
                             kernels.prefill([(extended, tables[0], 20)])).abs().max().item())

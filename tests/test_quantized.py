@@ -186,9 +186,9 @@ KERNEL_CHECK = textwrap.dedent("""
     # fill a group of 256 scales) against the same model with bitsandbytes' de-quantized weights in fp32.
     import tempfile
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-    from vicuna_demo.engines.fastpath import FastModel, FastOptions, Job
+    from vicuna_demo.engines.fastpath import FastModel, FastOptions
     from vicuna_demo.engines.fastpath.weights import _Layer
-    from vicuna_demo.engines.fastpath.scheduler import _Slot
+    from tests.kernel_checks import compare_decode
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          initializer_range=0.1)
@@ -220,24 +220,8 @@ KERNEL_CHECK = textwrap.dedent("""
             if p.quant is not None:
                 p.config.update(configs)
         prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
-        tables = [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]]
-        with torch.inference_mode():
-            a = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
-            note(label, kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)]), a)
-            for rows in (2, 1):
-                slots = []
-                for p, t, logit in list(zip(prompts, tables, a))[:rows]:
-                    slot = _Slot(job=Job("x", p, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=t, start=0)
-                    slot.n_written, slot.last_token = len(p), int(logit.argmax())
-                    slots.append(slot)
-                for r in (eager, kernels):
-                    r.load_rows(slots)
-                for step in range(3):
-                    x, y = eager._decode_torch(rows), kernels._decode_kernels(1 if rows == 1 else 4)[:rows]
-                    note(label, y, x)
-                    for r in (eager, kernels):
-                        r.tokens[:rows] = x.argmax(-1)
-                        r.pos[:rows] += 1
+        compare_decode(eager, kernels, prompts, [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]],
+                       lambda got, ref: note(label, got, ref))
         return kernels
 
     kernels = check_decode(nf4, dense, "model", {

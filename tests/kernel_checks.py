@@ -1,0 +1,31 @@
+"""What the Triton-interpreter scripts of test_fastpath.py and test_quantized.py share: the fast path's kernel
+decode step against its eager twin. Imported by those scripts (run in a subprocess with TRITON_INTERPRET=1,
+which must be set before Triton loads), not by pytest itself."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compare_decode(eager, kernels, prompts: list[list[int]], tables: list[list[int]], note) -> None:
+    """Prefill ``prompts`` (block ``tables``) on both runners, then 3 decode steps of 2 rows and of 1 row fed
+    the eager runner's greedy tokens; ``note(got, reference)`` gets every pair of logits."""
+    from vicuna_demo.engines.fastpath import Job
+    from vicuna_demo.engines.fastpath.scheduler import _Slot
+    with torch.inference_mode():
+        reference = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
+        note(kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)]), reference)
+        for rows in (2, 1):
+            slots = []
+            for ids, table, logits in list(zip(prompts, tables, reference))[:rows]:
+                slot = _Slot(job=Job("x", ids, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=table, start=0)
+                slot.n_written, slot.last_token = len(ids), int(logits.argmax())
+                slots.append(slot)
+            for runner in (eager, kernels):
+                runner.load_rows(slots)
+            for _ in range(3):
+                x, y = eager._decode_torch(rows), kernels._decode_kernels(1 if rows == 1 else 4)[:rows]
+                note(y, x)
+                for runner in (eager, kernels):
+                    runner.tokens[:rows] = x.argmax(-1)
+                    runner.pos[:rows] += 1
