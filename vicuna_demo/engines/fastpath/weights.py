@@ -135,8 +135,8 @@ class _Linear:
     for that shape and row count), quantized weights through our kernels, or the module(s) themselves.
 
     ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps)
-    (4-bit: also ("gemv", bn, bk, warps, "lut"), the word-decoding variant),
-    ("tiled", bm, bn, bk, warps, stages), "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own
+    (4-bit: also ("gemv", bn, bk, warps, "lut"), the word-decoding variant), ("tiled", bm, bn, bk, warps, stages)
+    (4-bit: also with "lut" last), "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own
     matmul) or, for dense weights, absent (cuBLAS). Row counts never timed (prefill) use ``default``."""
 
     def __init__(self, module=None, weight=None, bias=None, quant_kernels=False, modules=None, quant=None):
