@@ -299,16 +299,17 @@ def penalty_agreement(engine: LocalEngine, model, label: str, penalty: float = 1
         return []
     vocab = int(model.config.vocab_size)
     device = next(model.parameters()).device
-    cases = [(64, penalty), (300, penalty), (64, 1.0)]
+    cases = [(random_prompt(length, 70 + i, vocab), p) for i, (length, p) in
+             enumerate([(64, penalty), (300, penalty), (64, 1.0)])]
     got = [([], threading.Event()) for _ in cases]
-    for i, ((length, p), (tokens, done)) in enumerate(zip(cases, got)):
-        fast.submit(Job(request_id=f"penalty-{label}-{i}", ids=random_prompt(length, 70 + i, vocab), max_new=n,
-                        temperature=0.0, top_p=1.0, eos=frozenset(), repetition_penalty=p,
+    for i, ((ids, p), (tokens, done)) in enumerate(zip(cases, got)):
+        fast.submit(Job(request_id=f"penalty-{label}-{i}", ids=ids, max_new=n, temperature=0.0, top_p=1.0,
+                        eos=frozenset(), repetition_penalty=p,
                         emit=lambda t, f, e, tokens=tokens, done=done: (tokens.extend(t), f and done.set())))
     records = []
-    for i, ((length, p), (tokens, done)) in enumerate(zip(cases, got)):
+    for (ids, p), (tokens, done) in zip(cases, got):
         done.wait(300)
-        ids = random_prompt(length, 70 + i, vocab)
+        length = len(ids)
         inputs = torch.tensor([ids], device=device)
         with torch.inference_mode():
             ref = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,

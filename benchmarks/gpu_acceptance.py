@@ -138,13 +138,10 @@ def evaluation(runtime, engine, n_questions: int, new_tokens: int, tiny: bool) -
     through ``EvaluationRunner.answer`` on the app's engines; then FastChat's way (``gen_model_answer``:
     plain ``generate``, greedy, batch 1, one question after another) on 2 of them with 96 tokens, scaled to
     the same work."""
-    import torch
+    import eval_bench      # its distinct questions and FastChat's loop (the engine has a LoadedModel's fields)
     from vicuna_demo.engines.protocol import SamplingParams
-    from vicuna_demo.evaluation.questions import Question, builtin_questions
     from vicuna_demo.evaluation.runner import EvaluationRunner
-    base = builtin_questions()
-    questions = [Question(question_id=i + 1, category=base[i % len(base)].category,
-                          turns=(f"{base[i % len(base)].turns[0]} (Question {i + 1}.)",)) for i in range(n_questions)]
+    questions = eval_bench.eighty_questions(n_questions)
     engines = runtime.service.engines
     runner = EvaluationRunner(engines, judge=next(iter(engines)),
                               answer_params=SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=new_tokens))
@@ -157,28 +154,9 @@ def evaluation(runtime, engine, n_questions: int, new_tokens: int, tiny: bool) -
                new_tokens_each=new_tokens, tokens=tokens, seconds=round(seconds, 1), tok_s=round(tokens / seconds, 1),
                errors=sorted({a.error for a in done if a.error})[:3],
                finish_reasons=sorted({r for a in done for r in a.finish_reasons}))
-    # FastChat's way on the same weights and tokenizer
-    model, tokenizer, template = engine.model, engine.tokenizer, engine.template     # the engine's own model
-    times, n_base = [], 16 if tiny else 96
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        model.generate(torch.tensor([[1, 2, 3]], device=device), max_new_tokens=4, do_sample=False, pad_token_id=0)
-        for question in questions[:2]:
-            ids = tokenizer(template.render([{"role": "user", "content": question.turns[0]}]))["input_ids"]
-            inputs = torch.tensor([ids], device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n_base,
-                           min_new_tokens=n_base, do_sample=False, pad_token_id=0)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    per_token = sum(times) / (len(times) * n_base)
-    sequential = per_token * tokens
-    out.update(baseline=dict(answers=len(times), new_tokens=n_base, seconds=[round(t, 2) for t in times],
-                             tok_s=round(1 / per_token, 1)),
-               sequential_estimate_s=round(sequential, 1), speedup=round(sequential / seconds, 1))
+    base = eval_bench.baseline(engine, questions[:2], 16 if tiny else 96)     # the engine's own model
+    sequential = tokens / base["tok_s"]
+    out.update(baseline=base, sequential_estimate_s=round(sequential, 1), speedup=round(sequential / seconds, 1))
     return out
 
 

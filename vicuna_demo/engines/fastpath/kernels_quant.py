@@ -69,6 +69,17 @@ def _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, 
 
 
 @triton.jit
+def _input_at(x_ptr, u_ptr, idx, mask, GATED: tl.constexpr):
+    """x[idx] in fp32; with GATED, SiLU(x) * up rounded as the separate SiLU kernel rounds it."""
+    g = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    v = g.to(tl.float32)
+    if GATED:
+        u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v = ((v / (1.0 + tl.exp(-v))).to(g.dtype).to(tl.float32) * u).to(g.dtype).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _nf4_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, N, K,
                      NESTED: tl.constexpr, GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
@@ -80,17 +91,8 @@ def _nf4_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code
     for k0 in range(0, K, BLOCK_K):
         even = k0 + 2 * j
         kmask = even < K
-        if GATED:   # x = SiLU(gate) * up, rounded like the separate kernel (the down projection)
-            ge = tl.load(x_ptr + even, mask=kmask, other=0.0)
-            go = tl.load(x_ptr + even + 1, mask=kmask, other=0.0)
-            gef, gof = ge.to(tl.float32), go.to(tl.float32)
-            xe = ((gef / (1.0 + tl.exp(-gef))).to(ge.dtype).to(tl.float32)
-                  * tl.load(u_ptr + even, mask=kmask, other=0.0).to(tl.float32)).to(ge.dtype).to(tl.float32)
-            xo = ((gof / (1.0 + tl.exp(-gof))).to(go.dtype).to(tl.float32)
-                  * tl.load(u_ptr + even + 1, mask=kmask, other=0.0).to(tl.float32)).to(go.dtype).to(tl.float32)
-        else:
-            xe = tl.load(x_ptr + even, mask=kmask, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + even + 1, mask=kmask, other=0.0).to(tl.float32)
+        xe = _input_at(x_ptr, u_ptr, even, kmask, GATED)       # GATED: SiLU(gate) * up (the down projection)
+        xo = _input_at(x_ptr, u_ptr, even + 1, kmask, GATED)
         we, wo = _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, K,
                            BLOCK_N, BLOCK_K, NESTED, GROUP)
         acc += we * xe[None, :] + wo * xo[None, :]
@@ -117,17 +119,6 @@ def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr):
         e6 = tl.load(code_ptr + ((words >> 28) & 15))
         e7 = tl.load(code_ptr + ((words >> 24) & 15))
     return e0, e1, e2, e3, e4, e5, e6, e7
-
-
-@triton.jit
-def _input_at(x_ptr, u_ptr, idx, mask, GATED: tl.constexpr):
-    """x[idx] in fp32; with GATED, SiLU(x) * up rounded as the separate SiLU kernel rounds it."""
-    g = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    v = g.to(tl.float32)
-    if GATED:
-        u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = ((v / (1.0 + tl.exp(-v))).to(g.dtype).to(tl.float32) * u).to(g.dtype).to(tl.float32)
-    return v
 
 
 @triton.jit
@@ -165,17 +156,24 @@ def _nf4_lut_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, 
     tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+def _word_args(q) -> tuple[tuple, dict]:
+    """The word-decoding kernels' tensors (words, scales, tables) and constants for weight ``q``."""
+    if q.words is None or q.lut is None:
+        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
+    tensors, nested = _nf4_args(q)
+    # Triton's interpreter runs no PTX: there the same values come from table loads
+    return (q.words, *tensors[1:]), dict(LUT=q.lut, USE_ASM=os.environ.get("TRITON_INTERPRET") != "1",
+                                         NESTED=nested, GROUP=q.group)
+
+
 def _nf4_lut_gemv(x: torch.Tensor, q, block_n: int, block_k: int, num_warps: int,
                   up: torch.Tensor | None) -> torch.Tensor:
     n, k = q.shape
-    if q.words is None or q.lut is None:
-        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
+    tensors, constants = _word_args(q)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    tensors, nested = _nf4_args(q)
     _nf4_lut_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, up if up is not None else x, q.words, *tensors[1:], out, n, k, k // 8, LUT=q.lut,
-        USE_ASM=os.environ.get("TRITON_INTERPRET") != "1", NESTED=nested, GATED=up is not None, GROUP=q.group,
-        BLOCK_N=block_n, NB=max(1, block_k // 64), num_warps=num_warps)
+        x, up if up is not None else x, *tensors, out, n, k, k // 8, GATED=up is not None, BLOCK_N=block_n,
+        NB=max(1, block_k // 64), num_warps=num_warps, **constants)
     return out
 
 
@@ -223,15 +221,12 @@ def _nf4_lut_mm(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, nu
                 num_stages: int) -> torch.Tensor:
     m, k = x.shape
     n = q.shape[0]
-    if q.words is None or q.lut is None:
-        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
+    tensors, constants = _word_args(q)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    tensors, nested = _nf4_args(q)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _nf4_lut_mm_kernel[grid](x, q.words, *tensors[1:], out, m, n, k, k // 8, x.stride(0), out.stride(0), LUT=q.lut,
-                             USE_ASM=os.environ.get("TRITON_INTERPRET") != "1", NESTED=nested, GROUP=q.group,
-                             BLOCK_M=block_m, BLOCK_N=block_n, NB=max(2, block_k // 64), num_warps=num_warps,
-                             num_stages=num_stages)
+    _nf4_lut_mm_kernel[grid](x, *tensors, out, m, n, k, k // 8, x.stride(0), out.stride(0), BLOCK_M=block_m,
+                             BLOCK_N=block_n, NB=max(2, block_k // 64), num_warps=num_warps, num_stages=num_stages,
+                             **constants)
     return out
 
 
