@@ -165,6 +165,10 @@ KERNEL_CHECK = textwrap.dedent("""
             x = torch.randn(rows, 320).half()
             note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3), x.float() @ w.half().float().T)
             note("tiled", kq.qmatmul(x, q, 16, 16, 256, 4, 3, "lut"), x.float() @ w.half().float().T)   # partial
+            # the weight as the left operand: whole, and K in 2 / 3 parts (the last one shorter)
+            note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3, "t", 1), x.float() @ w.half().float().T)
+            note("tiled", kq.qmatmul(x, q, 32, 64, 128, 4, 3, "t", 2), x.float() @ w.half().float().T)
+            note("tiled", kq.qmatmul(x, q, 16, 16, 128, 4, 3, "t", 3), x.float() @ w.half().float().T)
         # q/k/v fused into one weight: the modules become views of it and still compute what they did
         parts = [linear4(n, 256, nested) for n in (128, 64, 64)]
         before = [reference(p) for p in parts]
@@ -180,6 +184,9 @@ KERNEL_CHECK = textwrap.dedent("""
     for rows in (2, 9, 33):
         x = torch.randn(rows, 192).half()
         note("int8 tiled", kq.qmatmul(x, q8, 16, 16, 64, 4, 3), x.float() @ w8.T)
+        note("int8 tiled", kq.qmatmul(x, q8, 16, 16, 64, 4, 3, "t", 1), x.float() @ w8.T)
+        note("int8 tiled", kq.qmatmul(x, q8, 16, 32, 64, 4, 3, "t", 2), x.float() @ w8.T)      # 64 + 128
+        note("int8 tiled", kq.qmatmul(x, q8, 32, 16, 32, 4, 3, "t", 4), x.float() @ w8.T)      # 4 x 48
     note("int8 dequantize", kq.dequantize(q8, torch.float32), w8)
 
     # The whole kernel decode step over a 4-bit model (fused q/k/v and gate/up whose 128-block parts do not
@@ -248,6 +255,10 @@ KERNEL_CHECK = textwrap.dedent("""
     attn = int8.model.layers[0].self_attn
     with torch.inference_mode():
         before = [m(probe) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    check_decode(nf4, dense, "model", {1: ("tiled", 16, 16, 128, 4, 3, "t", 2),
+                                       4: ("tiled", 16, 16, 128, 4, 3, "t", 1), 74: "dequant"})
+    check_decode(int8, dense8, "int8 model", {1: ("gemv", None, None, 4), 4: ("tiled", 16, 16, 64, 4, 3, "t", 2),
+                                              74: "dequant"})
     kernels = check_decode(int8, dense8, "int8 model", {1: ("gemv", None, None, 4), 4: ("tiled", 16, 16, 64, 4, 3),
                                                         74: "dequant"})
     fused = kernels.layers[0].qkv.quant

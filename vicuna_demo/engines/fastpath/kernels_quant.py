@@ -20,6 +20,9 @@ concatenates modules with different offsets), and need K % 64 == 0 so that a blo
 - ``qmatmul(x, q, block_m, block_n, block_k, warps, stages, variant)``: several rows (decode batches): weight
   tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation; NF4 variant "lut"
   decodes whole words and makes one tile per position within a word (8 dots per step).
+- ``qmatmul(..., variant="t", splits=s)`` (int8 and NF4 words): the weight tile as the dot's left operand
+  (its rows on the tensor cores' wide side), K cut into ``s`` parts summed in fp32, for batches whose
+  output is too narrow to give every multiprocessor a tile.
 - ``dequantize(q, dtype)``: the whole weight in 16 bits (for ``F.linear`` when many rows make a copy pay).
 """
 
@@ -230,6 +233,87 @@ def _nf4_lut_mm(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, nu
     return out
 
 
+@triton.jit
+def _mm_t_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, M, N, K, KW, stride_xm,
+                 K_SPLIT, KIND: tl.constexpr, LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight as the left operand: out.T [BLOCK_N, BLOCK_M] = W tile @ x.T tile, so that the weight rows fill
+    the tensor cores' wide side (Hopper's warpgroup MMA takes a left operand converted in registers) and a few
+    visitors' rows the narrow one. Program (n, m, s) covers columns s*K_SPLIT .. +K_SPLIT; with several
+    splits, ``out`` is [splits, M, N] fp32 partial sums. KIND 8: int8 rows, scaled after the dot (exact);
+    KIND 4: NF4 words decoded in registers (BLOCK_K values = BLOCK_K / 8 words; one fp16 tile per position
+    within a word, scaled per block and rounded to 16 bits like a de-quantized copy)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = m < M, n < N
+    k_lo = pid_s * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    x_cols = x_ptr + m[None, :].to(tl.int64) * stride_xm
+    if KIND == 8:
+        kk = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + n[:, None].to(tl.int64) * K
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + kk
+            kmask = k < k_hi
+            xt = tl.load(x_cols + k[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(xt.dtype)
+            acc += tl.dot(w, xt)
+        acc = acc * tl.load(a_ptr + n, mask=nmask, other=0.0)[:, None]
+    else:
+        W: tl.constexpr = BLOCK_K // 8
+        NB: tl.constexpr = BLOCK_K // 64
+        wi = tl.arange(0, W)
+        KB = K // 64
+        w_rows = w_ptr + n[:, None].to(tl.int64) * KW
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            word = k0 // 8 + wi                                     # [W]: word of the row
+            inside = word < k_hi // 8
+            words = tl.load(w_rows + word[None, :], mask=nmask[:, None] & inside[None, :], other=0)
+            scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, k0 // 64, KB, NB, NESTED, GROUP)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, 8)), (BLOCK_N, W))   # per word
+            e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM)
+            xs = x_cols + word[:, None] * 8                         # the first column of each word
+            xmask = inside[:, None] & mmask[None, :]
+            xt = tl.load(xs, mask=xmask, other=0.0)
+            acc += tl.dot((e0 * scale).to(xt.dtype), xt)
+            acc += tl.dot((e1 * scale).to(xt.dtype), tl.load(xs + 1, mask=xmask, other=0.0))
+            acc += tl.dot((e2 * scale).to(xt.dtype), tl.load(xs + 2, mask=xmask, other=0.0))
+            acc += tl.dot((e3 * scale).to(xt.dtype), tl.load(xs + 3, mask=xmask, other=0.0))
+            acc += tl.dot((e4 * scale).to(xt.dtype), tl.load(xs + 4, mask=xmask, other=0.0))
+            acc += tl.dot((e5 * scale).to(xt.dtype), tl.load(xs + 5, mask=xmask, other=0.0))
+            acc += tl.dot((e6 * scale).to(xt.dtype), tl.load(xs + 6, mask=xmask, other=0.0))
+            acc += tl.dot((e7 * scale).to(xt.dtype), tl.load(xs + 7, mask=xmask, other=0.0))
+    dest = out_ptr + pid_s.to(tl.int64) * M * N + m[None, :] * N + n[:, None]
+    tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+
+
+def _mm_t(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+          splits: int) -> torch.Tensor:
+    """x @ W.T through ``_mm_t_kernel``, the columns cut into ``splits`` parts summed in fp32 afterwards (more
+    programs than the weight's rows alone give, for the shapes whose output is narrow)."""
+    m, k = x.shape
+    n = q.shape[0]
+    if q.kind == "int8":
+        tensors, constants = (q.data, q.scale, q.scale, q.scale, q.scale, q.scale), \
+            dict(KIND=8, LUT="", USE_ASM=False, NESTED=False, GROUP=1)
+    else:
+        tensors, constants = _word_args(q)
+        constants["KIND"] = 4
+        block_k = max(128, block_k)
+    per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, per_split)
+    out = torch.empty((splits, m, n) if splits > 1 else (m, n), dtype=torch.float32 if splits > 1 else x.dtype,
+                      device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
+    _mm_t_kernel[grid](x, *tensors, out, m, n, k, k // 8, x.stride(0), per_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                       BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **constants)
+    return out.sum(0).to(x.dtype) if splits > 1 else out
+
+
 def _nf4_args(q):
     nested = q.absmax2 is not None
     return (q.data, q.absmax, q.absmax2 if nested else q.absmax, q.offset2 if nested else q.absmax, q.code,
@@ -289,11 +373,14 @@ def _qmatmul_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, o
 
 
 def qmatmul(x: torch.Tensor, q, block_m: int = 16, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
-            num_stages: int = 3, variant: str = "table") -> torch.Tensor:
+            num_stages: int = 3, variant: str = "table", splits: int = 1) -> torch.Tensor:
     """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows). NF4 ``variant``
-    "lut": whole words decoded in registers (``nf4_lut.py``), block_k of at least 128."""
+    "lut": whole words decoded in registers (``nf4_lut.py``), block_k of at least 128. ``variant`` "t" (int8
+    and NF4 words): the weight as the dot's left operand, K cut into ``splits`` parts (``_mm_t_kernel``)."""
     if variant == "lut" and q.kind == "nf4":
         return _nf4_lut_mm(x, q, block_m, block_n, block_k, num_warps, num_stages)
+    if variant == "t":
+        return _mm_t(x, q, block_m, block_n, block_k, num_warps, num_stages, splits)
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -144,10 +144,13 @@ class FastModel(DecodeMixin, TuningMixin):
         step of a full batch (about what the CUDA-graph pool keeps), plus memory.ENGINE_MARGIN_BYTES.
         Uses a pool of the trash block alone (every block table is zeros: all writes go to block 0), so that a
         large model's measurement needs no context of KV memory (33B: 6.6 GB) beside its weights; frees it.
-        0 on a CPU."""
+        The projections are tuned first (``tune_gemv``): the decode step measured is the one the graphs will
+        hold, and the kernels tuning loads (GPU memory outside PyTorch's count) are in place before anyone
+        reads what is free. 0 on a CPU."""
         if not self.cuda:
             return 0
         from ..memory import ENGINE_MARGIN_BYTES
+        self.tune_gemv()
         dev = self.device
         temporary = not self.k_cache
         if temporary:

@@ -59,6 +59,7 @@ class FastScheduler(AdmissionMixin):
         self._admit_blocked = False
         self.tuning: dict = {}
         self.attention_tuning: dict = {}
+        self.free_mib: dict[str, int] = {}     # GPU memory free after each warm-up phase (``_note_free``)
         self.prefill_log: deque = deque(maxlen=256)     # recent prefills: rows, tokens, seconds, waited
         self.launch_times: deque = deque(maxlen=4096)   # when recent decode steps were launched
         self._host: list[torch.Tensor] = []
@@ -158,17 +159,21 @@ class FastScheduler(AdmissionMixin):
         self._progress(f"{self.name}: allocating the KV cache")
         blocks = None if self.kv_bytes is None else max(1, self.kv_bytes // runner.kv_bytes_per_block())
         runner.allocate_cache(blocks)
+        self._note_free("kv cache allocated")
         if runner.use_kernels:
             self.status = "tuning kernels"
             self.tuning = runner.tune_gemv(lambda m: self._progress(f"{self.name}: {m}"))
             self.attention_tuning = runner.tune_attention(progress=lambda m: self._progress(f"{self.name}: {m}"))
+            self._note_free("kernels tuned")
         if runner.use_graphs:
             self.status = "capturing CUDA graphs"
             runner.capture(lambda m: self._progress(f"{self.name}: {m}"))
+            self._note_free("graphs captured")
         if runner.cuda:
             self.status = "warming up prefill"
             self._progress(f"{self.name}: warming up prefill")
             runner.warm_prefill()
+            self._note_free("prefill warmed")
         self._pool = _BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
         if runner.cuda:
             self._host = [torch.empty(runner.max_rows, dtype=torch.long, pin_memory=True) for _ in range(4)]
@@ -178,8 +183,14 @@ class FastScheduler(AdmissionMixin):
                        f"{'Triton kernels' if runner.use_kernels else 'eager ops'})")
         self.status = "ready"
 
+    def _note_free(self, phase: str) -> None:
+        """Record the GPU memory free (MiB) after a warm-up phase: where a card's memory went, in the stats
+        and in the log of a failed start."""
+        if self.runner.cuda:
+            self.free_mib[phase] = torch.cuda.mem_get_info(self.runner.device)[0] // 2**20
+
     def _start_failed(self, exc: BaseException) -> None:
-        log.exception("fast path warm-up failed")
+        log.exception("fast path warm-up failed (MiB free after each phase: %s)", self.free_mib)
         runner = self.runner
         runner.release()
         if runner.cuda:

@@ -23,7 +23,11 @@ class TuningMixin:
         the fastest: cuBLAS against our GEMV for 16-bit weights (up to 8 rows); for int8 and 4-bit weights our
         GEMV (one row), our tiled kernel, a 16-bit copy + cuBLAS, and for 4-bit bitsandbytes' own matmul; each
         timed inside a CUDA graph, the way the decode step runs it (every candidate's time: ``tuning_detail``).
-        Runs once at warm-up."""
+        Runs once, before the KV cache is sized (``measure_activation_peak`` calls it): the kernels it loads
+        take GPU memory of their own, and the chosen ones' scratch is part of the measured decode peak."""
+        if getattr(self, "gemv_chosen", None) is not None:
+            progress(f"tuned matrix products for {len(self.gemv_chosen)} shapes and batch sizes")
+            return self.gemv_chosen
         self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
         self.rejected_configs: dict[str, float] = {}    # candidates whose result disagreed: relative error
         if not (self.cuda and self.use_kernels):
@@ -70,6 +74,7 @@ class TuningMixin:
                 chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), baseline)
                 self.tuning_detail[(key[0], str(key[1]), rows)] = us
         progress(f"tuned matrix products for {len(groups)} weight shapes")
+        self.gemv_chosen = chosen
         return chosen
 
     def warm_prefill(self) -> None:
@@ -179,6 +184,10 @@ def _relative_error(out: torch.Tensor, reference: torch.Tensor | None) -> float:
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
+_TRANSPOSED = ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 2), (128, 128, 8, 3, 1),
+               (128, 128, 8, 3, 2), (128, 256, 8, 3, 4))    # (bn, bk, warps, stages, splits) of kernels_quant._mm_t
+
+
 def _candidates(p: _Linear, rows: int) -> list:
     """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
@@ -195,6 +204,8 @@ def _candidates(p: _Linear, rows: int) -> list:
     if p.quant.kind == "int8" and rows > 32:
         tiled.append(("tiled", bm, 128, 128, 8, 3))      # wider tiles: at 64 rows the widest tried won (H200)
     out: list = ["dequant"] + tiled
+    if p.quant.kind == "int8" or p.quant.lut is not None:     # the weight as the dot's left operand, K split
+        out += [("tiled", bm, bn, bk, w, st, "t", splits) for bn, bk, w, st, splits in _TRANSPOSED]
     if p.quant.kind == "nf4":
         out.append("module")                 # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
         if rows > 1 and p.quant.lut is not None:     # words decoded in registers into fp16 tiles (nf4_lut.py)

@@ -136,8 +136,9 @@ class _Linear:
 
     ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps)
     (4-bit: also ("gemv", bn, bk, warps, "lut"), the word-decoding variant), ("tiled", bm, bn, bk, warps, stages)
-    (4-bit: also with "lut" last), "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own
-    matmul) or, for dense weights, absent (cuBLAS). Row counts never timed (prefill) use ``default``."""
+    (4-bit: also with "lut" last; int8 and 4-bit: with "t", splits last, the weight as the left operand),
+    "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own matmul) or, for dense weights, absent
+    (cuBLAS). Row counts never timed (prefill) use ``default``."""
 
     def __init__(self, module=None, weight=None, bias=None, quant_kernels=False, modules=None, quant=None):
         self.modules = modules or ([module] if module is not None else [])
