@@ -54,6 +54,12 @@ class FastModel(DecodeMixin, TuningMixin):
         self.config = model.config.get_text_config()
         self.device = model.model.embed_tokens.weight.device
         self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            # Prefill attention without cuDNN's (process-wide: the flag is global): on an H200 PyTorch 2.11
+            # picks cuDNN, which builds a plan per new shape with memory outside PyTorch's allocator, so a card
+            # whose KV cache took what the plan gave failed its first request of an unseen length (16 GB card,
+            # 7B 8-bit). Flash attention needs no such memory.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = model.model.embed_tokens.weight.dtype
         attn0 = model.model.layers[0].self_attn
         self.n_heads = int(self.config.num_attention_heads)
