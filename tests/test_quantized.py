@@ -161,14 +161,24 @@ KERNEL_CHECK = textwrap.dedent("""
         note("gemv", kq.nf4_gemv(x, q, 16, 128, 4, "lut"), x @ w.T)
         note("gemv", kq.nf4_gemv(x, q, 32, 256, 4, "lut"), x @ w.T)      # 5 blocks a row: a partial tile
         note("gemv", kq.nf4_gemv(g, q, 16, 64, 4, "lut", up=u), (torch.nn.functional.silu(g) * u) @ w.T)
+        # K in parts (5 blocks: 2 + 2 + 1, and 3 + 2 with a partial tile), inputs loaded as one run or strided
+        for variant in ("lut", "lutc", "luth", "lutch"):     # "h": fp16 products within a word
+            name = "gemv16" if "h" in variant else "gemv"
+            note(name, kq.nf4_gemv(x, q, 16, 128, 4, variant, 3), x @ w.T)
+            note(name, kq.nf4_gemv(x, q, 32, 128, 4, variant, 2), x @ w.T)
+            note(name, kq.nf4_gemv(g, q, 16, 64, 4, variant, 4, up=u), (torch.nn.functional.silu(g) * u) @ w.T)
+        note("gemv", kq.nf4_gemv(x, q, 32, 256, 4, "lutc"), x @ w.T)
         for rows in (3, 17):
             x = torch.randn(rows, 320).half()
             note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3), x.float() @ w.half().float().T)
-            note("tiled", kq.qmatmul(x, q, 16, 16, 256, 4, 3, "lut"), x.float() @ w.half().float().T)   # partial
             # the weight as the left operand: whole, and K in 2 / 3 parts (the last one shorter)
             note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3, "t", 1), x.float() @ w.half().float().T)
             note("tiled", kq.qmatmul(x, q, 32, 64, 128, 4, 3, "t", 2), x.float() @ w.half().float().T)
             note("tiled", kq.qmatmul(x, q, 16, 16, 128, 4, 3, "t", 3), x.float() @ w.half().float().T)
+            # decoded in fp16, inputs loaded as one run, both; K in 2 parts with a partial last tile
+            for variant in ("th", "tc", "thc"):
+                note("tiled", kq.qmatmul(x, q, 16, 32, 128, 4, 3, variant, 1), x.float() @ w.half().float().T)
+                note("tiled", kq.qmatmul(x, q, 32, 16, 256, 4, 3, variant, 2), x.float() @ w.half().float().T)
         # q/k/v fused into one weight: the modules become views of it and still compute what they did
         parts = [linear4(n, 256, nested) for n in (128, 64, 64)]
         before = [reference(p) for p in parts]
@@ -236,8 +246,13 @@ KERNEL_CHECK = textwrap.dedent("""
         4: ("tiled", 16, 16, 64, 4, 3),      # batches: the tiled kernel
         74: "dequant"})                      # the prefill (2 x 37 tokens): our de-quantize
     assert all(layer.qkv.quant.absmax2 is not None for layer in kernels.layers)
-    check_decode(nf4, dense, "model", {1: ("gemv", 16, 128, 4, "lut"), 4: ("tiled", 16, 16, 128, 4, 3, "lut"),
-                                       74: "dequant"})  # the word-decoding kernels (table loads here)
+    # the word-decoding kernels (table loads here): strided inputs; inputs in one run with K in parts; fp16 values
+    check_decode(nf4, dense, "model", {1: ("gemv", 16, 128, 4, "lut"), 4: ("tiled", 16, 16, 128, 4, 3, "t", 1),
+                                       74: "dequant"})
+    check_decode(nf4, dense, "model", {1: ("gemv", 16, 128, 4, "lutc", 2), 4: ("tiled", 16, 16, 128, 4, 3, "tc", 2),
+                                       74: "dequant"})
+    check_decode(nf4, dense, "model16", {1: ("gemv", 16, 64, 4, "lutch", 3), 4: ("tiled", 16, 32, 128, 4, 3, "thc", 1),
+                                         74: "dequant"})
 
     # 8-bit (LLM.int8 on CPU): q/k/v and gate/up joined into one int8 weight each, the modules made views of
     # it and still computing what they did; the kernel decode step against the de-quantized fp32 twin
@@ -290,6 +305,11 @@ def test_word_decoding_program_gives_every_index_in_every_nibble_its_table_value
         text = nf4_lut.ptx(code)
         assert text.count("prmt.b32") == 16 and text.count("cvt.f32.f16") == 8
         assert all(f"${i}" in text for i in range(9))
+        half = nf4_lut.ptx(code, half=True)       # fp16 outputs: the same permutes, pairs split instead of converted
+        assert half.count("prmt.b32") == 16 and "cvt" not in half
+        assert [line for line in half.splitlines() if line.startswith("mov.b32 {$")] == \
+            ["mov.b32 {$1, $0}, %nf4_p01;", "mov.b32 {$3, $2}, %nf4_p23;", "mov.b32 {$5, $4}, %nf4_p01;",
+             "mov.b32 {$7, $6}, %nf4_p23;"]
     assert nf4_lut.ptx(code) != nf4_lut.ptx(bf.get_4bit_type("nf4", device="cpu").float().numpy())
 
 
@@ -311,6 +331,7 @@ def test_quantized_kernels_match_bitsandbytes_in_the_triton_interpreter(tmp_path
     worst = eval(done.stdout.split("WORST")[-1])      # noqa: S307 - our own script's dict literal
     assert worst["dequantize"] == 0.0 and worst["fused"] == 0.0 and worst["int8 dequantize"] < 1e-6
     assert worst["gemv"] < 1e-5                       # fp32 inside, fp32 out
+    assert 0 < worst["gemv16"] < 3e-3                 # fp16 values and inputs within a word (rounded, not exact)
     assert worst["tiled"] < 2e-3 and worst["int8 tiled"] < 2e-3    # fp16 output rounding
-    assert worst["model"] < 1e-4
+    assert worst["model"] < 1e-4 and 0 < worst["model16"] < 5e-3
     assert worst["int8 model"] < 1e-4 and worst["int8 views"] == 0.0

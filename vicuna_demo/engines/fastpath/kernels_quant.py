@@ -103,15 +103,21 @@ def _nf4_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code
 
 
 @triton.jit
-def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr):
-    """The 8 values (fp32, without their block's absmax) of each int32 word of packed indices, elements 0-7.
-    On a GPU: the byte-permute program of ``nf4_lut.py`` (the table in registers); in Triton's interpreter,
-    which runs no PTX: table loads, the same values."""
+def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr, HALF: tl.constexpr = False):
+    """The 8 values (fp32, or fp16 with HALF and the fp16 program as LUT; without their block's absmax) of each
+    int32 word of packed indices, elements 0-7. On a GPU: the byte-permute program of ``nf4_lut.py`` (the table
+    in registers); in Triton's interpreter, which runs no PTX: table loads, the same values."""
     if USE_ASM:
-        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
-            LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
-            is_pure=True, pack=1)
+        if HALF:
+            e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+                LUT, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16), is_pure=True, pack=1)
+        else:
+            e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+                LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32,
+                       tl.float32), is_pure=True, pack=1)
     else:     # a byte holds elements (2i, 2i+1) as (high, low) nibble; words are little-endian
         e0 = tl.load(code_ptr + ((words >> 4) & 15))
         e1 = tl.load(code_ptr + (words & 15))
@@ -121,128 +127,117 @@ def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr):
         e5 = tl.load(code_ptr + ((words >> 16) & 15))
         e6 = tl.load(code_ptr + ((words >> 28) & 15))
         e7 = tl.load(code_ptr + ((words >> 24) & 15))
+        if HALF:
+            e0, e1, e2, e3 = e0.to(tl.float16), e1.to(tl.float16), e2.to(tl.float16), e3.to(tl.float16)
+            e4, e5, e6, e7 = e4.to(tl.float16), e5.to(tl.float16), e6.to(tl.float16), e7.to(tl.float16)
     return e0, e1, e2, e3, e4, e5, e6, e7
 
 
 @triton.jit
+def _x_by_position(x_ptr, u_ptr, kb0, KB, NB: tl.constexpr, GATED: tl.constexpr):
+    """The inputs of blocks kb0..kb0+NB, loaded contiguously, as 8 tensors [NB, 8]: x_j[b, w] is the column of
+    element j of word w of block b (column (kb0 + b) * 64 + w * 8 + j)."""
+    cols = kb0 * 64 + tl.arange(0, NB * 64)
+    xv = tl.reshape(_input_at(x_ptr, u_ptr, cols, cols < KB * 64, GATED), [NB, 8, 2, 2, 2])  # j = 4a + 2b + c
+    c0, c1 = tl.split(xv)
+    b0c0, b1c0 = tl.split(c0)
+    b0c1, b1c1 = tl.split(c1)
+    x0, x4 = tl.split(b0c0)
+    x2, x6 = tl.split(b1c0)
+    x1, x5 = tl.split(b0c1)
+    x3, x7 = tl.split(b1c1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _nf4_lut_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, N, K, KW,
-                         LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr, GATED: tl.constexpr,
-                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                         KB_SPLIT, LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr,
+                         GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                         X_CONTIGUOUS: tl.constexpr, HALF: tl.constexpr):
     """One row: a tile is [BLOCK_N rows, NB blocks of 64, 8 words]; each block's dot product is summed
-    before its absmax multiplies it (one multiply per 64 values)."""
+    before its absmax multiplies it (one multiply per 64 values). Program (n, s) covers blocks
+    s*KB_SPLIT .. +KB_SPLIT; with several splits ``out`` is [splits, N] fp32 partial sums. X_CONTIGUOUS: the
+    inputs loaded as one run and split by position in registers, instead of 8 strided loads. HALF: values
+    and inputs in fp16 for the sum over a word's 8 positions (fp32 beyond)."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     KB = K // 64
+    kb_lo = pid_s * KB_SPLIT
+    kb_hi = tl.minimum(kb_lo + KB_SPLIT, KB)
     b = tl.arange(0, NB)
     wd = tl.arange(0, 8)
     rows = n[:, None, None].to(tl.int64) * KW
     acc = tl.zeros([BLOCK_N, NB], tl.float32)
-    for kb0 in range(0, KB, NB):
+    for kb0 in range(kb_lo, kb_hi, NB):
         blk = kb0 + b
-        bmask = blk < KB
+        bmask = blk < kb_hi
         word = blk[:, None] * 8 + wd[None, :]                      # [NB, 8]: word of the row
         words = tl.load(w_ptr + rows + word[None, :, :], mask=nmask[:, None, None] & bmask[None, :, None], other=0)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM)
-        col = word * 8                                               # first of the word's 8 columns
-        xm = bmask[:, None]
-        part = e0 * _input_at(x_ptr, u_ptr, col, xm, GATED)[None, :, :]
-        part += e1 * _input_at(x_ptr, u_ptr, col + 1, xm, GATED)[None, :, :]
-        part += e2 * _input_at(x_ptr, u_ptr, col + 2, xm, GATED)[None, :, :]
-        part += e3 * _input_at(x_ptr, u_ptr, col + 3, xm, GATED)[None, :, :]
-        part += e4 * _input_at(x_ptr, u_ptr, col + 4, xm, GATED)[None, :, :]
-        part += e5 * _input_at(x_ptr, u_ptr, col + 5, xm, GATED)[None, :, :]
-        part += e6 * _input_at(x_ptr, u_ptr, col + 6, xm, GATED)[None, :, :]
-        part += e7 * _input_at(x_ptr, u_ptr, col + 7, xm, GATED)[None, :, :]
+        e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM, HALF)
+        if X_CONTIGUOUS:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_by_position(x_ptr, u_ptr, kb0, kb_hi, NB, GATED)
+        else:
+            col = word * 8                                           # first of the word's 8 columns
+            xm = bmask[:, None]
+            x0 = _input_at(x_ptr, u_ptr, col, xm, GATED)
+            x1 = _input_at(x_ptr, u_ptr, col + 1, xm, GATED)
+            x2 = _input_at(x_ptr, u_ptr, col + 2, xm, GATED)
+            x3 = _input_at(x_ptr, u_ptr, col + 3, xm, GATED)
+            x4 = _input_at(x_ptr, u_ptr, col + 4, xm, GATED)
+            x5 = _input_at(x_ptr, u_ptr, col + 5, xm, GATED)
+            x6 = _input_at(x_ptr, u_ptr, col + 6, xm, GATED)
+            x7 = _input_at(x_ptr, u_ptr, col + 7, xm, GATED)
+        if HALF:
+            x0, x1, x2, x3 = x0.to(tl.float16), x1.to(tl.float16), x2.to(tl.float16), x3.to(tl.float16)
+            x4, x5, x6, x7 = x4.to(tl.float16), x5.to(tl.float16), x6.to(tl.float16), x7.to(tl.float16)
+        part = e0 * x0[None, :, :] + e1 * x1[None, :, :] + e2 * x2[None, :, :] + e3 * x3[None, :, :]
+        part += e4 * x4[None, :, :] + e5 * x5[None, :, :] + e6 * x6[None, :, :] + e7 * x7[None, :, :]
         scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB, NESTED, GROUP)
-        acc += tl.sum(part, axis=2) * scale
-    tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
+        acc += tl.sum(part.to(tl.float32), axis=2) * scale
+    tl.store(out_ptr + pid_s.to(tl.int64) * N + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
 
 
-def _word_args(q) -> tuple[tuple, dict]:
-    """The word-decoding kernels' tensors (words, scales, tables) and constants for weight ``q``."""
+def _word_args(q, half: bool = False) -> tuple[tuple, dict]:
+    """The word-decoding kernels' tensors (words, scales, tables) and constants for weight ``q`` (``half``:
+    the program with fp16 outputs)."""
     if q.words is None or q.lut is None:
         raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
     tensors, nested = _nf4_args(q)
     # Triton's interpreter runs no PTX: there the same values come from table loads
-    return (q.words, *tensors[1:]), dict(LUT=q.lut, USE_ASM=os.environ.get("TRITON_INTERPRET") != "1",
-                                         NESTED=nested, GROUP=q.group)
+    return (q.words, *tensors[1:]), dict(LUT=q.lut16 if half else q.lut, HALF=half, NESTED=nested, GROUP=q.group,
+                                         USE_ASM=os.environ.get("TRITON_INTERPRET") != "1")
 
 
-def _nf4_lut_gemv(x: torch.Tensor, q, block_n: int, block_k: int, num_warps: int,
-                  up: torch.Tensor | None) -> torch.Tensor:
+def _nf4_lut_gemv(x: torch.Tensor, q, block_n: int, block_k: int, num_warps: int, up: torch.Tensor | None,
+                  splits: int = 1, x_contiguous: bool = False, half: bool = False) -> torch.Tensor:
     n, k = q.shape
-    tensors, constants = _word_args(q)
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _nf4_lut_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, up if up is not None else x, *tensors, out, n, k, k // 8, GATED=up is not None, BLOCK_N=block_n,
-        NB=max(1, block_k // 64), num_warps=num_warps, **constants)
-    return out
-
-
-@triton.jit
-def _nf4_lut_mm_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, M, N, K, KW, stride_xm,
-                       stride_om, LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    """Several rows: per step, NB blocks (8 words each) of BLOCK_N weight rows decoded in registers; the values
-    at each of a word's 8 positions form one fp16 tile [BLOCK_N, NB * 8] (scaled, rounded to 16 bits like a
-    de-quantized copy) for a tensor-core dot with the inputs at those columns."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask, nmask = m < M, n < N
-    W: tl.constexpr = NB * 8
-    wi = tl.arange(0, W)
-    KB = K // 64
-    x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
-    w_rows = w_ptr + n[:, None].to(tl.int64) * KW
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb0 in range(0, KB, NB):
-        word = kb0 * 8 + wi                                        # [W]: word of the row
-        inside = word < KW
-        words = tl.load(w_rows + word[None, :], mask=nmask[:, None] & inside[None, :], other=0)
-        scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB, NESTED, GROUP)
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, 8)), (BLOCK_N, W))   # one per word
-        e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM)
-        xs = x_rows + word[None, :] * 8                             # the first column of each word
-        xmask = mmask[:, None] & inside[None, :]
-        x = tl.load(xs, mask=xmask, other=0.0)
-        acc += tl.dot(x, tl.trans((e0 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 1, mask=xmask, other=0.0), tl.trans((e1 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 2, mask=xmask, other=0.0), tl.trans((e2 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 3, mask=xmask, other=0.0), tl.trans((e3 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 4, mask=xmask, other=0.0), tl.trans((e4 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 5, mask=xmask, other=0.0), tl.trans((e5 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 6, mask=xmask, other=0.0), tl.trans((e6 * scale).to(x.dtype)))
-        acc += tl.dot(tl.load(xs + 7, mask=xmask, other=0.0), tl.trans((e7 * scale).to(x.dtype)))
-    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
-
-
-def _nf4_lut_mm(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, num_warps: int,
-                num_stages: int) -> torch.Tensor:
-    m, k = x.shape
-    n = q.shape[0]
-    tensors, constants = _word_args(q)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _nf4_lut_mm_kernel[grid](x, *tensors, out, m, n, k, k // 8, x.stride(0), out.stride(0), BLOCK_M=block_m,
-                             BLOCK_N=block_n, NB=max(2, block_k // 64), num_warps=num_warps, num_stages=num_stages,
-                             **constants)
-    return out
+    tensors, constants = _word_args(q, half)
+    nb = max(1, block_k // 64)
+    per_split = triton.cdiv(triton.cdiv(k // 64, splits), nb) * nb          # blocks of 64 per split
+    splits = triton.cdiv(k // 64, per_split)
+    out = torch.empty((splits, n) if splits > 1 else (1, n), dtype=torch.float32 if splits > 1 else x.dtype,
+                      device=x.device)
+    _nf4_lut_gemv_kernel[(triton.cdiv(n, block_n), splits)](
+        x, up if up is not None else x, *tensors, out, n, k, k // 8, per_split, GATED=up is not None,
+        BLOCK_N=block_n, NB=nb, X_CONTIGUOUS=x_contiguous, num_warps=num_warps, **constants)
+    return out.sum(0, keepdim=True).to(x.dtype) if splits > 1 else out
 
 
 @triton.jit
 def _mm_t_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, M, N, K, KW, stride_xm,
                  K_SPLIT, KIND: tl.constexpr, LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr,
-                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HALF: tl.constexpr, X_CONTIGUOUS: tl.constexpr):
     """The weight as the left operand: out.T [BLOCK_N, BLOCK_M] = W tile @ x.T tile, so that the weight rows fill
     the tensor cores' wide side (Hopper's warpgroup MMA takes a left operand converted in registers) and a few
     visitors' rows the narrow one. Program (n, m, s) covers columns s*K_SPLIT .. +K_SPLIT; with several
     splits, ``out`` is [splits, M, N] fp32 partial sums. KIND 8: int8 rows, scaled after the dot (exact);
     KIND 4: NF4 words decoded in registers (BLOCK_K values = BLOCK_K / 8 words; one fp16 tile per position
-    within a word, scaled per block and rounded to 16 bits like a de-quantized copy)."""
+    within a word, scaled per block and rounded to 16 bits like a de-quantized copy; HALF: decoded and scaled
+    in fp16, one rounding more; X_CONTIGUOUS: the inputs loaded as one run and split by position in
+    registers, instead of 8 strided loads)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -275,33 +270,55 @@ def _mm_t_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_
             words = tl.load(w_rows + word[None, :], mask=nmask[:, None] & inside[None, :], other=0)
             scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, k0 // 64, KB, NB, NESTED, GROUP)
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, 8)), (BLOCK_N, W))   # per word
-            e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM)
-            xs = x_cols + word[:, None] * 8                         # the first column of each word
-            xmask = inside[:, None] & mmask[None, :]
-            xt = tl.load(xs, mask=xmask, other=0.0)
-            acc += tl.dot((e0 * scale).to(xt.dtype), xt)
-            acc += tl.dot((e1 * scale).to(xt.dtype), tl.load(xs + 1, mask=xmask, other=0.0))
-            acc += tl.dot((e2 * scale).to(xt.dtype), tl.load(xs + 2, mask=xmask, other=0.0))
-            acc += tl.dot((e3 * scale).to(xt.dtype), tl.load(xs + 3, mask=xmask, other=0.0))
-            acc += tl.dot((e4 * scale).to(xt.dtype), tl.load(xs + 4, mask=xmask, other=0.0))
-            acc += tl.dot((e5 * scale).to(xt.dtype), tl.load(xs + 5, mask=xmask, other=0.0))
-            acc += tl.dot((e6 * scale).to(xt.dtype), tl.load(xs + 6, mask=xmask, other=0.0))
-            acc += tl.dot((e7 * scale).to(xt.dtype), tl.load(xs + 7, mask=xmask, other=0.0))
+            e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM, HALF)
+            if HALF:
+                scale = scale.to(tl.float16)
+            if X_CONTIGUOUS:       # x [BLOCK_M, BLOCK_K] in one run -> [BLOCK_M, W, 2, 2, 2]: j = 4a + 2b + c
+                k = k0 + tl.arange(0, BLOCK_K)
+                xr = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :], mask=mmask[:, None] & (k < k_hi)[None, :], other=0.0)
+                c0, c1 = tl.split(tl.reshape(xr, [BLOCK_M, W, 2, 2, 2]))
+                b0c0, b1c0 = tl.split(c0)
+                b0c1, b1c1 = tl.split(c1)
+                x0, x4 = tl.split(b0c0)
+                x2, x6 = tl.split(b1c0)
+                x1, x5 = tl.split(b0c1)
+                x3, x7 = tl.split(b1c1)
+                x0, x1, x2, x3 = tl.trans(x0), tl.trans(x1), tl.trans(x2), tl.trans(x3)
+                x4, x5, x6, x7 = tl.trans(x4), tl.trans(x5), tl.trans(x6), tl.trans(x7)
+            else:
+                xs = x_cols + word[:, None] * 8                     # the first column of each word
+                xmask = inside[:, None] & mmask[None, :]
+                x0 = tl.load(xs, mask=xmask, other=0.0)
+                x1 = tl.load(xs + 1, mask=xmask, other=0.0)
+                x2 = tl.load(xs + 2, mask=xmask, other=0.0)
+                x3 = tl.load(xs + 3, mask=xmask, other=0.0)
+                x4 = tl.load(xs + 4, mask=xmask, other=0.0)
+                x5 = tl.load(xs + 5, mask=xmask, other=0.0)
+                x6 = tl.load(xs + 6, mask=xmask, other=0.0)
+                x7 = tl.load(xs + 7, mask=xmask, other=0.0)
+            acc += tl.dot((e0 * scale).to(x0.dtype), x0)
+            acc += tl.dot((e1 * scale).to(x0.dtype), x1)
+            acc += tl.dot((e2 * scale).to(x0.dtype), x2)
+            acc += tl.dot((e3 * scale).to(x0.dtype), x3)
+            acc += tl.dot((e4 * scale).to(x0.dtype), x4)
+            acc += tl.dot((e5 * scale).to(x0.dtype), x5)
+            acc += tl.dot((e6 * scale).to(x0.dtype), x6)
+            acc += tl.dot((e7 * scale).to(x0.dtype), x7)
     dest = out_ptr + pid_s.to(tl.int64) * M * N + m[None, :] * N + n[:, None]
     tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
 def _mm_t(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-          splits: int) -> torch.Tensor:
+          splits: int, half: bool = False, x_contiguous: bool = False) -> torch.Tensor:
     """x @ W.T through ``_mm_t_kernel``, the columns cut into ``splits`` parts summed in fp32 afterwards (more
     programs than the weight's rows alone give, for the shapes whose output is narrow)."""
     m, k = x.shape
     n = q.shape[0]
     if q.kind == "int8":
         tensors, constants = (q.data, q.scale, q.scale, q.scale, q.scale, q.scale), \
-            dict(KIND=8, LUT="", USE_ASM=False, NESTED=False, GROUP=1)
+            dict(KIND=8, LUT="", USE_ASM=False, NESTED=False, GROUP=1, HALF=False)
     else:
-        tensors, constants = _word_args(q)
+        tensors, constants = _word_args(q, half)
         constants["KIND"] = 4
         block_k = max(128, block_k)
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
@@ -310,7 +327,8 @@ def _mm_t(x: torch.Tensor, q, block_m: int, block_n: int, block_k: int, num_warp
                       device=x.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
     _mm_t_kernel[grid](x, *tensors, out, m, n, k, k // 8, x.stride(0), per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **constants)
+                       BLOCK_K=block_k, X_CONTIGUOUS=x_contiguous, num_warps=num_warps, num_stages=num_stages,
+                       **constants)
     return out.sum(0).to(x.dtype) if splits > 1 else out
 
 
@@ -321,11 +339,13 @@ def _nf4_args(q):
 
 
 def nf4_gemv(x: torch.Tensor, q, block_n: int = 16, block_k: int = 256, num_warps: int = 4, variant: str = "table",
-             up: torch.Tensor | None = None) -> torch.Tensor:
+             splits: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] @ W.T for a 4-bit weight; fp32 inside, x's dtype out. With ``up``, the input is SiLU(x) * up.
-    ``variant``: "table" looks each value up in memory, "lut" decodes whole words in registers (nf4_lut.py)."""
-    if variant == "lut":
-        return _nf4_lut_gemv(x, q, block_n, block_k, num_warps, up)
+    ``variant``: "table" looks each value up in memory, "lut" decodes whole words in registers (nf4_lut.py),
+    "lutc" too with the inputs loaded as one run, "luth" / "lutch" with fp16 products within a word; for these,
+    K cut into ``splits`` parts summed in fp32 (more programs for the narrow outputs: o, down)."""
+    if variant.startswith("lut"):
+        return _nf4_lut_gemv(x, q, block_n, block_k, num_warps, up, splits, "c" in variant[3:], "h" in variant[3:])
     n, k = q.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     tensors, nested = _nf4_args(q)
@@ -377,10 +397,9 @@ def qmatmul(x: torch.Tensor, q, block_m: int = 16, block_n: int = 64, block_k: i
     """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows). NF4 ``variant``
     "lut": whole words decoded in registers (``nf4_lut.py``), block_k of at least 128. ``variant`` "t" (int8
     and NF4 words): the weight as the dot's left operand, K cut into ``splits`` parts (``_mm_t_kernel``)."""
-    if variant == "lut" and q.kind == "nf4":
-        return _nf4_lut_mm(x, q, block_m, block_n, block_k, num_warps, num_stages)
-    if variant == "t":
-        return _mm_t(x, q, block_m, block_n, block_k, num_warps, num_stages, splits)
+    if variant.startswith("t"):
+        return _mm_t(x, q, block_m, block_n, block_k, num_warps, num_stages, splits, "h" in variant[1:],
+                     "c" in variant[1:])
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

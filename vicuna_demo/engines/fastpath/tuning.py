@@ -185,15 +185,21 @@ def _relative_error(out: torch.Tensor, reference: torch.Tensor | None) -> float:
 
 
 _TRANSPOSED = ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 2), (128, 128, 8, 3, 1),
-               (128, 128, 8, 3, 2), (128, 256, 8, 3, 4))    # (bn, bk, warps, stages, splits) of kernels_quant._mm_t
+               (128, 128, 8, 3, 2), (128, 256, 8, 3, 4))    # int8: (bn, bk, warps, stages, splits) of kernels_quant._mm_t
+# NF4 batches: (variant, bn, bk, warps, stages, splits) of kernels_quant._mm_t; the winners of
+# benchmarks/kernel_probe.py on an H200 (results/2026-12-02c_h200_kernel_probe*.jsonl): decoded in fp16 with the
+# inputs loaded as one run ("thc") won 7 of 8 shapes at 8 and 64 rows, plain "t" q/k/v at 8 (by 0.1 µs)
+_NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 64, 256, 4, 3, 4),
+                   ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4), ("t", 64, 256, 4, 3, 2))
+# NF4 one row: (bn, bk, warps, variant, splits) of kernels_quant.nf4_gemv (the same probes; bitsandbytes' own
+# kernel still wins o and down by ~1 µs, so it stays a candidate)
+_NF4_GEMV = ((16, 512, 4, "lutc", 1), (16, 512, 4, "lutch", 1), (16, 256, 4, "lutc", 1), (16, 512, 4, "lutch", 4),
+             (16, 512, 4, "lutc", 4), (16, 256, 4, "lutc", 8))
 
 
 def _candidates(p: _Linear, rows: int) -> list:
     """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    if p.quant is not None and p.quant.kind == "nf4":
-        bm = min(bm, 32)      # NF4 tiles of 64 rows faulted on an H200 (Triton 3.6): 32-row tiles, twice over
-    tiled = [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))]
     if p.quant is None:                      # 16-bit: cuBLAS, or our GEMV for a few rows
         if rows > 8:
             return [None]
@@ -201,22 +207,19 @@ def _candidates(p: _Linear, rows: int) -> list:
             [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
             [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
         return [None] + [("gemv", *c) for c in gemv]
-    if p.quant.kind == "int8" and rows > 32:
-        tiled.append(("tiled", bm, 128, 128, 8, 3))      # wider tiles: at 64 rows the widest tried won (H200)
-    out: list = ["dequant"] + tiled
-    if p.quant.kind == "int8" or p.quant.lut is not None:     # the weight as the dot's left operand, K split
-        out += [("tiled", bm, bn, bk, w, st, "t", splits) for bn, bk, w, st, splits in _TRANSPOSED]
-    if p.quant.kind == "nf4":
-        out.append("module")                 # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
-        if rows > 1 and p.quant.lut is not None:     # words decoded in registers into fp16 tiles (nf4_lut.py)
-            out += [("tiled", bm, bn, bk, w, st, "lut") for bn, bk, w, st in
-                    ((32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3))]
-        if rows == 1:
-            out += [("gemv", *c) for c in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (32, 128, 4))]
-            if p.quant.lut is not None:      # whole words decoded in registers (nf4_lut.py)
-                out += [("gemv", *c, "lut") for c in ((16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8),
-                                                      (64, 256, 8), (8, 512, 2))]
-    elif rows <= 2:
+    out: list = ["dequant"]
+    if p.quant.kind == "nf4":                # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
+        out.append("module")
+        if p.quant.lut is None:              # no word view: the table-lookup kernels
+            return out + ([("gemv", 16, 256, 4)] if rows == 1 else [("tiled", min(bm, 32), 64, 128, 4, 3)])
+        if rows == 1:                        # whole words decoded in registers (nf4_lut.py)
+            return out + [("gemv", *c) for c in _NF4_GEMV]
+        return out + [("tiled", bm, bn, bk, w, st, variant, splits) for variant, bn, bk, w, st, splits in _NF4_TRANSPOSED]
+    out += [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))]
+    if rows > 32:
+        out.append(("tiled", bm, 128, 128, 8, 3))      # wider tiles: at 64 rows the widest tried won (H200)
+    out += [("tiled", bm, bn, bk, w, st, "t", splits) for bn, bk, w, st, splits in _TRANSPOSED]
+    if rows <= 2:
         out += [("gemv", *c) for c in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))] \
             if rows == 1 else [("gemv", *c) for c in ((4, 1024, 4), (8, 512, 4))]
     return out

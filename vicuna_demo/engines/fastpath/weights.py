@@ -28,6 +28,7 @@ class QuantWeight:
     group: int = 1
     words: torch.Tensor | None = None      # nf4: ``data`` viewed as int32 words (8 indices each)
     lut: str | None = None                 # nf4: the PTX that decodes a word with ``code`` in registers
+    lut16: str | None = None               # nf4: the same with fp16 outputs
 
     def add_word_decoding(self) -> "QuantWeight":
         """Fill ``words`` and ``lut`` (nf4), for our word-decoding GEMV; left None where ``data`` cannot be
@@ -35,7 +36,8 @@ class QuantWeight:
         from .nf4_lut import ptx
         if self.kind == "nf4" and self.data.numel() % 4 == 0 and self.data.storage_offset() % 4 == 0:
             self.words = self.data.view(torch.int32)
-            self.lut = ptx(self.code.detach().float().cpu().numpy())
+            code = self.code.detach().float().cpu().numpy()
+            self.lut, self.lut16 = ptx(code), ptx(code, half=True)
         return self
 
 

@@ -1,0 +1,96 @@
+"""Probe of the 4-bit projection kernels on a GPU: every configuration given, per Vicuna-7B projection shape,
+timed the way warm-up times it (8 layers' weights, replayed in a CUDA graph) and checked against the
+de-quantized weight; each row count in its own process, so that a configuration which faults the GPU ends
+that process only (its line says so) and the others still report.
+
+For deciding which candidates the warm-up should time (each one it times costs start-up seconds) without a
+whole benchmark run; prints one JSON line per (shape, rows): {config: µs} and any errors.
+
+    python benchmarks/kernel_probe.py --rows 1,8,64 --out probe.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+
+# per row count: configurations of weights._Linear.run
+CONFIGS = {
+    1: ["module"]
+       + [("gemv", bn, bk, w, v, s) for v in ("lutc", "luth", "lutch") for bn, bk, w in ((16, 512, 4), (16, 256, 4))
+          for s in (1, 4)],
+    8: ["module"]
+       + [("tiled", 16, bn, bk, w, st, v, s) for v in ("t", "th", "tc", "thc")
+          for bn, bk, w, st, s in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4))],
+    64: ["module"]
+        + [("tiled", 64, bn, bk, w, st, v, s) for v in ("t", "th", "tc", "thc")
+           for bn, bk, w, st, s in ((128, 256, 8, 3, 4), (128, 256, 8, 3, 2), (64, 256, 4, 3, 4))],
+}
+
+
+def probe(rows: int, out) -> None:
+    import torch
+    from quant_bench import linear4
+    from vicuna_demo.engines.fastpath.tuning import _relative_error, _time_ms
+    from vicuna_demo.engines.fastpath.weights import _Linear
+    torch.manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        linears = [_Linear(module=linear4(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02),
+                       quant_kernels=True) for _ in range(8)]
+        torch.cuda.empty_cache()
+        x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+        up = torch.randn(rows, k, device="cuda", dtype=torch.float16) if name == "down" else None
+        reference = linears[0].run(x if up is None else torch.nn.functional.silu(x) * up, "dequant")
+        us, errors = {}, {}
+        for config in CONFIGS[rows]:
+            label = config if isinstance(config, str) else "/".join(map(str, config))
+            try:                  # down: SiLU(gate) * up inside the GEMV, or a separate kernel first
+                got = linears[0].run(x, config, up)
+                error = _relative_error(got, reference)
+                if error > 2e-2:
+                    errors[label] = round(error, 4)
+                    continue
+                def run():
+                    for p in linears:
+                        p.run(x, config, up)
+                us[label] = round(_time_ms(run) / len(linears) * 1000, 1)
+                torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                errors[label] = str(exc).splitlines()[0][:160]
+        line = dict(shape=name, n=n, k=k, rows=rows, device=torch.cuda.get_device_name(),
+                    best=sorted(us.items(), key=lambda t: t[1])[:4], us=us, errors=errors)
+        print(json.dumps(line), flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        del linears
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,8,64")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)     # the child process: one row count
+    args = parser.parse_args(argv)
+    if args.one:
+        probe(args.one, args.out)
+        return 0
+    for rows in [int(r) for r in args.rows.split(",")]:
+        started = time.time()
+        rc = subprocess.call([sys.executable, __file__, "--one", str(rows), "--out", args.out])
+        print(json.dumps(dict(rows=rows, rc=rc, seconds=round(time.time() - started, 1))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
