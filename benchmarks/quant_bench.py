@@ -47,7 +47,8 @@ from vicuna_demo.engines.local import EngineOptions, LocalEngine  # noqa: E402
 from vicuna_demo.engines.protocol import SamplingParams  # noqa: E402
 from vicuna_demo.loading import LoadedModel  # noqa: E402
 
-SHAPES = {   # hidden, intermediate, layers, heads (LLaMA / Vicuna v1.5 sizes; 33B is LLaMA-1 30B's shape)
+SHAPES = {   # hidden, intermediate, layers, heads (LLaMA / Vicuna v1.5 sizes; 33B is LLaMA-1 30B's shape, and
+            # like vicuna-33b-v1.3 has a 2,048-token context: one 4,096-token context of its KV cache is 6.5 GiB)
     "7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40), "33b": (6656, 17920, 60, 52),
     "tiny": (256, 512, 2, 4),
 }
@@ -57,7 +58,7 @@ def llama_config(size: str) -> LlamaConfig:
     hidden, inter, layers, heads = SHAPES[size]
     return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
-                       max_position_embeddings=2048 if size == "tiny" else 4096, rms_norm_eps=1e-5,
+                       max_position_embeddings=2048 if size in ("tiny", "33b") else 4096, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 

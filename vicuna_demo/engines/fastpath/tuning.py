@@ -188,8 +188,10 @@ _TRANSPOSED = ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 
                (128, 128, 8, 3, 2), (128, 256, 8, 3, 4))    # int8: (bn, bk, warps, stages, splits) of kernels_quant._mm_t
 # NF4 batches: (variant, bn, bk, warps, stages, splits) of kernels_quant._mm_t; the winners of
 # benchmarks/kernel_probe.py on an H200 (results/2026-12-02c_h200_kernel_probe*.jsonl): decoded in fp16 with the
-# inputs loaded as one run ("thc") won 7 of 8 shapes at 8 and 64 rows, plain "t" q/k/v at 8 (by 0.1 µs)
-_NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 64, 256, 4, 3, 4),
+# inputs loaded as one run ("thc") won 7 of 8 shapes at 8 and 64 rows, plain "t" q/k/v at 8 (by 0.1 µs);
+# at 64 rows 128 x 128 tiles won q/k/v and gate/up, 128 x 256 o and down
+_NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 128, 128, 8, 3, 4),
+                   ("thc", 64, 256, 4, 3, 4),
                    ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4), ("t", 64, 256, 4, 3, 2))
 # NF4 one row: (bn, bk, warps, variant, splits) of kernels_quant.nf4_gemv (the same probes; bitsandbytes' own
 # kernel still wins o and down by ~1 µs, so it stays a candidate)
