@@ -178,10 +178,13 @@ class FastModel(DecodeMixin, TuningMixin):
         return max(peaks) + peaks[1] + ENGINE_MARGIN_BYTES
 
     def _peak_prefill(self) -> None:
+        """The largest prefill the scheduler runs: ``prefill_tokens`` tokens, in as many sequences as the
+        context needs (a 2,048-token model prefills 8 x 512 at once; one 2,045-token sequence measured half)."""
         length = max(16, min(self.options.prefill_tokens, self.max_len - 3))
-        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), 0)])
-        ones = torch.ones(1, device=self.device)
-        sample(logits, ones, ones * 0.9, torch.zeros(1, dtype=torch.bool, device=self.device), "top_p")
+        n = max(1, self.options.prefill_tokens // length)
+        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), 0)] * n)
+        ones = torch.ones(n, device=self.device)
+        sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), "top_p")
 
     def _peak_decode(self) -> None:
         self.active.zero_()
