@@ -329,3 +329,29 @@ def test_triton_kernels_match_the_eager_ops_in_the_interpreter(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     worst = float(done.stdout.split("WORST")[-1])
     assert worst < 1e-4
+
+
+def test_the_activation_reserve_is_measured_on_the_largest_prefill_the_scheduler_runs():
+    """The reserve's prefill is ``prefill_tokens`` tokens as the scheduler would batch them: a model whose
+    context is shorter than that is measured on several sequences (a 2,048-token 33B model measured on one
+    sequence ran out of memory in its 8 x 512 prefill warm-up on a 24 GB card). On CPU, prefill runs for real."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vicuna_demo.engines.fastpath import FastModel, FastOptions
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    shapes = {}
+    for context, budget in ((64, 256), (128, 100)):
+        runner = FastModel(model, context, FastOptions(block_size=16, max_rows=4, kv_blocks=40, pipeline=False,
+                                                       prefill_tokens=budget))
+        runner.allocate_cache(1, whole_context=False)       # the measuring pool: the trash block alone
+        seen = []
+        real = runner.prefill
+        runner.prefill = lambda rows: (seen.append([len(ids) for ids, _, _ in rows]), real(rows))[1]
+        with torch.inference_mode():
+            runner._peak_prefill()
+        shapes[context] = (seen[0], runner.max_len - 3)
+    longest = shapes[64][1]                # a sequence's room: the context less the tokens decoding needs
+    assert shapes[64][0] == [longest] * (256 // longest) and len(shapes[64][0]) == 4   # 256 tokens: 4 sequences
+    assert shapes[128][0] == [100]         # a budget shorter than the context: one sequence of it
