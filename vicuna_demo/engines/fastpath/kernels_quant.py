@@ -13,16 +13,17 @@ blockwise 8-bit over groups of 256 (an 8-bit code table, one fp32 absmax per gro
 absmax[b] = code2[a8[b]] * absmax2[b // 256] + offset. We keep the offset per group (a fused weight
 concatenates modules with different offsets), and need K % 64 == 0 so that a block never spans two rows.
 
-- ``nf4_gemv(x, q, block_n, block_k, warps, variant, up=None)``: one row; de-quantizes in registers (fp32),
+- ``nf4_gemv(x, q, block_n, block_k, warps, variant, splits, up=None)``: one row; de-quantizes in registers,
   optionally with x = SiLU(x) * up computed on the fly (the down projection). Variant "table" loads each
   value from the code table; "lut" decodes 8 values per 32-bit word with byte permutes (``nf4_lut.py``)
-  and applies each block's absmax once to its 64-value dot product.
+  and applies each block's absmax once to its 64-value dot product; "lutc" loads the inputs as one run,
+  "luth" / "lutch" multiply within a word in fp16; K cut into ``splits`` parts summed in fp32.
 - ``qmatmul(x, q, block_m, block_n, block_k, warps, stages, variant)``: several rows (decode batches): weight
-  tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation; NF4 variant "lut"
-  decodes whole words and makes one tile per position within a word (8 dots per step).
+  tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation.
 - ``qmatmul(..., variant="t", splits=s)`` (int8 and NF4 words): the weight tile as the dot's left operand
   (its rows on the tensor cores' wide side), K cut into ``s`` parts summed in fp32, for batches whose
-  output is too narrow to give every multiprocessor a tile.
+  output is too narrow to give every multiprocessor a tile; NF4 one tile per position within a word (8 dots
+  per step), variants "th" (decoded and scaled in fp16), "tc" (inputs loaded as one run), "thc" (both).
 - ``dequantize(q, dtype)``: the whole weight in 16 bits (for ``F.linear`` when many rows make a copy pay).
 """
 
@@ -134,11 +135,8 @@ def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr, 
 
 
 @triton.jit
-def _x_by_position(x_ptr, u_ptr, kb0, KB, NB: tl.constexpr, GATED: tl.constexpr):
-    """The inputs of blocks kb0..kb0+NB, loaded contiguously, as 8 tensors [NB, 8]: x_j[b, w] is the column of
-    element j of word w of block b (column (kb0 + b) * 64 + w * 8 + j)."""
-    cols = kb0 * 64 + tl.arange(0, NB * 64)
-    xv = tl.reshape(_input_at(x_ptr, u_ptr, cols, cols < KB * 64, GATED), [NB, 8, 2, 2, 2])  # j = 4a + 2b + c
+def _by_position(xv):
+    """[A, B, 2, 2, 2] -> the 8 tensors [A, B] of position j = 4a + 2b + c (the last three dimensions)."""
     c0, c1 = tl.split(xv)
     b0c0, b1c0 = tl.split(c0)
     b0c1, b1c1 = tl.split(c1)
@@ -147,6 +145,14 @@ def _x_by_position(x_ptr, u_ptr, kb0, KB, NB: tl.constexpr, GATED: tl.constexpr)
     x1, x5 = tl.split(b0c1)
     x3, x7 = tl.split(b1c1)
     return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _x_by_position(x_ptr, u_ptr, kb0, KB, NB: tl.constexpr, GATED: tl.constexpr):
+    """The inputs of blocks kb0..kb0+NB, loaded contiguously, as 8 tensors [NB, 8]: x_j[b, w] is the column of
+    element j of word w of block b (column (kb0 + b) * 64 + w * 8 + j)."""
+    cols = kb0 * 64 + tl.arange(0, NB * 64)
+    return _by_position(tl.reshape(_input_at(x_ptr, u_ptr, cols, cols < KB * 64, GATED), [NB, 8, 2, 2, 2]))
 
 
 @triton.jit
@@ -275,14 +281,9 @@ def _mm_t_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_
                 scale = scale.to(tl.float16)
             if X_CONTIGUOUS:       # x [BLOCK_M, BLOCK_K] in one run -> [BLOCK_M, W, 2, 2, 2]: j = 4a + 2b + c
                 k = k0 + tl.arange(0, BLOCK_K)
-                xr = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :], mask=mmask[:, None] & (k < k_hi)[None, :], other=0.0)
-                c0, c1 = tl.split(tl.reshape(xr, [BLOCK_M, W, 2, 2, 2]))
-                b0c0, b1c0 = tl.split(c0)
-                b0c1, b1c1 = tl.split(c1)
-                x0, x4 = tl.split(b0c0)
-                x2, x6 = tl.split(b1c0)
-                x1, x5 = tl.split(b0c1)
-                x3, x7 = tl.split(b1c1)
+                xr = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
+                             mask=mmask[:, None] & (k < k_hi)[None, :], other=0.0)
+                x0, x1, x2, x3, x4, x5, x6, x7 = _by_position(tl.reshape(xr, [BLOCK_M, W, 2, 2, 2]))
                 x0, x1, x2, x3 = tl.trans(x0), tl.trans(x1), tl.trans(x2), tl.trans(x3)
                 x4, x5, x6, x7 = tl.trans(x4), tl.trans(x5), tl.trans(x6), tl.trans(x7)
             else:

@@ -137,8 +137,9 @@ class _Linear:
     for that shape and row count), quantized weights through our kernels, or the module(s) themselves.
 
     ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps)
-    (4-bit: also ("gemv", bn, bk, warps, "lut"), the word-decoding variant), ("tiled", bm, bn, bk, warps, stages)
-    (4-bit: also with "lut" last; int8 and 4-bit: with "t", splits last, the weight as the left operand),
+    (4-bit: also ("gemv", bn, bk, warps, "lut"|"lutc"|"luth"|"lutch", splits), the word-decoding variants),
+    ("tiled", bm, bn, bk, warps, stages) (int8 and 4-bit: with "t" and splits last, the weight as the left
+    operand; 4-bit also "th", "tc", "thc": kernels_quant's docstring),
     "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own matmul) or, for dense weights, absent
     (cuBLAS). Row counts never timed (prefill) use ``default``."""
 
