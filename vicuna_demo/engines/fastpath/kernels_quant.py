@@ -395,9 +395,9 @@ def _qmatmul_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, o
 
 def qmatmul(x: torch.Tensor, q, block_m: int = 16, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
             num_stages: int = 3, variant: str = "table", splits: int = 1) -> torch.Tensor:
-    """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows). NF4 ``variant``
-    "lut": whole words decoded in registers (``nf4_lut.py``), block_k of at least 128. ``variant`` "t" (int8
-    and NF4 words): the weight as the dot's left operand, K cut into ``splits`` parts (``_mm_t_kernel``)."""
+    """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows). ``variant`` "t"
+    (int8 and NF4 words): the weight as the dot's left operand, K cut into ``splits`` parts (``_mm_t_kernel``);
+    for NF4 also "th" (decoded in fp16), "tc" (inputs loaded as one run), "thc" (both)."""
     if variant.startswith("t"):
         return _mm_t(x, q, block_m, block_n, block_k, num_warps, num_stages, splits, "h" in variant[1:],
                      "c" in variant[1:])

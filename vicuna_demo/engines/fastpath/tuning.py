@@ -191,8 +191,8 @@ _TRANSPOSED = ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 
 # inputs loaded as one run ("thc") won 7 of 8 shapes at 8 and 64 rows, plain "t" q/k/v at 8 (by 0.1 µs);
 # at 64 rows 128 x 128 tiles won q/k/v and gate/up, 128 x 256 o and down
 _NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 128, 128, 8, 3, 4),
-                   ("thc", 64, 256, 4, 3, 4),
-                   ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4), ("t", 64, 256, 4, 3, 2))
+                   ("thc", 64, 256, 4, 3, 4), ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4),
+                   ("t", 64, 256, 4, 3, 2))
 # NF4 one row: (bn, bk, warps, variant, splits) of kernels_quant.nf4_gemv (the same probes; bitsandbytes' own
 # kernel still wins o and down by ~1 µs, so it stays a candidate)
 _NF4_GEMV = ((16, 512, 4, "lutc", 1), (16, 512, 4, "lutch", 1), (16, 256, 4, "lutc", 1), (16, 512, 4, "lutch", 4),
