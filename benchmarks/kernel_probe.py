@@ -25,9 +25,10 @@ SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "do
 
 # per row count: configurations of weights._Linear.run
 CONFIGS = {
-    1: ["module"]
-       + [("gemv", bn, bk, w, v, s) for v in ("lutc", "luth", "lutch") for bn, bk, w in ((16, 512, 4), (16, 256, 4))
-          for s in (1, 4)],
+    1: ["module", ("gemv", 16, 512, 4, "lutc", 1), ("gemv", 16, 512, 4, "lutch", 1), ("gemv", 16, 512, 4, "lutc", 4)]
+       + [("cuda", w, r, u, c, 1, x) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
+          for x in (0, 1) if w * c <= 32 and (x == 0 or u == 4)]
+       + [("cuda", 16, 1, u, 2, 0, x) for u, x in ((2, 0), (4, 0), (4, 1))],
     8: ["module"]
        + [("tiled", 16, bn, bk, w, st, v, s) for v in ("t", "th", "tc", "thc")
           for bn, bk, w, st, s in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4))],
@@ -44,6 +45,11 @@ def probe(rows: int, out) -> None:
     from vicuna_demo.engines.fastpath.tuning import _relative_error, _time_ms
     from vicuna_demo.engines.fastpath.weights import _Linear
     torch.manual_seed(0)
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src))
+    print(json.dumps(dict(copy_gb_s=round(2 * 2**30 / ms / 1e6, 1), device=torch.cuda.get_device_name())), flush=True)
+    del src, dst
     for name, (n, k) in SHAPES.items():
         linears = [_Linear(module=linear4(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02),
                        quant_kernels=True) for _ in range(8)]
@@ -67,7 +73,10 @@ def probe(rows: int, out) -> None:
                 torch.cuda.synchronize()
             except Exception as exc:  # noqa: BLE001 - report and go on
                 errors[label] = str(exc).splitlines()[0][:160]
+        read = n * k // 2 + n * k // 64          # packed weights and their 8-bit absmax: what one row reads
+        best = min(us.values()) if us else None
         line = dict(shape=name, n=n, k=k, rows=rows, device=torch.cuda.get_device_name(),
+                    best_tb_s=round(read / best / 1e6, 2) if best else None,
                     best=sorted(us.items(), key=lambda t: t[1])[:4], us=us, errors=errors)
         print(json.dumps(line), flush=True)
         if out:

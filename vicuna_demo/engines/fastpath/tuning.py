@@ -197,6 +197,10 @@ _NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc
 # kernel still wins o and down by ~1 µs, so it stays a candidate)
 _NF4_GEMV = ((16, 512, 4, "lutc", 1), (16, 512, 4, "lutch", 1), (16, 256, 4, "lutc", 1), (16, 512, 4, "lutch", 4),
              (16, 512, 4, "lutc", 4), (16, 256, 4, "lutc", 8))
+# NF4 one row in CUDA C++ (nf4_cuda.py, where NVRTC works): (warps, rows per warp, loads in flight, blocks per
+# multiprocessor, decode 0 byte permutes / 1 shared-memory pair table, inputs in registers where K = 1024 x loads)
+_NF4_CUDA = ((16, 1, 4, 2, 1, 1), (16, 1, 4, 2, 1, 0), (16, 1, 2, 2, 1, 0), (16, 2, 2, 1, 1, 0), (8, 2, 2, 4, 1, 0),
+             (8, 1, 4, 4, 1, 1), (8, 1, 4, 4, 1, 0), (16, 1, 4, 1, 1, 1), (16, 1, 2, 2, 0, 0))
 
 
 def _candidates(p: _Linear, rows: int) -> list:
@@ -214,8 +218,10 @@ def _candidates(p: _Linear, rows: int) -> list:
         out.append("module")
         if p.quant.lut is None:              # no word view: the table-lookup kernels
             return out + ([("gemv", 16, 256, 4)] if rows == 1 else [("tiled", min(bm, 32), 64, 128, 4, 3)])
-        if rows == 1:                        # whole words decoded in registers (nf4_lut.py)
-            return out + [("gemv", *c) for c in _NF4_GEMV]
+        if rows == 1:                        # whole words decoded in registers (nf4_lut.py), Triton and CUDA
+            from . import nf4_cuda
+            cuda = [("cuda", *c) for c in _NF4_CUDA] if nf4_cuda.available(p.quant.data.device) else []
+            return out + [("gemv", *c) for c in _NF4_GEMV] + cuda
         return out + [("tiled", bm, bn, bk, w, st, variant, splits) for variant, bn, bk, w, st, splits in _NF4_TRANSPOSED]
     out += [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))]
     if rows > 32:

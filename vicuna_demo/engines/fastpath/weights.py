@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,15 +30,21 @@ class QuantWeight:
     words: torch.Tensor | None = None      # nf4: ``data`` viewed as int32 words (8 indices each)
     lut: str | None = None                 # nf4: the PTX that decodes a word with ``code`` in registers
     lut16: str | None = None               # nf4: the same with fp16 outputs
+    pairs: torch.Tensor | None = None      # nf4: 256 fp16 pairs, one per packed byte (nf4_cuda.pair_table)
+    table_ints: list[int] | None = None    # nf4: the table's bytes as 8 ints (nf4_cuda.table_ints)
 
     def add_word_decoding(self) -> "QuantWeight":
-        """Fill ``words`` and ``lut`` (nf4), for our word-decoding GEMV; left None where ``data`` cannot be
-        viewed as aligned int32 words. At set-up only: it reads the code table back to the host."""
+        """Fill ``words``, ``lut`` and the CUDA GEMV's tables (nf4), for our word-decoding GEMVs; left None
+        where ``data`` cannot be viewed as aligned int32 words. At set-up only: it reads the code table back
+        to the host (never inside a CUDA-graph capture)."""
+        from .nf4_cuda import pair_table, table_ints
         from .nf4_lut import ptx
         if self.kind == "nf4" and self.data.numel() % 4 == 0 and self.data.storage_offset() % 4 == 0:
             self.words = self.data.view(torch.int32)
             code = self.code.detach().float().cpu().numpy()
             self.lut, self.lut16 = ptx(code), ptx(code, half=True)
+            self.pairs = torch.from_numpy(pair_table(code).view(np.int32)).to(self.data.device)
+            self.table_ints = table_ints(code)
         return self
 
 
@@ -139,7 +146,8 @@ class _Linear:
     ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps)
     (4-bit: also ("gemv", bn, bk, warps, "lut"|"lutc"|"luth"|"lutch", splits), the word-decoding variants),
     ("tiled", bm, bn, bk, warps, stages) (int8 and 4-bit: with "t" and splits last, the weight as the left
-    operand; 4-bit also "th", "tc", "thc": kernels_quant's docstring),
+    operand; 4-bit also "th", "tc", "thc": kernels_quant's docstring), ("cuda", warps, rows, unroll, ctas, decode,
+    xreg) (4-bit, one row: the CUDA C++ GEMV of ``nf4_cuda.py``),
     "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own matmul) or, for dense weights, absent
     (cuBLAS). Row counts never timed (prefill) use ``default``."""
 
@@ -184,7 +192,7 @@ class _Linear:
 
     def _product(self, x: torch.Tensor, config, up: torch.Tensor | None) -> torch.Tensor:
         from . import kernels as fk
-        gemv = isinstance(config, tuple) and config[0] == "gemv"
+        gemv = isinstance(config, tuple) and config[0] in ("gemv", "cuda")
         if up is not None and not (gemv and x.shape[0] == 1):
             x, up = fk.silu_mul(x, up), None
         if self.quant is None:
@@ -195,6 +203,9 @@ class _Linear:
             return F.linear(x, kq.dequantize(q, x.dtype))
         if config[0] == "tiled":
             return kq.qmatmul(x, q, *config[1:])
+        if config[0] == "cuda":
+            from . import nf4_cuda
+            return nf4_cuda.gemv(x, q, *config[1:], up=up)
         if q.kind == "int8":
             return fk.gemv(x, q.data, q.scale, *config[1:], up=up)
         return kq.nf4_gemv(x, q, *config[1:], up=up) if x.shape[0] == 1 else kq.qmatmul(x, q)
@@ -202,7 +213,7 @@ class _Linear:
     def gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
         """down(SiLU(g) * u) in one kernel when a GEMV serves this row count; None otherwise."""
         config = self.config.get(g.shape[0], self.default(g.shape[0]))
-        if g.shape[0] != 1 or not (isinstance(config, tuple) and config[0] == "gemv"):
+        if g.shape[0] != 1 or not (isinstance(config, tuple) and config[0] in ("gemv", "cuda")):
             return None
         return self.run(g, config, up=u)
 

@@ -1,0 +1,123 @@
+"""The CUDA C++ NF4 GEMV (vicuna_demo/engines/fastpath/nf4_cuda.py) without a GPU: its two ways of decoding a
+packed word, run in NumPy on bitsandbytes' own packing; the shared-memory swizzle of its inputs; and its source
+compiled by NVRTC for the GPUs people serve on, every warm-up candidate, without register spills. What it
+computes on a GPU is checked at every warm-up against the de-quantized weight (tuning.py) and in
+benchmarks/kernel_probe.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from vicuna_demo.engines.fastpath import nf4_cuda, nf4_lut, rtc
+
+
+def _bitsandbytes_words(n: int = 64, k: int = 4096):
+    """A random weight quantized by bitsandbytes (NF4, blocks of 64) on the CPU: its packed bytes as uint32
+    words [n, k / 8], the indices [n, k] they hold, and the code table."""
+    import bitsandbytes.functional as bf
+    torch.manual_seed(0)
+    weight = torch.randn(n, k) * 0.02
+    packed, state = bf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    code = state.code.float().numpy()
+    values = bf.dequantize_4bit(packed, state).numpy()                       # code[index] * absmax
+    absmax = np.repeat(state.absmax.float().numpy().reshape(n, k // 64), 64, axis=1)
+    index = np.abs(values[..., None] / absmax[..., None] - code[None, None, :]).argmin(-1)
+    words = packed.numpy().reshape(-1).view(np.uint32).reshape(n, k // 8)
+    return words, index, code
+
+
+def _pairs_expected(index, code) -> np.ndarray:
+    """Element order: word w's pair j holds elements 8w + 2j (low half) and 8w + 2j + 1 (high half)."""
+    half = code.astype(np.float16).view(np.uint16).astype(np.uint32)[index]
+    return (half[:, 0::2] | half[:, 1::2] << 16).astype(np.uint32)
+
+
+def test_both_decoders_give_bitsandbytes_packed_bytes_their_table_values_in_element_order():
+    words, index, code = _bitsandbytes_words()
+    expected = _pairs_expected(index, code)                                 # [n, k / 2] fp16 pairs as uint32
+    flat = words.reshape(-1)
+    # DECODE 1: one lookup per byte in the 256-entry pair table
+    table = nf4_cuda.pair_table(code)
+    by_table = np.stack([table[(flat >> (8 * b)) & 0xFF] for b in range(4)], axis=1)
+    assert np.array_equal(by_table.reshape(expected.shape), expected)
+    # DECODE 0: the byte-permute program of the kernel's decode(), with the table words it is passed
+    t = [np.full(flat.shape, w & 0xFFFFFFFF, dtype=np.uint32) for w in nf4_cuda.table_ints(code)]
+    out = []
+    for half in (0, 1):
+        v = flat >> np.uint32(16 * half)
+        c = v & np.uint32(0x7777)
+        s = ((v >> np.uint32(1)) & np.uint32(0x4444)) | np.uint32(0x3210)
+        lo = nf4_lut._prmt(nf4_lut._prmt(t[0], t[1], c), nf4_lut._prmt(t[2], t[3], c), s)
+        hi = nf4_lut._prmt(nf4_lut._prmt(t[4], t[5], c), nf4_lut._prmt(t[6], t[7], c), s)
+        out += [nf4_lut._prmt(lo, hi, sel) for sel in nf4_cuda.PAIR_SELECTORS]
+    by_permutes = np.stack(out, axis=1)
+    assert np.array_equal(by_permutes.reshape(expected.shape), expected)
+
+
+def test_the_pair_table_decodes_fp4_too_and_a_word_to_its_dot_product():
+    """Any 16-value table (bitsandbytes' FP4 as well); and the sum a lane forms for one word, in fp16 pairs,
+    equals the dot product of the word's 8 values with 8 inputs (to fp16 rounding)."""
+    import bitsandbytes.functional as bf
+    code = bf.get_4bit_type("fp4", device="cpu").float().numpy()
+    table = nf4_cuda.pair_table(code)
+    b = np.arange(256)
+    assert np.array_equal(table & 0xFFFF, code.astype(np.float16).view(np.uint16)[b >> 4])
+    assert np.array_equal(table >> 16, code.astype(np.float16).view(np.uint16)[b & 15])
+    rng = np.random.default_rng(1)
+    index = rng.integers(0, 16, 8)
+    x = rng.standard_normal(8).astype(np.float16)
+    word = int(sum(((int(index[2 * j]) << 4 | int(index[2 * j + 1])) << (8 * j)) for j in range(4)))
+    pairs = [table[(word >> (8 * j)) & 0xFF] for j in range(4)]
+    values = np.array([[p & 0xFFFF, p >> 16] for p in pairs], dtype=np.uint16).view(np.float16).reshape(-1)
+    assert np.allclose(values.astype(np.float32), code.astype(np.float16)[index].astype(np.float32))
+    assert abs(float(np.dot(values.astype(np.float32), x.astype(np.float32)))
+               - float(np.dot(code[index], x.astype(np.float32)))) < 2e-2
+
+
+def test_the_input_swizzle_is_a_permutation_and_each_quarter_warp_reads_every_bank_group_once():
+    """The kernel stores input unit (chunk c, part p) at 4c + (p ^ ((c >> 1) & 3)); lane l reads chunk
+    c0 + l. A 16-byte shared-memory read is served 8 lanes at a time: those 8 must hit 8 different 16-byte
+    bank groups (of 8), else the read takes several passes."""
+    chunks = 344                                                  # the down projection's K = 11008
+    place = lambda c, p: 4 * c + (p ^ ((c >> 1) & 3))             # noqa: E731 - the kernel's formula
+    assert sorted(place(c, p) for c in range(chunks) for p in range(4)) == list(range(4 * chunks))
+    for c0, p, quarter in itertools.product(range(0, 320, 32), range(4), range(4)):
+        lanes = range(8 * quarter, 8 * quarter + 8)
+        assert len({place(c0 + lane, p) % 8 for lane in lanes}) == 8
+
+
+def _nvrtc_or_skip():
+    try:
+        rtc.nvrtc_library()
+    except (rtc.RtcUnavailable, OSError) as exc:
+        pytest.skip(f"NVRTC is not installed here ({exc}): pip install -r requirements-dev.txt")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
+def test_every_warm_up_candidate_compiles_for_the_gpus_people_serve_on_without_spilling(arch):
+    """A100 / A10G / L4 / H100-H200: each configuration the warm-up may time, with plain and double-quantized
+    scales, with and without the down projection's SiLU * up, compiles with NVRTC; none spills registers to
+    memory (a spill would put a slow memory round trip inside the loop)."""
+    _nvrtc_or_skip()
+    from vicuna_demo.engines.fastpath.tuning import _NF4_CUDA
+    for (warps, rows, unroll, _ctas, decode, xreg), nested, gated in itertools.product(_NF4_CUDA, (0, 1), (0, 1)):
+        defines = dict(WARPS=warps, ROWS=rows, UNROLL=unroll, DECODE=decode, NESTED=nested, GATED=gated,
+                       XREG=int(xreg and not gated), SEL0=nf4_cuda.PAIR_SELECTORS[0], SEL1=nf4_cuda.PAIR_SELECTORS[1])
+        cubin, log = rtc.compile_source(nf4_cuda.SOURCE, "nf4_gemv", arch, defines, ptxas_verbose=True)
+        assert cubin and "nf4_gemv" in log, defines
+        assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (defines, log)
+
+
+def test_a_source_error_is_reported_as_unavailable_with_nvrtcs_message():
+    _nvrtc_or_skip()
+    with pytest.raises(rtc.RtcUnavailable, match="nf4_gemv"):
+        rtc.compile_source(nf4_cuda.SOURCE.replace("u32 out = 0;", "u32 out = ;"), "nf4_gemv", "sm_90",
+                           dict(WARPS=4, ROWS=1, UNROLL=1, DECODE=0, NESTED=1, GATED=1, XREG=0, SEL0=1, SEL1=1))
+
+
+def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain():
+    assert nf4_cuda.available(torch.device("cpu")) is False
