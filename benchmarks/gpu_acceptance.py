@@ -39,6 +39,7 @@ CARD_OVERHEAD_GIB = 0.6      # CUDA context and driver on a real card: what a pr
 SCENARIOS = {
     "refusal": (24, [("a", "name=A"), ("b", "name=B")], "refuse"),
     "card16_8bit": (16, [("a", "name=V-8bit,8bit")], "single"),
+    "card16_4bit": (16, [("a", "name=V-4bit,4bit")], "single"),     # issue 16: NF4 loaded by transformers
     "card24_fp16": (24, [("a", "name=V-fp16")], "single"),
     "card48_two_fp16": (48, [("a", "name=A,template=vicuna_v1.1"), ("b", "name=B,template=OTHER")], "pair"),
     "card48_fp16_8bit": (48, [("a", "name=A"), ("a", "name=B-8bit,8bit")], "pair"),

@@ -302,9 +302,10 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
     groups = -(-n // rows)
     grid = max(1, min(-(-groups // warps), sms * ctas))
     absmax = q.absmax
-    kernel(grid=(grid, 1, 1), block=(warps * 32, 1, 1), shared_mem=_smem_bytes(k, decode),
-           stream=torch.cuda.current_stream(x.device),
-           args=[q.data, absmax, absmax, q.absmax2 if nested else absmax, q.offset2 if nested else absmax,
-                 q.code2 if nested else absmax, pairs, x, up, out, n, k, (q.group.bit_length() - 1) if nested else 0,
-                 *t])
+    with torch.cuda.device(x.device):        # the launch goes to the current context: the weights' GPU's
+        kernel(grid=(grid, 1, 1), block=(warps * 32, 1, 1), shared_mem=_smem_bytes(k, decode),
+               stream=torch.cuda.current_stream(x.device),
+               args=[q.data, absmax, absmax, q.absmax2 if nested else absmax, q.offset2 if nested else absmax,
+                     q.code2 if nested else absmax, pairs, x, up, out, n, k,
+                     (q.group.bit_length() - 1) if nested else 0, *t])
     return out
