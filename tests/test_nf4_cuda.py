@@ -104,9 +104,10 @@ def test_every_warm_up_candidate_compiles_for_the_gpus_people_serve_on_without_s
     memory (a spill would put a slow memory round trip inside the loop)."""
     _nvrtc_or_skip()
     from vicuna_demo.engines.fastpath.tuning import _NF4_CUDA
-    for (warps, rows, unroll, _ctas, decode, xreg), nested, gated in itertools.product(_NF4_CUDA, (0, 1), (0, 1)):
-        defines = dict(WARPS=warps, ROWS=rows, UNROLL=unroll, DECODE=decode, NESTED=nested, GATED=gated,
-                       XREG=int(xreg and not gated), SEL0=nf4_cuda.PAIR_SELECTORS[0], SEL1=nf4_cuda.PAIR_SELECTORS[1])
+    for (warps, rows, unroll, _ctas, decode, xreg, prefetch), nested, gated in \
+            itertools.product(_NF4_CUDA, (0, 1), (0, 1)):
+        k = 11008 if gated else 1024 * unroll            # the down projection's K; the others' where xreg applies
+        defines = nf4_cuda.defines(warps, rows, unroll, decode, nested, gated, k, xreg, prefetch)
         cubin, log = rtc.compile_source(nf4_cuda.SOURCE, "nf4_gemv", arch, defines, ptxas_verbose=True)
         assert cubin and "nf4_gemv" in log, defines
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (defines, log)
@@ -116,7 +117,7 @@ def test_a_source_error_is_reported_as_unavailable_with_nvrtcs_message():
     _nvrtc_or_skip()
     with pytest.raises(rtc.RtcUnavailable, match="nf4_gemv"):
         rtc.compile_source(nf4_cuda.SOURCE.replace("u32 out = 0;", "u32 out = ;"), "nf4_gemv", "sm_90",
-                           dict(WARPS=4, ROWS=1, UNROLL=1, DECODE=0, NESTED=1, GATED=1, XREG=0, SEL0=1, SEL1=1))
+                           nf4_cuda.defines(4, 1, 1, 0, True, True, 11008))
 
 
 def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain():

@@ -11,7 +11,7 @@ re-loaded and re-arranged per row. Here each step is spelled out:
   staged once per block in shared memory, 16-byte units swizzled so that a warp's 16-byte reads hit every bank
   once.
 - Each lane reads 16 bytes (32 values) of a row per load, a warp 512 contiguous bytes; ``UNROLL`` loads per row
-  (and the parts of their blocks' scales) are in flight before any is used. Where K is 1024 * ``UNROLL``
+  (with ``PREFETCH``, the parts of their blocks' scales too) are in flight before any is used. Where K is 1024 * ``UNROLL``
   (``XREG``), a lane reads the same columns of every row, so its inputs stay in registers.
 - Decoding a 32-bit word (8 indices; bitsandbytes puts the first of two in a byte's high nibble) into four
   fp16 pairs: ``DECODE`` 0 with byte permutes over the 16-value table held in 8 registers (the program of
@@ -20,8 +20,8 @@ re-loaded and re-arranged per row. Here each step is spelled out:
 - A word's 8 products are summed in fp16 (as the Triton "luth" variants do), each 32 values in fp32, times the
   block's absmax (double-quantized: ``code2[a8] * absmax2 + offset``); lanes are summed with shuffles.
 
-``gemv(x, q, warps, rows, unroll, ctas, decode, xreg, up=None)`` is the entry point (``_Linear`` config
-``("cuda", warps, rows, unroll, ctas, decode, xreg)``); ``available(device)`` says whether NVRTC works here. Every
+``gemv(x, q, warps, rows, unroll, ctas, decode, xreg, prefetch, up=None)`` is the entry point (``_Linear``
+config ``("cuda", warps, rows, unroll, ctas, decode, xreg, prefetch)``); ``available(device)`` says whether NVRTC works here. Every
 configuration is checked at warm-up against the de-quantized weight before it can be chosen (``tuning.py``).
 """
 
@@ -154,10 +154,10 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
         for (int c0 = 0; c0 < chunks; c0 += 32 * UNROLL) {
             // every load of this step first (weights and their scales' parts), then the arithmetic
             U4 wv[UNROLL][ROWS];
-#if NESTED
+#if PREFETCH && NESTED
             u32 q8[UNROLL][ROWS];
             float s2[UNROLL][ROWS], so[UNROLL][ROWS];
-#else
+#elif PREFETCH
             float s2[UNROLL][ROWS];
 #endif
             #pragma unroll
@@ -166,15 +166,17 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
                 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
                     const int row = imin(row0 + r, N - 1);
-                    const size_t b = (size_t)row * blocks + (imin(c, chunks - 1) >> 1);
                     if (c < chunks) wv[i][r] = ld_stream(wq + (size_t)row * chunks + c);
                     else wv[i][r] = U4{0u, 0u, 0u, 0u};
+#if PREFETCH
+                    const size_t b = (size_t)row * blocks + (imin(c, chunks - 1) >> 1);
 #if NESTED
                     q8[i][r] = a8[b];
                     s2[i][r] = absmax2[b >> group_shift];
                     so[i][r] = offset2[b >> group_shift];
 #else
                     s2[i][r] = absmax[b];
+#endif
 #endif
                 }
             }
@@ -192,10 +194,17 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
 #endif
                 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
-#if NESTED
+#if PREFETCH && NESTED
                     const float scale = c2[q8[i][r]] * s2[i][r] + so[i][r];
-#else
+#elif PREFETCH
                     const float scale = s2[i][r];
+#else
+                    const size_t b = (size_t)imin(row0 + r, N - 1) * blocks + (c >> 1);
+#if NESTED
+                    const float scale = c2[a8[b]] * absmax2[b >> group_shift] + offset2[b >> group_shift];
+#else
+                    const float scale = absmax[b];
+#endif
 #endif
                     const u32 words[4] = {wv[i][r].x, wv[i][r].y, wv[i][r].z, wv[i][r].w};
                     float part = 0.0f;
@@ -267,10 +276,16 @@ def available(device: torch.device) -> bool:
     return _available[index]
 
 
-def _kernel(device, warps, rows, unroll, decode, nested, gated, k, xreg=0):
-    kernel = compile_kernel(SOURCE, "nf4_gemv", device, dict(
-        WARPS=warps, ROWS=rows, UNROLL=unroll, DECODE=decode, NESTED=int(nested), GATED=int(gated),
-        XREG=int(bool(xreg) and k == 1024 * unroll), SEL0=PAIR_SELECTORS[0], SEL1=PAIR_SELECTORS[1]))
+def defines(warps, rows, unroll, decode, nested, gated, k, xreg=0, prefetch=1) -> dict[str, int]:
+    """The kernel's compile-time macros for one configuration."""
+    return dict(WARPS=warps, ROWS=rows, UNROLL=unroll, DECODE=decode, NESTED=int(nested), GATED=int(gated),
+                XREG=int(bool(xreg) and k == 1024 * unroll), PREFETCH=int(bool(prefetch)),
+                SEL0=PAIR_SELECTORS[0], SEL1=PAIR_SELECTORS[1])
+
+
+def _kernel(device, warps, rows, unroll, decode, nested, gated, k, xreg=0, prefetch=1):
+    kernel = compile_kernel(SOURCE, "nf4_gemv", device,
+                            defines(warps, rows, unroll, decode, nested, gated, k, xreg, prefetch))
     smem = _smem_bytes(k, decode)
     if smem > kernel._max_shared_mem_bytes:
         kernel.set_shared_memory_config(smem)
@@ -278,11 +293,11 @@ def _kernel(device, warps, rows, unroll, decode, nested, gated, k, xreg=0):
 
 
 def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ctas: int = 2, decode: int = 1,
-         xreg: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
+         xreg: int = 1, prefetch: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (fp16) @ W.T for an NF4 ``QuantWeight`` -> [1, N] fp16; with ``up``, of SiLU(x) * up.
     ``ctas`` blocks per multiprocessor (persistent: each loops over row groups); ``xreg``: where K is
     1024 * ``unroll``, each lane keeps its inputs in registers for every row (else it reads them from shared
-    memory per row)."""
+    memory per row); ``prefetch``: each chunk's scale parts are loaded with its weights (else when used)."""
     n, k = q.shape
     if x.dtype != torch.float16 or k % 64 or x.shape[0] != 1:
         raise ValueError("the CUDA NF4 GEMV takes one fp16 row and K a multiple of 64")
@@ -296,7 +311,7 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
     if q.pairs is None or q.table_ints is None:
         raise ValueError("this 4-bit weight has no pair table (see weights.QuantWeight.add_word_decoding)")
     pairs, t = q.pairs, q.table_ints
-    kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, xreg)
+    kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, xreg, prefetch)
     out = torch.empty((1, n), dtype=torch.float16, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     groups = -(-n // rows)
