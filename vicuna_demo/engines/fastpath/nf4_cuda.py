@@ -268,7 +268,7 @@ def available(device: torch.device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _available:
         try:
-            _kernel(torch.device("cuda", index), 4, 1, 1, 0, True, False, 4096)
+            _kernel(torch.device("cuda", index), 16, 1, 4, 1, True, False, 4096, 0, 0)   # a candidate's build
             _available[index] = True
         except RtcUnavailable as exc:
             log.info("the CUDA NF4 GEMV is not available here (%s): Triton's and bitsandbytes' kernels serve", exc)
