@@ -122,3 +122,28 @@ def test_a_source_error_is_reported_as_unavailable_with_nvrtcs_message():
 
 def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain():
     assert nf4_cuda.available(torch.device("cpu")) is False
+
+
+def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_builds(monkeypatch):
+    """tuning._candidates: with NVRTC working, every configuration of _NF4_CUDA is timed for one row (beside
+    Triton's GEMVs and bitsandbytes'), never for batches; without it, none is; _Linear sends a "cuda"
+    configuration to nf4_cuda.gemv with the down projection's up input."""
+    from types import SimpleNamespace
+
+    from vicuna_demo.engines.fastpath import tuning, weights
+    quant = SimpleNamespace(kind="nf4", lut="ptx", data=torch.zeros(4, dtype=torch.uint8))
+    p = SimpleNamespace(quant=quant)
+    for works in (True, False):
+        monkeypatch.setattr(nf4_cuda, "available", lambda device, works=works: works)
+        one = tuning._candidates(p, 1)
+        cuda = [c for c in one if isinstance(c, tuple) and c[0] == "cuda"]
+        assert cuda == ([("cuda", *c) for c in tuning._NF4_CUDA] if works else [])
+        assert "module" in one and any(isinstance(c, tuple) and c[0] == "gemv" for c in one)
+        assert not any(isinstance(c, tuple) and c[0] == "cuda" for c in tuning._candidates(p, 8))
+    calls = []
+    monkeypatch.setattr(nf4_cuda, "gemv", lambda x, q, *config, up=None: calls.append((config, up)) or x)
+    linear = weights._Linear(quant=SimpleNamespace(kind="nf4"))
+    x, up = torch.ones(1, 8), torch.full((1, 8), 2.0)
+    config = ("cuda", *tuning._NF4_CUDA[0])
+    linear.config[1] = config
+    assert linear.gated(x, up) is x and calls == [(config[1:], up)]
