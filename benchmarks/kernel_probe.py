@@ -26,9 +26,9 @@ SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "do
 # per row count: configurations of weights._Linear.run
 CONFIGS = {
     1: ["module", ("gemv", 16, 512, 4, "lutc", 1), ("gemv", 16, 512, 4, "lutch", 1), ("gemv", 16, 512, 4, "lutc", 4)]
-       + [("cuda", w, r, u, c, 1, x, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
-          for x in (0, 1) for f in (0, 1) if w * c <= 32 and (x == 0 or u == 4)]
-       + [("cuda", 16, 1, u, 2, 0, x, 1) for u, x in ((2, 0), (4, 0), (4, 1))],
+       + [("cuda", w, r, u, c, 1, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
+          for f in (0, 1) if w * c <= 32]
+       + [("cuda", 16, 1, u, 2, 0, 1) for u in (2, 4)],
     8: ["module"]
        + [("tiled", 16, bn, bk, w, st, v, s) for v in ("t", "th", "tc", "thc")
           for bn, bk, w, st, s in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4))],

@@ -104,10 +104,9 @@ def test_every_warm_up_candidate_compiles_for_the_gpus_people_serve_on_without_s
     memory (a spill would put a slow memory round trip inside the loop)."""
     _nvrtc_or_skip()
     from vicuna_demo.engines.fastpath.tuning import _NF4_CUDA
-    for (warps, rows, unroll, _ctas, decode, xreg, prefetch), nested, gated in \
+    for (warps, rows, unroll, _ctas, decode, prefetch), nested, gated in \
             itertools.product(_NF4_CUDA, (0, 1), (0, 1)):
-        k = 11008 if gated else 1024 * unroll            # the down projection's K; the others' where xreg applies
-        defines = nf4_cuda.defines(warps, rows, unroll, decode, nested, gated, k, xreg, prefetch)
+        defines = nf4_cuda.defines(warps, rows, unroll, decode, nested, gated, prefetch)
         cubin, log = rtc.compile_source(nf4_cuda.SOURCE, "nf4_gemv", arch, defines, ptxas_verbose=True)
         assert cubin and "nf4_gemv" in log, defines
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (defines, log)
@@ -117,7 +116,7 @@ def test_a_source_error_is_reported_as_unavailable_with_nvrtcs_message():
     _nvrtc_or_skip()
     with pytest.raises(rtc.RtcUnavailable, match="nf4_gemv"):
         rtc.compile_source(nf4_cuda.SOURCE.replace("u32 out = 0;", "u32 out = ;"), "nf4_gemv", "sm_90",
-                           nf4_cuda.defines(4, 1, 1, 0, True, True, 11008))
+                           nf4_cuda.defines(4, 1, 1, 0, True, True))
 
 
 def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain():

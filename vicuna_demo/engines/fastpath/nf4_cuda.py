@@ -11,17 +11,17 @@ re-loaded and re-arranged per row. Here each step is spelled out:
   staged once per block in shared memory, 16-byte units swizzled so that a warp's 16-byte reads hit every bank
   once.
 - Each lane reads 16 bytes (32 values) of a row per load, a warp 512 contiguous bytes; ``UNROLL`` loads per row
-  (with ``PREFETCH``, the parts of their blocks' scales too) are in flight before any is used. Where K is
-  1024 * ``UNROLL`` (``XREG``), a lane reads the same columns of every row, so its inputs stay in registers.
+  (with ``PREFETCH``, the parts of their blocks' scales too) are in flight before any is used.
 - Decoding a 32-bit word (8 indices; bitsandbytes puts the first of two in a byte's high nibble) into four
   fp16 pairs: ``DECODE`` 0 with byte permutes over the 16-value table held in 8 registers (the program of
   ``nf4_lut.py``, interleaved straight into fp16 pairs in element order); ``DECODE`` 1 with one shared-memory
-  load per byte from a 256-entry table of fp16 pairs, one copy per lane so a warp's 32 loads never share a bank.
+  load per byte from a 256-entry table of fp16 pairs, one copy per lane so a warp's 32 loads never share a bank
+  (the table won every 7B shape on an H100; warm-up times only it, the probe both).
 - A word's 8 products are summed in fp16 (as the Triton "luth" variants do), each 32 values in fp32, times the
   block's absmax (double-quantized: ``code2[a8] * absmax2 + offset``); lanes are summed with shuffles.
 
-``gemv(x, q, warps, rows, unroll, ctas, decode, xreg, prefetch, up=None)`` is the entry point (``_Linear``
-config ``("cuda", warps, rows, unroll, ctas, decode, xreg, prefetch)``); ``available(device)`` says whether
+``gemv(x, q, warps, rows, unroll, ctas, decode, prefetch, up=None)`` is the entry point (``_Linear`` config
+``("cuda", warps, rows, unroll, ctas, decode, prefetch)``); ``available(device)`` says whether
 NVRTC works here. Every configuration is checked at warm-up against the de-quantized weight before it can be
 chosen (``tuning.py``).
 """
@@ -136,16 +136,6 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
     __syncthreads();
     const u32 t[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
     const u32* mytab = tab + lane;
-#if XREG
-    // K == 1024 * UNROLL: a lane reads the same UNROLL chunks of every row, so its inputs stay in registers
-    U4 xr[UNROLL][4];
-    #pragma unroll
-    for (int i = 0; i < UNROLL; i++) {
-        const int c = 32 * i + lane, sw = (c >> 1) & 3;
-        #pragma unroll
-        for (int p = 0; p < 4; p++) xr[i][p] = xs[(c << 2) | (p ^ sw)];
-    }
-#endif
     const int groups = (N + ROWS - 1) / ROWS;
     for (int g = blockIdx.x * WARPS + warp; g < groups; g += gridDim.x * WARPS) {
         const int row0 = g * ROWS;
@@ -185,14 +175,10 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
             for (int i = 0; i < UNROLL; i++) {
                 const int c = c0 + 32 * i + lane;
                 if (c >= chunks) continue;
-#if XREG
-                const U4 (&xv)[4] = xr[i];
-#else
                 const int sw = (c >> 1) & 3;
                 U4 xv[4];
                 #pragma unroll
                 for (int p = 0; p < 4; p++) xv[p] = xs[(c << 2) | (p ^ sw)];
-#endif
                 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
 #if PREFETCH && NESTED
@@ -269,7 +255,7 @@ def available(device: torch.device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _available:
         try:
-            _kernel(torch.device("cuda", index), 16, 1, 4, 1, True, False, 4096, 0, 0)   # a candidate's build
+            _kernel(torch.device("cuda", index), 16, 1, 4, 1, True, False, 4096, 0)   # a candidate's build
             _available[index] = True
         except Exception as exc:  # noqa: BLE001 - RtcUnavailable, or the driver refusing the module
             log.info("the CUDA NF4 GEMV is not available here (%s): Triton's and bitsandbytes' kernels serve", exc)
@@ -277,16 +263,14 @@ def available(device: torch.device) -> bool:
     return _available[index]
 
 
-def defines(warps, rows, unroll, decode, nested, gated, k, xreg=0, prefetch=1) -> dict[str, int]:
+def defines(warps, rows, unroll, decode, nested, gated, prefetch=1) -> dict[str, int]:
     """The kernel's compile-time macros for one configuration."""
     return dict(WARPS=warps, ROWS=rows, UNROLL=unroll, DECODE=decode, NESTED=int(nested), GATED=int(gated),
-                XREG=int(bool(xreg) and k == 1024 * unroll), PREFETCH=int(bool(prefetch)),
-                SEL0=PAIR_SELECTORS[0], SEL1=PAIR_SELECTORS[1])
+                PREFETCH=int(bool(prefetch)), SEL0=PAIR_SELECTORS[0], SEL1=PAIR_SELECTORS[1])
 
 
-def _kernel(device, warps, rows, unroll, decode, nested, gated, k, xreg=0, prefetch=1):
-    kernel = compile_kernel(SOURCE, "nf4_gemv", device,
-                            defines(warps, rows, unroll, decode, nested, gated, k, xreg, prefetch))
+def _kernel(device, warps, rows, unroll, decode, nested, gated, k, prefetch=1):
+    kernel = compile_kernel(SOURCE, "nf4_gemv", device, defines(warps, rows, unroll, decode, nested, gated, prefetch))
     smem = _smem_bytes(k, decode)
     if smem > kernel._max_shared_mem_bytes:
         kernel.set_shared_memory_config(smem)
@@ -294,11 +278,10 @@ def _kernel(device, warps, rows, unroll, decode, nested, gated, k, xreg=0, prefe
 
 
 def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ctas: int = 2, decode: int = 1,
-         xreg: int = 1, prefetch: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
+         prefetch: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (fp16) @ W.T for an NF4 ``QuantWeight`` -> [1, N] fp16; with ``up``, of SiLU(x) * up.
-    ``ctas`` blocks per multiprocessor (persistent: each loops over row groups); ``xreg``: where K is
-    1024 * ``unroll``, each lane keeps its inputs in registers for every row (else it reads them from shared
-    memory per row); ``prefetch``: each chunk's scale parts are loaded with its weights (else when used)."""
+    ``ctas`` blocks per multiprocessor (persistent: each loops over row groups); ``prefetch``: each chunk's
+    scale parts are loaded with its weights (else when used)."""
     n, k = q.shape
     if x.dtype != torch.float16 or k % 64 or x.shape[0] != 1:
         raise ValueError("the CUDA NF4 GEMV takes one fp16 row and K a multiple of 64")
@@ -312,7 +295,7 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
     if q.pairs is None or q.table_ints is None:
         raise ValueError("this 4-bit weight has no pair table (see weights.QuantWeight.add_word_decoding)")
     pairs, t = q.pairs, q.table_ints
-    kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, xreg, prefetch)
+    kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, prefetch)
     out = torch.empty((1, n), dtype=torch.float16, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     groups = -(-n // rows)

@@ -82,16 +82,13 @@ def _nvrtc(lib, source: str, name: str, options: list[str]) -> tuple[bytes, str]
         raise RtcUnavailable("nvrtcCreateProgram failed")
     try:
         opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
-        if lib.nvrtcCompileProgram(prog, len(options), opts):
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise RtcUnavailable(f"NVRTC could not compile {name}: {log.value.decode(errors='replace')[:2000]}")
+        failed = lib.nvrtcCompileProgram(prog, len(options), opts)
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value or 1)
         lib.nvrtcGetProgramLog(prog, log)
+        if failed:
+            raise RtcUnavailable(f"NVRTC could not compile {name}: {log.value.decode(errors='replace')[:2000]}")
         if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)) or not size.value:
             raise RtcUnavailable("NVRTC gave no machine code")
         binary = ctypes.create_string_buffer(size.value)

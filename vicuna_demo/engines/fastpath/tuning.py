@@ -198,13 +198,12 @@ _NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc
 _NF4_GEMV = ((16, 512, 4, "lutc", 1), (16, 512, 4, "lutch", 1), (16, 256, 4, "lutc", 1), (16, 512, 4, "lutch", 4),
              (16, 512, 4, "lutc", 4), (16, 256, 4, "lutc", 8))
 # NF4 one row in CUDA C++ (nf4_cuda.py, where NVRTC works): (warps, rows per warp, loads in flight, blocks per
-# multiprocessor, decode 0 byte permutes / 1 shared-memory pair table, inputs in registers where K = 1024 x loads,
-# scale parts loaded with the weights). The winners per 7B shape of the 2026-12-06 H100 probe
-# (results/2026-12-06_h100_kernel_probe.jsonl; scales loaded when used), then the same with scale parts loaded
-# early, which won every shape in the next run (results/2026-12-06b_h100_quant_nf4.jsonl; inputs held in
-# registers lost there: 128 registers a thread leave one block per multiprocessor)
-_NF4_CUDA = ((16, 1, 4, 2, 1, 0, 0), (16, 1, 2, 2, 1, 0, 0), (8, 2, 2, 4, 1, 0, 0), (16, 2, 2, 1, 1, 0, 0),
-             (16, 1, 4, 2, 1, 0, 1), (16, 1, 2, 2, 1, 0, 1))
+# multiprocessor, decode 1 = the shared-memory pair table, scale parts loaded with the weights). The winners per
+# 7B shape of the 2026-12-06 H100 probe (results/2026-12-06_h100_kernel_probe.jsonl; scales loaded when used),
+# then the same with scale parts loaded early, which won every shape in the next run
+# (results/2026-12-06b_h100_quant_nf4.jsonl)
+_NF4_CUDA = ((16, 1, 4, 2, 1, 0), (16, 1, 2, 2, 1, 0), (8, 2, 2, 4, 1, 0), (16, 2, 2, 1, 1, 0),
+             (16, 1, 4, 2, 1, 1), (16, 1, 2, 2, 1, 1))
 
 
 def _candidates(p: _Linear, rows: int) -> list:

@@ -147,7 +147,7 @@ class _Linear:
     (4-bit: also ("gemv", bn, bk, warps, "lut"|"lutc"|"luth"|"lutch", splits), the word-decoding variants),
     ("tiled", bm, bn, bk, warps, stages) (int8 and 4-bit: with "t" and splits last, the weight as the left
     operand; 4-bit also "th", "tc", "thc": kernels_quant's docstring), ("cuda", warps, rows, unroll, ctas, decode,
-    xreg, prefetch) (4-bit, one row: the CUDA C++ GEMV of ``nf4_cuda.py``),
+    prefetch) (4-bit, one row: the CUDA C++ GEMV of ``nf4_cuda.py``),
     "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own matmul) or, for dense weights, absent
     (cuBLAS). Row counts never timed (prefill) use ``default``."""
 
