@@ -1,4 +1,4 @@
-"""Probe of the 4-bit projection kernels on a GPU: every configuration given, per Vicuna-7B projection shape,
+"""Probe of the 4-bit projection kernels on a GPU: every configuration given, per Vicuna projection shape,
 timed the way warm-up times it (8 layers' weights, replayed in a CUDA graph) and checked against the
 de-quantized weight; each row count in its own process, so that a configuration which faults the GPU ends
 that process only (its line says so) and the others still report.
@@ -7,6 +7,7 @@ For deciding which candidates the warm-up should time (each one it times costs s
 whole benchmark run; prints one JSON line per (shape, rows): {config: µs} and any errors.
 
     python benchmarks/kernel_probe.py --rows 1,8,64 --out probe.jsonl
+    python benchmarks/kernel_probe.py --rows 1 --size 13b --only cuda      # 13B shapes, the CUDA GEMV only
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+# per model size: (hidden, intermediate) of Vicuna-7B / 13B / 33B
+SIZES = {"7b": (4096, 11008), "13b": (5120, 13824), "33b": (6656, 17920)}
+
+
+def shapes(size: str) -> dict:
+    h, i = SIZES[size]
+    return {"qkv": (3 * h, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
 
 # per row count: configurations of weights._Linear.run
 CONFIGS = {
@@ -39,7 +46,7 @@ CONFIGS = {
 }
 
 
-def probe(rows: int, out) -> None:
+def probe(rows: int, out, size: str = "7b", only: str = "") -> None:
     import torch
     from quant_bench import linear4
     from vicuna_demo.engines.fastpath.tuning import _relative_error, _time_ms
@@ -50,7 +57,7 @@ def probe(rows: int, out) -> None:
     ms = _time_ms(lambda: dst.copy_(src))
     print(json.dumps(dict(copy_gb_s=round(2 * 2**30 / ms / 1e6, 1), device=torch.cuda.get_device_name())), flush=True)
     del src, dst
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes(size).items():
         linears = [_Linear(module=linear4(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02),
                        quant_kernels=True) for _ in range(8)]
         torch.cuda.empty_cache()
@@ -58,7 +65,7 @@ def probe(rows: int, out) -> None:
         up = torch.randn(rows, k, device="cuda", dtype=torch.float16) if name == "down" else None
         reference = linears[0].run(x if up is None else torch.nn.functional.silu(x) * up, "dequant")
         us, errors = {}, {}
-        for config in CONFIGS[rows]:
+        for config in [c for c in CONFIGS[rows] if only in str(c)]:
             label = config if isinstance(config, str) else "/".join(map(str, config))
             try:                  # down: SiLU(gate) * up inside the GEMV, or a separate kernel first
                 got = linears[0].run(x, config, up)
@@ -90,14 +97,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,8,64")
     parser.add_argument("--out", default="")
+    parser.add_argument("--size", default="7b", choices=sorted(SIZES), help="the model whose projection shapes to time")
+    parser.add_argument("--only", default="", help="only configurations whose text contains this (e.g. cuda)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)     # the child process: one row count
     args = parser.parse_args(argv)
     if args.one:
-        probe(args.one, args.out)
+        probe(args.one, args.out, args.size, args.only)
         return 0
     for rows in [int(r) for r in args.rows.split(",")]:
         started = time.time()
-        rc = subprocess.call([sys.executable, __file__, "--one", str(rows), "--out", args.out])
+        rc = subprocess.call([sys.executable, __file__, "--one", str(rows), "--out", args.out, "--size", args.size,
+                              "--only", args.only])
         print(json.dumps(dict(rows=rows, rc=rc, seconds=round(time.time() - started, 1))), flush=True)
     return 0
 

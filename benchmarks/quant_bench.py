@@ -231,6 +231,13 @@ def tuning_summary(engine: LocalEngine) -> dict:
             if rows in (1, 8, 64)}
 
 
+def tuning_record(engine: LocalEngine, stage: str) -> None:
+    """Every candidate's time per projection shape, and the candidates that disagreed or raised."""
+    runner = fast_of(engine).runner if fast_of(engine) is not None else None
+    eb.say(stage=stage, us_per_projection=tuning_summary(engine), rejected=getattr(runner, "rejected_configs", {}),
+           failed=getattr(runner, "failed_configs", {}))
+
+
 def streams_stage(engine, label: str, counts, args, vocab: int, repetition_penalty: float = 1.0) -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, repetition_penalty=repetition_penalty)
     for n in counts:
@@ -291,8 +298,7 @@ def stage_nf4(args) -> None:
     eb.hf_generate_streamer(loaded4, eb.random_prompt(args.prompt_len, 1, vocab), args.baseline_tokens,
                             "nf4_generate_baseline")
     engine = eb.start(loaded4, SEVEN_B_OPTIONS, "nf4")
-    eb.say(stage="nf4_tuning", us_per_projection=tuning_summary(engine),
-           rejected=getattr(fast_of(engine).runner, "rejected_configs", {}))
+    tuning_record(engine, "nf4_tuning")
     streams_stage(engine, "nf4_fast", [int(c) for c in args.streams.split(",")], args, vocab)
     dequantized_into(model16, model4)
     teacher_forced(engine, model16, "nf4")
@@ -313,8 +319,7 @@ def stage_int8(args) -> None:
     eb.say(stage="int8_quantize", seconds=round(time.time() - started, 1), weights_gib=round(int8_bytes / 2**30, 3),
            fraction_of_fp16=round(int8_bytes / CTX["fp16_bytes"], 4))
     engine = eb.start(loaded8, SEVEN_B_OPTIONS, "int8")
-    eb.say(stage="int8_tuning", us_per_projection=tuning_summary(engine),
-           rejected=getattr(fast_of(engine).runner, "rejected_configs", {}))
+    tuning_record(engine, "int8_tuning")
     streams_stage(engine, "int8_fast", [int(c) for c in args.streams.split(",")], args, model16.config.vocab_size)
     dequantized_into(model16, loaded8.model)
     teacher_forced(engine, model16, "int8")
@@ -344,6 +349,7 @@ def stage_card(args) -> None:
         eb.say(stage=f"card_{args.card_size}_failed", error=str(exc)[:400], free_gib=free_gib())
         return
     eb.say(stage=f"card_{args.card_size}_ready", free_gib=free_gib(), status=engine.status)
+    tuning_record(engine, f"card_{args.card_size}_tuning")
     streams_stage(engine, f"card_{args.card_size}_nf4", [args.card_streams], args, vocab)
     eb.say(stage=f"card_{args.card_size}_end", free_gib=free_gib(),
            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if hold is not None else None)

@@ -146,3 +146,29 @@ def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_bui
     config = ("cuda", *tuning._NF4_CUDA[0])
     linear.config[1] = config
     assert linear.gated(x, up) is x and calls == [(config[1:], up)]
+
+
+def test_why_the_kernel_is_not_offered_is_kept_for_the_warm_up_record(monkeypatch):
+    """A GPU where the build or the module load fails: available() says no once, with the first line of the
+    reason, and warm-up's record (failed_configs, which the benchmarks print) names it."""
+    from types import SimpleNamespace
+
+    from vicuna_demo.engines.fastpath import tuning
+    builds = []
+
+    def refuse(*args):
+        builds.append(args)
+        raise rtc.RtcUnavailable("CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData\nsecond line")
+    monkeypatch.setattr(nf4_cuda, "_unavailable", {})
+    monkeypatch.setattr(nf4_cuda, "_kernel", refuse)
+    gpu = torch.device("cuda", 0)
+    assert nf4_cuda.available(gpu) is False and nf4_cuda.available(gpu) is False and len(builds) == 1
+    assert nf4_cuda.unavailable_reason(gpu) == "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"
+    assert nf4_cuda.unavailable_reason(torch.device("cuda", 1)) == ""
+    record = SimpleNamespace(failed_configs={})
+    p = SimpleNamespace(quant=SimpleNamespace(kind="nf4", data=torch.empty(0, device="meta")))
+    tuning.TuningMixin._note_unavailable(record, p)
+    assert record.failed_configs == {}                     # a weight not on that GPU: nothing to say
+    p.quant.data = SimpleNamespace(device=gpu)
+    tuning.TuningMixin._note_unavailable(record, p)
+    assert record.failed_configs == {"nf4_cuda": "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"}

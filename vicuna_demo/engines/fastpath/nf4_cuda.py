@@ -245,22 +245,29 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-_available: dict[int, bool] = {}
+_unavailable: dict[int, str] = {}     # per GPU index: "" where the kernel builds and loads, else why not
 
 
 def available(device: torch.device) -> bool:
-    """Can this machine build and load the kernel (NVRTC present, a GPU it knows)? Asked once per device."""
+    """Can this machine build and load the kernel (NVRTC present, a GPU it knows)? Asked once per device;
+    ``unavailable_reason`` says why not."""
     if device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _available:
+    if index not in _unavailable:
         try:
             _kernel(torch.device("cuda", index), 16, 1, 4, 1, True, False, 4096, 0)   # a candidate's build
-            _available[index] = True
+            _unavailable[index] = ""
         except Exception as exc:  # noqa: BLE001 - RtcUnavailable, or the driver refusing the module
             log.info("the CUDA NF4 GEMV is not available here (%s): Triton's and bitsandbytes' kernels serve", exc)
-            _available[index] = False
-    return _available[index]
+            _unavailable[index] = (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+    return not _unavailable[index]
+
+
+def unavailable_reason(device: torch.device) -> str:
+    """Why ``available(device)`` said no ("" where it said yes or was not asked)."""
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else -1
+    return _unavailable.get(index, "")
 
 
 def defines(warps, rows, unroll, decode, nested, gated, prefetch=1) -> dict[str, int]:

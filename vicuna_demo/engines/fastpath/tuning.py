@@ -30,6 +30,7 @@ class TuningMixin:
             return self.gemv_chosen
         self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
         self.rejected_configs: dict[str, float] = {}    # candidates whose result disagreed: relative error
+        self.failed_configs: dict[str, str] = {}        # candidates that raised: the error's first line
         if not (self.cuda and self.use_kernels):
             return {}
         groups: dict[tuple, list[_Linear]] = {}
@@ -42,6 +43,7 @@ class TuningMixin:
             k_dim = (members[0].quant.shape if members[0].quant is not None else members[0].weight.shape)[1]
             for rows in self.buckets:
                 candidates = _candidates(members[0], rows)
+                self._note_unavailable(members[0])
                 if len(candidates) < 2:
                     continue
                 x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
@@ -63,6 +65,7 @@ class TuningMixin:
                         torch.cuda.synchronize(self.device)       # a fault shows here, next to its candidate
                     except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
                         log.debug("projection config %s failed: %s", config, exc)
+                        self.failed_configs[str((key, rows, config))] = (str(exc).splitlines() or [""])[0][:200]
                 us = {c if isinstance(c, str) or c is None else "/".join(map(str, c)):
                       round(t / len(sample_set) * 1000, 1) for t, c in timings}
                 if not timings:
@@ -76,6 +79,14 @@ class TuningMixin:
         progress(f"tuned matrix products for {len(groups)} weight shapes")
         self.gemv_chosen = chosen
         return chosen
+
+    def _note_unavailable(self, p: _Linear) -> None:
+        """Record (in ``failed_configs``) why the CUDA NF4 GEMV was not a candidate, where it was not."""
+        if p.quant is not None and p.quant.kind == "nf4":
+            from . import nf4_cuda
+            reason = nf4_cuda.unavailable_reason(p.quant.data.device)
+            if reason:
+                self.failed_configs["nf4_cuda"] = reason
 
     def warm_prefill(self) -> None:
         """Run prefill once at typical sizes (and with a cached prefix) so that the kernels it needs are loaded
