@@ -260,7 +260,7 @@ def available(device: torch.device) -> bool:
             _unavailable[index] = ""
         except Exception as exc:  # noqa: BLE001 - RtcUnavailable, or the driver refusing the module
             log.info("the CUDA NF4 GEMV is not available here (%s): Triton's and bitsandbytes' kernels serve", exc)
-            _unavailable[index] = (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+            _unavailable[index] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return not _unavailable[index]
 
 

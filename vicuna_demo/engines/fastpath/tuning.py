@@ -43,7 +43,6 @@ class TuningMixin:
             k_dim = (members[0].quant.shape if members[0].quant is not None else members[0].weight.shape)[1]
             for rows in self.buckets:
                 candidates = _candidates(members[0], rows)
-                self._note_unavailable(members[0])
                 if len(candidates) < 2:
                     continue
                 x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
@@ -76,6 +75,7 @@ class TuningMixin:
                 baseline = us.get(None, us.get("module", us.get("dequant")))   # cuBLAS / bitsandbytes / 16-bit copy
                 chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), baseline)
                 self.tuning_detail[(key[0], str(key[1]), rows)] = us
+            self._note_unavailable(members[0])          # after _candidates asked nf4_cuda.available
         progress(f"tuned matrix products for {len(groups)} weight shapes")
         self.gemv_chosen = chosen
         return chosen
