@@ -172,3 +172,94 @@ def test_why_the_kernel_is_not_offered_is_kept_for_the_warm_up_record(monkeypatc
     p.quant.data = SimpleNamespace(device=gpu)
     tuning.TuningMixin._note_unavailable(record, p)
     assert record.failed_configs == {"nf4_cuda": "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"}
+
+
+class _Driver:
+    """The four CUDA driver calls ``rtc.ensure_context`` makes, recorded; ``current`` is this thread's context
+    (0: none), ``refuse`` the name of a call that returns an error."""
+
+    def __init__(self, current: int = 0, refuse: str = ""):
+        self.current, self.refuse, self.calls = current, refuse, []
+
+    def _call(self, name, result=0):
+        self.calls.append(name)
+        return 1 if name == self.refuse else result
+
+    def cuCtxGetCurrent(self, out):
+        out._obj.value = self.current or None
+        return self._call("cuCtxGetCurrent")
+
+    def cuDeviceGet(self, out, index):
+        out._obj.value = index
+        return self._call("cuDeviceGet")
+
+    def cuDevicePrimaryCtxRetain(self, out, dev):
+        out._obj.value = 0x1000 + dev.value
+        return self._call("cuDevicePrimaryCtxRetain")
+
+    def cuCtxSetCurrent(self, ctx):
+        self.current = ctx.value
+        return self._call("cuCtxSetCurrent")
+
+
+def _ensure_in_a_new_thread(driver, monkeypatch, index=0, times=1):
+    """``rtc.ensure_context(index)`` called ``times`` times in a fresh thread over ``driver``: its error or None."""
+    import threading
+    from torch.cuda import _utils
+    monkeypatch.setattr(_utils, "_get_gpu_runtime_library", lambda: driver)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(times):
+                rtc.ensure_context(index)
+        except rtc.RtcUnavailable as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return errors[0] if errors else None
+
+
+def test_a_thread_without_a_context_gets_the_gpus_primary_context_before_any_module_is_loaded(monkeypatch):
+    """The serving thread's first GPU work on a planned start-up is warm-up's tuning, and the module load there
+    failed with "invalid device context" (13B / 33B cards were served without the CUDA kernel): the primary
+    context of the weights' GPU is made current first, once per thread; a thread with a context keeps it."""
+    driver = _Driver()
+    assert _ensure_in_a_new_thread(driver, monkeypatch, index=1, times=3) is None
+    assert driver.current == 0x1001
+    assert driver.calls == ["cuCtxGetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent"]
+    driver = _Driver(current=0x2000)
+    assert _ensure_in_a_new_thread(driver, monkeypatch) is None
+    assert driver.current == 0x2000 and driver.calls == ["cuCtxGetCurrent"]
+    driver = _Driver(refuse="cuDevicePrimaryCtxRetain")
+    assert "could not make GPU 0's context current" in str(_ensure_in_a_new_thread(driver, monkeypatch))
+    assert driver.calls[-1] == "cuDevicePrimaryCtxRetain" and driver.current == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with NVRTC")
+def test_on_a_gpu_a_fresh_thread_builds_and_runs_the_kernel(monkeypatch):
+    """The real driver: a thread that has made no CUDA call yet builds the kernel (no cached build, no cached
+    answer) and its product matches the de-quantized weight."""
+    import threading
+
+    import bitsandbytes.functional as bf
+
+    from vicuna_demo.engines.fastpath.weights import QuantWeight
+    monkeypatch.setattr(nf4_cuda, "_unavailable", {})
+    monkeypatch.setattr(rtc, "_cache", {})
+    gpu = torch.device("cuda", 0)
+    weight = torch.randn(256, 1024, device=gpu, dtype=torch.float16) * 0.02
+    packed, state = bf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    q = QuantWeight("nf4", (256, 1024), packed.view(-1), absmax=state.absmax.float(),
+                    code=state.code.float()).add_word_decoding()
+    x = torch.randn(1, 1024, device=gpu, dtype=torch.float16)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(ok=nf4_cuda.available(gpu),
+                                                          why=nf4_cuda.unavailable_reason(gpu),
+                                                          y=nf4_cuda.gemv(x, q)))
+    thread.start()
+    thread.join()
+    assert (result["ok"], result["why"]) == (True, "")
+    expected = x.float() @ bf.dequantize_4bit(packed, state).float().T
+    assert torch.allclose(result["y"].float(), expected, rtol=2e-2, atol=2e-3)

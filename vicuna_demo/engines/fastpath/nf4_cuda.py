@@ -33,7 +33,7 @@ import logging
 import numpy as np
 import torch
 
-from .rtc import compile_kernel
+from .rtc import compile_kernel, ensure_context
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
@@ -302,13 +302,14 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
     if q.pairs is None or q.table_ints is None:
         raise ValueError("this 4-bit weight has no pair table (see weights.QuantWeight.add_word_decoding)")
     pairs, t = q.pairs, q.table_ints
-    kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, prefetch)
     out = torch.empty((1, n), dtype=torch.float16, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     groups = -(-n // rows)
     grid = max(1, min(-(-groups // warps), sms * ctas))
     absmax = q.absmax
     with torch.cuda.device(x.device):        # the launch goes to the current context: the weights' GPU's
+        ensure_context(out.device.index)
+        kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, prefetch)
         kernel(grid=(grid, 1, 1), block=(warps * 32, 1, 1), shared_mem=_smem_bytes(k, decode),
                stream=torch.cuda.current_stream(x.device),
                args=[q.data, absmax, absmax, q.absmax2 if nested else absmax, q.offset2 if nested else absmax,

@@ -6,6 +6,12 @@ current stream (so CUDA graphs capture it like any other). PyTorch's own helper 
 (``torch.cuda._compile_kernel``) insists on a toolkit's include folder; here we compile header-free source
 ourselves and load it with PyTorch's module loader (``torch.cuda._utils``, private: every failure here is
 reported as ``RtcUnavailable`` and the caller keeps its other kernels).
+
+The module loader and the launch are CUDA driver calls, which need a context current on the calling thread;
+a thread that has made no CUDA runtime call yet has none (the engine's serving thread, whose first GPU work on
+a planned start-up is warm-up's tuning: there the load failed with "invalid device context", and 13B / 33B
+cards were served without this kernel). ``ensure_context`` makes the device's primary context (the one
+PyTorch's runtime uses) current first, as PyTorch does before the driver calls of its own NVRTC kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +28,26 @@ class RtcUnavailable(RuntimeError):
 
 _lock = threading.Lock()
 _cache: dict[tuple, object] = {}
+_thread = threading.local()     # per thread: the GPU indices whose context was found or made current
+
+
+def ensure_context(index: int) -> None:
+    """Make GPU ``index``'s primary context current on this thread where no context is (once per thread and
+    GPU; a thread with a context keeps it). Raises ``RtcUnavailable`` if the driver refuses."""
+    seen = _thread.__dict__.setdefault("indices", set())
+    if index in seen:
+        return
+    from torch.cuda import _utils
+    lib = _utils._get_gpu_runtime_library()
+    ctx, dev = ctypes.c_void_p(), ctypes.c_int()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)):
+        raise RtcUnavailable("cuCtxGetCurrent failed")
+    if not ctx.value:
+        # retained, never released: PyTorch keeps the primary context for the process's life anyway
+        if lib.cuDeviceGet(ctypes.byref(dev), index) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) \
+                or lib.cuCtxSetCurrent(ctx):
+            raise RtcUnavailable(f"could not make GPU {index}'s context current on this thread")
+    seen.add(index)
 
 
 def compile_kernel(source: str, name: str, device: torch.device, defines: dict[str, int] | None = None):
@@ -38,6 +64,7 @@ def compile_kernel(source: str, name: str, device: torch.device, defines: dict[s
             props = torch.cuda.get_device_properties(index)
             cubin, _ = compile_source(source, name, f"sm_{props.major}{props.minor}", defines)
             with torch.cuda.device(index):
+                ensure_context(index)
                 kernel = _utils._cuda_load_module(cubin, [name])[name]
         except RtcUnavailable:
             raise
