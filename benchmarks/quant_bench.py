@@ -328,7 +328,7 @@ def stage_int8(args) -> None:
 
 def stage_card(args) -> None:
     """One simulated card: hold everything beyond ``--card-gb`` (decimal GB: the card's whole memory,
-    the CUDA context included), then build the 4-bit model and serve ``--card-streams`` streams."""
+    the CUDA context included), then build the 4-bit model and serve one stream, then ``--card-streams``."""
     hold = None
     if torch.cuda.is_available():     # the card's memory holds our CUDA context too (measured by the parent)
         free, _ = torch.cuda.mem_get_info()
@@ -350,7 +350,7 @@ def stage_card(args) -> None:
         return
     eb.say(stage=f"card_{args.card_size}_ready", free_gib=free_gib(), status=engine.status)
     tuning_record(engine, f"card_{args.card_size}_tuning")
-    streams_stage(engine, f"card_{args.card_size}_nf4", [args.card_streams], args, vocab)
+    streams_stage(engine, f"card_{args.card_size}_nf4", [1, args.card_streams], args, vocab)   # 1: the GEMV
     eb.say(stage=f"card_{args.card_size}_end", free_gib=free_gib(),
            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if hold is not None else None)
     eb.stop(engine)
