@@ -8,9 +8,9 @@ ourselves and load it with PyTorch's module loader (``torch.cuda._utils``, priva
 reported as ``RtcUnavailable`` and the caller keeps its other kernels).
 
 The module loader and the launch are CUDA driver calls, which need a context current on the calling thread;
-a thread that has made no CUDA runtime call yet has none (the engine's serving thread, whose first GPU work on
-a planned start-up is warm-up's tuning: there the load failed with "invalid device context", and 13B / 33B
-cards were served without this kernel). ``ensure_context`` makes the device's primary context (the one
+a thread that has made no CUDA runtime call yet has none (the engine's serving thread, whose first GPU work is
+warm-up's tuning when the engine sizes its own KV pool: there the load failed with "invalid device context",
+and the 13B / 33B card benchmarks ran without this kernel). ``ensure_context`` makes the device's primary context (the one
 PyTorch's runtime uses) current first, as PyTorch does before the driver calls of its own NVRTC kernels.
 """
 
