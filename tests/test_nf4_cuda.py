@@ -222,7 +222,7 @@ def _ensure_in_a_new_thread(driver, monkeypatch, index=0, times=1):
 
 
 def test_a_thread_without_a_context_gets_the_gpus_primary_context_before_any_module_is_loaded(monkeypatch):
-    """The serving thread's first GPU work on a planned start-up is warm-up's tuning, and the module load there
+    """An engine that sizes its own KV pool does warm-up's tuning first on its serving thread, and the module load there
     failed with "invalid device context" (13B / 33B cards were served without the CUDA kernel): the primary
     context of the weights' GPU is made current first, once per thread; a thread with a context keeps it."""
     driver = _Driver()
