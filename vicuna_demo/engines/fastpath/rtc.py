@@ -10,8 +10,9 @@ reported as ``RtcUnavailable`` and the caller keeps its other kernels).
 The module loader and the launch are CUDA driver calls, which need a context current on the calling thread;
 a thread that has made no CUDA runtime call yet has none (the engine's serving thread, whose first GPU work is
 warm-up's tuning when the engine sizes its own KV pool: there the load failed with "invalid device context",
-and the 13B / 33B card benchmarks ran without this kernel). ``ensure_context`` makes the device's primary context (the one
-PyTorch's runtime uses) current first, as PyTorch does before the driver calls of its own NVRTC kernels.
+and the 13B / 33B card benchmarks ran without this kernel). ``ensure_context`` makes the device's primary
+context (the one PyTorch's runtime uses) current first, as PyTorch does before the driver calls of its own
+NVRTC kernels.
 """
 
 from __future__ import annotations
