@@ -244,7 +244,9 @@ class LocalEngine(PromptingModel):
         # The model, tokenizer and caches are long-lived: move them out of the garbage collector's view, or each
         # full collection walks them all (0.2-0.3 s pauses, every token of every reply waiting meanwhile).
         gc.freeze()
-        self._set_status(f"{self.name}: ready ({elapsed:.1f} s warm-up, {self.backend} back end)")
+        problem = self._runner.kernel_problem if self._runner is not None else None
+        self._set_status(f"{self.name}: ready ({elapsed:.1f} s warm-up, {self.backend} back end"
+                         f"{', eager ops: ' + problem if problem else ''})")
         return elapsed
 
     def _serving_backend(self, timeout_s: float | None = None) -> Backend:

@@ -67,7 +67,9 @@ class FastModel(DecodeMixin, TuningMixin):
         self.head_dim = int(getattr(attn0, "head_dim", None) or self.config.hidden_size // self.n_heads)
         self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
         self.max_len = int(max_context) + 2          # + the extra step a pipelined reply may take
-        self.use_kernels = bool(self.cuda and options.kernels and _triton_ok())
+        # why a GPU runs eager ops instead of the Triton kernels (None: kernels, or a CPU, whose route is eager)
+        self.kernel_problem = _triton_problem() if self.cuda and options.kernels else None
+        self.use_kernels = bool(self.cuda and options.kernels and self.kernel_problem is None)
         self.use_graphs = bool(self.cuda and options.cuda_graphs and self.use_kernels)
         self.max_rows = int(options.max_rows or (64 if self.cuda else 8))
         self.block = int(options.block_size or (64 if self.cuda else _round_up(self.max_len, 16)))
@@ -388,10 +390,11 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def _triton_ok() -> bool:
+def _triton_problem() -> str | None:
+    """None when the Triton kernels import; else why not, in a few words (the engine then runs eager ops)."""
     try:
         from . import kernels as fastkernels  # noqa: F401
-        return True
+        return None
     except Exception as exc:  # noqa: BLE001 - no Triton, or an incompatible one: use eager ops
         log.warning("Triton kernels unavailable (%s); the fast path runs eager ops", exc)
-        return False
+        return f"Triton unavailable ({type(exc).__name__}: {exc})"

@@ -180,7 +180,8 @@ class FastScheduler(AdmissionMixin):
         self._progress(f"{self.name}: fast path ready in {time.perf_counter() - started:.1f} s "
                        f"({runner.n_blocks - 1} KV blocks of {runner.block} tokens, "
                        f"{'CUDA graphs' if runner.graphs else 'no CUDA graphs'}, "
-                       f"{'Triton kernels' if runner.use_kernels else 'eager ops'})")
+                       f"{'Triton kernels' if runner.use_kernels else 'eager ops'}"
+                       f"{': ' + runner.kernel_problem if runner.kernel_problem else ''})")
         self.status = "ready"
 
     def _note_free(self, phase: str) -> None:

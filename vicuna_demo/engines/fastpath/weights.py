@@ -191,12 +191,17 @@ class _Linear:
         return out + self.bias if self.bias is not None else out
 
     def _product(self, x: torch.Tensor, config, up: torch.Tensor | None) -> torch.Tensor:
-        from . import kernels as fk
         gemv = isinstance(config, tuple) and config[0] in ("gemv", "cuda")
         if up is not None and not (gemv and x.shape[0] == 1):
+            from . import kernels as fk
             x, up = fk.silu_mul(x, up), None
+        if self.quant is None and config is None:
+            # the eager route (a CPU, or a GPU without Triton) needs no kernel module: Triton is not in
+            # requirements.txt, so nothing on this route may import it
+            return F.linear(x, self.weight)
+        from . import kernels as fk
         if self.quant is None:
-            return F.linear(x, self.weight) if config is None else fk.gemv(x, self.weight, None, *config[1:], up=up)
+            return fk.gemv(x, self.weight, None, *config[1:], up=up)
         from . import kernels_quant as kq
         q = self.quant
         if config == "dequant":
