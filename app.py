@@ -2,14 +2,17 @@
 
     python app.py                       # Vicuna-7B on a GPU box; the embedded small model without one
     python app.py --help                # every flag, grouped, with its environment variable
+    python app.py --self-test           # does this install answer? one chat turn per model, then exit 0 or 1
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import sys
+import tempfile
 
 from vicuna_demo.config import ConfigError, Settings, default_model_specs, load_settings
 from vicuna_demo.services.arena import parse_weights
@@ -98,6 +101,18 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
     return local_url, share_url
 
 
+def self_test(demo, runtime, settings: Settings) -> int:
+    """``--self-test``: serve as usual, send one chat turn to each model through the page's /chat, report, stop."""
+    from vicuna_demo import selftest
+    from vicuna_demo.serving import parse_auth
+
+    local_url, _ = serve(demo, runtime, settings, block=False)
+    try:
+        return selftest.run(local_url, runtime.service.engines, parse_auth(settings.auth))
+    finally:
+        demo.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -106,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    scratch = None
+    if settings.self_test:  # the same app, without a public link, its turns kept out of the real store
+        scratch = tempfile.TemporaryDirectory(prefix="vicuna-demo-self-test-")
+        settings = dataclasses.replace(settings, share=False, hf_dataset=None, log_dir=scratch.name)
     try:
         specs = default_model_specs(settings, gpu=cuda_available())
         for spec in specs:
@@ -117,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
+        if settings.self_test:
+            return self_test(demo, runtime, settings)
         serve(demo, runtime, settings)
     finally:
         runtime.close()
+        if scratch is not None:
+            scratch.cleanup()
     return 0
 
 

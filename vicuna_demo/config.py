@@ -72,6 +72,7 @@ class Settings:
     max_turns: int = 50
     rate_limit: int = 30
     forwarded_allow_ips: str | None = None  # None: none trusted, or the Space's proxies on a Space
+    self_test: bool = False           # start as usual, send one chat turn to each model through the page, exit
     # logging
     log_dir: str = "logs"
     log_level: str = "INFO"
@@ -181,6 +182,10 @@ _OPTIONS: tuple[_Opt, ...] = (
     _Opt("serving", "--forwarded-allow-ips", "forwarded_allow_ips", "str",
          "Proxies whose X-Forwarded-For names the visitor: comma list of IPs/CIDRs, * = any peer, '' = none "
          "(default: none; on a Hugging Face Space, its private network). See docs/deploy.md.", metavar="IPS"),
+    _Opt("serving", "--self-test", "self_test", "bool",
+         "Does my install work? Start the app as usual, wait for every model, send one chat turn to each through "
+         "the page's own API, print what came back and exit: status 0 when every model replied, 1 otherwise "
+         "(no share link; the turns go to a temporary store)."),
     _Opt("logging", "--log-dir", "log_dir", "str", "Folder for the conversation and vote store ('' = keep nothing)."),
     _Opt("logging", "--log-level", "log_level", "choice", "Console log level.",
          choices=("DEBUG", "INFO", "WARNING", "ERROR")),
