@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the tests: create .venv on first use, install requirements-dev.txt and the embedded model, install
+# Run the tests: create .venv-test on first use (not the app's .venv: scripts/_venv.sh says why), install
+# requirements-dev.txt and the embedded model, install
 # Debian's chromium and the page's fonts for the browser tests if they are missing, then run pytest with
 # your arguments, e.g.
 #   bash scripts/test.sh                                   # everything (~20 min on 2 cores)
@@ -8,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
-ensure_venv requirements-dev.txt
+ensure_venv .venv-test requirements-dev.txt
 
 # What the browser tests need, and nothing more: chromium without its recommended packages (which
 # pull in systemd, samba libraries, perl, ...: on a Debian 12 slim base 293 packages / 882 MB with
@@ -36,4 +37,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-exec .venv/bin/python -m pytest "$@"
+exec .venv-test/bin/python -m pytest "$@"

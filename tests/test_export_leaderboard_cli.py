@@ -1,6 +1,6 @@
 """Behaviour tests for the export and leaderboard command lines, run as real subprocesses.
 
-Run: .venv/bin/python -m pytest tests/test_export_leaderboard_cli.py -q
+Run: .venv-test/bin/python -m pytest tests/test_export_leaderboard_cli.py -q
 """
 
 from __future__ import annotations

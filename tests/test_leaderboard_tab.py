@@ -2,7 +2,7 @@
 and an empty message that points only at tabs that can produce votes in this app.
 
 ``battles_view`` is tested on its own, then the running app through gradio_client (scripted engines).
-Run: .venv/bin/python -m pytest tests/test_leaderboard_tab.py -q
+Run: .venv-test/bin/python -m pytest tests/test_leaderboard_tab.py -q
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tests for the `moderation` package, run against a real local HTTP fake of the OpenAI moderation
 endpoint (tests/fake_moderation_server.py) through the real `openai` SDK. No network beyond
-127.0.0.1. Run: .venv/bin/python -m pytest tests/test_moderation.py -q
+127.0.0.1. Run: .venv-test/bin/python -m pytest tests/test_moderation.py -q
 """
 
 from __future__ import annotations

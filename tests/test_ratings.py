@@ -1,7 +1,7 @@
 """Behaviour tests for vicuna_demo.data.ratings (Bradley-Terry fit with a weak prior, intervals, provisional
 models, ranks, win rates).
 
-Run: .venv/bin/python -m pytest tests/test_ratings.py -q
+Run: .venv-test/bin/python -m pytest tests/test_ratings.py -q
 """
 
 from __future__ import annotations

