@@ -9,6 +9,7 @@ the memory left free.
     python benchmarks/gpu_acceptance.py --out results/            # every scenario (an H200: ~10 minutes)
     python benchmarks/gpu_acceptance.py --only card24_fp16,refusal
     python benchmarks/gpu_acceptance.py --only eval_two_7b         # issue 14: 160 answers from two 7B engines
+    python benchmarks/gpu_acceptance.py --only no_triton           # issue 27: no Triton: eager ops, still answers
     python benchmarks/gpu_acceptance.py --tiny --out /tmp/acc     # a tiny Llama on CPU: checks the script
 
 The checkpoint (13 GB of random fp16 weights, saved once with save_pretrained) goes to --models-dir and
@@ -41,6 +42,8 @@ SCENARIOS = {
     "card16_8bit": (16, [("a", "name=V-8bit,8bit")], "single"),
     "card16_4bit": (16, [("a", "name=V-4bit,4bit")], "single"),     # issue 16: NF4 loaded by transformers
     "card24_fp16": (24, [("a", "name=V-fp16")], "single"),
+    # issue 27: a GPU box whose Python cannot import Triton still answers (eager ops) and says why in its status
+    "no_triton": (24, [("a", "name=V-no-triton")], "single"),
     "card48_two_fp16": (48, [("a", "name=A,template=vicuna_v1.1"), ("b", "name=B,template=OTHER")], "pair"),
     "card48_fp16_8bit": (48, [("a", "name=A"), ("a", "name=B-8bit,8bit")], "pair"),
     "card80_three": (80, [("a", "name=A"), ("b", "name=B"), ("a", "name=C-8bit,8bit")], "pair"),
@@ -162,6 +165,8 @@ def evaluation(runtime, engine, n_questions: int, new_tokens: int, tiny: bool) -
 
 
 def scenario(name: str, models_dir: Path, tiny: bool) -> dict:
+    if name == "no_triton":
+        sys.modules["triton"] = None      # an import of it fails as if it were not installed
     import torch
     card, models, workload = SCENARIOS[name]
     report: dict = {"scenario": name, "card_gib": card}
