@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 
 from vicuna_demo.config import ConfigError, ModelSpec
 from vicuna_demo.engines.gpugate import SharedExclusiveGate
-from vicuna_demo.engines.memory import (GiB, KvClaim, PlanError, check_fit, divide_kv, kv_bytes_per_token,
+from vicuna_demo.engines.memory import (GiB, KvClaim, PlanError, check_fit, divide_kv, kv_bytes_per_token, place,
                                         model_needs, weight_bytes)
 
 VICUNA_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -121,3 +121,48 @@ def test_the_gpu_gate_lets_steps_share_it_and_a_capture_run_alone():
         t.join(5)
     assert events.index("capture in") > events.index("a out")
     assert events.index("b in") > events.index("capture out")
+
+
+# -- several GPUs (issue 32): models without device= are placed; pinned ones stay -----------------------------
+
+def test_three_models_without_a_device_spread_over_two_gpus_largest_first():
+    needs = [model_needs("A", "cuda:0", VICUNA_7B, precision="fp16"),
+             model_needs("B", "cuda:0", VICUNA_7B, precision="fp16"),
+             model_needs("C", "cuda:0", VICUNA_7B, precision="8-bit")]
+    placed = place(needs, {"A", "B", "C"}, free={"cuda:0": 40 * GiB, "cuda:1": 40 * GiB})
+    where = {n.name: n.device for n in placed}
+    assert where["A"] != where["B"]                      # the two fp16 models go to different GPUs
+    assert [n.name for n in placed] == ["A", "B", "C"]   # the order given, each with its device
+    check_fit(placed, free={"cuda:0": 40 * GiB, "cuda:1": 40 * GiB})
+
+
+def test_a_pinned_model_keeps_its_gpu_and_the_others_go_where_there_is_room():
+    pinned = model_needs("Pinned", "cuda:0", VICUNA_7B, precision="fp16")
+    free = model_needs("Free", "cuda:0", VICUNA_7B, precision="fp16")
+    placed = place([pinned, free], {"Free"}, free={"cuda:0": 30 * GiB, "cuda:1": 20 * GiB})
+    assert {n.name: n.device for n in placed} == {"Pinned": "cuda:0", "Free": "cuda:1"}
+
+
+def test_models_that_fit_on_no_gpu_are_refused_in_one_line_naming_each_gpu_s_room():
+    needs = [model_needs(n, "cuda:0", VICUNA_7B, precision="fp16") for n in ("A", "B", "C")]
+    with pytest.raises(PlanError) as caught:
+        place(needs, {"A", "B", "C"}, free={"cuda:0": 24 * GiB, "cuda:1": 24 * GiB})
+    message = str(caught.value)
+    assert "\n" not in message and "no GPU has that much" in message
+    assert "cuda:0" in message and "cuda:1" in message and "8bit or 4bit" in message
+
+
+def test_the_start_up_plan_places_models_on_a_two_gpu_box_and_loads_them_there(monkeypatch):
+    import torch
+    from vicuna_demo.engines import startup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * GiB, 80 * GiB))
+    monkeypatch.setattr(startup, "read_config", lambda spec: VICUNA_7B)
+    specs = [ModelSpec.parse("/m/a,name=A"), ModelSpec.parse("/m/b,name=B"),
+             ModelSpec.parse("/m/c,name=C,device=cuda:0")]
+    needs = startup.plan_memory(specs)
+    where = {n.name: n.device for n in needs}
+    assert where["C"] == "cuda:0" and {where["A"], where["B"]} == {"cuda:0", "cuda:1"}
+    loaded_on = {s.display_name: s.device for s in startup.placed_specs(specs, needs)}
+    assert loaded_on == where                            # each model loads where the plan put it

@@ -22,7 +22,7 @@ The rule (docs/performance.md, "Memory"):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 GiB = 2**30
@@ -153,6 +153,30 @@ def check_fit(needs: Sequence[ModelNeeds], free: dict[str, int], total: dict[str
         raise PlanError(f"The models planned for {device} do not fit ({card}): {each}. Try: 8bit or 4bit in a "
                         f"model's spec (--model SOURCE,8bit), fewer models, another GPU (device=cuda:N), or a "
                         f"shorter context (ctx=2048).")
+
+
+def place(needs: Sequence[ModelNeeds], movable: set[str] | frozenset[str], free: dict[str, int]) -> list[ModelNeeds]:
+    """Put each movable model (its spec gave no device=, so any GPU will do) on a GPU of ``free``: largest
+    first, each on the GPU with the most memory left once the models already there are counted (pinned ones
+    first), so several models spread over several GPUs. Pinned models keep their device. -> the needs with
+    their devices, in the order given. Raises PlanError (one line) when a movable model fits on no GPU."""
+    left = dict(free)
+    for n in needs:
+        if n.name not in movable:
+            left[n.device] = left.get(n.device, 0) - n.minimum
+    placed: dict[str, str] = {}
+    for n in sorted((n for n in needs if n.name in movable), key=lambda n: -n.minimum):
+        device = max(sorted(left), key=lambda d: left[d])
+        if n.minimum > left[device]:
+            room = ", ".join(f"{d} {gib(max(0, left[d]))} left" for d in sorted(left))
+            raise PlanError(f"{n.name} ({n.precision}) needs {gib(n.minimum)} = {gib(n.weights)} weights + "
+                            f"{gib(n.reserve)} activations + {gib(n.context * n.kv_per_token)} KV cache for one "
+                            f"{n.context:,}-token conversation, and no GPU has that much after the models placed "
+                            f"before it ({room}). Try: 8bit or 4bit in a model's spec, fewer models, or a shorter "
+                            f"context (ctx=2048).")
+        placed[n.name] = device
+        left[device] -= n.minimum
+    return [replace(n, device=placed.get(n.name, n.device)) for n in needs]
 
 
 @dataclass(frozen=True)

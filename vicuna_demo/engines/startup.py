@@ -22,12 +22,14 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from ..config import ModelSpec
 from ..loading import LoadError, load_model, load_tokenizer, choose_template, read_config, recommended_sampling
 from .gpugate import GPU_GATE
-from .memory import ALLOC_CONF, KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs
+from .memory import (ALLOC_CONF, KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs,
+                     place)
 from .protocol import EngineError, Prompt, SamplingParams
 from .sampling_defaults import engine_defaults
 
@@ -42,26 +44,42 @@ def _device_of(spec: ModelSpec) -> str:
 
 def plan_memory(specs: Sequence[ModelSpec]) -> list[ModelNeeds]:
     """What each model on a CUDA device needs (from its config), checked against the free memory of each
-    device before anything loads. Raises PlanError (one line) or LoadError."""
+    device before anything loads. With several GPUs, models whose spec gave no device= are placed
+    (memory.place) and the plan's device is where they load (``placed_specs``). Raises PlanError (one line)
+    or LoadError."""
     import torch
-    needs = []
+    needs, movable = [], set()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for spec in specs:
         device = _device_of(spec)
         if not device.startswith("cuda"):
             continue                       # CPU (RAM) and device=multi are not planned
+        if gpus > 1 and (spec.device or "auto").lower() == "auto":
+            movable.add(spec.display_name)
         precision = "8-bit" if spec.load_8bit else "4-bit" if getattr(spec, "load_4bit", False) else "fp16"
         dtype_bytes = 4 if (spec.dtype or "").lower() in ("float32", "fp32") else 2
         needs.append(model_needs(spec.display_name, device, read_config(spec), precision=precision,
                                  context=spec.context_window, kv_share=getattr(spec, "kv_share", None),
                                  dtype_bytes=dtype_bytes))
+    devices = {n.device for n in needs} | ({f"cuda:{i}" for i in range(gpus)} if movable else set())
     free, total = {}, {}
-    for device in {n.device for n in needs}:
+    for device in devices:
         free[device], total[device] = torch.cuda.mem_get_info(torch.device(device))
+    if movable:
+        needs = place(needs, movable, free)
     check_fit(needs, free, total)
     for n in needs:
-        log.info("plan: %s on %s (%s): %s weights, at least %s KV cache", n.name, n.device, n.precision,
-                 gib(n.weights), gib(n.context * n.kv_per_token))
+        log.info("plan: %s on %s%s (%s): %s weights, at least %s KV cache", n.name, n.device,
+                 " (placed: no device= given)" if n.name in movable else "", n.precision, gib(n.weights),
+                 gib(n.context * n.kv_per_token))
     return needs
+
+
+def placed_specs(specs: Sequence[ModelSpec], needs: Sequence[ModelNeeds]) -> list[ModelSpec]:
+    """The specs with the device the plan chose for each model it placed (the others unchanged)."""
+    where = {n.name: n.device for n in needs}
+    return [replace(s, device=where[s.display_name])
+            if s.display_name in where and (s.device or "auto").lower() == "auto" else s for s in specs]
 
 
 class StartingEngine:
@@ -165,9 +183,10 @@ class ModelStartup:
         self.options = options or EngineOptions()
         self.spaces = spaces
         self.warmup_on = warmup
-        self.engines = {spec.display_name: StartingEngine(spec, wait_s) for spec in self.specs}
         # ZeroGPU attaches a GPU per request and CUDA must not be touched here: nothing to plan
         self.needs = plan_memory(self.specs) if plan and spaces is None and _any_cuda(self.specs) else []
+        self.specs = placed_specs(self.specs, self.needs)   # with several GPUs, where the plan put each model
+        self.engines = {spec.display_name: StartingEngine(spec, wait_s) for spec in self.specs}
         self.kv_plan: dict[str, dict] = {}      # name -> measured reserve, KV bytes (for logs and benchmarks)
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
