@@ -14,7 +14,7 @@ import logging
 import sys
 import tempfile
 
-from vicuna_demo.config import ConfigError, Settings, default_model_specs, load_settings
+from vicuna_demo.config import ConfigError, Settings, check_judge, default_model_specs, load_settings
 from vicuna_demo.services.arena import parse_weights
 from vicuna_demo.engines.memory import PlanError
 from vicuna_demo.loading import LoadError, check_spec, cuda_available
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         launch_kwargs(settings)  # a bad --auth or --forwarded-allow-ips fails now, before any model loads
+        if settings.judge:  # against the models that will load (the default one too), before any does
+            check_judge(settings, default_model_specs(settings, gpu=cuda_available()))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -266,3 +266,43 @@ def test_help_never_splits_a_word_across_lines(columns):
             for piece in filter(None, pieces):
                 assert any(piece in token for token in printed), f"{opt.flag}: {piece!r} was split ({columns} cols)"
     assert "bas" not in printed and "hugging" not in printed
+
+
+# -- a malformed command line: one line, not argparse's usage dump ---------------------------------------------
+
+@pytest.mark.parametrize("argv, fragment", [(["--port", "abc"], "argument --port: invalid int value: 'abc'"),
+                                            (["--bogus"], "unrecognized arguments: --bogus")])
+def test_a_malformed_flag_gets_one_error_line_pointing_at_help_and_status_2(argv, fragment):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICUNA_DEMO_")}
+    result = subprocess.run([sys.executable, "app.py", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {fragment}") and "python app.py --help" in lines[0]
+    assert "usage:" not in result.stderr
+
+
+def test_an_unknown_judge_is_refused_in_one_line_before_any_model_loads():
+    """Without --model the judge is checked against the default model too (the embedded one here), at once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VICUNA_DEMO_")}
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "app.py", "--judge", "Nobody", "--moderation", "off"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2   # as every other setting that cannot be used
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: --judge 'Nobody': no --model or --endpoint has that name; the models are: SmolLM2-135M (offline). "
+        "Give the judge's spec a name= and pass that name."]
+
+
+def test_check_judge_accepts_a_model_an_endpoint_or_no_judge():
+    from vicuna_demo.config import check_judge
+    specs = (ModelSpec("someone/model", name="Local"),)
+    check_judge(load_settings([], environ={}), specs)
+    check_judge(load_settings(["--judge", "Local"], environ={}), specs)
+    ends = load_settings(["--endpoint", "name=J,base_url=http://127.0.0.1:9/v1,model=m", "--judge", "J"], environ={})
+    check_judge(ends, ())
+    with pytest.raises(ConfigError, match="--judge 'Local': no --model"):
+        check_judge(load_settings(["--judge", "Local"], environ={}), ())

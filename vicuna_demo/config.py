@@ -292,8 +292,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return "\n".join(indent + line for line in wrap_words(text, max(width - len(indent), 20)))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a malformed command line gets one line (the error and where to look), not the
+    30-line usage text above it; the exit status stays argparse's 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python app.py",
         description="vicuna-demo: chat with local (and remote) models, compare them side by side, run anonymous "
                     "battles with a live leaderboard. Every flag also reads the environment variable shown.",
@@ -372,6 +380,14 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 def judge_unknown_message(judge: str, names: Sequence[str]) -> str:
     return (f"--judge {judge!r}: no --model or --endpoint has that name; the models are: {', '.join(names)}. "
             "Give the judge's spec a name= and pass that name.")
+
+
+def check_judge(settings: Settings, specs: Sequence[ModelSpec]) -> None:
+    """ConfigError unless --judge names one of the models that will be served (``specs``, the defaults when no
+    --model was given, and the endpoints): checked before anything loads."""
+    names = [s.display_name for s in specs] + [e.name for e in settings.endpoints]
+    if settings.judge and settings.judge not in names:
+        raise ConfigError(judge_unknown_message(settings.judge, names))
 
 
 def default_model_specs(settings: Settings, gpu: bool) -> tuple[ModelSpec, ...]:
