@@ -1,7 +1,8 @@
 """Builds the moderator the app asked for from its settings and the environment.
 
 mode "auto" uses OpenAI when a key is available (argument or OPENAI_API_KEY) and otherwise turns
-moderation off with one logged warning; "openai" insists on a key; "off" never checks. The
+moderation off with one logged warning; "openai" insists on a key; "off" never checks. Whatever the mode,
+the console gets one line about moderation, from here (the app adds none of its own). The
 endpoint is the explicit base_url argument, else OPENAI_BASE_URL, else the SDK default.
 """
 
@@ -40,6 +41,7 @@ def create_moderator(
     if normalized not in MODES:
         raise ValueError(f"Unknown moderation mode {mode!r}; expected one of: {', '.join(MODES)}")
     if normalized == "off":
+        log.info(NoModerator().describe())
         return NoModerator()
 
     key = (api_key or "").strip() or _from_env("OPENAI_API_KEY")

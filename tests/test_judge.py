@@ -140,7 +140,7 @@ def test_a_failing_judge_is_reported_and_stored_as_no_verdict(tmp_path):
 
 def test_without_a_judge_or_a_finished_round_nothing_is_asked(tmp_path):
     judge = JudgeService({}, NullStore(), judge=None)
-    assert not judge.available and "--judge NAME" in judge.unavailable_reason()
+    assert not judge.available and judge.unavailable_reason() == NO_JUDGE and "--" not in NO_JUDGE
     [update] = judge.judge_round(["Q"], ["x"], ["y"], model_a="X", model_b="Y", battle_id="b",
                                  conversation_a_id="a", conversation_b_id="b", client_hash="h")
     assert update.done and update.error == NO_JUDGE

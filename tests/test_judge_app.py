@@ -4,6 +4,7 @@ questions, one evaluation at a time, the app without a judge, and the leaderboar
 
 from __future__ import annotations
 
+import logging
 import time
 import zipfile
 
@@ -121,12 +122,14 @@ def test_the_page_uses_the_runtimes_judge_one_per_app(launch_app, embedded_engin
     assert not runtime.judge.evaluation_running
 
 
-def test_without_a_judge_the_app_starts_and_says_how_to_add_one(launch_app, embedded_engine, servers):
+def test_without_a_judge_the_app_starts_and_says_there_is_none(launch_app, embedded_engine, servers, caplog):
+    caplog.set_level(logging.INFO, logger="vicuna_demo")
     client, runtime = start(launch_app, embedded_engine, servers, judge=False)
     assert not runtime.judge.available
     assert "/evaluate" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     summary, table, plot = client.predict(api_name="/leaderboard_judge")
-    assert "--judge NAME" in summary and plot is None
+    assert "No judge model is set up on this demo" in summary and "--" not in summary and plot is None
+    assert "Add one with --judge NAME" in caplog.text      # how to add one: the operator's start-up log
 
 
 def test_bad_question_files_and_choices_get_a_message(launch_app, embedded_engine, servers, tmp_path):
@@ -189,11 +192,12 @@ def test_asking_the_judge_streams_both_orders_then_a_verdict_stored_as_a_judge_v
     assert "agree on **0 of 1** round" in summary
 
 
-def test_the_judge_button_without_a_judge_says_how_to_add_one(launch_app, embedded_engine, servers):
+def test_the_judge_event_without_a_judge_says_there_is_none_without_operator_flags(launch_app, embedded_engine,
+                                                                                  servers):
     client, runtime = start(launch_app, embedded_engine, servers, judge=False)
     send_round(client)
-    answer = client.predict(api_name="/compare_judge")
-    assert "No judge is set up" in answer and "--judge NAME" in answer
+    answer = client.predict(api_name="/compare_judge")     # a crafted call: the button itself is hidden
+    assert "No judge model is set up on this demo" in answer and "--" not in answer
     assert runtime.service.store.judge_vote_rows() == []
 
 

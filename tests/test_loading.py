@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vicuna_demo.config import ModelSpec
-from vicuna_demo.loading import EMBEDDED_NOTE, LoadError, check_spec, embedded_gguf_path, load_model
+from vicuna_demo.loading import EMBEDDED_HINT, EMBEDDED_NOTE, LoadError, check_spec, embedded_gguf_path, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,8 @@ def test_embedded_model_is_the_smollm2_gguf_with_chatml_and_a_visible_note(embed
     assert type(embedded_loaded.model).__name__ == "LlamaForCausalLM"
     assert embedded_loaded.template.name == "chat_template"
     assert "<|im_start|>assistant" in embedded_loaded.template.render([{"role": "user", "content": "Hi"}])
-    assert "small offline model" in EMBEDDED_NOTE and "--model lmsys/vicuna-7b-v1.5" in EMBEDDED_NOTE
+    assert "small offline model" in EMBEDDED_NOTE and "--" not in EMBEDDED_NOTE     # the page's note: visitors
+    assert "--model lmsys/vicuna-7b-v1.5" in EMBEDDED_HINT                             # the start-up log: operator
 
 
 # -- what fails, and how it says so --------------------------------------------------------------------

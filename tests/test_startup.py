@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import subprocess
 import sys
 import threading
@@ -154,8 +155,9 @@ def test_a_generation_thread_that_keeps_dying_is_replaced_a_few_times_then_the_e
 # -- the page is up at once -----------------------------------------------------------------------------
 
 def test_the_page_is_served_while_the_model_loads_and_a_message_waits_for_it(launch_app, tiny_llama_dir,
-                                                                             monkeypatch):
-    from vicuna_demo.ui.app import warmup_lines
+                                                                             monkeypatch, caplog):
+    from vicuna_demo.services.status import model_statuses
+    caplog.set_level(logging.INFO, logger="vicuna_demo.engines.startup")
     release = threading.Event()
     real_load = startup.load_model
 
@@ -170,7 +172,8 @@ def test_the_page_is_served_while_the_model_loads_and_a_message_waits_for_it(lau
     assert httpx.get(url, timeout=10).status_code == 200
     assert time.monotonic() - started < 30
     engine = runtime.service.engines["Tiny"]
-    assert not engine.ready and warmup_lines(runtime.service) == ["Tiny: loading weights (1 of 1 models)"]
+    [status] = model_statuses(runtime.service)
+    assert not engine.ready and (status.state, status.detail) == ("loading weights", "loading weights (1 of 1 models)")
     assert engine.default_system.startswith("A chat between a curious user")   # known before the weights
 
     answer = {}
@@ -182,8 +185,11 @@ def test_the_page_is_served_while_the_model_loads_and_a_message_waits_for_it(lau
     waiter.join(120)
     assert answer.get("text") is not None
     assert runtime.wait_ready(60) and engine.ready
-    lines = warmup_lines(runtime.service)
-    assert len(lines) == 1 and lines[0].startswith("Tiny: KV cache ") and "conversations" in lines[0]
+    [status] = model_statuses(runtime.service)
+    assert status.state == "ready" and status.detail.startswith("KV cache ") and "conversations" in status.detail
+    said = [r.getMessage() for r in caplog.records]
+    assert "Tiny: loaded" in said                     # one model: nothing else to wait for
+    assert not any("waiting for the other models" in line for line in said)
 
 
 def test_a_model_that_fails_to_load_in_the_background_says_so_and_the_others_serve(launch_app, tiny_llama_dir,

@@ -1,6 +1,7 @@
 """What the console says when the app starts serving: the local URL once, no gradio hint that
-contradicts --share, on a failed share link the app's own single line instead of gradio's, and each
-Hugging Face Hub warning once.
+contradicts --share, on a failed share link the app's own single line instead of gradio's, each
+Hugging Face Hub warning once, whether moderation is on once, and the operator's instructions (how to add
+a judge, a second model) in the log rather than on the page.
 
 The app is the real one, started through ``app.serve()`` in-process (scripted engine) with the
 share-link service pointed at a closed local port, so no test needs the network.
@@ -9,6 +10,7 @@ Run: .venv-test/bin/python -m pytest tests/test_startup_output.py -q
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import httpx
@@ -77,3 +79,59 @@ def test_a_hub_warning_is_printed_once():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (result.stdout + result.stderr).count("Retrying in 1s") == 1
+
+
+# -- what the operator reads, and what visitors do not ---------------------------------------------------------
+
+def page_texts(url: str) -> list[str]:
+    config = httpx.get(url + "config", timeout=10).json()
+    return [str(c.get("props", {}).get("value", "")) for c in config["components"]]
+
+
+@pytest.mark.parametrize("argv, environ", [([], {}), (["--moderation", "off"], {}),
+                                           ([], {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})],
+                         ids=["auto-without-key", "off", "with-key"])
+def test_the_start_up_log_says_once_whether_moderation_is_on(tmp_path, caplog, monkeypatch, argv, environ):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.DEBUG)
+    settings = load_settings([*argv, "--log-dir", str(tmp_path / "logs")], environ={})
+    demo, runtime = create_app(settings, engines={"Rec": RecordingEngine("Rec")})
+    runtime.close()
+    said = [r.getMessage() for r in caplog.records if "moderation" in r.getMessage().lower()]
+    assert len(said) == 1, said
+    assert ("OFF" in said[0]) == ("OPENAI_API_KEY" not in environ)
+    assert "sk-test" not in caplog.text
+
+
+def test_operator_instructions_go_to_the_start_up_log_and_the_page_says_what_a_visitor_can_do(
+        launch_app, caplog):
+    caplog.set_level(logging.INFO)
+    url, runtime = launch_app(["--moderation", "off", "--log-dir", ""], engines={"Solo": RecordingEngine("Solo")})
+    shown = "\n".join(page_texts(url))
+    for operator_words in ("--judge", "--model", "--endpoint", "--log-dir", "OPENAI_API_KEY", "Start the app",
+                           "start the app"):
+        assert operator_words not in shown, operator_words
+    assert "Content moderation is OFF" in shown and "only Solo is loaded here" in shown
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Add one with --judge NAME" in said
+    assert "two or more --model or --endpoint entries" in said
+    assert "--log-dir '': conversations and votes are not kept" in said
+
+
+def component(url: str, elem_id: str) -> dict:
+    config = httpx.get(url + "config", timeout=10).json()
+    [found] = [c for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id]
+    return found["props"]
+
+
+def test_ask_the_judge_is_hidden_without_a_judge_and_shown_with_one(launch_app):
+    engines = {"A": RecordingEngine("A"), "B": RecordingEngine("B")}
+    url, _ = launch_app(["--moderation", "off"], engines=engines)
+    assert component(url, "compare-judge")["visible"] is False
+    assert component(url, "compare-judge-output")["visible"] is False
+    url, _ = launch_app(["--moderation", "off", "--judge", "B"], engines=dict(engines))
+    assert component(url, "compare-judge")["visible"] is True
+    assert component(url, "compare-judge-output")["visible"] is True

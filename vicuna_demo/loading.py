@@ -32,8 +32,9 @@ HUB_PROBE_TIMEOUT_S = 3.0
 EMBEDDED_SOURCE = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NOTE = ("This is the small offline model SmolLM2-135M-Instruct, embedded for machines without a GPU "
-                 "or network: expect short, simple answers. Start with --model lmsys/vicuna-7b-v1.5 on a GPU "
-                 "for Vicuna.")
+                 "or network: expect short, simple answers.")       # for visitors: on the page
+EMBEDDED_HINT = ("Serving the embedded small model SmolLM2-135M-Instruct; for Vicuna, start with "
+                 "--model lmsys/vicuna-7b-v1.5 on a GPU.")          # for the operator: in the start-up log
 
 
 class LoadError(RuntimeError):

@@ -248,7 +248,8 @@ class ModelStartup:
             if self._closed.is_set():
                 engine.close()
                 return
-            proxy.set_status("loaded; waiting for the other models before warming up")
+            # every model loads before any warms up (the KV caches are sized from what the weights leave)
+            proxy.set_status("loaded; waiting for the other models before warming up" if i < n else "loaded")
             started.append((proxy, engine))
         local = [(p, e) for p, e in started if isinstance(e, LocalEngine)]
         for proxy, engine in started:

@@ -199,15 +199,15 @@ class Arena:
         return len(self.eligible) >= 2
 
     def unavailable_reason(self) -> str:
-        """Why no battle can start ('' when one can)."""
+        """Why no battle can start ('' when one can), for a visitor (the start-up log tells the operator how to
+        change it: services/runtime.operator_hints)."""
         if len(self.models) < 2:
             loaded = self.models[0] if self.models else "no model"
-            return (f"The anonymous arena needs at least two models, and only {loaded} is loaded. Start the app "
-                    "with two or more --model (or --endpoint) entries to run battles; the 👥 Side by side tab "
-                    "still works with one.")
+            return (f"The anonymous arena needs at least two models, and only {loaded} is loaded here; the "
+                    "👥 Side by side tab still works with one.")
         if not self.can_battle:
-            return ("The anonymous arena needs at least two models with a weight above 0 in --arena-weights "
-                    f"(now: {', '.join(f'{m}={w:g}' for m, w in zip(self.models, self.weights))}).")
+            return ("Anonymous battles are switched off on this demo; compare models by name in the 👥 Side by side "
+                    "tab.")
         return ""
 
     def pair_probabilities(self) -> dict[tuple[str, str], float]:

@@ -1,7 +1,7 @@
 """The judge in the app: verdicts on side-by-side rounds, and question-set evaluations from the page.
 
 A judge is any engine the app has (a ``--model`` or an ``--endpoint``), named by ``--judge NAME``.
-Without one, ``available`` is False and ``unavailable_reason()`` says how to add one.
+Without one, ``available`` is False and ``unavailable_reason()`` says so.
 
 - ``judge_round(...)`` asks for a pairwise verdict on a finished side-by-side round, in both answer
   orders at once (two requests the judge's engine batches), streams both explanations, and stores
@@ -40,9 +40,8 @@ from .chat import RateLimiter
 
 log = logging.getLogger("vicuna_demo.services.judge")
 
-NO_JUDGE = ("No judge is set up. Start the app with `--judge NAME`, where NAME is one of its models: best a strong "
-            "model behind an `--endpoint`, e.g. `--endpoint name=GPT-4o,base_url=https://api.openai.com/v1,"
-            "model=gpt-4o,key_env=OPENAI_API_KEY --judge GPT-4o` (see docs/evaluation.md).")
+# for visitors and API callers; how to add a judge is in the start-up log (runtime.operator_hints) and the docs
+NO_JUDGE = "No judge model is set up on this demo, so answers cannot be judged here."
 JUDGE_RATE_PER_MIN = 10          # judge requests a visitor may start per minute (each asks twice)
 GAMES = ("g1", "g2")             # g1: model A's answer first; g2: model B's answer first
 

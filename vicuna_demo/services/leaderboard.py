@@ -20,7 +20,7 @@ from .judge import NO_JUDGE, agreement
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 PROVISIONAL = "provisional"
-NOT_KEPT = "Votes are not being kept (the app runs with `--log-dir ''`), so there is no leaderboard."
+NOT_KEPT = "Votes are not being kept on this demo, so there is no leaderboard."
 
 
 def _count(n: int, word: str) -> str:
@@ -66,8 +66,7 @@ def empty_message(service: ChatService, settings, include_named: bool) -> str:
     if len(arena.models) < 2:
         loaded = arena.models[0] if arena.models else "no model"
         return ("No votes yet. The leaderboard ranks models by votes between two different models, and only "
-                f"{loaded} is loaded. Start the app with two or more `--model` (or `--endpoint`) entries to "
-                "battle them.")
+                f"{loaded} is loaded here.")
     if not arena.can_battle:
         return ("No votes yet. Anonymous battles are off here (see the ⚔️ Arena tab), so compare two different "
                 "models in the 👥 Side by side tab, vote, and tick the box above to include named battles.")

@@ -27,11 +27,13 @@ from ..engines.zerogpu import zerogpu_spaces
 from ..publish import start_dataset_push
 from ..engines.local import EngineOptions
 from ..engines.protocol import SamplingParams
-from ..loading import EMBEDDED_NOTE, LoadError, cuda_available
+from ..loading import EMBEDDED_HINT, EMBEDDED_NOTE, LoadError, cuda_available
 from ..engines.remote import start_remote_engines
 from ..data.storage import open_store
 
 log = logging.getLogger("vicuna_demo")
+
+MODERATION_OFF_NOTE = "Content moderation is OFF: messages are not checked."
 
 
 @dataclass
@@ -111,9 +113,8 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
         for engine in started.values():
             engine.close()
         raise ConfigError(judge_unknown_message(settings.judge, list(engines)))
-    if not moderator.enabled:
-        banners.append("Content moderation is OFF: messages are not checked. Set OPENAI_API_KEY (or pass "
-                       "--moderation openai) before sharing this demo.")
+    if not moderator.enabled:   # how to turn it on is the operator's business: moderation's warning says it
+        banners.append(MODERATION_OFF_NOTE)
     store = open_store(settings.log_dir or None)
     limits = Limits(max_input_chars=settings.max_input_chars, max_turns=settings.max_turns,
                     rate_limit_per_min=settings.rate_limit, max_new_tokens_cap=settings.max_new_tokens_limit)
@@ -128,9 +129,10 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
             engine.close()
         store.close()
         raise
-    log.info(moderator.describe())
     judge = build_judge(service, settings)
     pusher = start_dataset_push(settings)
+    for hint in operator_hints(service, settings, battles, judge):
+        log.info(hint)
     if startup is not None:
         startup.start(background=background)
     return Runtime(service=service, banners=banners, engines=started, store=store, pusher=pusher, battles=battles,
@@ -140,3 +142,23 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
 def build_judge(service: ChatService, settings: Settings) -> JudgeService:
     """The judge service over the app's engines; evaluations from the page use at most half of a batch."""
     return JudgeService.from_settings(service, settings)
+
+
+def operator_hints(service: ChatService, settings: Settings, battles: BattleService, judge: JudgeService) -> list[str]:
+    """What the person who started the app can add, for the start-up log (the page tells visitors only what
+    they can do): a bigger model than the embedded one, a log for votes, a second model for battles, a judge."""
+    hints = []
+    if any(getattr(engine, "embedded", False) for engine in service.engines.values()):
+        hints.append(EMBEDDED_HINT)
+    if not settings.log_dir:
+        hints.append("--log-dir '': conversations and votes are not kept, so the leaderboard stays empty.")
+    if len(battles.arena.models) < 2:
+        hints.append("One model only: the anonymous arena and the leaderboard need two or more --model or --endpoint "
+                     "entries.")
+    elif not battles.arena.can_battle:
+        hints.append("The anonymous arena is off: --arena-weights leaves fewer than two models with a weight above 0 "
+                     f"({', '.join(f'{m}={w:g}' for m, w in zip(battles.arena.models, battles.arena.weights))}).")
+    if not judge.available:
+        hints.append("No judge: \"Ask the judge\" is hidden and the Evaluate tab is off. Add one with --judge NAME, "
+                     "NAME being one of the models, best a strong one behind an --endpoint (docs/evaluation.md).")
+    return hints

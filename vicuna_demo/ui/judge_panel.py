@@ -3,8 +3,9 @@
 After a round, the button asks ``JudgeService.judge_battle`` for a verdict on the visitor's battle:
 both answer orders stream side by side in the panel (the judge's reasoning), then the verdict, which
 counts only when both orders agree (the panel says when they did not, and that it is then a tie).
-The verdict is stored as a judge vote, never as the visitor's vote. Without ``--judge`` the button
-answers with how to add one. API name (gradio_client): ``/compare_judge() -> panel markdown``.
+The verdict is stored as a judge vote, never as the visitor's vote. Without ``--judge`` the button and the
+panel are hidden, and the API event answers that there is no judge. API name (gradio_client):
+``/compare_judge() -> panel markdown``.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def render(judge: JudgeService, battle, update: JudgeUpdate) -> str:
 
 def add_judge_panel(judge: JudgeService, state: gr.State, service) -> None:
     """The button and the panel, below the vote buttons of the side-by-side tab (``state`` holds the Battle)."""
-    button = gr.Button("⚖️ Ask the judge", elem_id="compare-judge",
-                       variant="secondary")
-    panel = gr.Markdown(elem_id="compare-judge-output")
+    # without a judge there is nothing to ask: both stay hidden (the API event remains and says there is none)
+    button = gr.Button("⚖️ Ask the judge", elem_id="compare-judge", variant="secondary", visible=judge.available)
+    panel = gr.Markdown(elem_id="compare-judge-output", visible=judge.available)
 
     def ask(battle, request: gr.Request):
         if not judge.available:
