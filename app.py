@@ -78,7 +78,9 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
     ``block=False`` returns once the server runs (tests); ``overrides`` replace launch arguments."""
     from vicuna_demo.serving import loud, on_space, share_failed_message, startup_warnings
 
-    kwargs = {"quiet": True, **launch_kwargs(settings), **overrides}
+    from vicuna_demo.ui import CSS
+
+    kwargs = {"quiet": True, "css": CSS, **launch_kwargs(settings), **overrides}
     for text in startup_warnings(settings, moderation_on=runtime.service.moderator.enabled, space=on_space()):
         print(loud(text), file=sys.stderr, flush=True)
     # gradio prints a "set share=True" hint (which contradicts --share) unless quiet, and a multi-line

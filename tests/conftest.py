@@ -61,7 +61,8 @@ def launch_app(tmp_path):
             argv += ["--log-dir", str(tmp_path / "logs")]
         settings = load_settings(argv, environ=environ or {})
         demo, runtime = create_app(settings, engines=engines)
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+        from vicuna_demo.ui import CSS
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=CSS)
         launched.append((demo, runtime))
         return url, runtime
 

@@ -6,7 +6,7 @@ folder and holds the weights file's download until the test releases it. That is
 certain rather than a race: the model cannot be ready before the release, so the page must already be
 served, show the model's loading status, and take a chat message that waits for the model. Once the
 weights arrive the model loads and warms up, the waiting message is answered (with its statistics line),
-and the start-up status turns into the ready models' list.
+and the start-up status line says the model is ready.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def test_python_app_py_serves_the_page_and_its_status_before_the_model_and_answe
                     page = browser.new_page()
                     page.goto(url)
                     # 2. it shows the model's start-up progress: the model is loading its weights
-                    status = page.locator("#warmup-status")
-                    expect(status).to_contain_text("Getting ready", timeout=30_000)
-                    expect(status).to_contain_text("Tiny: loading weights (1 of 1 models)")
+                    status = page.locator("#model-status")
+                    expect(status).to_contain_text("Tiny · ⏳ loading weights (replies start when it is ready)",
+                                                   timeout=30_000)
 
                     # 3. a message sent now waits for the model: shown, not answered, no error
                     chatbot = page.locator("#chatbot")
@@ -108,7 +108,7 @@ def test_python_app_py_serves_the_page_and_its_status_before_the_model_and_answe
                     time.sleep(2.0)      # the turn is in the app, waiting on the model (it cannot be ready)
                     waiting = chatbot.inner_text()
                     assert not STATS.search(waiting) and "⚠️" not in waiting, waiting
-                    expect(status).to_contain_text("Tiny: loading weights")
+                    expect(status).to_contain_text("Tiny · ⏳ loading weights")
                     assert proc.poll() is None
 
                     # 4. the weights arrive: the model loads and warms up, the waiting message is answered ...
@@ -116,14 +116,14 @@ def test_python_app_py_serves_the_page_and_its_status_before_the_model_and_answe
                     expect(chatbot).to_contain_text(STATS, timeout=90_000)
                     answered = chatbot.inner_text()
                     assert "⚠️" not in answered and answered.index("are you awake?") < STATS.search(answered).start()
-                    # ... and the start-up status turns into the ready models' list (or goes away)
-                    expect(status).not_to_contain_text("Getting ready", timeout=30_000)
+                    # ... and the start-up status turns into the ready models' list
+                    expect(status).to_contain_text("Tiny · ✅ ready", timeout=30_000)
                     expect(status).not_to_contain_text("loading weights")
                     # a visitor arriving now sees the same (the page's first status refresh replaces the
                     # start-up text the page was built with)
                     page.reload()
                     expect(page.locator("#chatbot")).to_be_visible()
-                    expect(page.locator("#warmup-status")).not_to_contain_text("Getting ready", timeout=10_000)
+                    expect(page.locator("#model-status")).to_contain_text("Tiny · ✅ ready", timeout=10_000)
                 finally:
                     browser.close()
         finally:

@@ -1,5 +1,5 @@
 """The gradio layer: thin tabs over ``ChatService``. Delete this package and the rest still works."""
 
-from .app import build_ui
+from .app import CSS, build_ui
 
-__all__ = ["build_ui"]
+__all__ = ["CSS", "build_ui"]

@@ -1,4 +1,6 @@
-"""Assemble the tabs into one gr.Blocks app with the banners (offline model, moderation off), each shown once."""
+"""Assemble the tabs into one gr.Blocks app: a title with a light/dark toggle, the notices every visitor must see
+(offline model, moderation off; one short line each, each once), one status line per model with the details
+in a closed accordion, then the tabs."""
 
 from __future__ import annotations
 
@@ -7,51 +9,84 @@ import gradio as gr
 from ..services.battle import BattleService
 from ..services.chat import ChatService
 from ..services.judge import JudgeService
+from ..services.status import model_statuses, starting
 from .chat_tab import build_chat_tab
 from .compare_tab import build_compare_tab
 from .evaluate_tab import build_evaluate_tab
 from .leaderboard_tab import build_leaderboard_tab
 
 TITLE = "Vicuna demo"
+THEME_KEY = "vicuna-demo-theme"
+# gradio marks dark mode with the "dark" class on <body> (its ?__theme=dark does the same); the choice is kept in
+# localStorage and applied again on every page load
+TOGGLE_THEME_JS = f"""() => {{
+  const dark = !document.body.classList.contains('dark');
+  document.body.classList.toggle('dark', dark);
+  try {{ localStorage.setItem('{THEME_KEY}', dark ? 'dark' : 'light'); }} catch (e) {{}}
+}}"""
+RESTORE_THEME_JS = f"""() => {{
+  let saved = null;
+  try {{ saved = localStorage.getItem('{THEME_KEY}'); }} catch (e) {{}}
+  if (saved === 'dark' || saved === 'light') document.body.classList.toggle('dark', saved === 'dark');
+}}"""
+ICONS = {"ready": "✅", "failed": "❌", "starting": "⏳"}
+# Passed to launch() (gradio 6 takes css there): small notices; on a phone the chatbot leaves room for the box
+# under it, so the first screen shows where to type.
+CSS = """
+#notices p { font-size: var(--text-sm); margin: 0; }
+#app-title h3 { margin: 0; }
+#model-status { padding: var(--size-1) var(--size-3); }
+#model-status > .label-wrap { font-size: var(--text-sm); text-align: left; }
+@media (max-width: 640px) {
+  #chatbot { height: 36vh !important; max-height: 36vh; }
+}
+"""
 
 
-def warmup_lines(service: ChatService) -> list[str]:
-    """While any model is still starting: every model's status (loading, warm-up, ready with what it holds).
-    Once all are ready: what each model holds (KV cache in tokens, conversations at once), if it says."""
-    engines = list(service.engines.values())
-    starting = any(not getattr(engine, "ready", True) for engine in engines)
-    lines = []
-    for engine in engines:
-        capacity = str(getattr(engine, "capacity", "") or "")
-        if starting:
-            status = str(getattr(engine, "status", "") or f"{engine.name}: ready")
-            lines.append(f"{status} · {capacity}" if capacity else status)
-        elif capacity:
-            lines.append(f"{engine.name}: {capacity}")
-    return lines
+def status_lines(service: ChatService) -> tuple[str, str, bool]:
+    """(one short status per model, the details behind them, still starting?). The short one, for everyone:
+    ``Vicuna-7B · ✅ ready | SmolLM2 · ⏳ loading weights``; the details, for whoever opens them: each model's
+    full start-up status while it starts, then what it holds at once (KV cache)."""
+    statuses = model_statuses(service)
+    short, details = [], []
+    for s in statuses:
+        icon = ICONS["ready" if s.ready else "failed" if s.failed else "starting"]
+        short.append(f"{s.name} · {icon} {s.state}")
+        if s.detail:
+            details.append(f"- {s.name}: {s.detail}")
+    still = starting(service)
+    line = " | ".join(short) + (" (replies start when it is ready)" if still and len(short) == 1 else
+                                " (replies start when each model is ready)" if still else "")
+    return line, "\n".join(details) or "Nothing more to tell.", still
 
 
-def _warmup_status(service: ChatService, demo: gr.Blocks) -> None:
-    """A line that shows start-up progress (loading, CUDA graphs, warm-up) until every model is ready, then
-    what each local model holds at once. Each page load reads it afresh (the page is built at start-up, when
-    nothing is ready yet); a timer refreshes it while anything is still starting.
+def _model_status(service: ChatService, demo: gr.Blocks) -> None:
+    """One line, the label of a closed accordion, with each model's short status (loading, warming up, ready);
+    inside, the full start-up status and what each model holds. Each page load reads them afresh (the page is
+    built at start-up, when nothing is ready yet); a timer refreshes them while anything is still starting.
 
     Requests sent meanwhile wait for their model instead of compiling inside a visitor's reply."""
-    def text() -> tuple[str, bool]:
-        lines = warmup_lines(service)
-        starting = any(not getattr(engine, "ready", True) for engine in service.engines.values())
-        head = "⏳ Getting ready (replies start when each model is ready):" if starting else "Models:"
-        return (head + "\n" + "\n".join(f"- {line}" for line in lines) if lines else ""), starting
-
     def refresh():
-        current, starting = text()
-        return gr.update(value=current, visible=bool(current)), gr.Timer(active=starting)
+        line, details, still = status_lines(service)
+        return {status: gr.Accordion(label=line), detail: details, timer: gr.Timer(active=still)}
 
-    initial, starting = text()
-    status = gr.Markdown(initial, visible=bool(initial), elem_id="warmup-status")
-    timer = gr.Timer(1.0, active=starting)
-    timer.tick(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
-    demo.load(refresh, None, [status, timer], api_name=False, queue=False, show_progress="hidden")
+    line, details, still = status_lines(service)
+    with gr.Accordion(line, open=False, elem_id="model-status") as status:
+        detail = gr.Markdown(details, elem_id="model-details")
+    timer = gr.Timer(1.0, active=still)
+    timer.tick(refresh, None, [status, detail, timer], api_name=False, queue=False, show_progress="hidden")
+    demo.load(refresh, None, [status, detail, timer], api_name=False, queue=False, show_progress="hidden")
+
+
+def _header(banners) -> None:
+    """The title with the light/dark toggle, and the notices every visitor must see, one short line each."""
+    with gr.Row(equal_height=True):
+        gr.Markdown(f"### 🦙 {TITLE}", elem_id="app-title")
+        gr.Button("🌓", elem_id="theme-toggle", size="sm", scale=0, min_width=48,
+                  variant="secondary").click(None, None, None, js=TOGGLE_THEME_JS)
+    notices = list(dict.fromkeys(banners))  # two embedded models share one note
+    gr.Markdown("  \n".join(f"⚠️ {text}" for text in notices), visible=bool(notices), elem_id="notices",
+                elem_classes=["banner"])
 
 
 def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...] = (),
@@ -62,10 +97,9 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
     battles = battles or BattleService.from_settings(service, settings)
     judge = judge or JudgeService.from_settings(service, settings)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# 🦙 {TITLE}\nChat with open models, compare them side by side, and vote.")
-        for text in dict.fromkeys(banners):  # two embedded models share one note
-            gr.Markdown(f"> ⚠️ {text}", elem_classes=["banner"])
-        _warmup_status(service, demo)
+        _header(banners)
+        _model_status(service, demo)
+        demo.load(None, None, None, js=RESTORE_THEME_JS)
         with gr.Tabs():
             with gr.Tab("💬 Chat", id="chat"):
                 build_chat_tab(service)
