@@ -76,8 +76,8 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
     """Warn about risky exposure, launch, explain a missing share link; -> (local URL, share URL or None).
 
     ``block=False`` returns once the server runs (tests); ``overrides`` replace launch arguments."""
-    from vicuna_demo.serving import loud, on_space, share_failed_message, startup_warnings
-
+    from vicuna_demo.serving import (asked_port, loud, on_space, port_moved_message, port_taken_message,
+                                      share_failed_message, startup_warnings)
     from vicuna_demo.ui import CSS
 
     kwargs = {"quiet": True, "css": CSS, **launch_kwargs(settings), **overrides}
@@ -89,10 +89,15 @@ def serve(demo, runtime, settings: Settings, *, block: bool = True, **overrides)
     try:
         with contextlib.redirect_stdout(gradio_said):
             _, local_url, share_url = demo.launch(prevent_thread_lock=True, **kwargs)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, OSError) and kwargs.get("server_port") and "Cannot find empty port" in str(exc):
+            raise ConfigError(port_taken_message(kwargs["server_port"])) from None   # not gradio's own advice
         print(gradio_said.getvalue(), end="", flush=True)  # whatever gradio explained before failing
         raise
     log.debug("gradio's launch output: %s", gradio_said.getvalue().strip())
+    moved = port_moved_message(kwargs.get("server_port") or asked_port(settings), demo.server_port)
+    if moved:   # gradio took the next free port without a word
+        print(moved, file=sys.stderr, flush=True)
     print(f"* Running on local URL:  {local_url}", flush=True)
     if share_url:
         print(f"* Running on public URL: {share_url}", flush=True)
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.self_test:
             return self_test(demo, runtime, settings)
         serve(demo, runtime, settings)
+    except ConfigError as exc:   # --port names a port that is in use
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         runtime.close()
         if scratch is not None:

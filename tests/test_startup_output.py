@@ -135,3 +135,49 @@ def test_ask_the_judge_is_hidden_without_a_judge_and_shown_with_one(launch_app):
     url, _ = launch_app(["--moderation", "off", "--judge", "B"], engines=dict(engines))
     assert component(url, "compare-judge")["visible"] is True
     assert component(url, "compare-judge-output")["visible"] is True
+
+
+# -- the port ---------------------------------------------------------------------------------------------------
+
+def test_when_the_default_port_is_taken_the_app_says_which_port_it_serves_on_instead(served, capfd, monkeypatch):
+    """The default port is 7860 (GRADIO_SERVER_PORT changes it: here, to a port this test holds, so that other
+    apps on the machine cannot make the result a race)."""
+    import gradio.http_server
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        monkeypatch.setenv("GRADIO_SERVER_PORT", str(taken))
+        monkeypatch.setattr(gradio.http_server, "INITIAL_PORT_VALUE", taken)  # gradio read the variable at import
+        url, _, printed = served([], capfd)
+    used = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert used != taken
+    said = [line for line in printed.splitlines() if "in use" in line]
+    assert said == [f"Port {taken} is in use (another app, or another copy of this one), so this demo serves on "
+                    f"port {used} instead; --port chooses one."], printed
+
+
+def test_a_free_port_is_used_without_a_word_about_ports(served, capfd):
+    port = closed_port()
+    url, _, printed = served(["--port", str(port)], capfd)
+    assert url.rstrip("/").endswith(f":{port}") and "in use" not in printed
+
+
+def test_a_taken_port_given_with_port_stops_the_app_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "app.py", "--port", str(port), "--moderation", "off", "--log-dir", str(tmp_path),
+             "--endpoint", "name=E,base_url=http://127.0.0.1:9/v1,model=m"],
+            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120,
+            env={k: v for k, v in __import__("os").environ.items() if not k.startswith("VICUNA_DEMO_")})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "GRADIO_SERVER_PORT" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --port {port}: the port is in use (another app, or another copy of this one). Choose another "
+        "port, or leave --port out to take the next free one from 7860.")

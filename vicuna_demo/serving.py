@@ -5,6 +5,7 @@
     launch(app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted)]})
     for text in startup_warnings(settings, moderation_on=..., space=on_space()): print(loud(text))
     if settings.share and share_url is None: print(share_failed_message(local_url))
+    moved = port_moved_message(asked_port(settings), used_port)    # '' when the asked port was free
 """
 
 from __future__ import annotations
@@ -308,3 +309,31 @@ def share_failed_message(local_url: str, space: bool = False) -> str:
             f"access, or outbound HTTPS to api.gradio.app / port 7000 blocked); the demo is still serving locally "
             f"at {local_url}. To share it, allow that traffic and restart with --share, or deploy it as a "
             f"Hugging Face Space (docs/deploy.md), or expose it yourself with --host 0.0.0.0 behind a proxy.")
+
+
+DEFAULT_PORT = 7860
+
+
+def asked_port(settings: Settings) -> int:
+    """The port the user asked for: --port, else gradio's GRADIO_SERVER_PORT, else 7860. Without --port gradio
+    takes the next free one when that is in use (up to 100 further); with it, that port or nothing."""
+    if settings.port is not None:
+        return settings.port
+    try:
+        return int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
+    except ValueError:
+        return DEFAULT_PORT
+
+
+def port_moved_message(asked: int, used: int | None) -> str:
+    """One line when the app serves on another port than the one asked for ('' otherwise)."""
+    if used is None or used == asked:
+        return ""
+    return (f"Port {asked} is in use (another app, or another copy of this one), so this demo serves on port "
+            f"{used} instead; --port chooses one.")
+
+
+def port_taken_message(port: int) -> str:
+    """The one line when --port names a port that is in use (gradio tries no other then)."""
+    return (f"--port {port}: the port is in use (another app, or another copy of this one). Choose another port, "
+            "or leave --port out to take the next free one from 7860.")
