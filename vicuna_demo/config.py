@@ -117,7 +117,7 @@ _OPTIONS: tuple[_Opt, ...] = (
          "bitsandbytes: a quarter of fp16's memory (Vicuna-13B on a 16 GB card, 33B on a 24 GB card)."),
     _Opt("models", "--device", "device", "str", "Default device for models: auto, cpu, cuda, cuda:N or multi."),
     _Opt("models", "--judge", "judge", "str", "The model that judges answers (LLM-as-a-judge): the name of a --model "
-         "or --endpoint, e.g. a strong model behind an endpoint. Without it the judge features say how to add one.",
+         "or --endpoint, e.g. a strong model behind an endpoint. Without it the page hides ⚖️ Ask the judge and says there is no judge; the start-up log says how to add one.",
          metavar="NAME"),
     _Opt("performance", "--engine", "engine", "choice",
          "How local models run: auto = the fast path (paged KV cache, CUDA graphs, Triton kernels) for "
@@ -167,7 +167,7 @@ _OPTIONS: tuple[_Opt, ...] = (
     _Opt("moderation", "--moderate-output", "moderate_output", "bool",
          "Also check each finished reply; a flagged reply is withdrawn."),
     _Opt("serving", "--host", "host", "str", "Address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)."),
-    _Opt("serving", "--port", "port", "int", "Port (default 7860, or the next free one).", low=1, high=65535),
+    _Opt("serving", "--port", "port", "int", "Port (default 7860, or the next free one, which the start-up output names).", low=1, high=65535),
     _Opt("serving", "--share", "share", "bool", "Create a temporary public gradio.live link."),
     _Opt("serving", "--auth", "auth", "list", "USER:PASSWORD (repeatable), or @FILE with one pair per line.",
          metavar="USER:PASSWORD"),
