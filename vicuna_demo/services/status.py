@@ -2,7 +2,7 @@
 details for whoever asks (the engine's full status line, what its KV cache holds).
 
     for s in model_statuses(service): print(s.name, s.state, s.detail)
-    starting(service)       # True while any model is still loading or warming up
+    starting(statuses)      # True while any model is still loading or warming up
 
 Nothing here needs gradio; the UI only renders these.
 """
@@ -45,6 +45,6 @@ def model_statuses(service: ChatService) -> list[ModelStatus]:
     return [model_status(engine) for engine in service.engines.values()]
 
 
-def starting(service: ChatService) -> bool:
+def starting(statuses: list[ModelStatus]) -> bool:
     """True while any model is still on its way (a failed one is not: nothing more will happen to it)."""
-    return any(not s.ready and not s.failed for s in model_statuses(service))
+    return any(not s.ready and not s.failed for s in statuses)

@@ -54,7 +54,7 @@ def status_lines(service: ChatService) -> tuple[str, str, bool]:
         short.append(f"{s.name} · {icon} {s.state}")
         if s.detail:
             details.append(f"- {s.name}: {s.detail}")
-    still = starting(service)
+    still = starting(statuses)
     line = " | ".join(short) + (" (replies start when it is ready)" if still and len(short) == 1 else
                                 " (replies start when each model is ready)" if still else "")
     return line, "\n".join(details) or "Nothing more to tell.", still
