@@ -1,8 +1,8 @@
 """The top of the page in a real browser (Debian's chromium, driven by Playwright), as a visitor on a phone sees it.
 
 With both notices every visitor must see (the small offline model, moderation OFF) and a model still starting,
-the box to type in is within the first screen of a 390x844 phone; each model has a short status in one line,
-its details (the full start-up status, the KV cache) only when opened. The light/dark toggle switches the
+the box to type in is within the first screen of a 390x844 phone; each model has a short status in one line
+(together, the label of a closed accordion), its details (the full start-up status, the KV cache) only when opened. The light/dark toggle switches the
 page and the choice survives a reload. A screenshot of the phone's first screen is left in the test's tmp
 folder (``phone.png``) to look at.
 """
@@ -89,6 +89,8 @@ def test_on_a_phone_the_box_to_type_in_is_on_the_first_screen_under_short_notice
             where = box.bounding_box()
             assert where is not None and where["y"] + where["height"] <= PHONE["height"], where
             assert page.locator("#notices").bounding_box()["height"] < 100   # two short lines, not banners
+            icon, frame = status.locator(".icon").bounding_box(), status.bounding_box()
+            assert icon["x"] + icon["width"] <= frame["x"] + frame["width"]    # the cue that details exist shows
 
             status.locator("button.label-wrap").click()          # the details, for whoever asks
             expect(details).to_contain_text("Vicuna-7B: loading weights (2 of 2 models)")

@@ -37,6 +37,8 @@ CSS = """
 #app-title h3 { margin: 0; }
 #model-status { padding: var(--size-1) var(--size-3); }
 #model-status > .label-wrap { font-size: var(--text-sm); text-align: left; }
+#model-status > .label-wrap > span:first-child { white-space: pre-line; flex: 1 1 auto; min-width: 0; }
+#model-status > .label-wrap > .icon { flex: none; align-self: center; }
 @media (max-width: 640px) {
   #chatbot { height: 36vh !important; max-height: 36vh; }
 }
@@ -44,9 +46,9 @@ CSS = """
 
 
 def status_lines(service: ChatService) -> tuple[str, str, bool]:
-    """(one short status per model, the details behind them, still starting?). The short one, for everyone:
-    ``Vicuna-7B · ✅ ready | SmolLM2 · ⏳ loading weights``; the details, for whoever opens them: each model's
-    full start-up status while it starts, then what it holds at once (KV cache)."""
+    """(one short line per model, the details behind them, still starting?). The short ones, for everyone:
+    ``Vicuna-7B · ✅ ready`` / ``SmolLM2 · ⏳ loading weights``; the details, for whoever opens them: each
+    model's full start-up status while it starts, then what it holds at once (KV cache)."""
     statuses = model_statuses(service)
     short, details = [], []
     for s in statuses:
@@ -55,13 +57,14 @@ def status_lines(service: ChatService) -> tuple[str, str, bool]:
         if s.detail:
             details.append(f"- {s.name}: {s.detail}")
     still = starting(statuses)
-    line = " | ".join(short) + (" (replies start when it is ready)" if still and len(short) == 1 else
-                                " (replies start when each model is ready)" if still else "")
-    return line, "\n".join(details) or "Nothing more to tell.", still
+    if still:
+        short[-1] += " (replies start when it is ready)" if len(short) == 1 else ""
+        short += [] if len(short) == 1 else ["Replies start when each model is ready."]
+    return "\n".join(short), "\n".join(details) or "Nothing more to tell.", still
 
 
 def _model_status(service: ChatService, demo: gr.Blocks) -> None:
-    """One line, the label of a closed accordion, with each model's short status (loading, warming up, ready);
+    """The label of a closed accordion, one short line per model (loading, warming up, ready);
     inside, the full start-up status and what each model holds. Each page load reads them afresh (the page is
     built at start-up, when nothing is ready yet); a timer refreshes them while anything is still starting.
 
