@@ -2,9 +2,10 @@
 
 With both notices every visitor must see (the small offline model, moderation OFF) and a model still starting,
 the box to type in is within the first screen of a 390x844 phone; each model has a short status in one line
-(together, the label of a closed accordion), its details (the full start-up status, the KV cache) only when opened. The light/dark toggle switches the
-page and the choice survives a reload. A screenshot of the phone's first screen is left in the test's tmp
-folder (``phone.png``) to look at.
+(together, the label of a closed accordion), its details (the full start-up status, the KV cache) only when
+opened. The light/dark toggle switches the page and the choice survives a reload. Without a judge, no tab shows
+⚖️ Ask the judge or an operator's flag (those are in the start-up log). A screenshot of the phone's first
+screen is left in the test's tmp folder (``phone.png``) to look at.
 """
 
 from __future__ import annotations
@@ -125,5 +126,30 @@ def test_the_light_dark_toggle_switches_the_page_and_the_choice_survives_a_reloa
             expect(page.locator("#chat-input textarea")).to_be_visible(timeout=30_000)
             page.wait_for_timeout(1_000)                          # the page's load events have run
             assert page.evaluate(dark) is False
+        finally:
+            browser.close()
+
+
+def test_a_visitor_sees_no_operator_instructions_and_no_judge_button_without_a_judge(page_app):
+    from playwright.sync_api import expect, sync_playwright
+    url, _ = page_app
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#chat-input textarea")).to_be_visible(timeout=30_000)
+            for tab in ("👥 Side by side", "📋 Evaluate", "🏆 Leaderboard"):
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_timeout(500)
+                if tab == "👥 Side by side":
+                    expect(page.locator("#compare-send")).to_be_visible()
+                    expect(page.locator("#compare-judge")).to_be_hidden()      # no judge: nothing to ask
+                if tab == "📋 Evaluate":
+                    expect(page.locator("#evaluate-unavailable")).to_contain_text(
+                        "No judge model is set up on this demo")
+                text = page.locator("body").inner_text()
+                for operator_words in ("--judge", "--model", "--endpoint", "start the app", "Start the app"):
+                    assert operator_words not in text, (tab, operator_words)
         finally:
             browser.close()
