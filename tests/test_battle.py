@@ -155,3 +155,15 @@ def test_a_bad_vote_is_refused_with_a_message_and_stores_nothing(tmp_path, choic
     list(battles.send(battle, "Hi", models=(KOALA, ALPACA)))
     assert "Unknown vote" in battles.vote(battle, choice)
     assert battles.chat.store.count_votes() == 0 and battle.can_vote
+
+
+def test_one_stop_stops_both_sides(tmp_path):
+    long = " ".join(f"w{i}" for i in range(100))
+    battles, _ = build(tmp_path, delay_s=0.02, koala=long, alpaca=long)
+    battle = Battle()
+    for update in battles.send(battle, "Go", models=(KOALA, ALPACA)):
+        if battle.a.exchanges[-1].reply and battle.b.exchanges[-1].reply:
+            battles.stop(battle)
+    for side in (battle.a, battle.b):
+        assert side.exchanges[-1].status == "cancelled" and len(side.exchanges[-1].reply) < len(long)
+    assert battle.can_vote

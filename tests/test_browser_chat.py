@@ -68,6 +68,10 @@ def test_typed_message_streams_a_reply_with_the_tokens_per_second_line(launch_ap
             box.fill("Write a long story about a dragon who learns to cook, in ten paragraphs.")
             page.locator("#chat-send").click()
             expect(chatbot).to_contain_text("▌", timeout=60_000)  # streaming has begun
+            page.wait_for_function(  # the first words are there (stopped before them, no reply bubble is left)
+                """() => { const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+                           return bots.length == 2 && bots[1].innerText.replace('▌', '').trim().length > 0; }""",
+                timeout=60_000)
             expect(stop).to_be_enabled(timeout=10_000)
             stop.click()
             expect(chatbot).to_contain_text("stopped", timeout=30_000)

@@ -88,3 +88,25 @@ def test_an_arena_round_in_the_browser_streams_both_panes_then_reveals_names_aft
     assert all("secondary" in classes[w] for w in ("model_b", "tie", "tie-bothbad"))
     [vote] = runtime.service.store.vote_rows()
     assert (vote["anony"], vote["model_a"], vote["winner"]) == (True, model_a, "model_a")
+
+
+def test_one_stop_halts_both_replies_in_side_by_side(launch_app, browser_page):
+    long = " ".join(f"word{i}" for i in range(400))   # 40 s unless stopped
+    engines = {KOALA: RecordingEngine(KOALA, long, delay_s=0.1), ALPACA: RecordingEngine(ALPACA, long, delay_s=0.1)}
+    url, runtime = launch_app(["--rate-limit", "0"], engines=engines)
+    page = browser_page
+    page.goto(url)
+    page.get_by_role("tab", name="👥 Side by side").click()
+    stop = page.locator("#compare-stop")
+    assert stop.is_disabled()
+    page.locator("#compare-input textarea").fill("Count for me.")
+    page.locator("#compare-send").click()
+    page.wait_for_function("() => !document.querySelector('#compare-stop').disabled")
+    page.wait_for_function("() => ['#compare-chatbot-a', '#compare-chatbot-b']"
+                           ".every(sel => document.querySelector(sel).innerText.includes('word3'))")
+    stop.click()
+    page.wait_for_function("() => ['#compare-chatbot-a', '#compare-chatbot-b']"
+                           ".every(sel => document.querySelector(sel).innerText.includes('stopped'))")
+    page.wait_for_function("() => document.querySelector('#compare-stop').disabled")
+    assert sorted(row.finish_reason for row in runtime.store.turns()) == ["cancelled", "cancelled"]
+    assert all(row.n_tokens < 400 for row in runtime.store.turns())

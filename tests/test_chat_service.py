@@ -235,3 +235,22 @@ def test_a_value_the_engine_cannot_apply_is_left_out_and_the_reply_says_so(tmp_p
     assert cb.params[-1].repetition_penalty == 1.0
     assert "repetition_penalty" not in store.turns()[-1].params        # the log says what was applied
     store.close()
+
+
+def test_a_reply_stopped_before_its_first_token_leaves_the_message_and_no_empty_reply(setup):
+    from vicuna_demo.ui.common import render_exchanges
+    service, engine, _, store = setup(delay_s=0.2)
+    session = ChatSession()
+    stream = service.turn(session, "Tell me about llamas", model=MODEL)
+    next(stream)                                   # the turn started; no token yet
+    service.stop(session)
+    assert list(stream)[-1].status == "cancelled"
+    [exchange] = session.exchanges
+    assert exchange.unanswered and exchange.reply == "" and exchange.footer == "" and not exchange.in_context
+    assert render_exchanges(session.exchanges) == [{"role": "user", "content": "Tell me about llamas"}]
+    engine.delay_s = 0.0
+    run(service, session, "Tell me about alpacas")
+    contents = [m["content"] for m in engine.received[-1]]
+    assert all(c.strip() for c in contents) and "Tell me about llamas" not in contents
+    list(service.regenerate(session, model=MODEL))   # Regenerate answers the last message again
+    assert session.exchanges[-1].reply == REPLY and store.turns()[0].finish_reason == "cancelled"

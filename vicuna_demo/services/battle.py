@@ -14,7 +14,7 @@ A round: the visitor's text is checked once (the session gate, limits, unknown m
 messages are built as a frozen snapshot, the text is moderated ONCE and that verdict goes to both
 sides' ``ChatService.reply``, so a flagged text reaches neither model. Both replies stream at once:
 each side runs in its own thread and feeds a queue; the round yields whenever either side moved.
-Each side has its own Stop. Votes open when a round has finished and are stored as a ``VoteRecord``;
+Each side has its own Stop, and one Stop halts both. Votes open when a round has finished and are stored as a ``VoteRecord``;
 ``arena.battle_counts`` decides whether the battle counts for the leaderboard (not after moderation,
 an error, or, when anonymous, a reply that gave its model away).
 """
@@ -324,9 +324,10 @@ class BattleService:
             thanks += f" (Not counted in the leaderboard: {REASON_TEXT.get(reason.split(',')[0], reason)}.)"
         return thanks
 
-    def stop(self, battle: Battle, key: str) -> None:
-        if key in SIDES:
-            battle.side(key).cancel.cancel()
+    def stop(self, battle: Battle, key: str | None = None) -> None:
+        """Stop one side's reply (``key`` "a" or "b"), or both (None: the one Stop under the text box)."""
+        for side in SIDES if key is None else [k for k in SIDES if k == key]:
+            battle.side(side).cancel.cancel()
 
     def reset(self, battle: Battle) -> None:
         battle.reset()

@@ -102,11 +102,16 @@ class Exchange:
 
     @property
     def footer(self) -> str:
-        """The statistics line under a finished reply ('' while streaming or when nothing was generated);
-        a reply stopped before its first token still says "0 tokens · stopped"."""
-        if not self.done or self.stats is None or not (self.stats.n_tokens or self.status == "cancelled"):
+        """The statistics line under a finished reply ('' while streaming or when nothing was generated)."""
+        if not self.done or self.stats is None or not self.stats.n_tokens:
             return ""
         return self.stats.summary()
+
+    @property
+    def unanswered(self) -> bool:
+        """Stopped before its first token: the visitor's message stays (as in ChatGPT-like UIs, ready for
+        Regenerate or an edit), with no reply at all, neither on the page nor in the model's context."""
+        return self.done and self.status == "cancelled" and not self.reply
 
     def apply(self, update) -> None:
         """Take a ``TurnUpdate`` of the reply to this exchange."""

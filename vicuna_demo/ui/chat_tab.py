@@ -115,4 +115,6 @@ def build_chat_tab(service: ChatService) -> None:
     regenerate.click(regenerate_last, params, [chatbot, notice, stop], api_name="regenerate", **common)
     stop.click(stop_reply, [state], None, api_name="stop", queue=False)
     clear.click(clear_chat, [state], [chatbot, state, notice, stop], api_name="clear", queue=False)
+    # the chatbot's own 🗑 icon: the same reset, so the screen and the service never disagree
+    chatbot.clear(clear_chat, [state], [chatbot, state, notice, stop], api_name=False, queue=False)
     model.change(model_changed, [model, system], [system, *sliders], api_name=False, queue=False)

@@ -16,6 +16,8 @@ def render_exchanges(exchanges: list[Exchange], pending: str | None = None) -> l
     rendered: list[dict] = []
     for exchange in exchanges:
         rendered.append({"role": "user", "content": exchange.user})
+        if exchange.unanswered:
+            continue
         body = exchange.reply if exchange.done else exchange.reply + CURSOR
         if exchange.notice:
             body = f"{body}\n\n> {exchange.notice}" if body else f"> {exchange.notice}"

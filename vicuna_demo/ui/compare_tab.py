@@ -13,7 +13,7 @@ the box, then ``.then`` stream the round); gradio_client does not follow ``.then
 ``*_send`` API is a one-call endpoint running the same service call.
 
 API names (gradio_client), prefix ``compare_`` or ``arena_``: ``send``, ``regenerate``, ``vote``,
-``stop_a``, ``stop_b``, and ``clear`` (named) or ``new_round`` (anonymous). See docs/arena.md.
+``stop`` (both sides, the Stop next to Send), ``stop_a``, ``stop_b``, and ``clear`` (named) or ``new_round`` (anonymous). See docs/arena.md.
 
 Sampling (ui/sampling.py): each side's sliders follow its model's defaults; in the arena a slider left at
 its starting value means each model's own default. The repetition penalty comes last in the API inputs
@@ -85,6 +85,7 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
         textbox = gr.Textbox(placeholder="Type a prompt for both models and press Enter", show_label=False,
                              scale=8, max_lines=12, elem_id=f"{prefix}-input")
         send = gr.Button("Send", variant="primary", scale=1, elem_id=f"{prefix}-send")
+        stop_both = gr.Button("Stop", variant="stop", scale=1, interactive=False, elem_id=f"{prefix}-stop")
     with gr.Row():
         regenerate = gr.Button("🔄 Regenerate", elem_id=f"{prefix}-regenerate")
         reset = gr.Button("🎲 New round" if anonymous else "🗑️ Clear",
@@ -113,11 +114,12 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
                                       variant="primary" if label == chosen else "secondary")
                     for label, button in vote_buttons.items()})
         out.update({stops[key]: gr.update(interactive=battle.side(key).streaming) for key in SIDES})
+        out[stop_both] = gr.update(interactive=any(battle.side(key).streaming for key in SIDES))
         out[reveal] = battles.reveal(battle)
         out.update(extra or {})
         return out
 
-    outputs = [*chatbots.values(), *vote_buttons.values(), *stops.values(), reveal, notice, textbox]
+    outputs = [*chatbots.values(), *vote_buttons.values(), *stops.values(), stop_both, reveal, notice, textbox]
 
     def shown(battle: Battle, updates, text: str | None = None):
         """Views of a round's updates; a refused message goes back into the box."""
@@ -175,7 +177,7 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
         message = battles.vote(battle, choice, client=client_hash(service, request))
         return view(battle, {notice: message})
 
-    def stop_side(key: str):
+    def stop_side(key: str | None):
         def stop(battle: Battle) -> None:
             battles.stop(battle, key)
         return stop
@@ -204,6 +206,7 @@ def build_compare_tab(battles: BattleService, anonymous: bool, judge: JudgeServi
         button.click(_fixed_vote(vote_fn, label), [state], outputs, api_name=False)
     for key in SIDES:
         stops[key].click(stop_side(key), [state], None, api_name=f"{prefix}_stop_{key}", queue=False)
+    stop_both.click(stop_side(None), [state], None, api_name=f"{prefix}_stop", queue=False)
     reset.click(reset_battle, [state], outputs, api_name=f"{prefix}_{'new_round' if anonymous else 'clear'}",
                 queue=False)
     for chatbot in chatbots.values():  # the pane's own 🗑 icon clears the battle, not just the display
