@@ -87,3 +87,17 @@ def test_a_reply_stopped_before_its_first_token_leaves_the_message_and_no_empty_
     assert bubbles(page, "user") == ["Tell me about llamas."]
     assert bubbles(page, "bot") == []                 # no "0 tokens · stopped" bubble
     assert runtime.store.turns()[-1].finish_reason == "cancelled"
+
+
+def test_an_example_prompt_on_the_empty_chat_sends_it(launch_app, page):
+    from playwright.sync_api import expect
+    from vicuna_demo.ui.chat_tab import EXAMPLE_PROMPTS
+    url, _, engine = start(launch_app)
+    page.goto(url)
+    example = page.locator("#chatbot").get_by_text(EXAMPLE_PROMPTS[1])
+    expect(example).to_be_visible()
+    example.click()
+    page.locator("#chatbot [data-testid='bot']").last.get_by_text("tokens").wait_for()
+    assert bubbles(page, "user") == [EXAMPLE_PROMPTS[1]]
+    assert [m["content"] for m in engine.received[-1] if m["role"] == "user"] == [EXAMPLE_PROMPTS[1]]
+    expect(page.locator("#chatbot").get_by_text(EXAMPLE_PROMPTS[0])).to_have_count(0)  # gone once chatting

@@ -1,5 +1,6 @@
 """The single-chat tab: model dropdown, streaming chatbot, Send / Stop / Regenerate / Clear, system prompt,
-sampling sliders, and a line under each reply with tokens, time to first token and tokens/s.
+sampling sliders, a line under each reply with tokens, time to first token and tokens/s, and example
+prompts on an empty chat (clicking one sends it).
 
 Rendering only: each event is one call into ``ChatService`` (turn, regenerate, stop, clear) with the
 visitor's ``ChatSession`` (in ``gr.State``), and the chatbot shows a rendering of that session.
@@ -24,6 +25,15 @@ from .common import client_hash, render_exchanges
 from .sampling import follow_model, sampling_controls
 
 
+# Shown on an empty chat; clicking one sends it (as typed text: checked and moderated like any message).
+EXAMPLE_PROMPTS = (
+    "Explain quantum computing in simple terms.",
+    "Write a haiku about the sea.",
+    "Give me three ideas for a rainy weekend.",
+    "What is the difference between a list and a tuple in Python?",
+)
+
+
 def build_chat_tab(service: ChatService) -> None:
     """Add the tab's components and events to the enclosing Blocks."""
     names = service.model_names()
@@ -32,7 +42,8 @@ def build_chat_tab(service: ChatService) -> None:
     with gr.Row():
         model = gr.Dropdown(names, value=names[0], label="Model", scale=3, interactive=len(names) > 1)
     chatbot = gr.Chatbot(label="Conversation", show_label=False, height=480, elem_id="chatbot",
-                         sanitize_html=True, render_markdown=True, buttons=["copy"])
+                         sanitize_html=True, render_markdown=True, buttons=["copy"],
+                         examples=[{"text": text} for text in EXAMPLE_PROMPTS])
     notice = gr.Markdown(visible=True, elem_id="chat-notice")
     with gr.Row():
         textbox = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
@@ -66,6 +77,11 @@ def build_chat_tab(service: ChatService) -> None:
         text = text if isinstance(text, str) else ""
         shown = text if text.strip() and not session.busy else None
         return {textbox: "", sent: text, chatbot: render_exchanges(session.exchanges, pending=shown)}
+
+    def show_example(session: ChatSession, choice: gr.SelectData):
+        """An example prompt clicked on the empty chat: step one of Send with its text."""
+        value = choice.value if isinstance(choice.value, dict) else {}
+        return show_message(value.get("text", ""), session)
 
     def reply(text, model_name, system_text, temperature_v, top_p_v, max_v, penalty_v, session: ChatSession,
               request: gr.Request):
@@ -111,6 +127,8 @@ def build_chat_tab(service: ChatService) -> None:
     for trigger in (send.click, textbox.submit):
         trigger(show_message, [textbox, state], [textbox, sent, chatbot], api_name=False, queue=False) \
             .then(reply, [sent, *params], [chatbot, textbox, notice, stop], api_name=False, **common)
+    chatbot.example_select(show_example, [state], [textbox, sent, chatbot], api_name=False, queue=False) \
+        .then(reply, [sent, *params], [chatbot, textbox, notice, stop], api_name=False, **common)
     chat_api.click(chat_in_one_call, [textbox, *params], [chatbot, textbox, notice], api_name="chat", **common)
     regenerate.click(regenerate_last, params, [chatbot, notice, stop], api_name="regenerate", **common)
     stop.click(stop_reply, [state], None, api_name="stop", queue=False)
