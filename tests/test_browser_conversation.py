@@ -101,3 +101,26 @@ def test_an_example_prompt_on_the_empty_chat_sends_it(launch_app, page):
     assert bubbles(page, "user") == [EXAMPLE_PROMPTS[1]]
     assert [m["content"] for m in engine.received[-1] if m["role"] == "user"] == [EXAMPLE_PROMPTS[1]]
     expect(page.locator("#chatbot").get_by_text(EXAMPLE_PROMPTS[0])).to_have_count(0)  # gone once chatting
+
+
+def test_an_edited_message_is_answered_again_and_the_conversation_is_cut_after_it(launch_app, page):
+    from playwright.sync_api import expect
+    url, _, engine = start(launch_app)
+    page.goto(url)
+    send(page, "Tell me about llamas.")
+    send(page, "How tall are they?")
+    send(page, "What do they eat?")
+    page.locator("#chatbot [data-testid='user']").nth(1).hover()
+    page.locator("#chatbot button[aria-label='Edit']").nth(1).click()
+    page.locator("#chatbot textarea").fill("How heavy are they?")
+    page.locator("#chatbot button[aria-label='Submit']").click()
+    expect(page.locator("#chatbot [data-testid='user']")).to_have_count(2)
+    page.locator("#chatbot [data-testid='bot']").nth(1).get_by_text("tokens").wait_for()
+    assert bubbles(page, "user") == ["Tell me about llamas.", "How heavy are they?"]
+    assert [m["content"] for m in engine.received[-1] if m["role"] != "system"] == [
+        "Tell me about llamas.", REPLY, "How heavy are they?"]
+    page.locator("#chat-regenerate").click()          # the service holds the edited conversation too
+    page.wait_for_function("() => document.querySelector('#chat-stop').disabled")
+    time.sleep(0.5)
+    assert [m["content"] for m in engine.received[-1] if m["role"] == "user"][-1] == "How heavy are they?"
+    assert bubbles(page, "user") == ["Tell me about llamas.", "How heavy are they?"]

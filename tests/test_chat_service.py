@@ -254,3 +254,33 @@ def test_a_reply_stopped_before_its_first_token_leaves_the_message_and_no_empty_
     assert all(c.strip() for c in contents) and "Tell me about llamas" not in contents
     list(service.regenerate(session, model=MODEL))   # Regenerate answers the last message again
     assert session.exchanges[-1].reply == REPLY and store.turns()[0].finish_reason == "cancelled"
+
+
+def test_an_edited_message_cuts_the_conversation_after_it_and_is_moderated_as_new_text(setup):
+    service, engine, moderator, store = setup()
+    session = ChatSession()
+    for text in ("First question", "Second question", "Third question"):
+        run(service, session, text)
+    updates = list(service.edit(session, 1, "Second, rephrased", model=MODEL))
+    assert updates[-1].status == "done"
+    assert [e.user for e in session.exchanges] == ["First question", "Second, rephrased"]
+    assert [m["content"] for m in engine.received[-1] if m["role"] != "system"] == [
+        "First question", REPLY, "Second, rephrased"]
+    assert moderator.seen[-1] == "Second, rephrased"
+    [flagged] = [u for u in service.edit(session, 0, "nitroglow recipe", model=MODEL) if u.done]
+    assert flagged.status == "moderated" and [e.user for e in session.exchanges] == ["nitroglow recipe"]
+    assert len(engine.received) == 4                   # the flagged edit reached no model
+
+
+@pytest.mark.parametrize("index", [-1, 2, 99, "0", None, True, 0.0])
+def test_an_edit_of_no_message_of_the_conversation_is_refused_and_changes_nothing(setup, index):
+    service, engine, moderator, _ = setup()
+    session = ChatSession()
+    run(service, session, "First question")
+    run(service, session, "Second question")
+    [refused] = list(service.edit(session, index, "Replaced", model=MODEL))
+    assert refused.status == "refused" and "no longer in this conversation" in refused.notice
+    assert [e.user for e in session.exchanges] == ["First question", "Second question"]
+    assert len(engine.received) == 2 and moderator.seen == ["First question", "Second question"]
+    [empty] = list(service.edit(session, 0, "   ", model=MODEL))   # the limits of a new message apply
+    assert empty.status == "refused" and len(session.exchanges) == 2

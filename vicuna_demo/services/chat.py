@@ -41,6 +41,7 @@ log = logging.getLogger("vicuna_demo.services.chat")
 OUTPUT_FLAGGED_NOTICE = ("This reply was withdrawn: the content moderation check flagged it ({categories}). "
                          "Please try a different question.")
 NOTHING_TO_REGENERATE = "There is no reply to regenerate yet."
+NOT_A_MESSAGE = "That message is no longer in this conversation."
 UNSUPPORTED_NOTICE = ("{model} cannot apply a {what} (its back end has none); this reply was generated "
                       "without it.")
 _FIELD_WORDS = {"repetition_penalty": "repetition penalty", "temperature": "temperature", "top_p": "top_p",
@@ -237,6 +238,16 @@ class ChatService:
         raw = (temperature, top_p, max_new_tokens, repetition_penalty)
         yield from self._gated(session, lambda: self._turn(session, None, model, system, raw, client, True))
 
+    def edit(self, session: ChatSession, index, text, *, model: str, system=None, temperature=None, top_p=None,
+             max_new_tokens=None, repetition_penalty=None, client: str = "unknown") -> Iterator[TurnUpdate]:
+        """Replace the visitor's message of exchange ``index`` (0 = the first) by ``text`` and answer it: the
+        conversation is cut after that message. The new text is checked and moderated like a new message; a
+        refusal (or an ``index`` that is no message of this conversation) leaves the session as it was."""
+        raw = (temperature, top_p, max_new_tokens, repetition_penalty)
+        at = index if isinstance(index, int) and not isinstance(index, bool) else -1   # -1: no message
+        yield from self._gated(session, lambda: self._turn(session, text, model, system, raw, client, False,
+                                                           edit_at=at))
+
     def stop(self, session: ChatSession) -> None:
         session.cancel.cancel()
 
@@ -261,14 +272,20 @@ class ChatService:
             if held:
                 gate.end()
 
-    def _turn(self, session: ChatSession, text, model, system, raw_params, client, regenerate: bool):
+    def _turn(self, session: ChatSession, text, model, system, raw_params, client, regenerate: bool,
+              edit_at=None):
         if regenerate:
             if not session.exchanges:
                 yield TurnUpdate(done=True, status="refused", notice=NOTHING_TO_REGENERATE, model=model)
                 return
             text, history = session.exchanges[-1].user, session.exchanges[:-1]
+        elif edit_at is not None:
+            if not 0 <= edit_at < len(session.exchanges):
+                yield TurnUpdate(done=True, status="refused", notice=NOT_A_MESSAGE, model=model)
+                return
+            text, history = sanitize_input(text), session.exchanges[:edit_at]
         else:
-            text, history = sanitize_input(text), session.exchanges
+            text, history = sanitize_input(text), list(session.exchanges)
         system = None if system is None else sanitize_input(system)
         problem = (self.check_system(system or "") or self.check_message(text, len(history), client)
                    or self.check_model(model))
@@ -279,10 +296,7 @@ class ChatService:
         default = self.default_system(model)
         messages = messages_for(history, default if system is None else system, text)
         exchange = Exchange(user=text, model=model)
-        if regenerate:
-            session.exchanges[-1] = exchange
-        else:
-            session.exchanges.append(exchange)
+        session.exchanges[:] = [*history, exchange]     # a new message, a new last reply, or an edit's cut
         session.turn_counter += 1
         session.cancel.arm()  # before the first update: a Stop pressed from then on is honoured
         yield TurnUpdate(model=model)

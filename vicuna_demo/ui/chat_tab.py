@@ -1,6 +1,7 @@
 """The single-chat tab: model dropdown, streaming chatbot, Send / Stop / Regenerate / Clear, system prompt,
 sampling sliders, a line under each reply with tokens, time to first token and tokens/s, and example
-prompts on an empty chat (clicking one sends it).
+prompts on an empty chat (clicking one sends it). A visitor's message can be edited in place (✏️): the
+conversation is cut after it and answered again (``ChatService.edit``).
 
 Rendering only: each event is one call into ``ChatService`` (turn, regenerate, stop, clear) with the
 visitor's ``ChatSession`` (in ``gr.State``), and the chatbot shows a rendering of that session.
@@ -21,7 +22,7 @@ import gradio as gr
 
 from ..services.chat import ChatService, ChatSession, TurnUpdate
 from ..services.session import BUSY_NOTICE
-from .common import client_hash, render_exchanges
+from .common import client_hash, exchange_of, render_exchanges
 from .sampling import follow_model, sampling_controls
 
 
@@ -43,7 +44,7 @@ def build_chat_tab(service: ChatService) -> None:
         model = gr.Dropdown(names, value=names[0], label="Model", scale=3, interactive=len(names) > 1)
     chatbot = gr.Chatbot(label="Conversation", show_label=False, height=480, elem_id="chatbot",
                          sanitize_html=True, render_markdown=True, buttons=["copy"],
-                         examples=[{"text": text} for text in EXAMPLE_PROMPTS])
+                         examples=[{"text": text} for text in EXAMPLE_PROMPTS], editable="user")
     notice = gr.Markdown(visible=True, elem_id="chat-notice")
     with gr.Row():
         textbox = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
@@ -105,6 +106,16 @@ def build_chat_tab(service: ChatService) -> None:
                                          client=client_hash(service, request)):
             yield view(session, update)
 
+    def edit_message(model_name, system_text, temperature_v, top_p_v, max_v, penalty_v, session: ChatSession,
+                     edited: gr.EditData, request: gr.Request):
+        """A message edited in the chatbot (✏️): the conversation is cut after it and the reply regenerated."""
+        index = exchange_of(session.exchanges, edited.index)
+        for update in service.edit(session, -1 if index is None else index, edited.value, model=model_name,
+                                   system=system_text, temperature=temperature_v, top_p=top_p_v,
+                                   max_new_tokens=max_v, repetition_penalty=penalty_v,
+                                   client=client_hash(service, request)):
+            yield view(session, update)
+
     def stop_reply(session: ChatSession):
         service.stop(session)
 
@@ -131,6 +142,7 @@ def build_chat_tab(service: ChatService) -> None:
         .then(reply, [sent, *params], [chatbot, textbox, notice, stop], api_name=False, **common)
     chat_api.click(chat_in_one_call, [textbox, *params], [chatbot, textbox, notice], api_name="chat", **common)
     regenerate.click(regenerate_last, params, [chatbot, notice, stop], api_name="regenerate", **common)
+    chatbot.edit(edit_message, params, [chatbot, notice, stop], api_name=False, **common)
     stop.click(stop_reply, [state], None, api_name="stop", queue=False)
     clear.click(clear_chat, [state], [chatbot, state, notice, stop], api_name="clear", queue=False)
     # the chatbot's own 🗑 icon: the same reset, so the screen and the service never disagree

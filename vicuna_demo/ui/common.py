@@ -30,6 +30,16 @@ def render_exchanges(exchanges: list[Exchange], pending: str | None = None) -> l
     return rendered
 
 
+def exchange_of(exchanges: list[Exchange], message_index) -> int | None:
+    """The exchange whose user message is message ``message_index`` of ``render_exchanges(exchanges)`` (what
+    gr.EditData.index names), or None when that message is not a visitor's."""
+    rendered = render_exchanges(exchanges)
+    if isinstance(message_index, bool) or not isinstance(message_index, int) \
+            or not 0 <= message_index < len(rendered) or rendered[message_index]["role"] != "user":
+        return None
+    return sum(1 for message in rendered[:message_index] if message["role"] == "user")
+
+
 def client_address(request: gr.Request | None) -> str:
     """The visitor's identity for the rate limit and the log (services/identity.py): the request's client,
     which serving.ClientAddressMiddleware has already resolved from a trusted proxy's X-Forwarded-For
