@@ -11,9 +11,10 @@ from vicuna_demo.engines.protocol import EngineError, Prompt, ReplyStats
 
 
 class ScriptedReply:
-    def __init__(self, chunks, delay_s, fail_after=None):
+    def __init__(self, chunks, delay_s, fail_after=None, max_tokens=None):
         self.stats = ReplyStats()
         self._chunks, self._delay, self._fail_after = list(chunks), delay_s, fail_after
+        self._max_tokens = max_tokens
         self._cancelled = threading.Event()
 
     def cancel(self):
@@ -22,6 +23,9 @@ class ScriptedReply:
     def __iter__(self):
         start = time.perf_counter()
         for i, chunk in enumerate(self._chunks):
+            if self._max_tokens is not None and i >= self._max_tokens:
+                self.stats.finish_reason = "length"
+                return
             if self._cancelled.wait(self._delay):
                 self.stats.finish_reason = "cancelled"
                 return
@@ -64,6 +68,23 @@ class RecordingEngine:
 
     def close(self):
         pass
+
+
+class TokenLimitEngine(RecordingEngine):
+    """A recording engine that writes one word per token and stops at the request's max_new_tokens (finish reason
+    "length"); given messages that end with a partial reply, it goes on after the words already there, as a
+    model continuing its own turn does."""
+
+    continues_replies = True
+
+    def stream(self, prompt, params):
+        with self._lock:
+            self.received.append([dict(m) for m in prompt.payload])
+        words = self.reply.split(" ")
+        chunks = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+        last = prompt.payload[-1]
+        done = len(last["content"].split()) if last["role"] == "assistant" else 0
+        return ScriptedReply(chunks[done:], self.delay_s, self.fail_after, max_tokens=params.max_new_tokens)
 
 
 class WordModerator:

@@ -47,10 +47,12 @@ def start(launch_app, engine=None, argv=()):
 
 
 def send(page, text: str, wait_for_reply: bool = True) -> None:
+    """Type ``text``, press Send and (by default) wait until its reply has finished."""
+    replies = page.locator("#chatbot [data-testid='bot']").count()
     page.locator("#chat-input textarea").fill(text)
     page.locator("#chat-send").click()
     if wait_for_reply:
-        page.locator("#chatbot [data-testid='bot']").last.get_by_text("tokens").wait_for()
+        page.locator("#chatbot [data-testid='bot']").nth(replies).get_by_text("tokens").wait_for()
         page.wait_for_function("() => document.querySelector('#chat-stop').disabled")
 
 
@@ -124,3 +126,64 @@ def test_an_edited_message_is_answered_again_and_the_conversation_is_cut_after_i
     time.sleep(0.5)
     assert [m["content"] for m in engine.received[-1] if m["role"] == "user"][-1] == "How heavy are they?"
     assert bubbles(page, "user") == ["Tell me about llamas.", "How heavy are they?"]
+
+
+def test_the_conversation_survives_a_reload_and_downloads_as_json_and_markdown(launch_app, page):
+    import json
+    from playwright.sync_api import expect
+    url, _, engine = start(launch_app)
+    page.goto(url)
+    expect(page.locator("#chat-download-json")).to_be_disabled()   # nothing to download yet
+    send(page, "Tell me about llamas.")
+    send(page, "How tall are they?")
+    page.reload()
+    expect(page.locator("#chatbot [data-testid='user']")).to_have_count(2)
+    assert bubbles(page, "user") == ["Tell me about llamas.", "How tall are they?"]
+    assert all(REPLY in text for text in bubbles(page, "bot"))
+    send(page, "What do they eat?")                    # the service holds the restored conversation
+    assert [m["content"] for m in engine.received[-1] if m["role"] == "user"] == [
+        "Tell me about llamas.", "How tall are they?", "What do they eat?"]
+
+    expect(page.locator("#chat-download-json")).to_be_enabled()
+    with page.expect_download() as download:
+        page.locator("#chat-download-json").click()
+    data = json.loads(open(download.value.path(), encoding="utf-8").read())
+    assert [m["content"] for m in data["messages"]] == [
+        "Tell me about llamas.", REPLY, "How tall are they?", REPLY, "What do they eat?", REPLY]
+    with page.expect_download() as download:
+        page.locator("#chat-download-md").click()
+    markdown = open(download.value.path(), encoding="utf-8").read()
+    assert markdown.count("## You") == 3 and "What do they eat?" in markdown
+
+    page.locator("#chat-clear").click()                # a cleared conversation does not come back
+    expect(page.locator("#chatbot [data-testid='user']")).to_have_count(0)
+    time.sleep(0.5)
+    page.reload()
+    page.locator("#chat-input textarea").wait_for()
+    time.sleep(1.0)
+    assert bubbles(page, "user") == []
+    expect(page.locator("#chat-download-json")).to_be_disabled()
+
+
+def test_continue_goes_on_with_a_reply_cut_at_the_token_limit(launch_app, page):
+    from playwright.sync_api import expect
+    from tests.engines import TokenLimitEngine
+    story = " ".join(f"w{i}" for i in range(40))
+    url, _, engine = start(launch_app, TokenLimitEngine(MODEL, story, delay_s=0.02), ["--max-new-tokens", "16"])
+    page.goto(url)
+    go_on = page.locator("#chat-continue")
+    expect(go_on).to_be_hidden()
+    send(page, "Tell me a story.")
+    reply = page.locator("#chatbot [data-testid='bot']")
+    expect(reply).to_contain_text("16 tokens")
+    expect(reply).to_contain_text("stopped at the token limit")
+    expect(go_on).to_be_visible()
+    go_on.click()
+    expect(reply).to_contain_text("32 tokens")
+    assert "w0 w1" in reply.inner_text() and "w31" in reply.inner_text() and "w32" not in reply.inner_text()
+    expect(reply).to_have_count(1)                    # the same reply grew; no new bubble
+    go_on.click()
+    expect(reply).to_contain_text("40 tokens")
+    expect(go_on).to_be_hidden()                      # finished on its own: nothing more to continue
+    assert "w39" in reply.inner_text() and "token limit" not in reply.inner_text()
+    assert engine.received[-1][-1] == {"role": "assistant", "content": " ".join(f"w{i}" for i in range(32)) + " "}

@@ -270,3 +270,21 @@ def test_each_banner_shows_once_even_with_two_embedded_models(tmp_path):
     shown = [str(c.get("props", {}).get("value", "")) for c in demo.config["components"]]
     assert sum(EMBEDDED_NOTE in text for text in shown) == 1
     assert sum("Content moderation is OFF" in text for text in shown) == 1
+
+
+def test_continue_goes_on_with_a_reply_cut_at_the_token_limit_as_the_model_would_have(app, embedded_engine):
+    """/chat cut at 24 tokens, then /continue 24 more: the prompt ends inside the cut reply, so greedy decoding goes
+    on where it stopped, and the reply reads as the model's uncut 48-token greedy reply does."""
+    client, runtime, model = app
+    question = "Explain in detail how a bicycle works."
+    chatbot, _, _ = client.predict(*chat_args(model, question, max_tokens=24), api_name="/chat")
+    first, stats = split_reply(messages_of(chatbot)[-1][1])
+    assert "24 tokens" in stats and "stopped at the token limit" in stats
+    chatbot, notice = client.predict("", 0.0, 1.0, 24, api_name="/continue")
+    assert notice == "" and len(chatbot) == 2                      # the same reply, longer
+    whole, stats = split_reply(messages_of(chatbot)[-1][1])
+    assert whole.startswith(first) and len(whole) > len(first)
+    assert re.match(r"<sub>⏱ (2[5-9]|[3-4]\d) tokens", stats), stats
+    uncut = engine_greedy(embedded_engine, [{"role": "system", "content": embedded_engine.default_system},
+                                            {"role": "user", "content": question}], 48).strip()
+    assert whole.split()[:30] == uncut.split()[:30]

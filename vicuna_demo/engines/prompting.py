@@ -106,14 +106,22 @@ class PromptingModel:
         return self._model_defaults.without(self.unsupported_params)
 
     # -- prompt ---------------------------------------------------------------------------
+    # messages that end with a partial assistant reply are continued (the Continue button after a reply cut at
+    # the token limit): the prompt ends inside that reply, so the model goes on with the same turn
+    continues_replies = True
+
     def encode_messages(self, messages: list[dict]) -> list[int]:
         """The prompt ids of ``messages`` under this model's template (see the module docstring)."""
-        return self.prompt_encoder.encode(self.template.segments(messages, self.prompt_encoder.control))
+        continuing = bool(messages) and messages[-1]["role"] == "assistant"
+        return self.prompt_encoder.encode(self.template.segments(messages, self.prompt_encoder.control,
+                                                                 continue_final=continuing))
 
     def prepare(self, messages: list[dict], params: SamplingParams) -> Prompt:
-        """Render with the template; drop the oldest user/assistant pairs (never the system prompt) to fit."""
+        """Render with the template; drop the oldest user/assistant pairs (never the system prompt) to fit.
+        A last assistant message (a reply to continue) is kept with the user message it answers."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = list(messages[len(system):])
+        last_exchange = 2 if turns and turns[-1]["role"] == "assistant" else 1
         # Leave room for the reply: the requested length, but at least a quarter of the window for
         # the conversation itself.
         reserve = min(params.max_new_tokens, self.context_window // 4 * 3)
@@ -123,7 +131,7 @@ class PromptingModel:
             ids = self.encode_messages(system + turns)
             if len(ids) <= budget:
                 break
-            if len(turns) <= 1:
+            if len(turns) <= last_exchange:
                 raise PromptTooLong(
                     f"This message is too long for {self.name}: it needs {len(ids)} tokens, and the model's "
                     f"context window leaves {budget} for the conversation. Please shorten it.")

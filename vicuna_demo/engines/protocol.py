@@ -110,6 +110,14 @@ class ReplyStats:
             return None
         return (self.n_tokens - 1) / self.decode_s
 
+    def followed_by(self, more: "ReplyStats") -> "ReplyStats":
+        """A reply and its continuation (Continue) as one: tokens and decode time add up, the first token is the
+        first part's, the finish is the continuation's."""
+        decode = [s.decode_s for s in (self, more) if s.decode_s]
+        return ReplyStats(n_tokens=self.n_tokens + more.n_tokens, ttft_s=self.ttft_s if self.ttft_s is not None
+                          else more.ttft_s, decode_s=sum(decode) if decode else None,
+                          finish_reason=more.finish_reason, error=more.error)
+
     def summary(self) -> str:
         """The line shown under a reply, e.g. ``42 tokens · first token 0.18 s · 31.5 tok/s``."""
         parts = [f"{self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"]
@@ -164,6 +172,9 @@ class Engine(Protocol):
     # SamplingParams fields this engine cannot honour (e.g. {"repetition_penalty"} on transformers'
     # continuous batching); a request's value for them is ignored and ChatService says so in the reply.
     unsupported_params: frozenset[str]
+    # True when ``prepare`` takes messages that end with a partial assistant reply and the model goes on with that
+    # same reply (Continue, after a reply cut at the token limit). An endpoint's chat API has no such request.
+    continues_replies: bool
 
     @property
     def ready(self) -> bool:

@@ -127,6 +127,7 @@ class RemoteEngine:
     capacity = ""
     defaults = SamplingParams()                      # the server applies its own model's recommendations
     unsupported_params: frozenset[str] = frozenset()  # repetition_penalty goes in the body; the server decides
+    continues_replies = False  # the OpenAI chat API cannot continue an assistant message (Engine.continues_replies)
 
     @property
     def status(self) -> str:

@@ -145,6 +145,11 @@ class StartingEngine:
         request is checked against the engine itself after ``prepare``, which waits for it)."""
         return self.engine.unsupported_params if self.engine is not None else frozenset()
 
+    @property
+    def continues_replies(self) -> bool:
+        """The engine's once it exists; before, True (the local engines it stands for all continue)."""
+        return bool(getattr(self.engine, "continues_replies", False)) if self.engine is not None else True
+
     def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
         """ModelStartup warms the engine up in order; this only reports where it is."""
         progress(self.status)

@@ -34,7 +34,8 @@ from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, 
                                 TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError, PromptTooLong, ReplyStats,
                                 SamplingParams)
 from ..data.storage import TurnRecord
-from .session import BUSY_NOTICE, CancelToken, ChatSession, Exchange, messages_for, new_id  # noqa: F401
+from .session import (BUSY_NOTICE, CancelToken, ChatSession, ConversationKeeper, Exchange,  # noqa: F401
+                      messages_for, new_id)
 
 log = logging.getLogger("vicuna_demo.services.chat")
 
@@ -42,6 +43,9 @@ OUTPUT_FLAGGED_NOTICE = ("This reply was withdrawn: the content moderation check
                          "Please try a different question.")
 NOTHING_TO_REGENERATE = "There is no reply to regenerate yet."
 NOT_A_MESSAGE = "That message is no longer in this conversation."
+NOTHING_TO_CONTINUE = "There is no reply cut at the token limit to continue."
+CANNOT_CONTINUE = ("{model} cannot continue a reply (its server's chat API has no way to); press Regenerate "
+                   "with a higher Max output tokens instead.")
 UNSUPPORTED_NOTICE = ("{model} cannot apply a {what} (its back end has none); this reply was generated "
                       "without it.")
 _FIELD_WORDS = {"repetition_penalty": "repetition penalty", "temperature": "temperature", "top_p": "top_p",
@@ -142,6 +146,7 @@ class ChatService:
         # the sampling flags the user gave (Settings.sampling_flags): over every model's own defaults
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
         self.rate_limiter = RateLimiter(limits.rate_limit_per_min)
+        self.kept = ConversationKeeper()   # conversations a page reload finds again (``resume``)
 
     # -- checks -----------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -248,13 +253,27 @@ class ChatService:
         yield from self._gated(session, lambda: self._turn(session, text, model, system, raw, client, False,
                                                            edit_at=at))
 
+    def continue_reply(self, session: ChatSession, *, system=None, temperature=None, top_p=None, max_new_tokens=None,
+                       repetition_penalty=None, client: str = "unknown") -> Iterator[TurnUpdate]:
+        """Go on with the last reply where the token limit cut it: the model that wrote it continues the same
+        assistant turn (the reply grows in place; its statistics line then counts both parts). Checked like a
+        new event (gate, rate limit) and moderated like Regenerate; refused when the last reply was not cut."""
+        raw = (temperature, top_p, max_new_tokens, repetition_penalty)
+        yield from self._gated(session, lambda: self._continue(session, system, raw, client))
+
     def stop(self, session: ChatSession) -> None:
         session.cancel.cancel()
 
     def clear(self, session: ChatSession) -> ChatSession:
-        """Stop the session's reply and give the visitor a new, empty conversation."""
+        """Stop the session's reply and give the visitor a new, empty conversation (the old one is not kept)."""
         session.cancel.cancel()
+        self.kept.forget(session)
         return ChatSession()
+
+    def resume(self, key, session: ChatSession) -> ChatSession:
+        """After a page reload: the conversation kept under ``key`` (what the browser stored, untrusted), else
+        ``session`` (the new page's own). Only a key travels; the text never comes back from the browser."""
+        return self.kept.find(key) or session
 
     def _gated(self, session: ChatSession, run: Callable[[], Iterator[TurnUpdate]]) -> Iterator[TurnUpdate]:
         gate = session.gate
@@ -298,12 +317,44 @@ class ChatService:
         exchange = Exchange(user=text, model=model)
         session.exchanges[:] = [*history, exchange]     # a new message, a new last reply, or an edit's cut
         session.turn_counter += 1
+        self.kept.keep(session)
         session.cancel.arm()  # before the first update: a Stop pressed from then on is honoured
         yield TurnUpdate(model=model)
         verdict = self.moderate(self.new_text(messages, default))
         ctx = TurnContext(conversation_id=session.conversation_id, turn_index=session.turn_counter,
                           client_hash=client)
         for update in self.reply(model, messages, params, verdict, ctx, session.cancel):
+            exchange.apply(update)
+            yield update
+
+    def _continue(self, session: ChatSession, system, raw_params, client):
+        exchange = session.exchanges[-1] if session.exchanges else None
+        if exchange is None or not exchange.cut_at_limit:
+            yield TurnUpdate(done=True, status="refused", notice=NOTHING_TO_CONTINUE)
+            return
+        model, history = exchange.model, session.exchanges[:-1]
+        system = None if system is None else sanitize_input(system)
+        problem = (self.check_model(model) or self.check_system(system or "")
+                   or self.check_message(exchange.user, len(history), client))
+        if not problem and not getattr(self.engines[model], "continues_replies", False):
+            problem = CANNOT_CONTINUE.format(model=model)
+        if problem:
+            yield TurnUpdate(done=True, status="refused", notice=problem, model=model)
+            return
+        params = self.params(*raw_params, model=model)
+        default = self.default_system(model)
+        asked = messages_for(history, default if system is None else system, exchange.user)
+        messages = (*asked, {"role": "assistant", "content": exchange.reply})
+        earlier = exchange.stats
+        session.turn_counter += 1
+        self.kept.keep(session)
+        session.cancel.arm()
+        verdict = self.moderate(self.new_text(asked, default))
+        ctx = TurnContext(conversation_id=session.conversation_id, turn_index=session.turn_counter,
+                          client_hash=client)
+        for update in self.reply(model, list(messages), params, verdict, ctx, session.cancel):
+            if update.done and update.stats is not None:
+                update.stats = earlier.followed_by(update.stats)
             exchange.apply(update)
             yield update
 
@@ -319,10 +370,14 @@ class ChatService:
     # -- a turn -----------------------------------------------------------------------------------
     def reply(self, model: str, messages: list[dict], params: SamplingParams, moderation: ModerationResult,
               ctx: TurnContext, cancel: CancelToken | None = None) -> Iterator[TurnUpdate]:
-        """Stream one reply to ``messages`` (which end with the user's message), then log the turn.
+        """Stream one reply to ``messages`` (which end with the user's message, or with a partial assistant
+        reply that the model continues: the updates then carry that reply and its continuation), then log
+        the turn.
 
         ``moderation`` is the verdict on the visitor's text; a disallowed verdict never reaches the engine."""
         update = TurnUpdate(model=model)
+        if messages and messages[-1].get("role") == "assistant":
+            update.reply = sanitize_input(messages[-1].get("content"))
         started = time.time()
         # Whatever a tab forgot: no lone surrogates or control characters reach an engine or the log.
         messages = [{**m, "content": sanitize_input(m.get("content"))} for m in messages]

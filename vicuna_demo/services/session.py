@@ -1,9 +1,11 @@
-"""A visitor's conversation as the services keep it: its exchanges, its Stop, and its one-event gate.
+"""A visitor's conversation as the services keep it: its exchanges, its Stop, its one-event gate, and the
+keeper that finds it again after a page reload.
 
     session = ChatSession()                 # one per visitor and tab (gradio keeps it in gr.State)
     session.begin() -> True                 # the gate: a second generating event is refused while one runs
     session.exchanges[-1].reply             # what the visitor sees, kept in step while a reply streams
     messages_for(session.exchanges, "Be brief.", "Next question?")   # a frozen snapshot for the model
+    keeper.find(session.resume_key) -> session   # ConversationKeeper: a page reload finds it again
 
 The gate is the rule "one generating event per session at a time": ``ChatService.turn`` and the
 battle service take it before anything else and give it back when the reply ends, so two events
@@ -14,8 +16,11 @@ generator on another worker thread than the one that started it.
 
 from __future__ import annotations
 
+import secrets
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -108,6 +113,12 @@ class Exchange:
         return self.stats.summary()
 
     @property
+    def cut_at_limit(self) -> bool:
+        """A reply the token limit cut: Continue may go on with it."""
+        return (self.done and self.status == "done" and bool(self.reply) and self.stats is not None
+                and self.stats.finish_reason == "length")
+
+    @property
     def unanswered(self) -> bool:
         """Stopped before its first token: the visitor's message stays (as in ChatGPT-like UIs, ready for
         Regenerate or an edit), with no reply at all, neither on the page nor in the model's context."""
@@ -129,6 +140,8 @@ class ChatSession:
     cancel: CancelToken = field(default_factory=CancelToken)
     gate: Gate = field(default_factory=Gate)
     turn_counter: int = 0
+    # what the visitor's browser keeps to find this conversation again after a reload (ConversationKeeper)
+    resume_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     def __deepcopy__(self, memo):
         return ChatSession()
@@ -149,3 +162,41 @@ def messages_for(history: Sequence[Exchange], system: str | None, user: str) -> 
                          {"role": "assistant", "content": exchange.reply}]
     messages.append({"role": "user", "content": user})
     return tuple(messages)
+
+
+class ConversationKeeper:
+    """Conversations kept on the server so that a page reload finds them again.
+
+    The browser keeps only ``ChatSession.resume_key`` (256 random bits); the text stays here. So nothing
+    a visitor sends back can put words in a conversation: no forged reply, no flagged message made
+    unflagged, no special token that skipped moderation. A key this keeper does not know (made up,
+    expired, or from before a restart) gives a new conversation. At most ``max_kept`` conversations
+    are kept, each for ``ttl_s`` after its last turn (the oldest go first); thread-safe."""
+
+    def __init__(self, max_kept: int = 2000, ttl_s: float = 24 * 3600.0, clock: Callable[[], float] = time.monotonic):
+        self.max_kept, self.ttl_s, self._clock = max_kept, ttl_s, clock
+        self._kept: OrderedDict[str, tuple[float, ChatSession]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, session: ChatSession) -> None:
+        with self._lock:
+            self._kept[session.resume_key] = (self._clock(), session)
+            self._kept.move_to_end(session.resume_key)
+            while len(self._kept) > self.max_kept:
+                self._kept.popitem(last=False)
+
+    def find(self, key) -> ChatSession | None:
+        if not isinstance(key, str):
+            return None
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is None:
+                return None
+            if self._clock() - kept[0] > self.ttl_s:
+                del self._kept[key]
+                return None
+            return kept[1]
+
+    def forget(self, session: ChatSession) -> None:
+        with self._lock:
+            self._kept.pop(session.resume_key, None)

@@ -105,7 +105,7 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
         demo.load(None, None, None, js=RESTORE_THEME_JS)
         with gr.Tabs():
             with gr.Tab("💬 Chat", id="chat"):
-                build_chat_tab(service)
+                build_chat_tab(service, demo)
             with gr.Tab("⚔️ Arena (anonymous)", id="arena"):
                 build_compare_tab(battles, anonymous=True)
             with gr.Tab("👥 Side by side", id="compare"):
