@@ -398,3 +398,18 @@ def test_continue_is_refused_when_nothing_was_cut_or_the_model_cannot_continue(l
     [refused] = list(remote.continue_reply(other))
     assert refused.status == "refused" and "cannot continue" in refused.notice and len(remote_engine.received) == 1
     assert other.exchanges[-1].reply == REPLY
+
+
+def test_an_edit_or_a_continue_while_a_reply_streams_is_refused_and_changes_nothing(limited):
+    service, engine, _, _ = limited
+    engine.delay_s = 0.01
+    session = ChatSession()
+    run(service, session, "Tell me a story", max_new_tokens=8)
+    stream = service.turn(session, "Another one", model=MODEL, max_new_tokens=8)
+    next(stream), next(stream)
+    for event in (service.edit(session, 0, "Replaced", model=MODEL), service.continue_reply(session),
+                  service.edit(service.resume(session.resume_key, ChatSession()), 0, "From a second tab", model=MODEL)):
+        [refused] = list(event)
+        assert refused.status == "refused" and refused.notice == BUSY_NOTICE
+    list(stream)
+    assert [e.user for e in session.exchanges] == ["Tell me a story", "Another one"] and len(engine.received) == 2
