@@ -365,7 +365,7 @@ def test_continue_goes_on_with_the_same_reply_and_counts_both_parts(limited):
     session = ChatSession()
     run(service, session, "Tell me a story", max_new_tokens=16)
     [exchange] = session.exchanges
-    assert exchange.cut_at_limit and "stopped at the token limit" in exchange.footer
+    assert exchange.cut_at_limit and "stopped at the token limit" in exchange.footer and service.can_continue(session)
     updates = list(service.continue_reply(session, max_new_tokens=16))
     assert updates[-1].status == "done" and len(session.exchanges) == 1
     assert exchange.reply == " ".join(f"w{i}" for i in range(32)) + " " and exchange.cut_at_limit
@@ -395,6 +395,7 @@ def test_continue_is_refused_when_nothing_was_cut_or_the_model_cannot_continue(l
     other = ChatSession()
     run(remote, other, "Hi")
     other.exchanges[-1].stats.finish_reason = "length"
+    assert other.exchanges[-1].cut_at_limit and not remote.can_continue(other)   # the page shows no ⏩ Continue
     [refused] = list(remote.continue_reply(other))
     assert refused.status == "refused" and "cannot continue" in refused.notice and len(remote_engine.received) == 1
     assert other.exchanges[-1].reply == REPLY

@@ -327,6 +327,12 @@ class ChatService:
             exchange.apply(update)
             yield update
 
+    def can_continue(self, session: ChatSession) -> bool:
+        """Would ``continue_reply`` go on with the last reply (cut at the token limit, by a model that continues)?"""
+        exchange = session.exchanges[-1] if session.exchanges else None
+        return (exchange is not None and exchange.cut_at_limit
+                and bool(getattr(self.engines.get(exchange.model), "continues_replies", False)))
+
     def _continue(self, session: ChatSession, system, raw_params, client):
         exchange = session.exchanges[-1] if session.exchanges else None
         if exchange is None or not exchange.cut_at_limit:

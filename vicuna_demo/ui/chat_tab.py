@@ -76,7 +76,7 @@ def build_chat_tab(service: ChatService, demo: gr.Blocks) -> None:
     def saved(session: ChatSession) -> dict:
         """After each event: the browser's resume key, and the download buttons (the conversation the service
         holds, as JSON and as Markdown). Chained with ``.then``, so the API's outputs stay as they were."""
-        cut = bool(session.exchanges) and session.exchanges[-1].cut_at_limit
+        cut = service.can_continue(session)
         if not session.exchanges:
             return {resume_key: session.resume_key, go_on: gr.update(visible=False),
                     **{button: gr.update(value=None, interactive=False) for button in (as_json_file, as_markdown_file)}}
