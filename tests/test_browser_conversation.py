@@ -1,7 +1,9 @@
 """The chat tab's conversation tools in a real browser (Debian's chromium, driven by Playwright), over
 scripted engines (tests/engines.py): the chatbot's own 🗑 icon clears the conversation the service holds
 too (Regenerate brings nothing back); a reply stopped before its first token leaves the message and no
-empty reply bubble.
+empty reply bubble; example prompts on the empty chat are sent when clicked; an edited message is answered
+again with the conversation cut after it; the conversation survives a reload and downloads as JSON and
+Markdown; ⏩ Continue goes on with a reply cut at the token limit.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def test_continue_goes_on_with_a_reply_cut_at_the_token_limit(launch_app, page):
     from playwright.sync_api import expect
     from tests.engines import TokenLimitEngine
     story = " ".join(f"w{i}" for i in range(40))
-    url, _, engine = start(launch_app, TokenLimitEngine(MODEL, story, delay_s=0.02), ["--max-new-tokens", "16"])
+    url, _, engine = start(launch_app, TokenLimitEngine(MODEL, story, delay_s=0.1), ["--max-new-tokens", "16"])
     page.goto(url)
     go_on = page.locator("#chat-continue")
     expect(go_on).to_be_hidden()
@@ -187,3 +189,7 @@ def test_continue_goes_on_with_a_reply_cut_at_the_token_limit(launch_app, page):
     expect(go_on).to_be_hidden()                      # finished on its own: nothing more to continue
     assert "w39" in reply.inner_text() and "token limit" not in reply.inner_text()
     assert engine.received[-1][-1] == {"role": "assistant", "content": " ".join(f"w{i}" for i in range(32)) + " "}
+    send(page, "Another story.", wait_for_reply=False)   # cut again, but the button waits for the reply to end
+    expect(go_on).to_be_hidden()
+    expect(page.locator("#chatbot [data-testid='bot']").nth(1)).to_contain_text("16 tokens")
+    expect(go_on).to_be_visible()

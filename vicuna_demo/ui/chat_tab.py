@@ -105,7 +105,10 @@ def build_chat_tab(service: ChatService, demo: gr.Blocks) -> None:
         """Step one of Send: the message appears, the box empties (the service checks it in step two)."""
         text = text if isinstance(text, str) else ""
         shown = text if text.strip() and not session.busy else None
-        return {textbox: "", sent: text, chatbot: render_exchanges(session.exchanges, pending=shown)}
+        out = {textbox: "", sent: text, chatbot: render_exchanges(session.exchanges, pending=shown)}
+        if shown:
+            out[go_on] = gr.update(visible=False)   # a new message: the cut reply is no longer the last one
+        return out
 
     def show_example(session: ChatSession, choice: gr.SelectData):
         """An example prompt clicked on the empty chat: step one of Send with its text."""
@@ -179,10 +182,10 @@ def build_chat_tab(service: ChatService, demo: gr.Blocks) -> None:
     common = dict(concurrency_id="generate", concurrency_limit="default")
     after = [resume_key, go_on, as_json_file, as_markdown_file]
     for trigger in (send.click, textbox.submit):
-        trigger(show_message, [textbox, state], [textbox, sent, chatbot], api_name=False, queue=False) \
+        trigger(show_message, [textbox, state], [textbox, sent, chatbot, go_on], api_name=False, queue=False) \
             .then(reply, [sent, *params], [chatbot, textbox, notice, stop], api_name=False, **common) \
             .then(saved, [state], after, api_name=False, queue=False)
-    chatbot.example_select(show_example, [state], [textbox, sent, chatbot], api_name=False, queue=False) \
+    chatbot.example_select(show_example, [state], [textbox, sent, chatbot, go_on], api_name=False, queue=False) \
         .then(reply, [sent, *params], [chatbot, textbox, notice, stop], api_name=False, **common) \
         .then(saved, [state], after, api_name=False, queue=False)
     chat_api.click(chat_in_one_call, [textbox, *params], [chatbot, textbox, notice], api_name="chat", **common)
