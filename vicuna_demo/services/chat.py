@@ -12,6 +12,11 @@ arrives meanwhile (it is refused by the gate anyway). A flagged message is logge
 enters a later turn's context. ``ChatService.reply`` streams one reply for a snapshot already checked:
 ``turn`` and the battle service (services/battle.py) use it; nothing else sends text to an engine.
 
+The same event at another point of the conversation, through the same gate and checks: ``regenerate``
+(the last message again), ``edit`` (a changed earlier message; the conversation is cut after it) and
+``continue_reply`` (the model goes on with a reply the token limit cut). ``resume`` finds a visitor's
+conversation again after a page reload by its key alone (``session.ConversationKeeper``).
+
     service = ChatService(engines, moderator, store, limits=Limits(), flags={"temperature": 0.5})
     session = ChatSession()
     for update in service.turn(session, "Hello", model="Vicuna-7B", system=None, client="hash"):
