@@ -67,14 +67,14 @@ class EngineOptions:
     token_timeout_s: float = 120.0            # a running request silent this long is failed
     triton_kernels: bool = True               # fast path on CUDA: fused Triton kernels (needed for CUDA graphs)
     prefix_cache: bool = True                 # fast path: reuse the previous turn's KV cache
-    int8_kernel: bool = True                  # fast path, 8-bit models: our int8 GEMV over bitsandbytes' weights
+    quant_kernels: bool = True                # fast path, 8-bit and 4-bit models: our kernels over bitsandbytes' weights
     tune_dense_gemv: bool = True              # fast path: time our GEMV against cuBLAS for fp16 weights at warm-up
     cpu_threads: int | None = None            # fast path on CPU: intra-op threads of the engine thread
 
     def fast_options(self) -> FastOptions:
         return FastOptions(max_rows=self.max_batch_requests, cuda_graphs=self.use_cuda_graph is not False,
                            kernels=self.triton_kernels, prefix_cache=self.prefix_cache, kv_blocks=self.kv_blocks,
-                           int8_kernel=self.int8_kernel, tune_dense=self.tune_dense_gemv,
+                           quant_kernels=self.quant_kernels, tune_dense=self.tune_dense_gemv,
                            cpu_threads=self.cpu_threads)
 
 

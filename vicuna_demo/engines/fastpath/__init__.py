@@ -11,10 +11,10 @@ request into that one step. On a CPU it is a lean loop over the same modules, wi
     sched.start(progress); sched.wait_ready()   # allocate + capture graphs now, not in a first request
     sched.submit(Job(...))                   # tokens arrive through job.emit(tokens, finished, error)
 
-Supported: model types whose decoder layer is pre-norm RMSNorm -> q/k/v/o attention with rotary
-embedding -> RMSNorm -> gated MLP (llama, mistral without sliding window, qwen2). ``unsupported_reason``
+Supported: the architectures of ``arch.py`` (Llama 2/3, Mistral with or without sliding window, Qwen2/2.5,
+Qwen3, Gemma 2, Gemma 3 text), all run by the one decoder forward of ``forward.py``. ``unsupported_reason``
 says why another model is not; the engine then falls back to transformers' continuous batching.
-Projections may be plain ``nn.Linear`` or bitsandbytes ``Linear8bitLt`` (8-bit).
+Projections may be plain ``nn.Linear`` or bitsandbytes ``Linear8bitLt`` (8-bit) / ``Linear4bit`` (NF4).
 
 Memory: KV blocks come from one pool per layer; a request reserves the blocks for its prompt plus
 its token budget when it is admitted (no mid-reply eviction); finished requests leave their
@@ -22,9 +22,10 @@ blocks as a prefix cache that the next turn of the same conversation takes over.
 """
 
 from .model import FastModel
-from .options import SUPPORTED_MODEL_TYPES, FastOptions, unsupported_reason
+from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, describe, unsupported_reason
+from .options import FastOptions
 from .sampling import sample, sampling_mode
 from .scheduler import FastScheduler, Job
 
-__all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "SUPPORTED_MODEL_TYPES", "sample", "sampling_mode",
-           "unsupported_reason"]
+__all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "ArchSpec", "SUPPORTED_MODEL_TYPES", "describe",
+           "sample", "sampling_mode", "unsupported_reason"]

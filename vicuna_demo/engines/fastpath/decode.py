@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .forward import decoder
 from .sampling import mark_seen, sample, seen_mask
 from .weights import _Linear
 
@@ -25,46 +26,24 @@ class DecodeMixin:
         """One decode step with the fused Triton kernels; shapes depend only on ``rows`` (graph-safe)."""
         from . import kernels as fk
         tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
-        active = self.active[:rows]
-        seq_lens = ((pos + 1) * active).to(torch.int32)
+        seq_lens = ((pos + 1) * self.active[:rows]).to(torch.int32)
         phys = table.gather(1, (pos // self.block)[:, None].to(torch.int64).clamp(max=self.blocks_per_row - 1)
                             .to(torch.int64))[:, 0]
         off = pos % self.block
         splits, warps, stages = self._splits.get(rows) or self._choose_splits(rows)
-        qd, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        x = self.embed(tokens)                       # [B, H]
-        residual = None
-        for li, layer in enumerate(self.layers):
-            h, residual = fk.add_rmsnorm(x, residual, layer.ln1.weight, layer.eps1)
-            if layer.qkv is not None:
-                qkv = layer.qkv(h)
-                q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
-            else:
-                q, k, v = layer.q(h), layer.k(h), layer.v(h)
-            q = fk.rope_store(q, k, v, self.cos, self.sin, pos, phys, off, self.k_cache[li], self.v_cache[li],
+        spec = self.spec
+
+        def attend(li, q, k, v):
+            cos, sin = self.rope[spec.rope_keys[li]]
+            q = fk.rope_store(q, k, v, cos, sin, pos, phys, off, self.k_cache[li], self.v_cache[li],
                               self.n_heads, self.n_kv)
-            a = fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale,
-                                   warps, stages)
-            x = layer.o(a)
-            h, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
-            if layer.gate_up is not None:
-                gu = layer.gate_up(h)
-                half = gu.shape[1] // 2
-                g, u = gu[:, :half], gu[:, half:]
-            else:
-                g, u = layer.gate(h), layer.up(h)
-            x = layer.down.gated(g, u)
-            if x is None:
-                x = layer.down(fk.silu_mul(g, u))
-        h, _ = fk.add_rmsnorm(x, residual, self.norm.weight, self.norm_eps)
-        return self.lm_head(h).float()
+            return fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale,
+                                      warps, stages, window=spec.windows[li], softcap=spec.attn_softcap)
+
+        return self.logits(decoder(self, self.embed(tokens), attend, self.ops))
 
     def linears(self) -> list[_Linear]:
-        out = []
-        for layer in self.layers:
-            out += [p for p in (layer.qkv, layer.q, layer.k, layer.v, layer.o, layer.gate_up, layer.gate, layer.up,
-                                layer.down) if p is not None]
-        return out + [self.lm_head]
+        return [p for layer in self.layers for p in layer.projections()] + [self.lm_head]
 
     def capturable(self, rows: int) -> bool:
         return all(p.capturable(rows) for p in self.linears())

@@ -8,7 +8,8 @@ is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the 
   k and v written into the paged cache at (block ``phys``, offset ``off``); returns rotated q.
 - ``paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits)``: one query token per row
   against that row's cached tokens, split over the sequence and combined (flash-decoding).
-- ``silu_mul(g, u)``: SiLU(g) * u.
+- ``act_mul(g, u, activation)``: SiLU(g) * u or GELU(g) * u (``silu_mul``: the first).
+- ``rmsnorm(x, weight, eps)``: RMSNorm alone (q/k norms, Gemma's norms after attention and MLP).
 - ``gemv(x, w, scale)``: x @ (w * scale).T for a few rows at a time (decode), over int8 weights stored
   the way bitsandbytes' LLM.int8 stores them (row-wise absmax / 127) or over 16-bit weights (used where
   it beats cuBLAS for a shape). Batches of int8 rows and 4-bit weights: ``kernels_quant.py``.
@@ -31,7 +32,7 @@ def _pow2(n: int) -> int:
 # -- RMSNorm with the residual add fused in ---------------------------------------------------------
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RES: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -42,23 +43,35 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, s
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
-    normed = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:    # x * (1 + w), all in fp32, rounded once (transformers' Gemma RMSNorm)
+        out = xf * (1.0 / tl.sqrt(var + eps)) * (1.0 + w)
+    else:        # (x normalised, in the model's dtype) * w (Llama's)
+        out = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype).to(tl.float32) * w
+    tl.store(out_ptr + row * stride_o + cols, out.to(x.dtype), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """-> (normed, residual). Without ``residual``, x itself becomes the residual (a copy)."""
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                gemma: bool = False):
+    """-> (normed, residual): residual += x, then RMSNorm of it. Without ``residual``, x itself becomes the
+    residual (a copy). ``gemma``: the norm multiplies by (1 + weight)."""
     rows, n = x.shape
     out = torch.empty_like(x)
-    if residual is None:
+    has_res = residual is not None
+    if not has_res:
         residual = x.clone()
-        has_res = False
-    else:
-        has_res = True
     _add_rmsnorm_kernel[(rows,)](x, residual, weight, out, n, eps, x.stride(0), residual.stride(0), out.stride(0),
-                                 HAS_RES=has_res, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+                                 HAS_RES=has_res, GEMMA=gemma, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
     return out, residual
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm of each row of x [rows, n] (no residual)."""
+    rows, n = x.shape
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    _add_rmsnorm_kernel[(rows,)](x, x, weight, out, n, eps, x.stride(0), x.stride(0), out.stride(0),
+                                 HAS_RES=False, GEMMA=gemma, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+    return out
 
 
 # -- rotary embedding + paged-cache write -----------------------------------------------------------
@@ -129,8 +142,8 @@ def rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache, n_heads: int
 @triton.jit
 def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scale,
                         stride_qr, stride_qh, stride_cb, stride_ch, stride_ct, stride_tr, SPLITS,
-                        HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                        DIRECT: tl.constexpr):
+                        WINDOW, HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                        DIRECT: tl.constexpr, SOFTCAP: tl.constexpr):
     rh = tl.program_id(0)
     split = tl.program_id(1)
     row = rh // HQ
@@ -138,8 +151,10 @@ def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr
     kvh = head // GROUP
     seq_len = tl.load(lens_ptr + row)
     n_blocks = tl.cdiv(seq_len, BLOCK)
-    per = tl.cdiv(n_blocks, SPLITS)
-    start = split * per
+    first = tl.maximum(seq_len - WINDOW, 0)      # the window's first key (WINDOW 2**30: every key)
+    lo = first // BLOCK
+    per = tl.cdiv(n_blocks - lo, SPLITS)
+    start = lo + split * per
     end = tl.minimum(start + per, n_blocks)
     d = tl.arange(0, D)
     t = tl.arange(0, BLOCK)
@@ -150,9 +165,11 @@ def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr
     for blk in range(start, end):
         phys = tl.load(table_ptr + row * stride_tr + blk).to(tl.int64)
         base = phys * stride_cb + kvh * stride_ch + t[:, None] * stride_ct + d[None, :]
-        valid = (blk * BLOCK + t) < seq_len
+        valid = ((blk * BLOCK + t) < seq_len) & ((blk * BLOCK + t) >= first)
         k = tl.load(kc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
+        if SOFTCAP > 0:       # cap * tanh(s / cap), tanh written with exp (2 / (1 + e^-2x) - 1)
+            s = SOFTCAP * (2.0 / (1.0 + tl.exp(-2.0 * s / SOFTCAP)) - 1.0)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp(s - m_new)
@@ -189,9 +206,10 @@ def _paged_attn_combine(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS_P2: tl.co
 
 
 def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: float, num_warps: int = 4,
-                    num_stages: int = 3):
+                    num_stages: int = 3, window: int | None = None, softcap: float | None = None):
     """q [rows, HQ, D]; caches [blocks, HKV, block, D]; table [rows, max_blocks] int32;
-    seq_lens [rows] int32 (0 = empty row: output 0). -> [rows, HQ*D]."""
+    seq_lens [rows] int32 (0 = empty row: output 0). ``window``: only each row's last ``window`` keys;
+    ``softcap``: scores -> cap * tanh(scores / cap). -> [rows, HQ*D]."""
     rows, n_heads, head_dim = q.shape
     group = n_heads // k_cache.shape[1]
     block = k_cache.shape[2]
@@ -204,33 +222,44 @@ def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: 
     _paged_attn_partial[(rows * n_heads, n_splits)](
         q, k_cache, v_cache, table, seq_lens, m, l, acc, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0), n_splits,
-        HQ=n_heads, GROUP=group, BLOCK=block, D=head_dim, DIRECT=direct, num_warps=num_warps, num_stages=num_stages)
+        int(window or 2**30), HQ=n_heads, GROUP=group, BLOCK=block, D=head_dim, DIRECT=direct,
+        SOFTCAP=float(softcap or 0.0), num_warps=num_warps, num_stages=num_stages)
     if not direct:
         _paged_attn_combine[(rows * n_heads,)](m, l, acc, out, n_splits, SPLITS_P2=_pow2(n_splits), D=head_dim,
                                                num_warps=4)
     return out
 
 
-# -- SiLU(gate) * up ------------------------------------------------------------------------------------
+# -- act(gate) * up --------------------------------------------------------------------------------------
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _act_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_o, GELU: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
     gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    if GELU:     # tanh approximation (gelu_pytorch_tanh), tanh(y) = 2 / (1 + e^-2y) - 1
+        y = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        act = (0.5 * gf * (2.0 / (1.0 + tl.exp(-2.0 * y)))).to(g.dtype)
+    else:
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
     tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def act_mul(g: torch.Tensor, u: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """act(g) * u for act "silu" or "gelu_tanh", each rounded like the eager ops."""
     rows, n = g.shape
     out = torch.empty((rows, n), dtype=g.dtype, device=g.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), out.stride(0),
-                                                    BLOCK=block, num_warps=4)
+    _act_mul_kernel[(rows, triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), out.stride(0),
+                                                   GELU=activation == "gelu_tanh", BLOCK=block, num_warps=4)
     return out
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return act_mul(g, u, "silu")
 
 
 # -- GEMV for a few rows: int8 weights (bitsandbytes' LLM.int8 storage) or fp16/bf16 weights ------------------

@@ -7,13 +7,15 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
+from .arch import Unsupported, describe
 from .decode import DecodeMixin
-from .options import FastOptions, unsupported_reason
+from .forward import EagerOps, KernelOps, attention, decoder, key_mask, rotate
+from .options import FastOptions
 from .sampling import sample
 from .tuning import TuningMixin
-from .weights import _Layer, _Linear
+from .weights import Norm, _Layer, _Linear
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
@@ -25,11 +27,6 @@ def _written_only(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
     hold whatever the heap held, NaN included; attention gives them weight 0, but 0 * NaN is NaN."""
     written = mask.transpose(-1, -2)                     # [rows, 1, S, 1]
     return keys.masked_fill(~written, 0), values.masked_fill(~written, 0)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _pow2_buckets(limit: int) -> list[int]:
@@ -46,9 +43,10 @@ class FastModel(DecodeMixin, TuningMixin):
     is the only caller once warm-up starts."""
 
     def __init__(self, model, max_context: int, options: FastOptions | None = None):
-        reason = unsupported_reason(model)
-        if reason:
-            raise ValueError(f"fast path unsupported: {reason}")
+        try:
+            self.spec = spec = describe(model)
+        except Unsupported as exc:
+            raise ValueError(f"fast path unsupported: {exc}") from None
         self.options = options = options or FastOptions()
         self.model = model
         self.config = model.config.get_text_config()
@@ -61,11 +59,7 @@ class FastModel(DecodeMixin, TuningMixin):
             # 7B 8-bit). Flash attention needs no such memory.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = model.model.embed_tokens.weight.dtype
-        attn0 = model.model.layers[0].self_attn
-        self.n_heads = int(self.config.num_attention_heads)
-        self.n_kv = int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
-        self.head_dim = int(getattr(attn0, "head_dim", None) or self.config.hidden_size // self.n_heads)
-        self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.n_heads, self.n_kv, self.head_dim, self.scale = spec.n_heads, spec.n_kv, spec.head_dim, spec.scale
         self.max_len = int(max_context) + 2          # + the extra step a pipelined reply may take
         # why a GPU runs eager ops instead of the Triton kernels (None: kernels, or a CPU, whose route is eager)
         self.kernel_problem = _triton_problem() if self.cuda and options.kernels else None
@@ -76,20 +70,22 @@ class FastModel(DecodeMixin, TuningMixin):
         self.blocks_per_row = math.ceil(self.max_len / self.block)
         fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
         self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
-        self.layers = [_Layer(layer, fuse=fuse, quant_kernels=self.use_kernels and options.int8_kernel)
-                       for layer in model.model.layers[: self.config.num_hidden_layers]]
+        self.layers = [_Layer(layer, fuse=fuse, quant_kernels=self.use_kernels and options.quant_kernels, spec=spec)
+                       for layer in model.model.layers[: spec.n_layers]]
         self.embed = model.model.embed_tokens
         self.n_embeddings = int(self.embed.weight.shape[0])
-        self.norm = model.model.norm
-        self.norm_eps = float(getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6)))
+        self.final_norm = Norm(model.model.norm, spec.arch.gemma_norm)
         self.lm_head = _Linear(model.lm_head)
         self.vocab = int(model.lm_head.weight.shape[0]) if getattr(model.lm_head, "weight", None) is not None \
             else int(self.config.vocab_size)
+        self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}   # rotary tables [max_len, head_dim]
         with torch.inference_mode():
             positions = torch.arange(self.max_len, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = model.model.rotary_emb(probe, positions)
-            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()   # [max_len, head_dim]
+            for key in dict.fromkeys(spec.rope_keys):
+                args = (probe, positions) if key is None else (probe, positions, key)
+                cos, sin = model.model.rotary_emb(*args)
+                self.rope[key] = (cos[0].contiguous(), sin[0].contiguous())
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.n_blocks = 0
@@ -226,93 +222,82 @@ class FastModel(DecodeMixin, TuningMixin):
             tok_phys, tok_off = tok_phys.view(-1).to(dev), tok_off.view(-1).to(dev)
         ids, positions = ids.to(dev), positions.to(dev)
         with_prefix = bool((starts > 0).any())
-        lower_right = None
-        if with_prefix and n == 1:
-            from torch.nn.attention.bias import causal_lower_right
-            kv_len = int(starts[0] + lens[0])
-            lower_right = causal_lower_right(length, kv_len)
+        totals = starts + lens
+        kv_len = int(totals.max()) if with_prefix else length
+        spec, hd = self.spec, self.head_dim
         if with_prefix:
-            totals = starts + lens
-            kv_len = int(totals.max())
             n_blk = math.ceil(kv_len / self.block)
             gather = torch.zeros(n, n_blk, dtype=torch.long)
             for i, (_, blocks, _) in enumerate(rows):
                 used = blocks[:n_blk]
                 gather[i, :len(used)] = torch.tensor(used, dtype=torch.long)
             gather = gather.to(dev)
-            mask = None
-            if lower_right is None:   # several rows with cached prefixes (the scheduler sends them one by one)
-                q_pos = positions[:, :, None]                                   # [n, T, 1]
-                k_pos = torch.arange(kv_len, device=dev)[None, None, :]        # [1, 1, S]
-                mask = (k_pos <= q_pos)[:, None]                               # [n, 1, T, S]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]     # [n, 1, T, D]
-        hd = self.head_dim
-        qd, kd = self.n_heads * hd, self.n_kv * hd
-        fused = self.use_kernels     # CUDA: fused projections and Triton norm / activation kernels
-        if fused:
-            from . import kernels as fk
-        x = self.embed(ids)
-        residual = None
-        for li, layer in enumerate(self.layers):
-            attn = layer.attn
-            if fused:
-                flat, residual = fk.add_rmsnorm(x.reshape(n * length, -1), residual, layer.ln1.weight, layer.eps1)
-                if layer.qkv is not None:
-                    qkv = layer.qkv(flat)
-                    q, k, v = qkv[:, :qd], qkv[:, qd:qd + kd], qkv[:, qd + kd:]
+        masks: dict = {}
+
+        def mask_for(window):
+            """The attention mask of a layer with ``window`` (None: is_causal, or causal_lower_right for one
+            row over its cached prefix: the forms that keep flash attention)."""
+            window = window if window and window < kv_len else None
+            if window not in masks:
+                if not with_prefix and window is None:
+                    masks[window] = None
+                elif with_prefix and n == 1 and window is None:
+                    masks[window] = causal_lower_right(length, kv_len)
                 else:
-                    q, k, v = layer.q(flat), layer.k(flat), layer.v(flat)
-                q, k_rot = fk.rope_store(q, k, v, self.cos, self.sin, positions.view(-1), tok_phys, tok_off,
-                                         self.k_cache[li], self.v_cache[li], self.n_heads, self.n_kv,
-                                         return_k=True)
+                    k_pos = torch.arange(kv_len, device=dev)[None, None, :]
+                    q_pos = positions[:, :, None] if with_prefix else torch.arange(length, device=dev)[None, :, None]
+                    masks[window] = key_mask(q_pos, k_pos, window=window)[:, None]      # [n or 1, 1, T, S]
+            return masks[window]
+
+        tables = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self.rope.items()}
+        fused = self.use_kernels     # CUDA: fused projections and Triton norm / activation kernels
+
+        def attend(li, q, k, v):
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            key = spec.rope_keys[li]
+            if fused:
+                from . import kernels as fk
+                cos, sin = self.rope[key]
+                q, k = fk.rope_store(q, k, v, cos, sin, positions.view(-1), tok_phys, tok_off, kc, vc,
+                                     self.n_heads, self.n_kv, return_k=True)
                 q = q.view(n, length, -1, hd).transpose(1, 2)
-                k = k_rot.view(n, length, -1, hd).transpose(1, 2)
+                k = k.view(n, length, -1, hd).transpose(1, 2)
                 v = v.reshape(n, length, -1, hd).transpose(1, 2)
             else:
-                residual = x
-                h = layer.ln1(x)
-                q = attn.q_proj(h).view(n, length, -1, hd).transpose(1, 2)
-                k = attn.k_proj(h).view(n, length, -1, hd).transpose(1, 2)
-                v = attn.v_proj(h).view(n, length, -1, hd).transpose(1, 2)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            if not fused:
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
+                cos, sin = tables[key]
+                q = rotate(q.reshape(n, length, -1, hd).transpose(1, 2), cos, sin)
+                k = rotate(k.reshape(n, length, -1, hd).transpose(1, 2), cos, sin)
+                v = v.reshape(n, length, -1, hd).transpose(1, 2)
                 kc[w_phys, :, w_off] = k.transpose(1, 2)[w_rows, w_t]
                 vc[w_phys, :, w_off] = v.transpose(1, 2)[w_rows, w_t]
             if with_prefix:
-                keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
-                values = vc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
+                k = kc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
+                v = vc[gather].permute(0, 2, 1, 3, 4).reshape(n, self.n_kv, -1, hd)[:, :, :kv_len]
                 if not self.cuda:
                     written = (torch.arange(kv_len, device=dev)[None, :] < totals.to(dev)[:, None])[:, None, None, :]
-                    keys, values = _written_only(keys, values, written)
-                if self.n_kv != self.n_heads:
-                    group = self.n_heads // self.n_kv
-                    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-                out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale,
-                                                     attn_mask=lower_right if lower_right is not None else mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=self.scale,
-                                                     enable_gqa=self.n_kv != self.n_heads)
-            out = out.transpose(1, 2).reshape(n, length, -1)
-            if fused:
-                x = layer.o(out.reshape(n * length, -1))
-                flat, residual = fk.add_rmsnorm(x, residual, layer.ln2.weight, layer.eps2)
-                if layer.gate_up is not None:
-                    gu = layer.gate_up(flat)
-                    half = gu.shape[1] // 2
-                    g, u = gu[:, :half], gu[:, half:]
-                else:
-                    g, u = layer.gate(flat), layer.up(flat)
-                x = layer.down(fk.silu_mul(g, u)).view(n, length, -1)
-            else:
-                x = residual + attn.o_proj(out)
-                residual = x
-                x = residual + layer.mlp(layer.ln2(x))
-        if fused:
-            x = (x.reshape(n * length, -1) + residual).view(n, length, -1)
-        last = x[torch.arange(n, device=dev), (lens - 1).to(dev)]
-        return self.lm_head(self.norm(last)).float()
+                    k, v = _written_only(k, v, written)
+            out = attention(q, k, v, scale=self.scale, mask=mask_for(spec.windows[li]), causal=length > 1,
+                            softcap=spec.attn_softcap)
+            return out.transpose(1, 2).reshape(n * length, -1)
+
+        x = decoder(self, self.embed(ids).view(n * length, -1), attend, self.ops)
+        last = x.view(n, length, -1)[torch.arange(n, device=dev), (lens - 1).to(dev)]
+        return self.logits(last)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [rows, hidden] -> fp32 logits [rows, vocab] (soft-capped where the model is)."""
+        out = self.lm_head(hidden)
+        cap = self.spec.final_softcap
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out.float()
+
+    @property
+    def ops(self):
+        """The ops of prefill and decode: Triton kernels on CUDA, the HF modules otherwise."""
+        if getattr(self, "_ops", None) is None or isinstance(self._ops, KernelOps) != self.use_kernels:
+            self._ops = KernelOps() if self.use_kernels else EagerOps()
+        return self._ops
 
     # -- decode --------------------------------------------------------------------------------------
     def _decode_torch(self, rows: int) -> torch.Tensor:
@@ -323,14 +308,23 @@ class FastModel(DecodeMixin, TuningMixin):
         layer's matmuls on a busy 2-core machine)."""
         tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
         active = self.active[:rows].bool()
-        hd = self.head_dim
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]     # [B, 1, 1, D]
+        spec, hd = self.spec, self.head_dim
+        tables = {key: (cos[pos][:, None, None], sin[pos][:, None, None]) for key, (cos, sin) in self.rope.items()}
         lengths = (pos + 1) * active
         kv_len = max(1, int(lengths.max()))          # eager path: reading it on the host costs nothing here
         n_blk = math.ceil(kv_len / self.block)
-        mask = None
-        if rows > 1 or not bool(active.all()):
-            mask = (torch.arange(kv_len, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+        masks: dict = {}
+
+        def mask_for(window):
+            window = window if window and window < kv_len else None
+            if window not in masks:
+                if window is None and rows == 1 and bool(active.all()):
+                    masks[window] = None
+                else:
+                    k_pos = torch.arange(kv_len, device=self.device)[None, :]
+                    masks[window] = key_mask(pos[:, None], k_pos, lengths[:, None], window)[:, None, None, :]
+            return masks[window]
+
         if n_blk == 1:   # host-side block ids and offsets: views and plain copies instead of index kernels
             blocks = table[:, 0].tolist()
             offsets = (pos % self.block).tolist()
@@ -338,22 +332,12 @@ class FastModel(DecodeMixin, TuningMixin):
             phys = table.gather(1, (pos // self.block)[:, None].to(table.dtype))[:, 0].long()
             off = pos % self.block
             gather = table[:, :n_blk].long()
-        qd, kd = self.n_heads * hd, self.n_kv * hd
-        x = self.embed(tokens[:, None])
-        for li, layer in enumerate(self.layers):
-            residual = x
-            h = layer.ln1(x)
-            attn = layer.attn
-            if layer.qkv is not None:
-                qkv = layer.qkv(h)
-                q, k, v = qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = q.reshape(rows, 1, -1, hd).transpose(1, 2)
-            k = k.reshape(rows, 1, -1, hd).transpose(1, 2)
+
+        def attend(li, q, k, v):
+            cos, sin = tables[spec.rope_keys[li]]
+            q = rotate(q.reshape(rows, 1, -1, hd).transpose(1, 2), cos, sin)
+            k = rotate(k.reshape(rows, 1, -1, hd).transpose(1, 2), cos, sin)
             v = v.reshape(rows, 1, -1, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             kc, vc = self.k_cache[li], self.v_cache[li]
             if n_blk == 1:
                 for r in range(rows):
@@ -369,21 +353,13 @@ class FastModel(DecodeMixin, TuningMixin):
                 vc[phys, :, off] = v[:, :, 0]
                 keys = kc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
                 values = vc[gather].permute(0, 2, 1, 3, 4).reshape(rows, self.n_kv, -1, hd)[:, :, :kv_len]
+            mask = mask_for(spec.windows[li])
             if mask is not None and not self.cuda:
-                keys, values = _written_only(keys, values, mask)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=self.n_kv != self.n_heads)
-            x = residual + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-            residual = x
-            h = layer.ln2(x)
-            if layer.gate_up is not None:
-                gu = layer.gate_up(h)
-                half = gu.shape[-1] // 2
-                x = residual + layer.mlp.down_proj(layer.mlp.act_fn(gu[..., :half]) * gu[..., half:])
-            else:
-                x = residual + layer.mlp(h)
-        return self.lm_head(self.norm(x[:, 0])).float()
+                keys, values = _written_only(keys, values, (torch.arange(kv_len) < lengths[:, None])[:, None, None])
+            out = attention(q, keys, values, scale=self.scale, mask=mask, softcap=spec.attn_softcap)
+            return out.transpose(1, 2).reshape(rows, -1)
 
+        return self.logits(decoder(self, self.embed(tokens), attend, EagerOps()))
 
 
 def _round_up(n: int, m: int) -> int:

@@ -234,13 +234,34 @@ class _Linear:
         return (tuple(self.weight.shape), self.weight.dtype) if self.weight is not None else ()
 
 
+class Norm:
+    """One RMSNorm: its HF module (eager ops) and what the Triton kernel reads (weight, eps, Gemma's style)."""
+
+    def __init__(self, module, gemma: bool = False):
+        self.module = module
+        self.weight = module.weight
+        self.eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        self.gemma = gemma
+
+
 class _Layer:
-    def __init__(self, layer, fuse: bool, quant_kernels: bool):
+    """One decoder layer's weights as ``forward.decoder`` reads them (norms absent where the architecture has
+    none); q/k/v and gate/up fused into one product each where the weights allow."""
+
+    def __init__(self, layer, fuse: bool, quant_kernels: bool, spec=None):
         attn, mlp = layer.self_attn, layer.mlp
-        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.eps1 = float(getattr(self.ln1, "variance_epsilon", getattr(self.ln1, "eps", 1e-6)))
-        self.eps2 = float(getattr(self.ln2, "variance_epsilon", getattr(self.ln2, "eps", 1e-6)))
-        self.attn, self.mlp = attn, mlp
+        arch = spec.arch if spec is not None else None
+        gemma = bool(arch and arch.gemma_norm)
+        self.attn_norm = Norm(layer.input_layernorm, gemma)
+        sandwich = bool(arch and arch.sandwich_norms)
+        self.attn_out_norm = Norm(layer.post_attention_layernorm, gemma) if sandwich else None
+        self.mlp_norm = Norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm, gemma)
+        self.mlp_out_norm = Norm(layer.post_feedforward_layernorm, gemma) if sandwich else None
+        has_qk = getattr(attn, "q_norm", None) is not None
+        self.q_norm = Norm(attn.q_norm, gemma) if has_qk else None
+        self.k_norm = Norm(attn.k_norm, gemma) if has_qk else None
+        self.act_fn = mlp.act_fn
+        self.activation = spec.activation if spec is not None else "silu"
         qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
         self.qkv = self.gate_up = None
         if fuse and all(type(p) is torch.nn.Linear for p in qkv + gate_up):
@@ -258,8 +279,28 @@ class _Layer:
             self.gate, self.up = (_Linear(p, quant_kernels=quant_kernels) for p in gate_up)
         else:
             self.q = self.k = self.v = self.gate = self.up = None
+        self.q_rows = attn.q_proj.out_features if hasattr(attn.q_proj, "out_features") else None
+        self.kv_rows = attn.k_proj.out_features if hasattr(attn.k_proj, "out_features") else None
         self.o = _Linear(attn.o_proj, quant_kernels=quant_kernels)
         self.down = _Linear(mlp.down_proj, quant_kernels=quant_kernels)
+
+    def project_qkv(self, h: torch.Tensor):
+        if self.qkv is None:
+            return self.q(h), self.k(h), self.v(h)
+        qkv = self.qkv(h)
+        qd, kd = self.q_rows, self.kv_rows
+        return qkv[..., :qd], qkv[..., qd:qd + kd], qkv[..., qd + kd:]
+
+    def project_gate_up(self, h: torch.Tensor):
+        if self.gate_up is None:
+            return self.gate(h), self.up(h)
+        gu = self.gate_up(h)
+        half = gu.shape[-1] // 2
+        return gu[..., :half], gu[..., half:]
+
+    def projections(self) -> list:
+        return [p for p in (self.qkv, self.q, self.k, self.v, self.o, self.gate_up, self.gate, self.up, self.down)
+                if p is not None]
 
 
 def _fuse_weights(modules) -> torch.Tensor:
