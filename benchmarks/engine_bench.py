@@ -83,8 +83,14 @@ class CountingTokenizer:
     bos_token = None
     eos_token_id = 2
 
-    def __call__(self, text, **kwargs):
-        return {"input_ids": [1] + [3 + ord(c) % 997 for c in text]}
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        return {"input_ids": [1] * bool(add_special_tokens) + [3 + ord(c) % 997 for c in text]}
+
+    def encode(self, text, add_special_tokens=True, **kwargs):
+        return self(text, add_special_tokens)["input_ids"]
+
+    def convert_tokens_to_ids(self, tokens):
+        return [0 for _ in tokens]
 
     def decode(self, ids, **kwargs):
         return "x" * len(ids)
@@ -608,7 +614,7 @@ def gpu_main(args) -> int:
             if out_of_time(args):
                 break
             set_int8_threshold(loaded8.model, threshold)
-            engine = start(loaded8, EngineOptions(backend="fast", int8_kernel=kernel), label)
+            engine = start(loaded8, EngineOptions(backend="fast", quant_kernels=kernel), label)
             try:
                 greedy_agreement(engine, loaded8, label, n=16)
                 if "steps" in stages:

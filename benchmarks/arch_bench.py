@@ -1,0 +1,353 @@
+"""Architecture benchmark (GPU): each architecture the fast path serves, real shape, vs transformers.
+
+Development script; its shapes are 7-12B.
+
+For each architecture it builds a model with random fp16 weights of the real shape (configs written here, no
+download) and measures, in one process, with baselines from the same run:
+- ``agreement``: teacher-forced argmax agreement of the fast path's kernel prefill and decode step with
+  transformers' own forward on the same weights (4 sequences, 32 decoded positions each), and the largest
+  logit gap where they disagree (random weights give small margins: fp16 rounding flips a few);
+- ``fast``: 1 and 64 concurrent streams through ``LocalEngine`` (the app's engine, its start-up included),
+  with the KV pool given the same bytes for every architecture (``--kv-gib``), so ``kv_tokens`` compares
+  how many conversations each holds in the same memory;
+- ``cb``: transformers' continuous batching (CUDA graphs) through ``LocalEngine``, 1 and 64 streams;
+- ``bandwidth`` (once): a device copy, which gives each model's one-stream floor (bytes read per token).
+A summary line per architecture says one stream / floor, 64 streams / continuous batching, and KV tokens
+relative to Vicuna-7B. Every stage has a time limit and the whole run a budget, so it always ends and writes
+what it measured (JSON lines, printed and appended to ``--out``). Needs torch and transformers, not gradio.
+
+    python3 benchmarks/arch_bench.py --out benchmarks/results/arch_h100.jsonl           # ~8 minutes on an H100
+    python3 benchmarks/arch_bench.py --archs vicuna-7b,qwen3-8b --budget-s 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import engine_bench as eb  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from conversation_templates import get_template  # noqa: E402
+from vicuna_demo.engines.fastpath import FastModel, FastOptions, unsupported_reason  # noqa: E402
+from vicuna_demo.engines.local import EngineOptions, LocalEngine  # noqa: E402
+from vicuna_demo.engines.protocol import SamplingParams  # noqa: E402
+from vicuna_demo.loading import LoadedModel  # noqa: E402
+
+say = eb.say
+
+
+def _llama3_rope():
+    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# The real shapes (from each model's published config.json), most important first.
+ARCHS = {
+    "vicuna-7b": lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                        max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama3-8b": lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                        max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                        rope_parameters=_llama3_rope()),
+    "qwen3-8b": lambda: tf.Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                       vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "gemma2-9b": lambda: tf.Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                         num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                         vocab_size=256000, max_position_embeddings=8192, sliding_window=4096,
+                                         query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                                         final_logit_softcapping=30.0),
+    "gemma3-12b": lambda: tf.Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                              num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                              vocab_size=262208, max_position_embeddings=131072,
+                                              sliding_window=1024, query_pre_attn_scalar=256),
+    "mistral-7b-v0.1": lambda: tf.MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                                max_position_embeddings=32768, sliding_window=4096),
+    "qwen2.5-7b": lambda: tf.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                         max_position_embeddings=32768, rms_norm_eps=1e-6,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+class StageTimeout(Exception):
+    pass
+
+
+class Stage:
+    """Run a block with a time limit (SIGALRM in the main thread); a failure or timeout is recorded, not raised."""
+
+    def __init__(self, name: str, arch: str, limit_s: float):
+        self.name, self.arch, self.limit = name, arch, max(1, int(limit_s))
+
+    def __enter__(self):
+        def fire(*_):
+            raise StageTimeout(f"{self.name} ran past {self.limit} s")
+        signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.limit)
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        signal.alarm(0)
+        if exc is not None:
+            say(stage=f"{self.name}_failed", arch=self.arch, error=f"{kind.__name__}: {exc}"[:400],
+                seconds=round(time.perf_counter() - self.started, 1))
+            return not issubclass(kind, KeyboardInterrupt)
+        return False
+
+
+DEVICE = "cuda"
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=320)
+
+
+DEVICE = "cuda"
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=320)
+
+
+class _Skip:
+    def __enter__(self):
+        raise _SkipBlock
+
+    def __exit__(self, *exc):
+        return True
+
+
+class _SkipBlock(Exception):
+    pass
+
+
+def build(arch: str) -> LoadedModel:
+    """The architecture's model with random weights (fp16 on the GPU; ``--tiny``: a 2-layer fp32 twin on CPU)."""
+    torch.manual_seed(0)
+    config = ARCHS[arch]()
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    if DEVICE != "cuda":
+        for key, value in TINY.items():
+            setattr(config, key, value)
+        if getattr(config, "head_dim", None):
+            config.head_dim = 16
+        if getattr(config, "sliding_window", None):
+            config.sliding_window = 48
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:2]
+    with torch.device(DEVICE):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return LoadedModel(name=arch, source="random", model=model, tokenizer=eb.CountingTokenizer(),
+                       template=get_template("vicuna_v1.1"), context_window=4096 if DEVICE == "cuda" else 512,
+                       eos_token_ids=frozenset(), device=DEVICE, dtype=str(dtype).removeprefix("torch."),
+                       load_8bit=False)
+
+
+def read_bytes(model) -> int:
+    """Bytes one decode step reads: every weight but an untied input embedding (one row of it is read)."""
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def agreement(loaded: LoadedModel, arch: str, n_seqs: int = 4, steps: int = 32) -> dict:
+    """Teacher-forced: prefill each prompt, then ``steps`` decode steps fed the sequence's own next tokens, on
+    the fast path's kernels (the step CUDA graphs capture); argmax compared with transformers' forward."""
+    model = loaded.model
+    vocab = int(model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(5)
+    prompts = [100, 128, 64, 150][:n_seqs]
+    seqs = [torch.randint(3, min(vocab, 32000), (p + steps,), generator=g).tolist() for p in prompts]
+    runner = FastModel(model, 512, FastOptions(max_rows=n_seqs, pipeline=False))
+    runner.allocate_cache(n_seqs * runner.blocks_per_row + 1)
+    tables = [list(range(1 + i * runner.blocks_per_row, 1 + (i + 1) * runner.blocks_per_row)) for i in range(n_seqs)]
+    same = total = 0
+    worst_gap = 0.0
+    with torch.inference_mode():
+        want = [model(torch.tensor([s], device=DEVICE)).logits[0].float() for s in seqs]
+
+        def compare(got, ref):
+            nonlocal same, total, worst_gap
+            a, b = int(got.argmax()), int(ref.argmax())
+            total += 1
+            same += a == b
+            worst_gap = max(worst_gap, float(ref[b] - ref[a]))
+
+        first = runner.prefill([(s[:p], t, 0) for s, p, t in zip(seqs, prompts, tables)])
+        for i, p in enumerate(prompts):
+            compare(first[i], want[i][p - 1])
+        runner.active.zero_()
+        runner.active[:n_seqs] = 1
+        for i, t in enumerate(tables):
+            runner.table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        step = runner._decode_kernels if runner.use_kernels else runner._decode_torch
+        for n in range(steps - 1):
+            runner.tokens[:n_seqs] = torch.tensor([s[p + n] for s, p in zip(seqs, prompts)])
+            runner.pos[:n_seqs] = torch.tensor([p + n for p in prompts])
+            logits = step(n_seqs)
+            for i, p in enumerate(prompts):
+                compare(logits[i], want[i][p + n])
+    kernels = runner.use_kernels
+    runner.release()
+    del runner
+    record = dict(stage="agreement", arch=arch, kernels=kernels, positions=total, argmax_agree=round(same / total, 4),
+                  max_gap_where_different=round(worst_gap, 4))
+    say(**record)
+    return record
+
+
+def streams(engine: LocalEngine, label: str, arch: str, counts, prompt_len: int, new_tokens: int, vocab: int):
+    out = {}
+    for n in counts:
+        base = next(eb.SEEDS)
+        prompts = [eb.random_prompt(prompt_len, base + i, min(vocab, 32000)) for i in range(n)]
+        params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
+        out[n] = eb.engine_streams(engine, prompts, new_tokens, params, label, arch=arch).get("aggregate_tok_s")
+    return out
+
+
+def start(loaded: LoadedModel, options: EngineOptions, label: str, arch: str) -> LocalEngine:
+    started = time.perf_counter()
+    engine = LocalEngine(loaded, options)
+    engine.warmup(progress=lambda m: None)
+    fast = engine.fast_path
+    say(stage=f"{label}_warmup", arch=arch, seconds=round(time.perf_counter() - started, 1), backend=engine.backend,
+        status=engine.status, kv_tokens=fast.kv_tokens if fast is not None else None,
+        graphs=len(fast.runner.graphs) if fast is not None else None)
+    return engine
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy (read + write): the rate a decode step can read weights at."""
+    x = torch.empty(2**30, dtype=torch.float16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 2 * 10 / (time.perf_counter() - t) / 1e9
+    say(stage="bandwidth", copy_gb_s=round(bw, 1))
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None, vicuna_kv: list) -> None:
+    left = lambda: deadline - time.monotonic()  # noqa: E731
+    summary: dict = {"stage": "summary", "arch": arch}
+    loaded = None
+    with Stage("build", arch, min(120, left())):
+        started = time.perf_counter()
+        loaded = build(arch)
+        model = loaded.model
+        summary["unsupported_reason"] = unsupported_reason(model)
+        summary["params_b"] = round(model.num_parameters() / 1e9, 2)
+        say(stage="build", arch=arch, seconds=round(time.perf_counter() - started, 1), params_b=summary["params_b"],
+            read_gb=round(read_bytes(model) / 1e9, 2), fast_path=summary["unsupported_reason"] or "supported")
+        if bw_gbs:
+            summary["floor_tok_s"] = round(bw_gbs * 1e9 / read_bytes(model), 1)
+    if loaded is None:
+        return
+    vocab = int(loaded.model.config.get_text_config().vocab_size)
+    counts = [int(c) for c in args.streams.split(",")]
+    if summary.get("unsupported_reason") is None and left() > 30:
+        with Stage("agreement", arch, min(args.stage_s, left())):
+            summary["argmax_agree"] = agreement(loaded, arch)["argmax_agree"]
+    gc.collect()
+    torch.cuda.empty_cache()
+    if left() > 30:
+        with Stage("fast", arch, min(args.stage_s, left())):
+            engine = start(loaded, EngineOptions(backend="fast", kv_bytes=int(args.kv_gib * 2**30)), "fast", arch)
+            try:
+                summary["backend"] = engine.backend
+                summary["kv_tokens_same_memory"] = engine.fast_path.kv_tokens if engine.fast_path else engine.kv_tokens
+                if arch == "vicuna-7b":
+                    vicuna_kv[:] = [summary["kv_tokens_same_memory"]]
+                summary["fast_tok_s"] = streams(engine, "fast", arch, counts, args.prompt_len, args.new_tokens, vocab)
+            finally:
+                eb.stop(engine)
+    if left() > 30:
+        with Stage("cb", arch, min(args.stage_s, left())):
+            engine = start(loaded, EngineOptions(backend="cb", use_cuda_graph=DEVICE == "cuda" or None), "cb", arch)
+            try:
+                summary["cb_tok_s"] = streams(engine, "cb", arch, counts, args.prompt_len, args.cb_new_tokens, vocab)
+            finally:
+                eb.stop(engine)
+    fast, cb = summary.get("fast_tok_s") or {}, summary.get("cb_tok_s") or {}
+    one, many = counts[0], counts[-1]
+    if fast.get(one) and summary.get("floor_tok_s"):
+        summary["one_stream_of_floor"] = round(fast[one] / summary["floor_tok_s"], 3)
+    if fast.get(many) and cb.get(many):
+        summary[f"x_cb_at_{many}"] = round(fast[many] / cb[many], 2)
+    if vicuna_kv and vicuna_kv[0] and summary.get("kv_tokens_same_memory"):
+        summary["kv_vs_vicuna_7b"] = round(summary["kv_tokens_same_memory"] / vicuna_kv[0], 2)
+    say(**summary)
+    del loaded, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="append the JSON lines here too")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated, from: " + ", ".join(ARCHS))
+    parser.add_argument("--budget-s", type=float, default=460, help="the whole run ends by then (default 460)")
+    parser.add_argument("--stage-s", type=float, default=120, help="time limit of one stage (default 120)")
+    parser.add_argument("--streams", default="1,64")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--cb-new-tokens", type=int, default=48)
+    parser.add_argument("--kv-gib", type=float, default=8.0, help="the KV pool of every fast-path engine")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run of this script on CPU with 2-layer twins")
+    args = parser.parse_args(argv)
+    global DEVICE
+    if args.tiny:
+        DEVICE, args.streams, args.new_tokens, args.cb_new_tokens, args.kv_gib = "cpu", "1,4", 8, 8, 0.01
+    elif not torch.cuda.is_available():
+        print("arch_bench needs a CUDA GPU (or --tiny; tests/test_architectures.py checks the architectures on CPU)")
+        return 2
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        eb.OUT_FILE = args.out
+    eb.DEVICE_NAME = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    deadline = time.monotonic() + args.budget_s
+    # the last resort: whatever hangs, the process ends soon after its budget
+    threading.Timer(args.budget_s + 90, lambda: (say(stage="abort", reason="budget exceeded"), os._exit(3))).start()
+    say(stage="start", torch=torch.__version__, transformers=tf.__version__, archs=args.archs,
+        budget_s=args.budget_s, command=" ".join(sys.argv))
+    bw = None
+    if DEVICE == "cuda":
+        with Stage("bandwidth", "-", 60):
+            bw = copy_bandwidth()
+    vicuna_kv: list = []
+    for arch in args.archs.split(","):
+        if deadline - time.monotonic() < 45:
+            say(stage="skipped", arch=arch, reason="out of budget")
+            continue
+        bench_arch(arch, args, deadline, bw, vicuna_kv)
+    say(stage="done", seconds=round(time.time() - eb.STARTED, 1))
+    os._exit(0)        # the timer thread and any stuck engine thread end with the process
+
+
+if __name__ == "__main__":
+    sys.exit(main())
