@@ -1,0 +1,204 @@
+"""Writes benchmarks/RESULTS.md from the raw files in benchmarks/results/: one current table per claim.
+
+Each claim below names its raw file (JSON lines written by a benchmark's ``--out``), the device, the date, the
+command that produced it and what it shows; the table lists every measurement of that run, so a figure's
+baseline (``generate``, transformers' continuous batching, fp16 beside 4-bit) is the row beside it, from the
+same process. Older runs stay in git history. A new run: add its file to results/, point its claim here at
+it (or add a claim), run this script.
+
+    python benchmarks/results_page.py            # rewrite RESULTS.md
+    python benchmarks/results_page.py --check    # exit 1 if RESULTS.md is not what the raw files give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PAGE = HERE / "RESULTS.md"
+
+
+@dataclass(frozen=True)
+class Claim:
+    title: str
+    file: str          # under results/
+    device: str
+    date: str
+    command: str
+    shows: str         # what the table is evidence of, and its setting
+
+
+CLAIMS = (
+    Claim("Vicuna-7B fp16 and 8-bit on an H100: the fast path against generate and continuous batching",
+          "2026-11-26_h100_engine_bench.jsonl", "NVIDIA H100 80GB HBM3", "2026-11-26",
+          "python3 benchmarks/engine_bench.py --budget-s 420 --stages baseline,steps,fast,cb,int8",
+          "Vicuna-7B shape, random fp16 weights, 512-token prompts, 256 new tokens, greedy, through LocalEngine; "
+          "baselines: generate + streamer and transformers' continuous batching with CUDA graphs."),
+    Claim("Vicuna-7B fp16 and 8-bit on an H200", "2026-11-26_h200_engine_bench.jsonl", "NVIDIA H200", "2026-11-26",
+          "python3 benchmarks/engine_bench.py --budget-s 420 --stages baseline,steps,fast,cb,int8",
+          "The same run on an H200."),
+    Claim("Vicuna-7B 4-bit (NF4) beside fp16 in one run", "2026-12-06c_h100_quant.jsonl", "NVIDIA H100 80GB HBM3",
+          "2026-12-06", "python3 benchmarks/quant_bench.py --stages nf4,fp16,card13,card33 --budget-s 280",
+          "NF4 (bitsandbytes, double-quantized) and fp16 fast path, 512-token prompts, 256 new tokens; fp16 and "
+          "plain generate on the 4-bit model are the baselines; teacher-forced agreement with the de-quantized "
+          "model."),
+    Claim("13B and 33B 4-bit on simulated cards", "2026-12-07_h100_quant_cards.jsonl", "NVIDIA H100 80GB HBM3",
+          "2026-12-07", "python3 benchmarks/quant_bench.py --stages card13,card33 --budget-s 100",
+          "The app's start-up on a card of the stated size (memory capped), then streams."),
+    Claim("Every architecture the fast path serves, at its real shape", "*_arch_bench.jsonl", "(see rows)",
+          "(see rows)", "python3 benchmarks/arch_bench.py --out benchmarks/results/DATE_DEVICE_arch_bench.jsonl",
+          "Random fp16 weights of each model's published shape; teacher-forced argmax agreement with "
+          "transformers' forward; 1 and 64 streams through LocalEngine beside transformers' continuous "
+          "batching in the same process; one-stream floor from a device copy; KV tokens in the same pool "
+          "relative to Vicuna-7B."),
+    Claim("The app's start-up on simulated cards, and a GPU without Triton", "2026-12-07b_h100_gpu_acceptance.json",
+          "NVIDIA H100 80GB HBM3", "2026-12-07",
+          "python3 benchmarks/gpu_acceptance.py --out acc --models-dir /tmp/models --budget 420 --timeout 150 "
+          "--only card24_fp16,no_triton,card16_4bit,card48_two_fp16,card16_8bit",
+          "python app.py as a user starts it, on a card of the stated size (the rest of the GPU held); no_triton: "
+          "the 24 GB card with triton unimportable (eager ops, and the status says why)."),
+    Claim("The app's start-up on every card size, NVIDIA H200",
+          "2026-12-02c_h200_gpu_acceptance.json", "NVIDIA H200", "2026-12-02",
+          "python3 benchmarks/gpu_acceptance.py --out acc --models-dir /tmp/models --budget 430 --timeout 240",
+          "python app.py as a user starts it, on a card of the stated size (the rest of the GPU held): whether it "
+          "starts, how long, KV tokens per model, one stream after it."),
+    Claim("Evaluation answers of two 7B models at once", "2026-12-02_h200_gpu_acceptance.json", "NVIDIA H200",
+          "2026-12-02", "python3 benchmarks/gpu_acceptance.py --out acc --models-dir /tmp/models --only eval_two_7b",
+          "eval_two_7b: two fp16 7B engines started as the app starts them answer the question set at once "
+          "(the other rows: the cards of that day's run)."),
+    Claim("The embedded SmolLM2-135M on 2 CPU cores", "2026-11-26_cpu_engine_bench.jsonl", "CPU, 2 shared cores",
+          "2026-11-26", "python benchmarks/engine_bench.py --device cpu --stages baseline,fast,cb --new-tokens 96 "
+          "--rounds 3 --streams 1,4", "Fast path on CPU against generate and continuous batching."),
+    Claim("Through the UI: what a gradio_client visitor receives", "2026-11-26_cpu_e2e_bench.jsonl",
+          "CPU, 2 shared cores", "2026-11-26", "python benchmarks/e2e_bench.py --runs 5 --max-tokens 128",
+          "Tokens/s and TTFT at the client against the engine's own count."),
+)
+
+SKIP_STAGES = ("build", "env", "start", "done", "tuning", "quantize", "warmup", "profile", "step", "ready", "end")
+RATE = ("aggregate_tok_s", "overall_tok_s", "client_tok_s")
+DECODE = ("per_stream_decode_tok_s_median", "decode_tok_s", "engine_tok_s")
+TTFT = ("ttft_median_s", "ttft_s", "client_ttft_s")
+NOTES = ("argmax_agree", "agreement", "max_gap_where_different", "largest_gap", "matching_prefix", "copy_gb_s",
+         "floor_tok_s_bs1", "kv_tokens", "backend", "ms_per_step", "weights_ratio_vs_fp16", "error", "errors")
+
+
+def first(record: dict, keys) -> object:
+    return next((record[k] for k in keys if record.get(k) is not None), "")
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "/")[:120]
+
+
+def records(path: Path) -> list[dict]:
+    if path.suffix == ".json":          # gpu_acceptance: a list of scenarios
+        data = json.loads(path.read_text())
+        return data if isinstance(data, list) else [data]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def measurement_table(rows: list[dict]) -> list[str]:
+    lines = ["| stage | streams | tok/s (aggregate) | decode tok/s (per stream) | TTFT median / p95 s | notes |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        stage = str(r.get("stage", ""))
+        if not stage or any(stage == s or stage.endswith("_" + s) for s in SKIP_STAGES) or stage == "summary":
+            continue
+        ttft = first(r, TTFT)
+        ttft = f"{fmt(ttft)} / {fmt(r['ttft_p95_s'])}" if r.get("ttft_p95_s") is not None else fmt(ttft)
+        notes = ", ".join(f"{k} {fmt(r[k])}" for k in NOTES if r.get(k) not in (None, ""))
+        label = stage + (f" ({r['arch']})" if r.get("arch") else "")
+        lines.append(f"| {label} | {fmt(r.get('streams', ''))} | {fmt(first(r, RATE))} | {fmt(first(r, DECODE))} "
+                     f"| {ttft} | {notes} |")
+    return lines
+
+
+def scenario_table(rows: list[dict]) -> list[str]:
+    lines = ["| scenario | card GiB | started | start-up s | engines: KV tokens | measured |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        engines = ", ".join(f"{name} {fmt(e.get('kv_tokens', ''))}" for name, e in (r.get("engines") or {}).items())
+        measured = ", ".join(f"{k} {fmt(v)}" for k, v in r.items() if isinstance(v, (int, float)) and not
+                             isinstance(v, bool) and k not in ("card_gib", "startup_s", "simulated_free_gib"))
+        for key, value in r.items():
+            if isinstance(value, dict) and key != "engines":
+                measured += "; " + key + ": " + ", ".join(f"{k} {fmt(v)}" for k, v in value.items()
+                                                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+        started = "yes" if r.get("started") else f"no: {fmt(r.get('refused', ''))}"
+        lines.append(f"| {r.get('scenario', '')} | {fmt(r.get('card_gib') or '')} | {started} | "
+                     f"{fmt(r.get('startup_s', ''))} | {engines} | {measured.strip('; ')} |")
+    return lines
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    summaries = [r for r in rows if r.get("stage") == "summary"]
+    if not summaries:
+        return []
+    keys = ["arch", "argmax_agree", "fast_tok_s", "cb_tok_s", "floor_tok_s", "one_stream_of_floor", "x_cb_at_64",
+            "kv_vs_vicuna_7b", "backend", "unsupported_reason"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in summaries:
+        lines.append("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |")
+    return lines + [""]
+
+
+def render() -> str:
+    out = ["# Benchmark results", "",
+           "Generated by `benchmarks/results_page.py` from the raw files in `benchmarks/results/` (edit the",
+           "claims there, not this page). One table per claim, each from one run: a figure's baseline is in the",
+           "same table. Tok/s: aggregate = all streams' tokens over the wall time (prefill included); decode =",
+           "one stream's (tokens - 1) / (last token - first token). EOS is disabled, so replies run to their",
+           "budget. Earlier runs and the reasoning behind each change are in git history.", ""]
+    for claim in CLAIMS:
+        matches = sorted(RESULTS.glob(claim.file))
+        out += [f"## {claim.title}", ""]
+        if not matches:
+            out += [f"No run yet (`results/{claim.file}`). Command: `{claim.command}`", ""]
+            continue
+        path = matches[-1]
+        rows = records(path)
+        device = claim.device if not claim.device.startswith("(") else \
+            next((r["device"] for r in rows if r.get("device")), "?")
+        date = claim.date if not claim.date.startswith("(") else path.name[:10]
+        out += [f"Device: {device}. Date: {date}. Raw: `results/{path.name}`.", "",
+                f"    {claim.command}", "", claim.shows, ""]
+        if path.suffix == ".json":
+            out += scenario_table(rows) + [""]
+        else:
+            out += summary_table(rows) + measurement_table(rows) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    page = render()
+    if args.check:
+        if PAGE.read_text() != page:
+            print("benchmarks/RESULTS.md is not what the raw files give: python benchmarks/results_page.py")
+            return 1
+        return 0
+    PAGE.write_text(page)
+    print(f"wrote {PAGE} ({page.count(chr(10))} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
