@@ -347,8 +347,7 @@ def fast_info(engine: LocalEngine) -> dict:
         return {}
     runner = fast.runner
     tuning = {f"{shape[0]}x{shape[1]} {dtype.removeprefix('torch.')} rows={rows}":
-              dict(pick=("cublas" if best is None else best if isinstance(best, str) else list(best)), us=us,
-                   cublas_us=cublas)
+              dict(pick=str(best), us=us, cublas_us=cublas)
               for (shape, dtype, rows), (best, us, cublas) in fast.tuning.items() if rows in (1, 8)}
     return dict(graphs=len(runner.graphs), kernels=runner.use_kernels, kv_blocks=runner.n_blocks - 1,
                 block=runner.block, max_rows=runner.max_rows, gemv_tuning=tuning,

@@ -30,25 +30,27 @@ def shapes(size: str) -> dict:
     h, i = SIZES[size]
     return {"qkv": (3 * h, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
 
-# per row count: configurations of weights._Linear.run
-CONFIGS = {
-    1: ["module", ("gemv", 16, 512, 4, "lutc", 1), ("gemv", 16, 512, 4, "lutch", 1), ("gemv", 16, 512, 4, "lutc", 4)]
-       + [("cuda", w, r, u, c, 1, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
-          for f in (0, 1) if w * c <= 32]
-       + [("cuda", 16, 1, u, 2, 0, 1) for u in (2, 4)],
-    8: ["module"]
-       + [("tiled", 16, bn, bk, w, st, v, s) for v in ("t", "th", "tc", "thc")
-          for bn, bk, w, st, s in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4))],
-    64: ["module"]
-        + [("tiled", 64, bn, bk, w, st, "thc", s) for bn, bk, w, st, s in
-           ((128, 256, 8, 3, 4), (128, 256, 8, 3, 2), (256, 256, 8, 3, 2), (256, 256, 8, 3, 4), (128, 512, 8, 3, 2),
-            (128, 512, 8, 3, 4), (128, 256, 8, 4, 4), (128, 128, 8, 3, 4), (128, 256, 8, 2, 4), (256, 128, 8, 3, 4))],
-}
+def configs(rows: int) -> list:
+    """Per row count: the matmuls.Matmul configurations to time (a wider search than warm-up's CANDIDATES)."""
+    from vicuna_demo.engines.fastpath.matmuls import MODULE, Nf4Cuda, Nf4Gemv, Tiled
+    nf4 = ("nf4",)
+    if rows == 1:
+        return [MODULE, Nf4Gemv(16, 512, 4, "lutc", 1), Nf4Gemv(16, 512, 4, "lutch", 1), Nf4Gemv(16, 512, 4, "lutc", 4)] \
+            + [Nf4Cuda(w, r, u, c, 1, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
+               for f in (0, 1) if w * c <= 32] + [Nf4Cuda(16, 1, u, 2, 0, 1) for u in (2, 4)]
+    if rows <= 8:
+        return [MODULE] + [Tiled(16, bn, bk, w, st, v, s, kinds=nf4) for v in ("t", "th", "tc", "thc")
+                           for bn, bk, w, st, s in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4))]
+    return [MODULE] + [Tiled(64, bn, bk, w, st, "thc", s, kinds=nf4) for bn, bk, w, st, s in
+                       ((128, 256, 8, 3, 4), (128, 256, 8, 3, 2), (256, 256, 8, 3, 2), (256, 256, 8, 3, 4),
+                        (128, 512, 8, 3, 2), (128, 512, 8, 3, 4), (128, 256, 8, 4, 4), (128, 128, 8, 3, 4),
+                        (128, 256, 8, 2, 4), (256, 128, 8, 3, 4))]
 
 
 def probe(rows: int, out, size: str = "7b", only: str = "") -> None:
     import torch
     from quant_bench import linear4
+    from vicuna_demo.engines.fastpath.matmuls import DEQUANT
     from vicuna_demo.engines.fastpath.tuning import _relative_error, _time_ms
     from vicuna_demo.engines.fastpath.weights import _Linear
     torch.manual_seed(0)
@@ -63,10 +65,10 @@ def probe(rows: int, out, size: str = "7b", only: str = "") -> None:
         torch.cuda.empty_cache()
         x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
         up = torch.randn(rows, k, device="cuda", dtype=torch.float16) if name == "down" else None
-        reference = linears[0].run(x if up is None else torch.nn.functional.silu(x) * up, "dequant")
+        reference = linears[0].run(x if up is None else torch.nn.functional.silu(x) * up, DEQUANT)
         us, errors = {}, {}
-        for config in [c for c in CONFIGS[rows] if only in str(c)]:
-            label = config if isinstance(config, str) else "/".join(map(str, config))
+        for config in [c for c in configs(rows) if only in str(c)]:
+            label = str(config)
             try:                  # down: SiLU(gate) * up inside the GEMV, or a separate kernel first
                 got = linears[0].run(x, config, up)
                 error = _relative_error(got, reference)

@@ -281,6 +281,7 @@ KERNEL_CHECK = textwrap.dedent("""
     from transformers import LlamaConfig, LlamaForCausalLM
     from vicuna_demo.engines.fastpath import kernels as fk
     from vicuna_demo.engines.fastpath import FastModel, FastOptions
+    from vicuna_demo.engines.fastpath.matmuls import Gemv
     from tests.kernel_checks import compare_decode
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -294,7 +295,7 @@ KERNEL_CHECK = textwrap.dedent("""
         return runner
     eager, kernels = make(False), make(True)
     for p in kernels.linears():
-        p.config[1] = ("gemv", 8, 128, 4)       # our GEMV (and the fused SiLU) for one row
+        p.config[1] = Gemv(8, 128, 4)       # our GEMV (and the fused SiLU) for one row
     prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
     tables = [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]]
     worst = 0.0

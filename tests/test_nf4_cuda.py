@@ -1,7 +1,7 @@
 """The CUDA C++ NF4 GEMV (vicuna_demo/engines/fastpath/nf4_cuda.py) without a GPU: its two ways of decoding a
 packed word, run in NumPy on bitsandbytes' own packing; the shared-memory swizzle of its inputs; and its source
 compiled by NVRTC for the GPUs people serve on, every warm-up candidate, without register spills. What it
-computes on a GPU is checked at every warm-up against the de-quantized weight (tuning.py) and in
+computes on a GPU is checked at every warm-up against the de-quantized weight (tuning.py, matmuls.py) and in
 benchmarks/kernel_probe.py."""
 
 from __future__ import annotations
@@ -103,10 +103,9 @@ def test_every_warm_up_candidate_compiles_for_the_gpus_people_serve_on_without_s
     scales, with and without the down projection's SiLU * up, compiles with NVRTC; none spills registers to
     memory (a spill would put a slow memory round trip inside the loop)."""
     _nvrtc_or_skip()
-    from vicuna_demo.engines.fastpath.tuning import _NF4_CUDA
-    for (warps, rows, unroll, _ctas, decode, prefetch), nested, gated in \
-            itertools.product(_NF4_CUDA, (0, 1), (0, 1)):
-        defines = nf4_cuda.defines(warps, rows, unroll, decode, nested, gated, prefetch)
+    from vicuna_demo.engines.fastpath.matmuls import CANDIDATES, Nf4Cuda
+    for c, nested, gated in itertools.product([c for c in CANDIDATES if isinstance(c, Nf4Cuda)], (0, 1), (0, 1)):
+        defines = nf4_cuda.defines(c.warps, c.rows_per_warp, c.unroll, c.decode, nested, gated, c.prefetch)
         cubin, log = rtc.compile_source(nf4_cuda.SOURCE, "nf4_gemv", arch, defines, ptxas_verbose=True)
         assert cubin and "nf4_gemv" in log, defines
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (defines, log)
@@ -124,36 +123,36 @@ def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain
 
 
 def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_builds(monkeypatch):
-    """tuning._candidates: with NVRTC working, every configuration of _NF4_CUDA is timed for one row (beside
-    Triton's GEMVs and bitsandbytes'), never for batches; without it, none is; _Linear sends a "cuda"
-    configuration to nf4_cuda.gemv with the down projection's up input."""
+    """matmuls.candidates: with NVRTC working, every Nf4Cuda configuration is timed for one row (beside Triton's
+    GEMVs and bitsandbytes'), never for batches; without it, none is and the skip names why; _Linear sends an
+    Nf4Cuda configuration to nf4_cuda.gemv with the down projection's up input."""
     from types import SimpleNamespace
 
-    from vicuna_demo.engines.fastpath import tuning, weights
+    from vicuna_demo.engines.fastpath import matmuls, weights
     quant = SimpleNamespace(kind="nf4", lut="ptx", data=torch.zeros(4, dtype=torch.uint8))
     p = SimpleNamespace(quant=quant)
+    every = [c for c in matmuls.CANDIDATES if isinstance(c, matmuls.Nf4Cuda)]
+    monkeypatch.setattr(nf4_cuda, "unavailable_reason", lambda device: "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData")
     for works in (True, False):
         monkeypatch.setattr(nf4_cuda, "available", lambda device, works=works: works)
-        one = tuning._candidates(p, 1)
-        cuda = [c for c in one if isinstance(c, tuple) and c[0] == "cuda"]
-        assert cuda == ([("cuda", *c) for c in tuning._NF4_CUDA] if works else [])
-        assert "module" in one and any(isinstance(c, tuple) and c[0] == "gemv" for c in one)
-        assert not any(isinstance(c, tuple) and c[0] == "cuda" for c in tuning._candidates(p, 8))
+        one, skipped = matmuls.candidates(p, 1)
+        assert [c for c in one if isinstance(c, matmuls.Nf4Cuda)] == (every if works else [])
+        assert matmuls.MODULE in one and any(isinstance(c, matmuls.Nf4Gemv) for c in one)
+        assert works or skipped[str(every[0])] == "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"
+        batch, skipped = matmuls.candidates(p, 8)
+        assert not any(isinstance(c, matmuls.Nf4Cuda) for c in batch)
+        assert skipped[str(every[0])] == "serves 1-1 rows"
     calls = []
     monkeypatch.setattr(nf4_cuda, "gemv", lambda x, q, *config, up=None: calls.append((config, up)) or x)
     linear = weights._Linear(quant=SimpleNamespace(kind="nf4"))
     x, up = torch.ones(1, 8), torch.full((1, 8), 2.0)
-    config = ("cuda", *tuning._NF4_CUDA[0])
-    linear.config[1] = config
-    assert linear.gated(x, up) is x and calls == [(config[1:], up)]
+    linear.config[1] = every[0]
+    assert linear.gated(x, up) is x and calls == [((16, 1, 4, 2, 1, 0), up)]
 
 
-def test_why_the_kernel_is_not_offered_is_kept_for_the_warm_up_record(monkeypatch):
+def test_why_the_kernel_is_not_offered_is_kept_once_with_its_first_line(monkeypatch):
     """A GPU where the build or the module load fails: available() says no once, with the first line of the
-    reason, and warm-up's record (failed_configs, which the benchmarks print) names it."""
-    from types import SimpleNamespace
-
-    from vicuna_demo.engines.fastpath import tuning
+    reason (the skip record of warm-up names it: the test above)."""
     builds = []
 
     def refuse(*args):
@@ -165,13 +164,6 @@ def test_why_the_kernel_is_not_offered_is_kept_for_the_warm_up_record(monkeypatc
     assert nf4_cuda.available(gpu) is False and nf4_cuda.available(gpu) is False and len(builds) == 1
     assert nf4_cuda.unavailable_reason(gpu) == "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"
     assert nf4_cuda.unavailable_reason(torch.device("cuda", 1)) == ""
-    record = SimpleNamespace(failed_configs={})
-    p = SimpleNamespace(quant=SimpleNamespace(kind="nf4", data=torch.empty(0, device="meta")))
-    tuning.TuningMixin._note_unavailable(record, p)
-    assert record.failed_configs == {}                     # a weight not on that GPU: nothing to say
-    p.quant.data = SimpleNamespace(device=gpu)
-    tuning.TuningMixin._note_unavailable(record, p)
-    assert record.failed_configs == {"nf4_cuda": "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"}
 
 
 class _Driver:

@@ -204,6 +204,7 @@ KERNEL_CHECK = textwrap.dedent("""
     import tempfile
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     from vicuna_demo.engines.fastpath import FastModel, FastOptions
+    from vicuna_demo.engines.fastpath.matmuls import DEQUANT, Gemv, Nf4Gemv, Tiled
     from vicuna_demo.engines.fastpath.weights import _Layer
     from tests.kernel_checks import compare_decode
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
@@ -242,17 +243,17 @@ KERNEL_CHECK = textwrap.dedent("""
         return kernels
 
     kernels = check_decode(nf4, dense, "model", {
-        1: ("gemv", 16, 64, 4),              # one row: our GEMV (SiLU fused into down)
-        4: ("tiled", 16, 16, 64, 4, 3),      # batches: the tiled kernel
-        74: "dequant"})                      # the prefill (2 x 37 tokens): our de-quantize
+        1: Nf4Gemv(16, 64, 4),               # one row: our GEMV (SiLU fused into down)
+        4: Tiled(16, 16, 64, 4, 3),          # batches: the tiled kernel
+        74: DEQUANT})                        # the prefill (2 x 37 tokens): our de-quantize
     assert all(layer.qkv.quant.absmax2 is not None for layer in kernels.layers)
     # the word-decoding kernels (table loads here): strided inputs; inputs in one run with K in parts; fp16 values
-    check_decode(nf4, dense, "model", {1: ("gemv", 16, 128, 4, "lut"), 4: ("tiled", 16, 16, 128, 4, 3, "t", 1),
-                                       74: "dequant"})
-    check_decode(nf4, dense, "model", {1: ("gemv", 16, 128, 4, "lutc", 2), 4: ("tiled", 16, 16, 128, 4, 3, "tc", 2),
-                                       74: "dequant"})
-    check_decode(nf4, dense, "model16", {1: ("gemv", 16, 64, 4, "lutch", 3), 4: ("tiled", 16, 32, 128, 4, 3, "thc", 1),
-                                         74: "dequant"})
+    check_decode(nf4, dense, "model", {1: Nf4Gemv(16, 128, 4, "lut"), 4: Tiled(16, 16, 128, 4, 3, "t", 1),
+                                       74: DEQUANT})
+    check_decode(nf4, dense, "model", {1: Nf4Gemv(16, 128, 4, "lutc", 2), 4: Tiled(16, 16, 128, 4, 3, "tc", 2),
+                                       74: DEQUANT})
+    check_decode(nf4, dense, "model16", {1: Nf4Gemv(16, 64, 4, "lutch", 3), 4: Tiled(16, 32, 128, 4, 3, "thc", 1),
+                                         74: DEQUANT})
 
     # 8-bit (LLM.int8 on CPU): q/k/v and gate/up joined into one int8 weight each, the modules made views of
     # it and still computing what they did; the kernel decode step against the de-quantized fp32 twin
@@ -270,12 +271,12 @@ KERNEL_CHECK = textwrap.dedent("""
     attn = int8.model.layers[0].self_attn
     with torch.inference_mode():
         before = [m(probe) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    check_decode(nf4, dense, "model", {1: ("tiled", 16, 16, 128, 4, 3, "t", 2),
-                                       4: ("tiled", 16, 16, 128, 4, 3, "t", 1), 74: "dequant"})
-    check_decode(int8, dense8, "int8 model", {1: ("gemv", None, None, 4), 4: ("tiled", 16, 16, 64, 4, 3, "t", 2),
-                                              74: "dequant"})
-    kernels = check_decode(int8, dense8, "int8 model", {1: ("gemv", None, None, 4), 4: ("tiled", 16, 16, 64, 4, 3),
-                                                        74: "dequant"})
+    check_decode(nf4, dense, "model", {1: Tiled(16, 16, 128, 4, 3, "t", 2),
+                                       4: Tiled(16, 16, 128, 4, 3, "t", 1), 74: DEQUANT})
+    check_decode(int8, dense8, "int8 model", {1: Gemv(None, None, 4), 4: Tiled(16, 16, 64, 4, 3, "t", 2),
+                                              74: DEQUANT})
+    kernels = check_decode(int8, dense8, "int8 model", {1: Gemv(None, None, 4), 4: Tiled(16, 16, 64, 4, 3),
+                                                        74: DEQUANT})
     fused = kernels.layers[0].qkv.quant
     assert fused.kind == "int8" and fused.shape == (256, 128)
     assert attn.k_proj.weight.data.data_ptr() == fused.data.data_ptr() + 128 * 128

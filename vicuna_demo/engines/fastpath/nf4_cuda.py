@@ -20,8 +20,8 @@ re-loaded and re-arranged per row. Here each step is spelled out:
 - A word's 8 products are summed in fp16 (as the Triton "luth" variants do), each 32 values in fp32, times the
   block's absmax (double-quantized: ``code2[a8] * absmax2 + offset``); lanes are summed with shuffles.
 
-``gemv(x, q, warps, rows, unroll, ctas, decode, prefetch, up=None)`` is the entry point (``_Linear`` config
-``("cuda", warps, rows, unroll, ctas, decode, prefetch)``); ``available(device)`` says whether
+``gemv(x, q, warps, rows, unroll, ctas, decode, prefetch, up=None)`` is the entry point (the
+``matmuls.Nf4Cuda`` config); ``available(device)`` says whether
 NVRTC works here. Every configuration is checked at warm-up against the de-quantized weight before it can be
 chosen (``tuning.py``).
 """

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from . import matmuls
 from .sampling import sample
 from .weights import _Linear
 
@@ -31,6 +32,7 @@ class TuningMixin:
         self.tuning_detail: dict[tuple, dict] = {}      # every candidate's time (µs per projection)
         self.rejected_configs: dict[str, float] = {}    # candidates whose result disagreed: relative error
         self.failed_configs: dict[str, str] = {}        # candidates that raised: the error's first line
+        self.skipped_configs: dict[str, dict] = {}      # per shape and row count: {candidate: why not timed}
         if not (self.cuda and self.use_kernels):
             return {}
         groups: dict[tuple, list[_Linear]] = {}
@@ -42,7 +44,8 @@ class TuningMixin:
             sample_set = members[:8]          # several layers' weights: more than the L2 cache holds
             k_dim = (members[0].quant.shape if members[0].quant is not None else members[0].weight.shape)[1]
             for rows in self.buckets:
-                candidates = _candidates(members[0], rows)
+                candidates, skipped = matmuls.candidates(members[0], rows)
+                self.skipped_configs[str((key, rows))] = skipped
                 if len(candidates) < 2:
                     continue
                 x = torch.randn(rows, k_dim, device=self.device, dtype=self.dtype)
@@ -65,28 +68,18 @@ class TuningMixin:
                     except Exception as exc:  # noqa: BLE001 - a configuration this GPU cannot run
                         log.debug("projection config %s failed: %s", config, exc)
                         self.failed_configs[str((key, rows, config))] = (str(exc).splitlines() or [""])[0][:200]
-                us = {c if isinstance(c, str) or c is None else "/".join(map(str, c)):
-                      round(t / len(sample_set) * 1000, 1) for t, c in timings}
+                us = {str(c): round(t / len(sample_set) * 1000, 1) for t, c in timings}
                 if not timings:
                     continue
                 best_ms, best = min(timings, key=lambda t: t[0])
                 for p in members:
                     p.config[rows] = best
-                baseline = us.get(None, us.get("module", us.get("dequant")))   # cuBLAS / bitsandbytes / 16-bit copy
+                baseline = us.get("cublas", us.get("module", us.get("dequant")))   # cuBLAS / bitsandbytes / 16-bit copy
                 chosen[(key[0], str(key[1]), rows)] = (best, round(best_ms / len(sample_set) * 1000, 1), baseline)
                 self.tuning_detail[(key[0], str(key[1]), rows)] = us
-            self._note_unavailable(members[0])          # after _candidates asked nf4_cuda.available
         progress(f"tuned matrix products for {len(groups)} weight shapes")
         self.gemv_chosen = chosen
         return chosen
-
-    def _note_unavailable(self, p: _Linear) -> None:
-        """Record (in ``failed_configs``) why the CUDA NF4 GEMV was not a candidate, where it was not."""
-        if p.quant is not None and p.quant.kind == "nf4":
-            from . import nf4_cuda
-            reason = nf4_cuda.unavailable_reason(p.quant.data.device)
-            if reason:
-                self.failed_configs["nf4_cuda"] = reason
 
     def warm_prefill(self) -> None:
         """Run prefill once at typical sizes (and with a cached prefix) so that the kernels it needs are loaded
@@ -181,7 +174,7 @@ def _reference(p: _Linear, x: torch.Tensor) -> torch.Tensor | None:
     None where the card has no room left for the copy (a 33B 4-bit model on a 24 GB card: its gate/up weight is
     456 MiB in fp16); the candidates are then timed unchecked, as before this check existed."""
     try:
-        return p.run(x, "dequant" if p.quant is not None else None)
+        return p.run(x, matmuls.DEQUANT if p.quant is not None else matmuls.CUBLAS)
     except torch.OutOfMemoryError:
         log.info("no memory for the reference product of %s: its candidates are not checked", p.shape_key())
         torch.cuda.empty_cache()
@@ -193,55 +186,3 @@ def _relative_error(out: torch.Tensor, reference: torch.Tensor | None) -> float:
         return 0.0
     ref = reference.float()
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
-
-
-_TRANSPOSED = ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 2), (128, 128, 8, 3, 1),
-               (128, 128, 8, 3, 2), (128, 256, 8, 3, 4))    # int8: (bn, bk, warps, stages, splits) of kernels_quant._mm_t
-# NF4 batches: (variant, bn, bk, warps, stages, splits) of kernels_quant._mm_t; the winners of
-# benchmarks/kernel_probe.py on an H200 (results/2026-12-02c_h200_kernel_probe*.jsonl): decoded in fp16 with the
-# inputs loaded as one run ("thc") won 7 of 8 shapes at 8 and 64 rows, plain "t" q/k/v at 8 (by 0.1 µs);
-# at 64 rows 128 x 128 tiles won q/k/v and gate/up, 128 x 256 o and down
-_NF4_TRANSPOSED = (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 128, 128, 8, 3, 4),
-                   ("thc", 64, 256, 4, 3, 4), ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4),
-                   ("t", 64, 256, 4, 3, 2))
-# NF4 one row: (bn, bk, warps, variant, splits) of kernels_quant.nf4_gemv (the same probes; bitsandbytes' own
-# kernel still wins o and down by ~1 µs, so it stays a candidate)
-_NF4_GEMV = ((16, 512, 4, "lutc", 1), (16, 512, 4, "lutch", 1), (16, 256, 4, "lutc", 1), (16, 512, 4, "lutch", 4),
-             (16, 512, 4, "lutc", 4), (16, 256, 4, "lutc", 8))
-# NF4 one row in CUDA C++ (nf4_cuda.py, where NVRTC works): (warps, rows per warp, loads in flight, blocks per
-# multiprocessor, decode 1 = the shared-memory pair table, scale parts loaded with the weights). The winners per
-# 7B shape of the 2026-12-06 H100 probe (results/2026-12-06_h100_kernel_probe.jsonl; scales loaded when used),
-# then the same with scale parts loaded early, which won every shape in the next run
-# (results/2026-12-06b_h100_quant_nf4.jsonl)
-_NF4_CUDA = ((16, 1, 4, 2, 1, 0), (16, 1, 2, 2, 1, 0), (8, 2, 2, 4, 1, 0), (16, 2, 2, 1, 1, 0),
-             (16, 1, 4, 2, 1, 1), (16, 1, 2, 2, 1, 1))
-
-
-def _candidates(p: _Linear, rows: int) -> list:
-    """The configurations worth timing for projection ``p`` at ``rows`` rows (see ``_Linear``)."""
-    bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    if p.quant is None:                      # 16-bit: cuBLAS, or our GEMV for a few rows
-        if rows > 8:
-            return [None]
-        gemv = [(8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8), (4, 512, 4)] if rows == 1 else \
-            [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8)] if rows == 2 else \
-            [(4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4)]
-        return [None] + [("gemv", *c) for c in gemv]
-    out: list = ["dequant"]
-    if p.quant.kind == "nf4":                # bitsandbytes' own 4-bit matmul (its fused kernel for few rows)
-        out.append("module")
-        if p.quant.lut is None:              # no word view: the table-lookup kernels
-            return out + ([("gemv", 16, 256, 4)] if rows == 1 else [("tiled", min(bm, 32), 64, 128, 4, 3)])
-        if rows == 1:                        # whole words decoded in registers (nf4_lut.py), Triton and CUDA
-            from . import nf4_cuda
-            cuda = [("cuda", *c) for c in _NF4_CUDA] if nf4_cuda.available(p.quant.data.device) else []
-            return out + [("gemv", *c) for c in _NF4_GEMV] + cuda
-        return out + [("tiled", bm, bn, bk, w, st, variant, splits) for variant, bn, bk, w, st, splits in _NF4_TRANSPOSED]
-    out += [("tiled", bm, bn, bk, w, st) for bn, bk, w, st in ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))]
-    if rows > 32:
-        out.append(("tiled", bm, 128, 128, 8, 3))      # wider tiles: at 64 rows the widest tried won (H200)
-    out += [("tiled", bm, bn, bk, w, st, "t", splits) for bn, bk, w, st, splits in _TRANSPOSED]
-    if rows <= 2:
-        out += [("gemv", *c) for c in ((8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))] \
-            if rows == 1 else [("gemv", *c) for c in ((4, 1024, 4), (8, 512, 4))]
-    return out

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from . import matmuls
+from .matmuls import Matmul
 
 
 @dataclass
@@ -140,23 +142,16 @@ def _fuse_int8(modules) -> QuantWeight | None:
 
 
 class _Linear:
-    """One projection as the decode step calls it: a dense weight (cuBLAS, or our GEMV where it measured faster
-    for that shape and row count), quantized weights through our kernels, or the module(s) themselves.
-
-    ``config[rows]`` is what warm-up timing chose for that row count (``tuning.py``): ("gemv", bn, bk, warps)
-    (4-bit: also ("gemv", bn, bk, warps, "lut"|"lutc"|"luth"|"lutch", splits), the word-decoding variants),
-    ("tiled", bm, bn, bk, warps, stages) (int8 and 4-bit: with "t" and splits last, the weight as the left
-    operand; 4-bit also "th", "tc", "thc": kernels_quant's docstring), ("cuda", warps, rows, unroll, ctas, decode,
-    prefetch) (4-bit, one row: the CUDA C++ GEMV of ``nf4_cuda.py``),
-    "dequant" (a 16-bit copy + cuBLAS), "module" (bitsandbytes' own matmul) or, for dense weights, absent
-    (cuBLAS). Row counts never timed (prefill) use ``default``."""
+    """One projection as the decode step calls it: a dense weight, quantized weights read by our kernels, or the
+    module(s) themselves. ``config[rows]`` is the ``matmuls.Matmul`` warm-up timing chose for that row count
+    (``tuning.py``); row counts never timed (prefill) run ``matmuls.default``."""
 
     def __init__(self, module=None, weight=None, bias=None, quant_kernels=False, modules=None, quant=None):
         self.modules = modules or ([module] if module is not None else [])
         self.weight = weight if weight is not None else getattr(module, "weight", None)
         self.bias = bias if bias is not None else getattr(module, "bias", None)
         self.quant = quant
-        self.config: dict[int, object] = {}
+        self.config: dict[int, Matmul] = {}
         kind = _kind(module) if module is not None else None
         if kind is not None:
             self.weight = None
@@ -165,66 +160,35 @@ class _Linear:
         if self.quant is not None:
             self.weight = None
 
-    def default(self, rows: int):
-        """What an untimed row count runs: our kernels for decode-sized batches, a 16-bit copy beyond."""
-        if self.quant is None:
-            return None
-        if self.quant.kind == "nf4":    # many rows (prefill): bitsandbytes' own de-quantize + cuBLAS, its fastest
-            return ("gemv", 16, 256, 4) if rows == 1 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "module"
-        return ("gemv", None, None, 4) if rows <= 2 else ("tiled", 16, 64, 128, 4, 3) if rows <= 64 else "dequant"
+    def chosen(self, rows: int) -> Matmul:
+        return self.config.get(rows) or matmuls.default(self, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None and (self.quant is None or x.dim() != 2):
-            return self._modules(x)
+            return self.modules_forward(x)
         rows = x.shape[0] if x.dim() == 2 else -1
-        return self.run(x, self.config.get(rows, self.default(rows)))
+        return self.run(x, self.chosen(rows))
 
-    def _modules(self, x: torch.Tensor) -> torch.Tensor:
+    def modules_forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m(x) for m in self.modules], dim=-1) if len(self.modules) > 1 else self.modules[0](x)
 
-    def run(self, x: torch.Tensor, config, up: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T + bias the way ``config`` says; with ``up``, of SiLU(x) * up."""
-        if config == "module":
-            from . import kernels as fk
-            return self._modules(fk.silu_mul(x, up) if up is not None else x)
-        out = self._product(x, config, up)
-        return out + self.bias if self.bias is not None else out
-
-    def _product(self, x: torch.Tensor, config, up: torch.Tensor | None) -> torch.Tensor:
-        gemv = isinstance(config, tuple) and config[0] in ("gemv", "cuda")
-        if up is not None and not (gemv and x.shape[0] == 1):
+    def run(self, x: torch.Tensor, config: Matmul, up: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + bias the way ``config`` says; with ``up``, of SiLU(x) * up (fused where the config can)."""
+        if up is not None and not (config.fuses_gate and x.shape[0] == 1):
             from . import kernels as fk
             x, up = fk.silu_mul(x, up), None
-        if self.quant is None and config is None:
-            # the eager route (a CPU, or a GPU without Triton) needs no kernel module: Triton is not in
-            # requirements.txt, so nothing on this route may import it
-            return F.linear(x, self.weight)
-        from . import kernels as fk
-        if self.quant is None:
-            return fk.gemv(x, self.weight, None, *config[1:], up=up)
-        from . import kernels_quant as kq
-        q = self.quant
-        if config == "dequant":
-            return F.linear(x, kq.dequantize(q, x.dtype))
-        if config[0] == "tiled":
-            return kq.qmatmul(x, q, *config[1:])
-        if config[0] == "cuda":
-            from . import nf4_cuda
-            return nf4_cuda.gemv(x, q, *config[1:], up=up)
-        if q.kind == "int8":
-            return fk.gemv(x, q.data, q.scale, *config[1:], up=up)
-        return kq.nf4_gemv(x, q, *config[1:], up=up) if x.shape[0] == 1 else kq.qmatmul(x, q)
+        out = config.run(self, x, up)
+        return out + self.bias if self.bias is not None and not isinstance(config, matmuls.Module) else out
 
     def gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
         """down(SiLU(g) * u) in one kernel when a GEMV serves this row count; None otherwise."""
-        config = self.config.get(g.shape[0], self.default(g.shape[0]))
-        if g.shape[0] != 1 or not (isinstance(config, tuple) and config[0] in ("gemv", "cuda")):
-            return None
-        return self.run(g, config, up=u)
+        config = self.chosen(g.shape[0])
+        return self.run(g, config, up=u) if g.shape[0] == 1 and config.fuses_gate else None
 
     def capturable(self, rows: int) -> bool:
         """Can a CUDA graph hold this projection for ``rows`` rows? (bitsandbytes' outlier path synchronises.)"""
-        if (self.weight is not None or self.quant is not None) and self.config.get(rows) != "module":
+        if (self.weight is not None or self.quant is not None) and not isinstance(self.config.get(rows),
+                                                                                  matmuls.Module):
             return True
         return all(float(getattr(getattr(m, "state", None), "threshold", 0.0) or 0.0) == 0.0 for m in self.modules)
 
