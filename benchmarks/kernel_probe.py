@@ -52,7 +52,7 @@ def probe(rows: int, out, size: str = "7b", only: str = "") -> None:
     from quant_bench import linear4
     from vicuna_demo.engines.fastpath.matmuls import DEQUANT
     from vicuna_demo.engines.fastpath.tuning import _relative_error, _time_ms
-    from vicuna_demo.engines.fastpath.weights import _Linear
+    from vicuna_demo.engines.fastpath.weights import Projection
     torch.manual_seed(0)
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -60,7 +60,7 @@ def probe(rows: int, out, size: str = "7b", only: str = "") -> None:
     print(json.dumps(dict(copy_gb_s=round(2 * 2**30 / ms / 1e6, 1), device=torch.cuda.get_device_name())), flush=True)
     del src, dst
     for name, (n, k) in shapes(size).items():
-        linears = [_Linear(module=linear4(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02),
+        linears = [Projection(module=linear4(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02),
                        quant_kernels=True) for _ in range(8)]
         torch.cuda.empty_cache()
         x = torch.randn(rows, k, device="cuda", dtype=torch.float16)

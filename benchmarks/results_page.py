@@ -131,7 +131,8 @@ def measurement_table(rows: list[dict]) -> list[str]:
 
 
 def scenario_table(rows: list[dict]) -> list[str]:
-    lines = ["| scenario | card GiB | started | start-up s | engines: KV tokens | measured |", "|---|---|---|---|---|---|"]
+    lines = ["| scenario | card GiB | started | start-up s | engines: KV tokens | measured |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         engines = ", ".join(f"{name} {fmt(e.get('kv_tokens', ''))}" for name, e in (r.get("engines") or {}).items())
         measured = ", ".join(f"{k} {fmt(v)}" for k, v in r.items() if isinstance(v, (int, float)) and not

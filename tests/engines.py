@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from vicuna_demo.engines.protocol import EngineError, Prompt, ReplyStats
+from vicuna_demo.engines.protocol import EngineError, Prompt, ReplyStats, SamplingParams
 
 
 class ScriptedReply:
@@ -42,10 +42,22 @@ class ScriptedReply:
 
 
 class RecordingEngine:
-    """Streams ``reply`` word by word and records the messages of every request it receives."""
+    """Streams ``reply`` word by word and records the messages of every request it receives. Implements the
+    whole ``Engine`` interface (tests/test_layers.py checks), so services never need a fallback for a fake."""
 
     template_name = "recording"
     default_system = "You are a test assistant."
+    capacity = ""
+    defaults: SamplingParams | None = None     # None: the service's defaults apply (a model recommending none)
+    unsupported_params: frozenset[str] = frozenset()
+    ready = True
+
+    @property
+    def status(self) -> str:
+        return f"{self.name}: ready"
+
+    def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
+        return 0.0
 
     def __init__(self, name="Recorder", reply="Hello from the recording engine.", delay_s=0.01, fail_after=None):
         self.name, self.reply, self.delay_s, self.fail_after = name, reply, delay_s, fail_after

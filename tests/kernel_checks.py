@@ -11,14 +11,14 @@ def compare_decode(eager, kernels, prompts: list[list[int]], tables: list[list[i
     """Prefill ``prompts`` (block ``tables``) on both runners, then 3 decode steps of 2 rows and of 1 row fed
     the eager runner's greedy tokens; ``note(got, reference)`` gets every pair of logits."""
     from vicuna_demo.engines.fastpath import Job
-    from vicuna_demo.engines.fastpath.scheduler import _Slot
+    from vicuna_demo.engines.fastpath.jobs import Slot
     with torch.inference_mode():
         reference = eager.prefill([(p, t, 0) for p, t in zip(prompts, tables)])
         note(kernels.prefill([(p, t, 0) for p, t in zip(prompts, tables)]), reference)
         for rows in (2, 1):
             slots = []
             for ids, table, logits in list(zip(prompts, tables, reference))[:rows]:
-                slot = _Slot(job=Job("x", ids, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=table, start=0)
+                slot = Slot(job=Job("x", ids, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=table, start=0)
                 slot.n_written, slot.last_token = len(ids), int(logits.argmax())
                 slots.append(slot)
             for runner in (eager, kernels):

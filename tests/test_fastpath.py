@@ -27,7 +27,7 @@ import torch
 
 from vicuna_demo.engines.local import EngineOptions, LocalEngine
 from vicuna_demo.engines.fastpath import FastModel, FastOptions, FastScheduler, Job, sample, unsupported_reason
-from vicuna_demo.engines.fastpath.kvpool import _BlockPool, _common_prefix
+from vicuna_demo.engines.fastpath.kvpool import BlockPool, common_prefix
 from vicuna_demo.engines.protocol import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_sample_keeps_greedy_rows_greedy_and_draws_only_inside_the_nucleus():
 
 
 def test_block_pool_hands_over_a_cached_prefix_and_evicts_the_oldest_when_short():
-    pool = _BlockPool(n_blocks=9, block=4, keep_cache=True)        # blocks 1..8 usable, 0 never handed out
+    pool = BlockPool(n_blocks=9, block=4, keep_cache=True)        # blocks 1..8 usable, 0 never handed out
     first = pool.take(3)
     assert 0 not in first
     pool.remember(list(range(10)), first)                           # 10 tokens cached in 3 blocks
@@ -248,7 +248,7 @@ def test_block_pool_hands_over_a_cached_prefix_and_evicts_the_oldest_when_short(
     assert other is not None and len(other) == 5 and pool.cached    # no eviction needed yet
     assert pool.take(2) is not None and not pool.cached             # now the cached prefix went
     assert pool.take(1) is not None and pool.take(1) is None
-    assert _common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2 and _common_prefix([7], [8]) == 0
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2 and common_prefix([7], [8]) == 0
 
 
 def test_models_the_fast_path_cannot_run_go_to_continuous_batching():

@@ -124,7 +124,7 @@ def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain
 
 def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_builds(monkeypatch):
     """matmuls.candidates: with NVRTC working, every Nf4Cuda configuration is timed for one row (beside Triton's
-    GEMVs and bitsandbytes'), never for batches; without it, none is and the skip names why; _Linear sends an
+    GEMVs and bitsandbytes'), never for batches; without it, none is and the skip names why; Projection sends an
     Nf4Cuda configuration to nf4_cuda.gemv with the down projection's up input."""
     from types import SimpleNamespace
 
@@ -144,7 +144,7 @@ def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_bui
         assert skipped[str(every[0])] == "serves 1-1 rows"
     calls = []
     monkeypatch.setattr(nf4_cuda, "gemv", lambda x, q, *config, up=None: calls.append((config, up)) or x)
-    linear = weights._Linear(quant=SimpleNamespace(kind="nf4"))
+    linear = weights.Projection(quant=SimpleNamespace(kind="nf4"))
     x, up = torch.ones(1, 8), torch.full((1, 8), 2.0)
     linear.config[1] = every[0]
     assert linear.gated(x, up) is x and calls == [((16, 1, 4, 2, 1, 0), up)]

@@ -205,7 +205,7 @@ KERNEL_CHECK = textwrap.dedent("""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     from vicuna_demo.engines.fastpath import FastModel, FastOptions
     from vicuna_demo.engines.fastpath.matmuls import DEQUANT, Gemv, Nf4Gemv, Tiled
-    from vicuna_demo.engines.fastpath.weights import _Layer
+    from vicuna_demo.engines.fastpath.weights import LayerWeights
     from tests.kernel_checks import compare_decode
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -232,7 +232,7 @@ KERNEL_CHECK = textwrap.dedent("""
         # twin, eager): prefill, then 3 steps of 2 rows and of 1 row
         kernels, eager = runner(quantized), runner(dense)
         kernels.use_kernels = True
-        kernels.layers = [_Layer(layer, fuse=True, quant_kernels=True) for layer in quantized.model.layers]
+        kernels.layers = [LayerWeights(layer, fuse=True, quant_kernels=True) for layer in quantized.model.layers]
         assert all(layer.qkv is not None and layer.qkv.quant is not None for layer in kernels.layers), label
         for p in kernels.linears():
             if p.quant is not None:

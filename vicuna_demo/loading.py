@@ -24,7 +24,7 @@ from typing import Any
 
 from conversation_templates import Template, auto_template_name, get_template, list_templates
 
-from .config import ModelSpec
+from .specs import ModelSpec
 
 log = logging.getLogger("vicuna_demo.loading")
 
@@ -75,7 +75,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolve_device(spec: ModelSpec) -> tuple[str, Any]:
+def resolve_device(spec: ModelSpec) -> tuple[str, Any]:
     """-> (device label, device_map for from_pretrained)."""
     import torch
     device = (spec.device or "auto").lower()
@@ -222,7 +222,7 @@ def check_spec(spec: ModelSpec) -> None:
     for a Hub id whether it can be had: cached, or the Hub answers within seconds), so a typo or a
     missing network fails at once, before other models load. Raises LoadError."""
     _hub_access(spec)
-    device, _ = _resolve_device(spec)
+    device, _ = resolve_device(spec)
     _resolve_dtype(spec, device)
     if (spec.load_8bit or spec.load_4bit) and importlib.util.find_spec("bitsandbytes") is None:
         raise LoadError(f"Model '{spec.display_name}': {'8' if spec.load_8bit else '4'}-bit loading needs bitsandbytes: "
@@ -304,7 +304,7 @@ def load_model(spec: ModelSpec, progress=lambda message: None, tokenizer=None) -
     check_spec(spec)
     where, extra = _locate(spec)
     extra = dict(extra, **_hub_access(spec))
-    device, device_map = _resolve_device(spec)
+    device, device_map = resolve_device(spec)
     dtype = _resolve_dtype(spec, device)
     kwargs: dict[str, Any] = dict(extra, dtype=dtype, device_map=device_map)
     kwargs.update(_quantization(spec, dtype))

@@ -4,9 +4,9 @@ A back end (engines/backends.py) runs the model on ONE background thread per mod
 (or CPU) work, so concurrent replies share each forward pass instead of queueing behind a lock, and
 CUDA graphs always run on the thread that captured them (gradio calls handlers from worker threads):
 
-- ``fast`` (``fastpath/``, the default for Llama-family models): a paged KV cache, batched prefill, one
-  CUDA graph per batch size with fused Triton kernels on a GPU, a lean loop on a CPU, and the previous
-  turn's KV reused for the next turn of a conversation.
+- ``fast`` (``fastpath/``, the default for the architectures of ``fastpath/arch.py``): a paged KV cache,
+  batched prefill, one CUDA graph per batch size with fused Triton kernels on a GPU, a lean loop on a CPU,
+  and the previous turn's KV reused for the next turn of a conversation.
 - ``cb``: transformers' continuous-batching manager (any model transformers can batch); also the
   fallback when the fast path cannot start. When neither can, the engine says so once in its status
   and every request gets that error (no restart loop).
@@ -67,7 +67,7 @@ class EngineOptions:
     token_timeout_s: float = 120.0            # a running request silent this long is failed
     triton_kernels: bool = True               # fast path on CUDA: fused Triton kernels (needed for CUDA graphs)
     prefix_cache: bool = True                 # fast path: reuse the previous turn's KV cache
-    quant_kernels: bool = True                # fast path, 8-bit and 4-bit models: our kernels over bitsandbytes' weights
+    quant_kernels: bool = True                # fast path, 8-bit and 4-bit: our kernels over bitsandbytes' weights
     tune_dense_gemv: bool = True              # fast path: time our GEMV against cuBLAS for fp16 weights at warm-up
     cpu_threads: int | None = None            # fast path on CPU: intra-op threads of the engine thread
 

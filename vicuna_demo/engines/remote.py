@@ -56,9 +56,9 @@ import openai
 
 from moderation.redaction import scrub
 
-from ..config import EndpointSpec
+from ..specs import EndpointSpec
 from .protocol import EngineError, Prompt, PromptTooLong, ReplyStats, SamplingParams
-from .remote_errors import MalformedChunk, _server_message, describe
+from .remote_errors import MalformedChunk, describe, server_message
 
 log = logging.getLogger("vicuna_demo.engines.remote")
 
@@ -192,7 +192,7 @@ class RemoteEngine:
                 return await self._client.chat.completions.create(
                     **request, stream_options={"include_usage": True})
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                if "stream_options" not in _server_message(exc):
+                if "stream_options" not in server_message(exc):
                     raise
                 self._usage_option = False
                 log.info("%s: the endpoint refuses stream_options; token counts will come from the chunks", self.name)

@@ -18,7 +18,7 @@ def _one_line(text: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _server_message(exc: openai.APIStatusError) -> str:
+def server_message(exc: openai.APIStatusError) -> str:
     """The human part of an error answer: ``{"error": {"message": ...}}``, ``{"detail": ...}``, or the text."""
     body: Any = getattr(exc, "body", None)
     for _ in range(2):  # unwrap {"error": {"message": ...}} and FastAPI's {"detail": ...}
@@ -52,7 +52,7 @@ def describe(exc: BaseException, *, who: str, key_env: str | None, model: str, t
         text = (f"{who} is rate limiting requests or is overloaded (429 Too Many Requests). "
                 f"Please retry{when}.")
     elif isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
-        detail = _server_message(exc)
+        detail = server_message(exc)
         lowered = detail.lower()
         if "context" in lowered and any(w in lowered for w in ("length", "maximum", "too long", "exceed")):
             text = (f"The conversation is too long for {who}'s context window; press Clear to start a new "
@@ -63,7 +63,7 @@ def describe(exc: BaseException, *, who: str, key_env: str | None, model: str, t
         else:
             text = f"{who} rejected the request ({exc.status_code}): {detail or 'no reason given'}"
     elif isinstance(exc, openai.APIStatusError):
-        detail = _server_message(exc)
+        detail = server_message(exc)
         text = (f"{who} failed with an error ({exc.status_code})" + (f": {detail}" if detail else "")
                 + ". Please retry.")
     elif isinstance(exc, openai.APITimeoutError):

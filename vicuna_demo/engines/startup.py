@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from ..config import ModelSpec
+from ..specs import ModelSpec
 from ..loading import LoadError, load_model, load_tokenizer, choose_template, read_config, recommended_sampling
 from .gpugate import GPU_GATE
 from .memory import (ALLOC_CONF, KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs,
@@ -37,8 +37,8 @@ log = logging.getLogger("vicuna_demo.engines.startup")
 
 
 def _device_of(spec: ModelSpec) -> str:
-    from ..loading import _resolve_device  # noqa: PLC0415 - the loader's own rule
-    device, _ = _resolve_device(spec)
+    from ..loading import resolve_device  # noqa: PLC0415 - the loader's own rule
+    device, _ = resolve_device(spec)
     return device
 
 

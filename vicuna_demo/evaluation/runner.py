@@ -171,10 +171,9 @@ class EvaluationRunner:
             raise EngineError(f"no complete reply within {self.timeout_s:g} s (timed out)")
         if self._cancel.is_set():
             raise Cancelled
-        stats = getattr(stream, "stats", None)
-        if answer is not None and stats is not None:
-            answer.n_tokens += int(getattr(stats, "n_tokens", 0) or 0)
-            answer.finish_reasons.append(str(getattr(stats, "finish_reason", "") or ""))
+        if answer is not None:
+            answer.n_tokens += stream.stats.n_tokens
+            answer.finish_reasons.append(stream.stats.finish_reason or "")
         return text.strip()
 
     def _attempt(self, engine_name: str, messages: list[dict], params: SamplingParams,
@@ -205,7 +204,8 @@ class EvaluationRunner:
         if blocked:
             answer.error = blocked
             return answer
-        system = getattr(self.engines.get(model), "default_system", "") or ""
+        engine = self.engines.get(model)
+        system = engine.default_system if engine is not None else ""
         messages: list[dict] = [{"role": "system", "content": system}] if system else []
         for turn in question.turns:
             messages.append({"role": "user", "content": turn})

@@ -171,7 +171,8 @@ class ChatService:
 
     def default_system(self, model: str) -> str:
         """The model's own default system prompt ('' for an unknown model)."""
-        return getattr(self.engines.get(model), "default_system", "") or ""
+        engine = self.engines.get(model)
+        return engine.default_system if engine is not None else ""
 
     def check_message(self, text: str, user_turns_so_far: int, client_hash: str, *, count_rate: bool = True) -> str:
         """'' when the message may be sent, else the reason to show the user."""
@@ -220,7 +221,7 @@ class ChatService:
     def unsupported(self, model: str | None) -> frozenset[str]:
         """SamplingParams fields ``model``'s engine cannot apply (the page greys their sliders out)."""
         engine = self.engines.get(model) if isinstance(model, str) else None
-        return frozenset(getattr(engine, "unsupported_params", ()) or ())
+        return engine.unsupported_params if engine is not None else frozenset()
 
     def params(self, temperature=None, top_p=None, max_new_tokens=None, repetition_penalty=None, *,
                model: str | None = None) -> SamplingParams:
@@ -431,7 +432,7 @@ class ChatService:
         except GeneratorExit:  # the visitor went away mid-reply (tab closed, request cancelled): log what they saw
             if stats.finish_reason is None:
                 stats.finish_reason = "cancelled"
-            self._log(ctx, model, getattr(self.engines.get(model), "template_name", "-"), params,
+            self._log(ctx, model, self._template_name(model), params,
                       list(sent_messages), update.reply, stats.finish_reason, stats, moderation, started)
             raise
         except PromptTooLong as exc:
@@ -457,19 +458,23 @@ class ChatService:
                     moderation = verdict
         update.stats, update.done = stats, True
         finish = stats.finish_reason or ("error" if update.status in ("error", "rejected") else "stop")
-        self._log(ctx, model, getattr(self.engines.get(model), "template_name", "-"), params,
+        self._log(ctx, model, self._template_name(model), params,
                   list(sent_messages), update.reply, finish, stats, moderation, started)
         yield update
+
+    def _template_name(self, model: str) -> str:
+        engine = self.engines.get(model)
+        return engine.template_name if engine is not None else "-"
 
     @staticmethod
     def _applicable(engine, params: SamplingParams) -> tuple[SamplingParams, list[str]]:
         """``params`` without what ``engine`` cannot apply (built-in values instead), and the fields a request
         asked for in vain (e.g. a repetition penalty on continuous batching: logged, and said in the reply)."""
-        unsupported = sorted(getattr(engine, "unsupported_params", ()) or ())
+        unsupported = sorted(engine.unsupported_params)
         applicable = params.without(unsupported)
         ignored = [f for f in unsupported if getattr(params, f) != getattr(applicable, f)]
         if ignored:
-            log.info("%s cannot apply %s; ignored for this reply", getattr(engine, "name", "the model"),
+            log.info("%s cannot apply %s; ignored for this reply", engine.name,
                      ", ".join(f"{f}={getattr(params, f)}" for f in ignored))
         return applicable, ignored
 

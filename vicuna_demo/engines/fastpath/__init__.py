@@ -1,4 +1,4 @@
-"""The fast path: Llama-family decoding with a paged KV cache, batched prefill and CUDA graphs.
+"""The fast path: decoding with a paged KV cache, batched prefill and CUDA graphs (Llama, Mistral, Qwen, Gemma).
 
 Why it exists: on the GPU machines measured here one eager decode step of a 7B model took 67 ms
 (kernel launches from a slow host), so speed comes from launching a whole decode step as one CUDA

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .jobs import _Slot, describe as _describe, safe_emit as _safe_emit
+from .jobs import Slot, describe, safe_emit
 from .sampling import sample, sampling_mode, seen_mask
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
@@ -34,20 +34,20 @@ class AdmissionMixin:
             if not self._waiting or time.perf_counter() > deadline:
                 return admitted
 
-    def _next_batch(self) -> list["_Slot"]:
+    def _next_batch(self) -> list["Slot"]:
         runner, pool = self.runner, self._pool
         budget = runner.options.prefill_tokens
-        batch: list[_Slot] = []
+        batch: list[Slot] = []
         longest = 0
         while self._waiting and len(self._slots) + len(batch) < runner.max_rows:
             job = self._waiting[0]
             if len(job.ids) + job.max_new + 1 > runner.max_len:
                 self._waiting.popleft()
-                _safe_emit(job, [], True, "the prompt and reply do not fit the model's context window")
+                safe_emit(job, [], True, "the prompt and reply do not fit the model's context window")
                 continue
             if not job.ids or min(job.ids) < 0 or max(job.ids) >= runner.n_embeddings:
                 self._waiting.popleft()   # an out-of-range id would fault the GPU for every request
-                _safe_emit(job, [], True, "the prompt has a token id outside the model's vocabulary")
+                safe_emit(job, [], True, "the prompt has a token id outside the model's vocabulary")
                 continue
             reused, start = pool.reuse(job.ids) if pool.keep_cache else ([], 0)
             # the batch is padded to its longest prompt: its padded size stays within the budget (the
@@ -62,16 +62,16 @@ class AdmissionMixin:
                 pool.remember(job.ids[:start], reused)
                 if not self._slots and not batch:
                     self._waiting.popleft()
-                    _safe_emit(job, [], True, "not enough KV-cache memory for this request")
+                    safe_emit(job, [], True, "not enough KV-cache memory for this request")
                     continue
                 self._admit_blocked = True
                 break
             self._waiting.popleft()
-            batch.append(_Slot(job=job, blocks=reused + fresh, start=start))
+            batch.append(Slot(job=job, blocks=reused + fresh, start=start))
             longest = max(longest, len(job.ids) - start)
         return batch
 
-    def _prefill(self, batch: list[_Slot]) -> None:
+    def _prefill(self, batch: list[Slot]) -> None:
         runner = self.runner
         started = time.perf_counter()
         try:
@@ -87,7 +87,7 @@ class AdmissionMixin:
             log.exception("%s: prefill failed", self.name)
             for slot in batch:
                 self._pool.release(slot.blocks)
-                _safe_emit(slot.job, [], True, _describe(exc))
+                safe_emit(slot.job, [], True, describe(exc))
             return
         self.prefills += 1
         done = time.perf_counter()

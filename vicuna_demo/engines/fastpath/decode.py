@@ -11,12 +11,12 @@ import torch
 
 from .forward import decoder
 from .sampling import mark_seen, sample, seen_mask
-from .weights import _Linear
+from .weights import Projection
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
 if TYPE_CHECKING:
-    from .scheduler import _Slot
+    from .jobs import Slot
 
 
 class DecodeMixin:
@@ -42,7 +42,7 @@ class DecodeMixin:
 
         return self.logits(decoder(self, self.embed(tokens), attend, self.ops))
 
-    def linears(self) -> list[_Linear]:
+    def linears(self) -> list[Projection]:
         return [p for layer in self.layers for p in layer.projections()] + [self.lm_head]
 
     def capturable(self, rows: int) -> bool:
@@ -115,7 +115,7 @@ class DecodeMixin:
         self.k_cache, self.v_cache = [], []
         self._graph_pool = None
 
-    def load_rows(self, rows: list["_Slot"]) -> None:
+    def load_rows(self, rows: list["Slot"]) -> None:
         """Write the host-side state of rows [0, len(rows)) to the device buffers; clear the rest."""
         n = len(rows)
         size = self.max_rows

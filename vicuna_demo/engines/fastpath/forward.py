@@ -1,8 +1,9 @@
 """The one decoder forward of prefill, CPU decode, kernel decode and CUDA-graph decode.
 
-The CUDA graphs capture the kernel decode. ``decoder`` is the block of ``arch.py`` written once; the paths differ only in their ``Ops``
-(the model's own modules, or the Triton kernels of ``kernels.py``) and in the ``attend`` they hand it (padded
-prompts, or one new token per row over the paged KV cache: ``attention`` below and ``model.py``)."""
+The CUDA graphs capture the kernel decode. ``decoder`` is the block of ``arch.py`` written once; the paths
+differ only in their ``Ops`` (the model's own modules, or the Triton kernels of ``kernels.py``) and in the
+``attend`` they hand it (padded prompts, or one new token per row over the paged KV cache: ``attention``
+below and ``model.py``)."""
 
 from __future__ import annotations
 

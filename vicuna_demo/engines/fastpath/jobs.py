@@ -1,4 +1,4 @@
-"""A request as the fast path's scheduler holds it (``Job``), its decoding state (``_Slot``), and how tokens
+"""A request as the fast path's scheduler holds it (``Job``), its decoding state (``Slot``), and how tokens
 and failures are handed back (``safe_emit``, ``describe``)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Job:
 
 
 @dataclass
-class _Slot:
+class Slot:
     job: Job
     blocks: list[int]
     start: int                         # tokens already cached (prefix reuse)

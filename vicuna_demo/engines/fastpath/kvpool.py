@@ -7,7 +7,7 @@ import math
 from collections import OrderedDict
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     lo, hi = 0, min(len(a), len(b))
     if hi == 0 or a[0] != b[0]:
         return 0
@@ -22,7 +22,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
-class _BlockPool:
+class BlockPool:
     """Free KV blocks plus an LRU cache of finished sequences' blocks (block 0 is never handed out)."""
 
     def __init__(self, n_blocks: int, block: int, keep_cache: bool):
@@ -61,7 +61,7 @@ class _BlockPool:
         """Take over the cached blocks sharing the longest prefix with ``ids``. -> (blocks, cached tokens)."""
         best_key, best = None, 0
         for key, (tokens, _) in self.cached.items():
-            c = _common_prefix(tokens, ids)
+            c = common_prefix(tokens, ids)
             if c > best:
                 best_key, best = key, c
         if best_key is None or best < min_tokens:

@@ -15,7 +15,7 @@ from .forward import EagerOps, KernelOps, attention, decoder, key_mask, rotate
 from .options import FastOptions
 from .sampling import sample
 from .tuning import TuningMixin
-from .weights import Norm, _Layer, _Linear
+from .weights import Norm, LayerWeights, Projection
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
@@ -70,12 +70,13 @@ class FastModel(DecodeMixin, TuningMixin):
         self.blocks_per_row = math.ceil(self.max_len / self.block)
         fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
         self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
-        self.layers = [_Layer(layer, fuse=fuse, quant_kernels=self.use_kernels and options.quant_kernels, spec=spec)
+        quant = self.use_kernels and options.quant_kernels
+        self.layers = [LayerWeights(layer, fuse=fuse, quant_kernels=quant, spec=spec)
                        for layer in model.model.layers[: spec.n_layers]]
         self.embed = model.model.embed_tokens
         self.n_embeddings = int(self.embed.weight.shape[0])
         self.final_norm = Norm(model.model.norm, spec.arch.gemma_norm)
-        self.lm_head = _Linear(model.lm_head)
+        self.lm_head = Projection(model.lm_head)
         self.vocab = int(model.lm_head.weight.shape[0]) if getattr(model.lm_head, "weight", None) is not None \
             else int(self.config.vocab_size)
         self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}   # rotary tables [max_len, head_dim]

@@ -15,12 +15,12 @@ import torch
 
 from ..gpugate import GPU_GATE
 from .admission import AdmissionMixin
-from .jobs import Job, _Slot, describe as _describe, safe_emit as _safe_emit
-from .kvpool import _BlockPool
+from .jobs import Job, Slot, describe, safe_emit
+from .kvpool import BlockPool
 from .model import FastModel
 from .sampling import sampling_mode
 
-__all__ = ["FastScheduler", "Job", "_Slot"]
+__all__ = ["FastScheduler", "Job", "Slot"]
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
@@ -48,12 +48,12 @@ class FastScheduler(AdmissionMixin):
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self._waiting: deque[Job] = deque()
-        self._slots: list[_Slot] = []
+        self._slots: list[Slot] = []
         self._closed = threading.Event()
         self._ready = threading.Event()
         self._fatal: str | None = None
         self._thread: threading.Thread | None = None
-        self._pool: _BlockPool | None = None
+        self._pool: BlockPool | None = None
         self._warm_error: BaseException | None = None
         self.status = "starting"
         self._admit_blocked = False
@@ -174,7 +174,7 @@ class FastScheduler(AdmissionMixin):
             self._progress(f"{self.name}: warming up prefill")
             runner.warm_prefill()
             self._note_free("prefill warmed")
-        self._pool = _BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
+        self._pool = BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
         if runner.cuda:
             self._host = [torch.empty(runner.max_rows, dtype=torch.long, pin_memory=True) for _ in range(4)]
         self._progress(f"{self.name}: fast path ready in {time.perf_counter() - started:.1f} s "
@@ -206,7 +206,7 @@ class FastScheduler(AdmissionMixin):
             except queue.Empty:
                 break
             if job is not None:
-                _safe_emit(job, [], True, f"the fast path could not start ({_describe(exc)})")
+                safe_emit(job, [], True, f"the fast path could not start ({describe(exc)})")
 
     def _loop(self) -> None:
         runner = self.runner
@@ -250,7 +250,7 @@ class FastScheduler(AdmissionMixin):
         except Exception as exc:  # noqa: BLE001 - fail the requests in hand, keep serving
             log.exception("%s: a generation step failed", self.name)
             inflight.clear()
-            self._fail_all_active(_describe(exc))
+            self._fail_all_active(describe(exc))
             reload = True
         return reload
 
@@ -277,7 +277,7 @@ class FastScheduler(AdmissionMixin):
             if len(kept) != len(self._waiting):
                 for job in self._waiting:
                     if job.request_id in cancelled:
-                        _safe_emit(job, [], True, None)
+                        safe_emit(job, [], True, None)
                 self._waiting = kept
                 changed = True
         return changed
@@ -311,13 +311,13 @@ class FastScheduler(AdmissionMixin):
             token = values[i]
             self._accept(slot, token)
 
-    def _accept(self, slot: _Slot, token: int) -> None:
+    def _accept(self, slot: Slot, token: int) -> None:
         slot.generated.append(token)
         slot.last_token = token
         finished = token in slot.job.eos or len(slot.generated) >= slot.job.max_new
         if finished:
             slot.done = True
-        _safe_emit(slot.job, [token], finished, None)
+        safe_emit(slot.job, [token], finished, None)
 
     def _drain(self, inflight: deque) -> None:
         while inflight:
@@ -330,7 +330,7 @@ class FastScheduler(AdmissionMixin):
             if slot.done:
                 if not slot.generated or slot.generated[-1] not in slot.job.eos and \
                         len(slot.generated) < slot.job.max_new:
-                    _safe_emit(slot.job, [], True, None)      # cancelled: tell the reader it ended
+                    safe_emit(slot.job, [], True, None)      # cancelled: tell the reader it ended
                 tokens = (slot.job.ids + slot.generated)[: slot.n_written]
                 pool.remember(tokens, slot.blocks)
             else:
@@ -343,16 +343,16 @@ class FastScheduler(AdmissionMixin):
         for slot in self._slots:
             if not slot.done:
                 slot.done = True
-                _safe_emit(slot.job, [], True, message)
+                safe_emit(slot.job, [], True, message)
             self._pool.release(slot.blocks)
         self._slots = []
 
     def _shutdown(self) -> None:
         for slot in self._slots:
             if not slot.done:
-                _safe_emit(slot.job, [], True, "the engine is shutting down")
+                safe_emit(slot.job, [], True, "the engine is shutting down")
         for job in self._waiting:
-            _safe_emit(job, [], True, "the engine is shutting down")
+            safe_emit(job, [], True, "the engine is shutting down")
         self._slots, self._waiting = [], deque()
         self.runner.release()
         if self.runner.cuda:

@@ -11,7 +11,7 @@ import torch
 
 from . import matmuls
 from .sampling import sample
-from .weights import _Linear
+from .weights import Projection
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
@@ -35,7 +35,7 @@ class TuningMixin:
         self.skipped_configs: dict[str, dict] = {}      # per shape and row count: {candidate: why not timed}
         if not (self.cuda and self.use_kernels):
             return {}
-        groups: dict[tuple, list[_Linear]] = {}
+        groups: dict[tuple, list[Projection]] = {}
         for p in self.linears():
             if (p.weight is not None and self.options.tune_dense) or p.quant is not None:
                 groups.setdefault(p.shape_key(), []).append(p)
@@ -169,7 +169,7 @@ def _time_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _reference(p: _Linear, x: torch.Tensor) -> torch.Tensor | None:
+def _reference(p: Projection, x: torch.Tensor) -> torch.Tensor | None:
     """x @ W.T with W as a 16-bit copy (quantized weights) or by cuBLAS (dense): what every candidate must match.
     None where the card has no room left for the copy (a 33B 4-bit model on a 24 GB card: its gate/up weight is
     456 MiB in fp16); the candidates are then timed unchecked, as before this check existed."""

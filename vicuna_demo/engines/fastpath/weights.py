@@ -141,7 +141,7 @@ def _fuse_int8(modules) -> QuantWeight | None:
     return QuantWeight("int8", (start, parts[0].shape[1]), data, scale=torch.cat([p.scale for p in parts]))
 
 
-class _Linear:
+class Projection:
     """One projection as the decode step calls it: a dense weight, quantized weights read by our kernels, or the
     module(s) themselves. ``config[rows]`` is the ``matmuls.Matmul`` warm-up timing chose for that row count
     (``tuning.py``); row counts never timed (prefill) run ``matmuls.default``."""
@@ -208,7 +208,7 @@ class Norm:
         self.gemma = gemma
 
 
-class _Layer:
+class LayerWeights:
     """One decoder layer's weights as ``forward.decoder`` reads them (norms absent where the architecture has
     none); q/k/v and gate/up fused into one product each where the weights allow."""
 
@@ -229,24 +229,24 @@ class _Layer:
         qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
         self.qkv = self.gate_up = None
         if fuse and all(type(p) is torch.nn.Linear for p in qkv + gate_up):
-            self.qkv = _Linear(weight=_fuse_weights(qkv), bias=_fuse_biases(qkv))
-            self.gate_up = _Linear(weight=_fuse_weights(gate_up), bias=_fuse_biases(gate_up))
+            self.qkv = Projection(weight=_fuse_weights(qkv), bias=_fuse_biases(qkv))
+            self.gate_up = Projection(weight=_fuse_weights(gate_up), bias=_fuse_biases(gate_up))
         elif fuse and quant_kernels and len({_kind(p) for p in qkv + gate_up}) == 1 and \
                 _kind(qkv[0]) in ("nf4", "int8") and all(p.bias is None for p in qkv + gate_up):
             join = _fuse_nf4 if _kind(qkv[0]) == "nf4" else _fuse_int8
             fused_qkv, fused_gu = join(qkv), join(gate_up)
             if fused_qkv is not None and fused_gu is not None:
-                self.qkv = _Linear(modules=qkv, quant=fused_qkv)
-                self.gate_up = _Linear(modules=gate_up, quant=fused_gu)
+                self.qkv = Projection(modules=qkv, quant=fused_qkv)
+                self.gate_up = Projection(modules=gate_up, quant=fused_gu)
         if self.qkv is None:
-            self.q, self.k, self.v = (_Linear(p, quant_kernels=quant_kernels) for p in qkv)
-            self.gate, self.up = (_Linear(p, quant_kernels=quant_kernels) for p in gate_up)
+            self.q, self.k, self.v = (Projection(p, quant_kernels=quant_kernels) for p in qkv)
+            self.gate, self.up = (Projection(p, quant_kernels=quant_kernels) for p in gate_up)
         else:
             self.q = self.k = self.v = self.gate = self.up = None
         self.q_rows = attn.q_proj.out_features if hasattr(attn.q_proj, "out_features") else None
         self.kv_rows = attn.k_proj.out_features if hasattr(attn.k_proj, "out_features") else None
-        self.o = _Linear(attn.o_proj, quant_kernels=quant_kernels)
-        self.down = _Linear(mlp.down_proj, quant_kernels=quant_kernels)
+        self.o = Projection(attn.o_proj, quant_kernels=quant_kernels)
+        self.down = Projection(mlp.down_proj, quant_kernels=quant_kernels)
 
     def project_qkv(self, h: torch.Tensor):
         if self.qkv is None:
