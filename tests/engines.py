@@ -51,6 +51,7 @@ class RecordingEngine:
     defaults: SamplingParams | None = None     # None: the service's defaults apply (a model recommending none)
     unsupported_params: frozenset[str] = frozenset()
     ready = True
+    continues_replies = False
 
     @property
     def status(self) -> str:
