@@ -38,9 +38,11 @@ def create_app(settings: Settings, engines: dict | None = None):
     from vicuna_demo.serving import quiet_malformed_requests, stop_server_trusting_proxy_headers
     from vicuna_demo.services.runtime import build_runtime
     from vicuna_demo.ui import build_ui
+    from vicuna_demo.ui.input_errors import quiet_bad_inputs
 
     stop_server_trusting_proxy_headers()  # the peer reaches the app as is; --forwarded-allow-ips decides
     quiet_malformed_requests()  # a crafted request gradio fails on is one console line, not a traceback
+    quiet_bad_inputs()  # and so are input values gradio refuses (a path never uploaded, text for a number)
     runtime = build_runtime(settings, engines=engines)
     demo = build_ui(runtime.service, settings, runtime.banners, battles=runtime.battles, judge=runtime.judge)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
@@ -49,21 +51,28 @@ def create_app(settings: Settings, engines: dict | None = None):
 
 def launch_kwargs(settings: Settings) -> dict:
     """gradio ``launch()`` arguments from the settings; raises ConfigError for a bad --auth or --forwarded-allow-ips."""
+    import functools
+
     from starlette.middleware import Middleware
 
-    from vicuna_demo.serving import (AUTH_MESSAGE, CheckQueueJoinMiddleware, ClientAddressMiddleware,
-                                      HideApiInfoBeforeLoginMiddleware, RefuseUploadsMiddleware, on_space,
+    from vicuna_demo.evaluation.questions import MAX_UPLOAD_BYTES, check_upload
+    from vicuna_demo.serving import (AUTH_MESSAGE, BodyLimitMiddleware, CheckQueueJoinMiddleware,
+                                      ClientAddressMiddleware, HideApiInfoBeforeLoginMiddleware, on_space,
                                       parse_auth, trusted_proxies)
 
     auth = parse_auth(settings.auth)
     trusted = trusted_proxies(settings, space=on_space())  # ConfigError for a bad --forwarded-allow-ips
+    # the one upload: a question file for the 📋 Evaluate tab, which exists only with a judge
+    questions = functools.partial(check_upload, max_chars=settings.max_input_chars) if settings.judge else None
     kwargs: dict = dict(server_name=settings.host, server_port=settings.port, share=settings.share or None,
                         # enough worker threads for --concurrency replies plus the quick events (Stop, Clear)
                         max_threads=max(40, settings.concurrency + 8),
-                        # who the visitor is; no uploads (nothing takes files); no API description on the login
-                        # page; crafted queue requests refused with one sentence (docs/deploy.md, "Trust rules")
-                        app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted),
-                                                   Middleware(RefuseUploadsMiddleware),
+                        # bodies capped and no upload but a checked question file; who the visitor is; no API
+                        # description on the login page; crafted queue requests refused with one sentence
+                        # (docs/deploy.md, "Trust rules")
+                        app_kwargs={"middleware": [Middleware(BodyLimitMiddleware, check_upload=questions,
+                                                              upload_bytes=MAX_UPLOAD_BYTES),
+                                                   Middleware(ClientAddressMiddleware, trusted=trusted),
                                                    Middleware(HideApiInfoBeforeLoginMiddleware),
                                                    Middleware(CheckQueueJoinMiddleware)],
                                     "openapi_url": None})  # FastAPI's schema of gradio's own routes: not needed

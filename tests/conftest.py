@@ -51,7 +51,7 @@ def tiny_llama_dir(tmp_path_factory, embedded_loaded):
 @pytest.fixture
 def launch_app(tmp_path):
     """launch_app(argv=[...], engines={...}) -> (url, runtime): the real app, in-process, on a free port."""
-    from app import create_app
+    from app import create_app, launch_kwargs
     from vicuna_demo.config import load_settings
     launched = []
 
@@ -62,7 +62,10 @@ def launch_app(tmp_path):
         settings = load_settings(argv, environ=environ or {})
         demo, runtime = create_app(settings, engines=engines)
         from vicuna_demo.ui import CSS
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=CSS)
+        # served as `python app.py` serves it: the same launch arguments, middleware included
+        kwargs = {"css": CSS, **launch_kwargs(settings), "server_name": "127.0.0.1", "server_port": None,
+                  "share": None}
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
         launched.append((demo, runtime))
         return url, runtime
 

@@ -257,3 +257,25 @@ def test_cli_evaluates_the_embedded_model_against_an_endpoint_and_prints_json(co
     assert (tmp_path / "out" / "model_answer" / "Small.jsonl").is_file()
     assert (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").is_file()
     assert not (ROOT / "logs" / "evaluation").exists()
+
+
+def test_a_flagged_reference_answer_keeps_its_question_from_every_model_and_the_judge():
+    """The reference reaches the judge, so it is moderated with the turns (a visitor's upload)."""
+    from types import SimpleNamespace
+
+    from tests.engines import RecordingEngine
+    engines = {name: RecordingEngine(name, f"{name} answers. [[A]]", delay_s=0.0) for name in ("A", "B", "Judge")}
+    questions = parse_questions('{"question_id": 1, "category": "math", "turns": ["What is 2+2?"], '
+                                '"reference": ["4, and FORBIDDEN words"]}\n'
+                                '{"question_id": 2, "category": "math", "turns": ["What is 3+3?"], "reference": ["6"]}\n')
+    checked = []
+
+    def moderate(text):
+        checked.append(text)
+        return SimpleNamespace(allowed="FORBIDDEN" not in text, status="flagged")
+
+    result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT, moderate=moderate).run(questions, "A", "B")
+    assert any("FORBIDDEN" in text for text in checked)
+    assert all("FORBIDDEN" not in text for engine in engines.values() for text in engine.texts())
+    assert result.answers["A"][1].error.startswith("stopped by content moderation")
+    assert [j.question.question_id for j in result.judgments] == [2]

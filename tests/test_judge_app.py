@@ -8,6 +8,7 @@ import logging
 import time
 import zipfile
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -136,8 +137,10 @@ def test_bad_question_files_and_choices_get_a_message(launch_app, embedded_engin
     client, _ = start(launch_app, embedded_engine, servers)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "turns": ["a", "b", "c"]}\n')
-    status, *_ = client.predict(SMALL, "Endpoint", "pairwise", handle_file(str(bad)), 16, api_name="/evaluate")
-    assert "cannot be used" in status and "line 1" in status and "3 turns" in status
+    with pytest.raises(httpx.HTTPStatusError) as refused:  # refused at the upload, before gradio stores it
+        client.predict(SMALL, "Endpoint", "pairwise", handle_file(str(bad)), 16, api_name="/evaluate")
+    assert refused.value.response.status_code == 422
+    assert refused.value.response.text == "bad.jsonl, line 1: question 1 has 3 turns; 1 or 2 are supported."
     status, *_ = client.predict(SMALL, SMALL, "pairwise", None, 16, api_name="/evaluate")
     assert "two different models" in status
     for args in (("Nope", "Endpoint", "pairwise"), (SMALL, "Endpoint", "best-of-3")):   # a crafted API call

@@ -1,8 +1,10 @@
-"""Serving the demo to other people: password protection, who the visitor is, the share link and start-up warnings.
+"""Serving the demo to other people: password protection, who the visitor is, request body caps and the one
+upload the app takes, the share link and start-up warnings.
 
     auth = parse_auth(["alice:secret", "@users.txt"])        # -> [("alice", "secret"), ...]
     trusted = trusted_proxies(settings, space=on_space())  # --forwarded-allow-ips, the Space default
-    launch(app_kwargs={"middleware": [Middleware(ClientAddressMiddleware, trusted=trusted)]})
+    launch(app_kwargs={"middleware": [Middleware(BodyLimitMiddleware, check_upload=...),
+                                      Middleware(ClientAddressMiddleware, trusted=trusted)]})
     for text in startup_warnings(settings, moderation_on=..., space=on_space()): print(loud(text))
     if settings.share and share_url is None: print(share_failed_message(local_url))
     moved = port_moved_message(asked_port(settings), used_port)    # '' when the asked port was free
@@ -106,21 +108,104 @@ class ClientAddressMiddleware:
 # -- what a visitor without a password can reach ---------------------------------------------------
 
 UPLOADS_REFUSED = "This demo takes no file uploads."
+MAX_BODY_BYTES = 8 * 1024 * 1024      # a chat of 50 long turns is well under 2 MiB of JSON
+BODY_TOO_LARGE = "The request body is larger than this demo accepts ({limit})."
 
 
-class RefuseUploadsMiddleware:
-    """ASGI middleware: ``POST /gradio_api/upload`` answers 413 before any byte of the body is read.
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:g} MiB" if n >= 1024 * 1024 else f"{n / 1024:g} KiB"
 
-    No component of this app takes files, yet gradio accepts uploads of any size on that route (and
-    stores them in its temp folder) whenever the caller may use the app at all."""
 
-    def __init__(self, app):
+class BodyLimitMiddleware:
+    """ASGI middleware: caps every request body, and lets one kind of upload through.
+
+    - Every route: a body declared larger than ``max_bytes`` (Content-Length) gets 413 before any byte is
+      read; a body without a length (chunked) is read up to the cap and refused as soon as it passes it.
+      This holds before login too (gradio checks the login inside its routes, after reading).
+    - ``POST /gradio_api/upload``: refused with 413 ``This demo takes no file uploads.`` unless the app
+      takes question files (``check_upload`` is given: a judge is set up, so the 📋 Evaluate tab offers
+      its upload). Then the body, capped at ``upload_bytes``, must be one file that
+      ``check_upload(filename, data)`` accepts (evaluation/questions.py: name, size, UTF-8, every line's
+      schema); otherwise 422 with one line per problem. Only then does gradio see (and store) it.
+
+    The body is read once here and handed on unchanged."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES, check_upload=None, upload_bytes: int = 0):
         self.app = app
+        self.max_bytes = max_bytes
+        self.check_upload = check_upload
+        self.upload_bytes = upload_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/gradio_api/upload")
+        if upload and self.check_upload is None:
             return await _plain_response(send, 413, UPLOADS_REFUSED)
-        await self.app(scope, receive, send)
+        # a multipart body is a little larger than the file it carries
+        limit = self.upload_bytes + 64 * 1024 if upload else self.max_bytes
+        headers = dict(scope.get("headers", ()))
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                return await _plain_response(send, 400, "The Content-Length header is not a number.")
+            if length > limit:
+                return await _plain_response(send, 413, BODY_TOO_LARGE.format(limit=_size(limit)))
+            if length == 0 and not upload:
+                return await self.app(scope, receive, send)
+        elif b"transfer-encoding" not in headers and not upload:
+            return await self.app(scope, receive, send)  # no body at all (GET, HEAD ...)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _plain_response(send, 413, BODY_TOO_LARGE.format(limit=_size(limit)))
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if upload:
+            problem = await self._upload_problem(scope, body)
+            if problem:
+                return await _plain_response(send, 422, problem)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _upload_problem(self, scope, body: bytes) -> str:
+        """'' when the upload is one acceptable question file, else why not (one line per problem)."""
+        from starlette.requests import Request
+
+        async def once():
+            return {"type": "http.request", "body": body, "more_body": False}
+        try:
+            form = await Request(scope, once).form(max_files=2, max_fields=10)
+        except Exception as exc:  # noqa: BLE001 - malformed multipart: say so, never a traceback
+            return f"The upload is not a well-formed multipart form ({type(exc).__name__})."
+        try:
+            files = [v for _, v in form.multi_items() if hasattr(v, "filename") and hasattr(v, "read")]
+            if len(files) != 1:
+                return "Upload exactly one question file."
+            data = await files[0].read()
+            try:
+                self.check_upload(files[0].filename or "", data)
+            except ValueError as exc:
+                return str(exc)
+            return ""
+        finally:
+            await form.close()
 
 
 class HideApiInfoBeforeLoginMiddleware:

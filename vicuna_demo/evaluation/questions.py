@@ -7,9 +7,11 @@ The Vicuna-80 and MT-Bench ``question.jsonl`` files load unchanged. ``turns`` ho
 turns; ``reference`` (a list, one entry per turn, or a single string for turn 1) is what a math or
 reasoning judge prompt compares the answers with. A line with ``text`` instead of ``turns`` (the
 original Vicuna file) is read as a one-turn question. Every problem is reported with its line
-number (``QuestionFileError``), never skipped silently.
+number (``QuestionFileError``, every bad line at once), never skipped silently.
 
-``builtin_questions()`` is the set shipped beside this file (``questions.jsonl``).
+``check_upload(filename, data)`` is the gate for a file a visitor uploads (name, size, UTF-8, schema),
+run by the serving layer before gradio stores the file. ``builtin_questions()`` is the set shipped
+beside this file (``questions.jsonl``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from pathlib import Path
 
 BUILTIN_PATH = Path(__file__).with_name("questions.jsonl")
 MAX_TURNS = 2
+MAX_REPORTED = 20                     # bad lines listed in one error
+# what a visitor may upload (the 📋 Evaluate tab): the one kind of file the app accepts
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".txt")
+MAX_UPLOAD_BYTES = 2 * 1024 * 1024    # MT-Bench's 80 questions are 30 kB
+MAX_UPLOAD_QUESTIONS = 200
 
 
 class QuestionFileError(ValueError):
@@ -80,31 +87,64 @@ def parse_question(obj, where: str) -> Question:
 def parse_questions(text: str, *, source: str = "questions", max_questions: int | None = None,
                     max_chars: int | None = None) -> list[Question]:
     """JSONL text -> questions. Blank lines are skipped; ids must be unique. ``max_questions`` and
-    ``max_chars`` (per turn) bound files that visitors upload."""
+    ``max_chars`` (per turn) bound files that visitors upload. Every bad line is reported (up to
+    ``MAX_REPORTED`` of them, one per line of the error's message), not only the first."""
     questions: list[Question] = []
     seen: dict = {}
+    problems: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{source}, line {number}"
         try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise QuestionFileError(f"{where}: not valid JSON ({exc.msg}).") from None
-        question = parse_question(obj, where)
-        if question.question_id in seen:
-            raise QuestionFileError(f"{where}: question_id {question.question_id!r} is already used on line "
-                                    f"{seen[question.question_id]}.")
-        if max_chars is not None and any(len(t) > max_chars for t in question.turns):
-            raise QuestionFileError(f"{where}: a turn of question {question.question_id!r} is longer than "
-                                    f"{max_chars:,} characters.")
+            question = _parse_line(line, where)
+            if question.question_id in seen:
+                raise QuestionFileError(f"{where}: question_id {question.question_id!r} is already used on line "
+                                        f"{seen[question.question_id]}.")
+            if max_chars is not None and any(len(t) > max_chars for t in (*question.turns, *question.reference)):
+                raise QuestionFileError(f"{where}: a turn or reference of question {question.question_id!r} is "
+                                        f"longer than {max_chars:,} characters.")
+        except QuestionFileError as exc:
+            problems.append(str(exc))
+            if len(problems) >= MAX_REPORTED:
+                problems.append(f"{source}: stopped reading after {MAX_REPORTED} bad lines.")
+                break
+            continue
         seen[question.question_id] = number
         questions.append(question)
         if max_questions is not None and len(questions) > max_questions:
-            raise QuestionFileError(f"{source}: more than {max_questions} questions; split the file.")
+            problems.append(f"{source}: more than {max_questions} questions; split the file.")
+            break
+    if problems:
+        raise QuestionFileError("\n".join(problems))
     if not questions:
         raise QuestionFileError(f"{source}: no questions (one JSON object per line).")
     return questions
+
+
+def _parse_line(line: str, where: str) -> Question:
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise QuestionFileError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)}).") from None
+    return parse_question(obj, where)
+
+
+def check_upload(filename: str, data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES,
+                 max_questions: int = MAX_UPLOAD_QUESTIONS, max_chars: int | None = None) -> list[Question]:
+    """A question file a visitor uploads, checked before the app keeps it: its name (``UPLOAD_SUFFIXES``),
+    its size, UTF-8 text, and every line's schema. Raises QuestionFileError naming each problem."""
+    name = Path(filename or "").name or "the file"
+    if Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
+        raise QuestionFileError(f"{name}: only question files are accepted here ({', '.join(UPLOAD_SUFFIXES)}: "
+                                "FastChat's JSONL question format).")
+    if len(data) > max_bytes:
+        raise QuestionFileError(f"{name}: {len(data):,} bytes; question files may have up to {max_bytes:,}.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise QuestionFileError(f"{name}: not a UTF-8 text file.") from None
+    return parse_questions(text, source=name, max_questions=max_questions, max_chars=max_chars)
 
 
 def load_questions(path: str | Path, **limits) -> list[Question]:

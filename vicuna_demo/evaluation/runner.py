@@ -18,7 +18,7 @@ the rest of the run goes on.
 Fair share: ``max_in_flight`` bounds the requests this run has in flight at once (the app sets it
 below the engines' batch size so visitors' chats keep room); None submits everything at once (the
 command line). ``moderate`` (the app's moderator, for question sets visitors upload) checks each
-question before any model sees it. ``cancel()`` stops the run: requests in flight are cancelled.
+question (its turns and its reference answers, which reach the judge) before any model sees it. ``cancel()`` stops the run: requests in flight are cancelled.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class EvaluationRunner:
         """Why moderation keeps this question from every model, or None."""
         if self.moderate is None:
             return None
-        verdict = self.moderate("\n\n".join(question.turns))
+        verdict = self.moderate("\n\n".join((*question.turns, *question.reference)))
         if getattr(verdict, "allowed", True):
             return None
         return f"stopped by content moderation ({getattr(verdict, 'status', 'flagged')})"

@@ -33,7 +33,8 @@ from ..data.storage import JudgeVoteRecord
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
 from ..evaluation.outputs import category_table, plot_summary, summarize, write_outputs
 from ..evaluation.prompts import pairwise_prompt
-from ..evaluation.questions import Question, QuestionFileError, builtin_questions, load_questions
+from ..evaluation.questions import (MAX_UPLOAD_QUESTIONS, Question, QuestionFileError, builtin_questions,
+                                   check_upload)
 from ..evaluation.runner import JUDGE_PARAMS, EvaluationResult, EvaluationRunner
 from ..evaluation.verdicts import PairVerdict, combine, explain, parse_pair
 from .chat import RateLimiter
@@ -94,7 +95,7 @@ class JudgeService:
 
     def __init__(self, engines: Mapping[str, object], store, *, judge: str | None, moderator=None,
                  max_in_flight: int = 4, params: SamplingParams = JUDGE_PARAMS,
-                 answer_params: SamplingParams = SamplingParams(), max_questions: int = 200,
+                 answer_params: SamplingParams = SamplingParams(), max_questions: int = MAX_UPLOAD_QUESTIONS,
                  max_input_chars: int = 12000, timeout_s: float = 600.0):
         if judge and judge not in engines:
             raise KeyError(f"--judge {judge!r}: no such model")
@@ -151,11 +152,16 @@ class JudgeService:
         return len(builtin_questions())
 
     def question_set(self, path: str | None) -> list[Question]:
-        """The questions of a FastChat JSONL file a visitor gave (held to this app's limits), else the built-in
-        set. Raises QuestionFileError with a message for the visitor."""
+        """The questions of a FastChat JSONL file a visitor gave (held to the upload rules of
+        ``check_upload``, as the serving layer held the upload itself), else the built-in set.
+        Raises QuestionFileError with a message for the visitor."""
         if not path:
             return builtin_questions()
-        return load_questions(path, max_questions=self.max_questions, max_chars=self.max_input_chars)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise QuestionFileError(f"{Path(path).name}: cannot read it ({exc.strerror or exc}).") from None
+        return check_upload(Path(path).name, data, max_questions=self.max_questions, max_chars=self.max_input_chars)
 
     # -- a side-by-side round ---------------------------------------------------------------------
     def _stream_game(self, game: str, messages: list[dict], inbox: queue.Queue, cancel: threading.Event) -> None:

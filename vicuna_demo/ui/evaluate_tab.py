@@ -109,5 +109,6 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
 
     outputs = [status, summary, table, plot, archive]
     running = run.click(evaluate, [model_a, model_b, mode, questions, max_tokens], outputs, api_name="evaluate",
-                        concurrency_id="evaluate", concurrency_limit=2)
+                        concurrency_id="evaluate", concurrency_limit=2,
+                        show_progress_on=[status])  # one progress bar, not one over every output
     stop.click(None, None, None, cancels=[running], api_name=False, queue=False)
