@@ -4,6 +4,11 @@ returns, so each test chooses the verdicts. ``requests`` records every chat requ
 
     with JudgeServer(lambda messages: "Both fine. [[A]]") as judge:
         endpoint = f"name=Judge,base_url={judge.base_url},model=judge"
+
+Misbehaving as real services do: ``max_concurrent=N`` answers 429 (with ``Retry-After: retry_after``) to a
+request arriving while N are in flight; ``fail_every=K`` answers 500 to every K-th request; ``fail_when``
+(messages -> bool) answers 500 to those requests every time; ``delay_s`` slows each streamed word.
+``peak`` is the most requests seen in flight at once, ``refused`` counts the 429s and 500s sent.
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ def judged_answers(messages: list[dict]) -> tuple[str, str]:
 
 
 class JudgeServer:
-    def __init__(self, decide: Callable[[list[dict]], str], *, delay_s: float = 0.0, status: int = 200):
+    def __init__(self, decide: Callable[[list[dict]], str], *, delay_s: float = 0.0, status: int = 200,
+                 max_concurrent: int | None = None, retry_after: float = 1, fail_every: int | None = None,
+                 fail_when: Callable[[list[dict]], bool] | None = None):
         self.decide, self.delay_s, self.status = decide, delay_s, status
+        self.max_concurrent, self.retry_after, self.fail_every, self.fail_when = (max_concurrent, retry_after,
+                                                                                  fail_every, fail_when)
+        self.active = self.peak = self.received = 0
+        self.refused = {429: 0, 500: 0}
         self.requests: list[list[dict]] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -76,7 +87,35 @@ class JudgeServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 messages = body.get("messages", [])
                 with server._lock:
-                    server.requests.append(messages)
+                    server.received += 1
+                    busy = server.max_concurrent is not None and server.active >= server.max_concurrent
+                    fail = (server.fail_every and server.received % server.fail_every == 0) or \
+                        (server.fail_when is not None and server.fail_when(messages))
+                    if busy:
+                        server.refused[429] += 1
+                    elif fail:
+                        server.refused[500] += 1
+                    else:
+                        server.active += 1
+                        server.peak = max(server.peak, server.active)
+                        server.requests.append(messages)
+                if busy:
+                    self.send_response(429)
+                    self.send_header("Retry-After", f"{server.retry_after:g}")
+                    self.send_header("Content-Type", "application/json")
+                    data = b'{"error": {"message": "Too many requests in flight."}}'
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                if fail:
+                    return self._send_json(500, {"error": {"message": "Internal server error."}})
+                try:
+                    self._answer(messages)
+                finally:
+                    with server._lock:
+                        server.active -= 1
+
+            def _answer(self, messages):
                 if server.status != 200:
                     return self._send_json(server.status, {"error": {"message": "the judge is down"}})
                 text = server.decide(messages)

@@ -279,3 +279,52 @@ def test_a_flagged_reference_answer_keeps_its_question_from_every_model_and_the_
     assert all("FORBIDDEN" not in text for engine in engines.values() for text in engine.texts())
     assert result.answers["A"][1].error.startswith("stopped by content moderation")
     assert [j.question.question_id for j in result.judgments] == [2]
+
+
+def _questions_file(path: Path, n: int) -> Path:
+    lines = [json.dumps({"question_id": i, "category": ("math", "writing", "stem")[i % 3],
+                         "turns": [f"Question {i}?"] + ([f"And a follow-up to {i}?"] if i % 4 == 0 else [])})
+             for i in range(1, n + 1)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_against_throttling_servers_gets_every_verdict(tmp_path):
+    """Servers that answer 429 (Retry-After) above 8 requests in flight, 500 to every 7th request and
+    answer slowly: with retries and the per-endpoint limit, every answer and every verdict arrives."""
+    def prefers_alpha(messages):
+        first, _ = judged_answers(messages)
+        return "Thinking it over. [[A]]" if "alpha" in first else "Thinking it over. [[B]]"
+
+    rude = dict(max_concurrent=8, retry_after=0.2, fail_every=7, delay_s=0.05)
+    with JudgeServer(lambda m: "alpha answers well", **rude) as alpha, \
+            JudgeServer(lambda m: "beta answers too", **rude) as beta, JudgeServer(prefers_alpha, **rude) as judge:
+        done = _cli("--endpoint", alpha.endpoint("alpha"), "--endpoint", beta.endpoint("beta"),
+                    "--endpoint", judge.endpoint("Judge"), "--judge", "Judge", "--a", "alpha", "--b", "beta",
+                    "--endpoint-concurrency", "12", "--questions", str(_questions_file(tmp_path / "q.jsonl", 24)),
+                    "--out", str(tmp_path / "out"), "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["games"], summary["a_wins"], summary["no_verdict"], summary["problems"]) == (30, 30, 0, [])
+    refused = [server.refused for server in (alpha, beta, judge)]
+    assert all(r[500] for r in refused) and sum(r[429] for r in refused), refused   # the servers did misbehave
+    assert max(alpha.peak, beta.peak, judge.peak) <= 8
+
+
+def test_cli_with_a_failing_judge_keeps_what_succeeded_says_how_many_failed_and_exits_1(tmp_path):
+    def prefers_alpha(messages):
+        first, _ = judged_answers(messages)
+        return "[[A]]" if "alpha" in first else "[[B]]"
+
+    with JudgeServer(lambda m: "alpha answers well") as alpha, JudgeServer(lambda m: "beta answers") as beta, \
+            JudgeServer(prefers_alpha, fail_when=lambda m: "Question 2?" in m[-1]["content"]) as judge:
+        done = _cli("--endpoint", alpha.endpoint("alpha"), "--endpoint", beta.endpoint("beta"),
+                    "--endpoint", judge.endpoint("Judge", retries=1), "--judge", "Judge", "--a", "alpha",
+                    "--b", "beta", "--questions", str(_questions_file(tmp_path / "q.jsonl", 3)),
+                    "--out", str(tmp_path / "out"), "--json")
+    assert done.returncode == 1
+    assert "the evaluation is incomplete: 1 of 3 judgments failed" in done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["a_wins"], summary["no_verdict"]) == (2, 1)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").open()]
+    assert [r["g1_winner"] for r in rows] == ["model_1", "error", "model_1"] and "500" in rows[1]["error"]

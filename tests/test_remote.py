@@ -326,19 +326,30 @@ def test_server_killed_mid_stream_errors_that_reply_while_the_local_reply_finish
 
 
 # -- faults, one reply each -----------------------------------------------------------------------
-def test_429_names_the_endpoint_and_the_retry_delay(spec, gateway, make_engine):
+def test_429_names_the_endpoint_and_the_retry_delay_once_the_retries_are_spent(spec, gateway, make_engine):
     gateway.fail_next(429, retry_after=7)
     with pytest.raises(EngineError) as caught:
-        ask(make_engine(spec), "Hi")
+        ask(make_engine(dataclasses.replace(spec, retries=0)), "Hi")
     assert str(caught.value) == (f"Smol-remote at {gateway.base_url} is rate limiting requests or is overloaded "
                                  "(429 Too Many Requests). Please retry in 7 s.")
+
+
+def test_429_and_5xx_are_retried_after_retry_after_and_the_reply_comes(spec, gateway, make_engine):
+    gateway.fail_next(429, retry_after=1)
+    gateway.fail_next(503, message="Model is loading")
+    engine = make_engine(spec)
+    started = time.monotonic()
+    text, stats = ask(engine, "What is the capital of France?")
+    assert "Paris" in text and stats.finish_reason in ("stop", "length")
+    assert time.monotonic() - started >= 1.0                             # the server's Retry-After was honoured
+    assert [r.status for r in gateway.chat_requests()] == [429, 503, 200] and engine.retried == 2
 
 
 def test_server_error_and_unreachable_endpoint_give_clear_messages(spec, gateway, make_engine):
     gateway.fail_next(503, message="Model is loading")
     with pytest.raises(EngineError, match=r"Smol-remote at .* failed with an error \(503\): Model is loading"):
-        ask(make_engine(spec), "Hi")
-    down = make_engine(EndpointSpec(name="Down", base_url="http://127.0.0.1:9/v1", model="m"))
+        ask(make_engine(dataclasses.replace(spec, retries=0)), "Hi")
+    down = make_engine(EndpointSpec(name="Down", base_url="http://127.0.0.1:9/v1", model="m", retries=0))
     with pytest.raises(EngineError, match=r"Cannot reach Down at http://127.0.0.1:9/v1 \(ConnectError\)"):
         ask(down, "Hi")
 
@@ -347,7 +358,7 @@ def test_a_silent_server_times_out_with_a_message(spec, gateway, make_engine):
     gateway.hang_next(4)
     started = time.monotonic()
     with pytest.raises(EngineError, match=r"Smol-remote at .* did not answer within 1 s"):
-        ask(make_engine(spec, timeout_s=1), "Hi")
+        ask(make_engine(dataclasses.replace(spec, retries=0), timeout_s=1), "Hi")
     assert time.monotonic() - started < 4
 
 
@@ -452,3 +463,37 @@ def test_a_repetition_penalty_reaches_the_server_only_when_set_and_a_refusal_is_
     assert request.body["repetition_penalty"] == 1.3 and request.status in (400, 422)
     assert str(caught.value).startswith(f"Smol-remote at {gateway.base_url} does not accept a repetition penalty")
     assert "set it to 1.0 for this model" in str(caught.value)
+
+
+# -- an endpoint as a real service: its concurrency limit, 429s and Retry-After ----------------------
+def test_an_endpoint_never_gets_more_than_its_concurrency_and_a_429_lowers_the_limit():
+    from tests.judge_server import JudgeServer
+    with JudgeServer(lambda m: "a slow answer of several words", delay_s=0.05, max_concurrent=3,
+                     retry_after=0.1) as server:
+        engine = RemoteEngine(EndpointSpec.parse(server.endpoint("Slow", concurrency=2)))
+        try:
+            replies = [engine.stream(engine.prepare([{"role": "user", "content": f"q{i}"}], GREEDY), GREEDY)
+                       for i in range(6)]
+            assert ["".join(r) for r in replies] == ["a slow answer of several words"] * 6
+            assert server.peak == 2 and server.refused[429] == 0
+        finally:
+            engine.close()
+        engine = RemoteEngine(EndpointSpec.parse(server.endpoint("Eager", concurrency=10)))
+        try:
+            replies = [engine.stream(engine.prepare([{"role": "user", "content": f"q{i}"}], GREEDY), GREEDY)
+                       for i in range(10)]
+            assert all("".join(r) == "a slow answer of several words" for r in replies)   # every one, after 429s
+            assert server.refused[429] and server.peak == 3 and engine._slots.limit < 10   # lowered, creeping up
+        finally:
+            engine.close()
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    import email.utils
+    from types import SimpleNamespace
+    from vicuna_demo.engines.remote import retry_after_s
+    assert retry_after_s(SimpleNamespace(headers={"retry-after": "7"})) == 7.0
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after_s(SimpleNamespace(headers={"retry-after": later})) <= 31
+    assert retry_after_s(SimpleNamespace(headers={})) is None
+    assert retry_after_s(SimpleNamespace(headers={"retry-after": "soon"})) is None

@@ -12,6 +12,7 @@ Model and endpoint specs (``--model``, ``--endpoint``) are parsed in ``specs.py`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -40,6 +41,7 @@ class Settings:
     load_4bit: bool = False
     device: str = "auto"
     judge: str | None = None          # the model (a --model or --endpoint name) that judges answers
+    endpoint_concurrency: int = 16    # requests in flight at once per endpoint without its own concurrency=
     # performance
     engine: str = "auto"
     max_batch_requests: int | None = None
@@ -111,7 +113,11 @@ _OPTIONS: tuple[_Opt, ...] = (
          "[,8bit|,4bit][,device=][,ctx=]. Default: lmsys/vicuna-7b-v1.5 with a GPU, else the embedded offline SmolLM2.",
          metavar="SPEC"),
     _Opt("models", "--endpoint", "endpoints", "list", "Remote OpenAI-compatible model (repeatable): "
-         "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=N][,ctx=N][,timeout=S].", metavar="SPEC"),
+         "name=,base_url=,model=[,key_env=VAR][,note=][,max_tokens=N][,ctx=N][,timeout=S][,concurrency=N][,retries=N].",
+         metavar="SPEC"),
+    _Opt("models", "--endpoint-concurrency", "endpoint_concurrency", "int", "Requests in flight at once per "
+         "--endpoint (more wait their turn in the app); an endpoint's own concurrency=N wins. Requests refused with "
+         "429 or 5xx, or timed out before any text, are retried with backoff, honouring Retry-After.", low=1),
     _Opt("models", "--load-8bit", "load_8bit", "bool", "Load every local model in 8-bit through bitsandbytes."),
     _Opt("models", "--load-4bit", "load_4bit", "bool", "Load every local model in 4-bit (NF4, fp16 compute) through "
          "bitsandbytes: a quarter of fp16's memory (Vicuna-13B on a 16 GB card, 33B on a 24 GB card)."),
@@ -363,7 +369,9 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     device = values.get("device") or "auto"
     values["models"] = tuple(ModelSpec.parse(s, default_8bit=load_8bit, default_4bit=load_4bit, default_device=device)
                              for s in values.get("models", []))
-    values["endpoints"] = tuple(EndpointSpec.parse(s) for s in values.get("endpoints", []))
+    per_endpoint = values.get("endpoint_concurrency", Settings.endpoint_concurrency)
+    values["endpoints"] = tuple(dataclasses.replace(spec, concurrency=spec.concurrency or per_endpoint)
+                                for spec in (EndpointSpec.parse(s) for s in values.get("endpoints", [])))
     if "auth" in values:
         values["auth"] = tuple(values["auth"])
     if "identity_words" in values:

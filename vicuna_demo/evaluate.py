@@ -14,8 +14,9 @@ file is the operator's own, so it is trusted: it is not sent to the moderation s
 📋 Evaluate tab moderates questions, since visitors choose them there). Nothing is written to the
 app's conversation log.
 
-Exit status: 0 when the judge gave verdicts, 1 when a model failed to load or no judgment gave a
-verdict (the files are still written), 2 for a bad flag or question file.
+Exit status: 0 when every answer and judgment succeeded; 1 when a model failed to load, or anything
+failed (an answer missing, a judge request failing after its retries, a cancelled run: stderr says how
+many; the files keep what succeeded) or no judgment gave a verdict; 2 for a bad flag or question file.
 """
 
 from __future__ import annotations
@@ -139,8 +140,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(format_summary(summary))
         print(f"Outputs: {', '.join(str(p) for p in paths)}")
-    verdicts = [j for j in result.judgments if j.outcome != "no_verdict"]
-    return 0 if verdicts else 1
+    return exit_status(result)
+
+
+def exit_status(result) -> int:
+    """0 when everything was answered and judged; 1 when anything failed (a missing answer, a failed or
+    timed-out judge request, a cancelled run) or no judgment gave a verdict. The files keep what succeeded."""
+    failed = failures(result)
+    if failed:
+        print(f"error: the evaluation is incomplete: {failed}. The outputs keep everything that succeeded.",
+              file=sys.stderr)
+        return 1
+    if not any(j.outcome != "no_verdict" for j in result.judgments):
+        print("error: no judgment gave a verdict.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def failures(result) -> str:
+    """'' or what failed, counted: "3 of 160 answers missing, 2 of 80 judgments failed"."""
+    answers = [a for by_question in result.answers.values() for a in by_question.values()]
+    missing = sum(1 for a in answers if not a.complete)
+    judged = sum(1 for j in result.judgments if j.error)
+    parts = [f"{missing} of {len(answers)} answers missing"] if missing else []
+    parts += [f"{judged} of {len(result.judgments)} judgments failed"] if judged else []
+    parts += ["the run was cancelled"] if result.cancelled else []
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

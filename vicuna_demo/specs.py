@@ -97,6 +97,8 @@ class EndpointSpec:
     max_tokens: int | None = None
     ctx: int | None = None             # context window in tokens: old turns are dropped client-side to fit
     timeout: float | None = None       # seconds of silence before a reply is abandoned
+    concurrency: int | None = None     # requests in flight at once (None: --endpoint-concurrency)
+    retries: int | None = None         # retries of a request refused with 429 / 5xx / a timeout (None: 4)
 
     @classmethod
     def parse(cls, text: str) -> "EndpointSpec":
@@ -110,7 +112,9 @@ class EndpointSpec:
                 raise ConfigError(f"--endpoint '{text}': '{part}' is not key=value.")
             if key in ("name", "base_url", "url", "model", "key_env", "note"):
                 values["base_url" if key == "url" else key] = value.strip()
-            elif key in ("max_tokens", "ctx") and value.strip().isdigit() and int(value) > 0:
+            elif key in ("max_tokens", "ctx", "concurrency") and value.strip().isdigit() and int(value) > 0:
+                values[key] = int(value)
+            elif key == "retries" and value.strip().isdigit() and int(value) <= 10:
                 values[key] = int(value)
             elif key == "timeout" and value.strip().replace(".", "", 1).isdigit() and float(value) > 0:
                 values["timeout"] = float(value)
@@ -119,7 +123,7 @@ class EndpointSpec:
                                   "variable and pass its name with key_env=VARIABLE.")
             else:
                 raise ConfigError(f"--endpoint '{text}': cannot read '{part}' (use name=, base_url=, model=, "
-                                  "key_env=, note=, max_tokens=N, ctx=N, timeout=SECONDS).")
+                                  "key_env=, note=, max_tokens=N, ctx=N, timeout=SECONDS, concurrency=N, retries=0-10).")
         missing = [k for k in ("name", "base_url", "model") if k not in values]
         if missing:
             raise ConfigError(f"--endpoint '{text}': missing {', '.join(missing)} "

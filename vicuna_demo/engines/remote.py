@@ -18,7 +18,15 @@ chunk into a delta on a queue; the caller's thread iterates the queue. ``cancel(
 button, or the caller walking away) cancels that coroutine, which closes the HTTP response: the
 server sees the connection drop and stops generating.
 
-Faults never escape their reply: an unreachable endpoint, 401/403, 404, 429, 5xx, a timeout, a
+A real service, treated as one: at most ``concurrency`` requests per endpoint are in flight
+(``concurrency=N`` in the spec, else ``--endpoint-concurrency``, default 16); the rest wait in the app.
+A 429 lowers that limit to what the server was serving when it refused (``Slots``); it creeps back up.
+A request refused with 429 or 5xx, or that timed out or could not connect before any text arrived, is
+sent again up to ``retries`` times (``retries=N``, default 4) after the server's Retry-After, or an
+exponential backoff with jitter (0.5 s doubling to 8 s). Text already shown is never repeated: a
+stream that breaks midway is reported, not retried.
+
+Faults never escape their reply (once the retries are spent): an unreachable endpoint, 401/403, 404, 429, 5xx, a timeout, a
 stream that breaks midway, ends without a finish reason or sends a chunk that is not a chat
 chunk all become one ``EngineError`` that names the endpoint (display name and URL, never the key).
 
@@ -43,9 +51,12 @@ in the reply.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import itertools
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -67,6 +78,11 @@ CONNECT_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 3.0
 CHARS_PER_TOKEN = 3           # English averages ~4 characters per token; 3 leaves room for code and other scripts
 NO_KEY = "EMPTY"              # sent when the spec names no key variable
+DEFAULT_CONCURRENCY = 16      # requests in flight per endpoint (--endpoint-concurrency, concurrency=N)
+DEFAULT_RETRIES = 4           # a 429 / 5xx / time-out is sent again up to this many times (retries=N)
+BACKOFF_S = 0.5               # first backoff without Retry-After; doubles per retry, with jitter ...
+BACKOFF_MAX_S = 8.0           # ... up to this
+MAX_RETRY_AFTER_S = 60.0      # a longer Retry-After is reported to the caller instead of waited for
 _FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop",
                    "content_filter": "content_filter"}
 
@@ -94,6 +110,53 @@ def _read_key(spec: EndpointSpec, environ: Mapping[str, str]) -> tuple[str, str]
     return key, ""
 
 
+class Slots:
+    """How many requests of one endpoint may be in flight: at most ``ceiling``, and fewer after the server
+    answers 429 (the limit drops to what the server was already serving when it refused), creeping back
+    up by one after ``limit`` successes in a row. Used on the engine's event loop only."""
+
+    def __init__(self, ceiling: int):
+        self.ceiling = self.limit = max(1, ceiling)
+        self.busy = 0
+        self._successes = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.busy < self.limit)
+            self.busy += 1
+
+    def release(self, *, ok: bool = False, throttled: bool = False) -> None:
+        self.busy -= 1
+        if throttled:
+            self.limit, self._successes = max(1, min(self.limit, self.busy)), 0
+        elif ok and self.limit < self.ceiling:
+            self._successes += 1
+            if self._successes >= self.limit:
+                self.limit, self._successes = self.limit + 1, 0
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+
+def retry_after_s(response) -> float | None:
+    """The Retry-After header of an HTTP response in seconds (a number or an HTTP date), or None."""
+    value = (response.headers.get("retry-after", "") if response is not None else "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
 class RemoteEngine:
     """Implements ``generation.Engine`` for a model behind an OpenAI-compatible chat endpoint."""
 
@@ -109,6 +172,10 @@ class RemoteEngine:
         self.timeout_s = float(timeout_s or spec.timeout or DEFAULT_TIMEOUT_S)
         self._key, self.key_problem = _read_key(spec, os.environ if environ is None else environ)
         self._usage_option = True         # cleared when the server refuses stream_options
+        self.concurrency = spec.concurrency or DEFAULT_CONCURRENCY
+        self.retries = DEFAULT_RETRIES if spec.retries is None else spec.retries
+        self.retried = 0                  # requests sent again after a 429 / 5xx / time-out (for reports)
+        self._slots = Slots(self.concurrency)
         self._closed = threading.Event()
         self._active: set[Future] = set()
         self._active_lock = threading.Lock()
@@ -175,7 +242,7 @@ class RemoteEngine:
         if params.repetition_penalty != 1.0:   # not an OpenAI field: only when asked for (module docstring)
             request["extra_body"] = {"repetition_penalty": float(params.repetition_penalty)}
         reply = RemoteReply(self)
-        future = asyncio.run_coroutine_threadsafe(self._pump(request, reply._inbox.put), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._pump(request, reply._inbox.put, reply), self._loop)
         reply._future = future
         with self._active_lock:
             self._active.add(future)
@@ -198,16 +265,50 @@ class RemoteEngine:
                 log.info("%s: the endpoint refuses stream_options; token counts will come from the chunks", self.name)
         return await self._client.chat.completions.create(**request)
 
-    async def _pump(self, request: dict, put) -> None:
-        """Send the request and put ("delta", text, t) / ("usage", n, t) / ("end", reason, t) / ("error", msg, t)."""
+    async def _pump(self, request: dict, put, reply: "RemoteReply") -> None:
+        """Send the request and put ("delta", text, t) / ("usage", n, t) / ("end", reason, t) / ("error", msg, t).
+
+        At most ``concurrency`` requests of this engine are in flight; the others wait their turn. A
+        request refused with 429 or 5xx, or that timed out or could not connect, is sent again after a
+        backoff (the server's Retry-After when it gives one), up to ``retries`` times, as long as no text
+        has reached the caller (a reply is never repeated)."""
+        for attempt in itertools.count():
+            progress = {"opened": False, "sent": False}
+            reply._waiting = True
+            await self._slots.acquire()
+            reply._waiting = False
+            try:
+                await self._stream_once(request, put, progress)
+                self._slots.release(ok=True)
+                return
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception as exc:  # noqa: BLE001 - every fault becomes this reply's message
+                self._slots.release(throttled=isinstance(exc, openai.RateLimitError))
+                delay = None if progress["sent"] else self.retry_delay(exc, attempt)
+                if delay is None:
+                    message = self.describe_error(exc, midway=progress["opened"])
+                    log.warning("%s", message)
+                    put(("error", message, time.perf_counter()))
+                    return
+                log.info("%s at %s: %s; retry %d of %d in %.1f s", self.name, self.url, type(exc).__name__,
+                         attempt + 1, self.retries, delay)
+            reply._waiting = True
+            self.retried += 1
+            await asyncio.sleep(delay)
+
+    async def _stream_once(self, request: dict, put, progress: dict) -> None:
         stream = None
         finish = None
         try:
             stream = await self._open(request)
+            progress["opened"] = True
             async for chunk in stream:
                 text, reason, n_tokens = self._read_chunk(chunk)
                 now = time.perf_counter()
                 if text:
+                    progress["sent"] = True
                     put(("delta", text, now))
                 if n_tokens is not None:
                     put(("usage", n_tokens, now))
@@ -215,18 +316,28 @@ class RemoteEngine:
             if finish is None:
                 raise MalformedChunk("the stream ended before the reply was complete (no finish_reason)")
             put(("end", finish, time.perf_counter()))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every fault becomes this reply's message
-            message = self.describe_error(exc, midway=stream is not None)
-            log.warning("%s", message)
-            put(("error", message, time.perf_counter()))
         finally:
             if stream is not None:
                 try:
                     await stream.close()
                 except Exception:  # noqa: BLE001 - the connection is gone either way
                     pass
+
+    def retry_delay(self, exc: BaseException, attempt: int) -> float | None:
+        """Seconds to wait before sending a failed request again, or None (do not retry): 429, 5xx, time-outs
+        and connection errors are retried ``retries`` times, after the server's Retry-After when it gives
+        one (up to MAX_RETRY_AFTER_S; a longer wait is reported instead), else after an exponential backoff
+        with jitter."""
+        if attempt >= self.retries:
+            return None
+        status = getattr(exc, "status_code", None)
+        if not (isinstance(exc, (openai.RateLimitError, openai.APIConnectionError))
+                or (isinstance(exc, openai.APIStatusError) and isinstance(status, int) and status >= 500)):
+            return None
+        after = retry_after_s(getattr(exc, "response", None))
+        if after is not None:
+            return after if after <= MAX_RETRY_AFTER_S else None
+        return min(BACKOFF_MAX_S, BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.0)
 
     @staticmethod
     def _read_chunk(chunk: Any) -> tuple[str, str | None, int | None]:
@@ -304,6 +415,7 @@ class RemoteReply:
         self._submitted = time.perf_counter()
         self._future: Future | None = None
         self._cancelled = threading.Event()
+        self._waiting = False             # queued behind the endpoint's concurrency limit, or backing off
 
     def cancel(self) -> None:
         """Close the HTTP stream (the server stops generating) and end the iteration."""
@@ -328,6 +440,8 @@ class RemoteReply:
                 try:
                     kind, value, at = self._inbox.get(timeout=patience)
                 except queue.Empty:
+                    if self._waiting:      # waiting for its turn or its retry is not silence
+                        continue
                     raise EngineError(f"{engine.name} ({engine.url}) stopped answering; the reply was abandoned.") \
                         from None
                 if kind == "delta":
