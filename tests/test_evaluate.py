@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -328,3 +329,84 @@ def test_cli_with_a_failing_judge_keeps_what_succeeded_says_how_many_failed_and_
     assert (summary["a_wins"], summary["no_verdict"]) == (2, 1)
     rows = [json.loads(line) for line in (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").open()]
     assert [r["g1_winner"] for r in rows] == ["model_1", "error", "model_1"] and "500" in rows[1]["error"]
+
+
+def _prefers_alpha(messages):
+    first, _ = judged_answers(messages)
+    return "[[A]]" if "alpha" in first else "[[B]]"
+
+
+def _endpoints(alpha, beta, judge, **judge_extra):
+    return ["--endpoint", alpha.endpoint("alpha"), "--endpoint", beta.endpoint("beta"),
+            "--endpoint", judge.endpoint("Judge", **judge_extra), "--judge", "Judge", "--a", "alpha", "--b", "beta"]
+
+
+def test_a_rerun_into_the_same_out_computes_only_what_is_missing(tmp_path):
+    qfile, out = _questions_file(tmp_path / "q.jsonl", 4), str(tmp_path / "out")
+    with JudgeServer(lambda m: "alpha answers well") as alpha, JudgeServer(lambda m: "beta answers") as beta:
+        with JudgeServer(_prefers_alpha, fail_when=lambda m: "Question 3?" in m[-1]["content"]) as judge:
+            first = _cli(*_endpoints(alpha, beta, judge, retries=0), "--questions", str(qfile), "--out", out, "--json")
+        assert first.returncode == 1 and "1 of 5 judgments failed" in first.stderr
+        asked = len(alpha.requests), len(beta.requests)
+        with JudgeServer(_prefers_alpha) as judge:
+            second = _cli(*_endpoints(alpha, beta, judge), "--questions", str(qfile), "--out", out, "--json")
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert (len(alpha.requests), len(beta.requests)) == asked          # no answer asked again
+        assert len(judge.requests) == 2                                    # only the failed judgment, both orders
+    summary = json.loads(second.stdout)
+    assert (summary["a_wins"], summary["games"], summary["no_verdict"]) == (5, 5, 0)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").open()]
+    assert len(rows) == 5 and not any("error" in r for r in rows)
+
+
+def test_answers_dir_judges_fastchat_answer_files_of_models_not_loaded(tmp_path):
+    qfile = _questions_file(tmp_path / "q.jsonl", 3)
+    folder = tmp_path / "mt_bench" / "model_answer"
+    folder.mkdir(parents=True)
+    for model, text in (("alpha", "alpha's saved answer"), ("beta", "beta's saved answer")):
+        with open(folder / f"{model}.jsonl", "w") as f:
+            for q in parse_questions(qfile.read_text()):      # FastChat's own shape: no generate_params, no error
+                f.write(json.dumps({"question_id": q.question_id, "answer_id": "x", "model_id": model,
+                                    "choices": [{"index": 0, "turns": [text] * len(q.turns)}], "tstamp": 1.0}) + "\n")
+    with JudgeServer(_prefers_alpha) as judge:
+        done = _cli("--endpoint", judge.endpoint("Judge"), "--judge", "Judge", "--a", "alpha", "--b", "beta",
+                    "--answers", str(tmp_path / "mt_bench"), "--questions", str(qfile), "--out",
+                    str(tmp_path / "out"), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert (summary["a_wins"], summary["games"]) == (3, 3)
+    assert all("alpha's saved answer" in m[-1]["content"] for m in judge.requests)
+
+
+def test_ctrl_c_writes_what_is_done_and_a_rerun_finishes_the_rest(tmp_path):
+    import signal
+    qfile, out = _questions_file(tmp_path / "q.jsonl", 6), tmp_path / "out"
+    hold = {"on": True}
+
+    def slow_on_question_6(messages):
+        while hold["on"] and "Question 6?" in messages[-1]["content"]:
+            time.sleep(0.05)
+        return _prefers_alpha(messages)
+
+    with JudgeServer(lambda m: "alpha answers well") as alpha, JudgeServer(lambda m: "beta answers") as beta, \
+            JudgeServer(slow_on_question_6) as judge:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "vicuna_demo.evaluate", *_endpoints(alpha, beta, judge),
+                                 "--questions", str(qfile), "--out", str(out), "--json"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:                       # wait until all but question 6 are judged
+            if line.startswith("judgments: 12/14"):     # 2 requests (both orders) per judgment
+                break
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        hold["on"] = False
+        assert proc.returncode == 130, stderr[-2000:]
+        assert "Traceback" not in stderr and "Interrupted: what was done is written" in stderr
+        answers = [json.loads(line) for line in (out / "model_answer" / "alpha.jsonl").open()]
+        assert len(answers) == 6 and not any("error" in a for a in answers)
+        assert json.loads(stdout)["a_wins"] == 6
+        asked = len(judge.requests)
+        done = _cli(*_endpoints(alpha, beta, judge), "--questions", str(qfile), "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["a_wins"] == 7
+    assert len(judge.requests) - asked == 2                           # question 6 only, in both orders

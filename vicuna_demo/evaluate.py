@@ -26,9 +26,12 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
+from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError, build_parser, default_model_specs, load_settings
+from .evaluation.outputs import answer_file
 
 DEFAULT_JUDGE_TOKENS = 1024
 
@@ -43,6 +46,10 @@ def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", dest="eval_out", metavar="DIR", help="Folder for the answers, judgments and summary.")
     group.add_argument("--mode", dest="eval_mode", choices=("pairwise", "single"), default="pairwise",
                        help="pairwise: A against B, both answer orders (default); single: grade each answer 1-10.")
+    group.add_argument("--answers", dest="eval_answers", metavar="DIR",
+                       help="Judge existing answers: a FastChat benchmark folder (DIR/model_answer/<model>.jsonl, ours "
+                            "or FastChat's). A model whose answers are all there needs no --model or --endpoint; "
+                            "missing answers are generated.")
     group.add_argument("--json", dest="eval_json", action="store_true", help="Print the summary as one JSON object.")
 
 
@@ -73,7 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, object]:
     if flags.eval_b and flags.eval_a == flags.eval_b:
         raise ConfigError(f"--a and --b are both {flags.eval_a!r}: compare two different models.")
     names = [m.display_name for m in settings.models] + [e.name for e in settings.endpoints]
+    if flags.eval_answers and not Path(flags.eval_answers).is_dir():
+        raise ConfigError(f"--answers {flags.eval_answers}: not a folder (a FastChat benchmark folder with "
+                          "model_answer/<model>.jsonl).")
     for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
+        if name and flags.eval_answers and answer_file(flags.eval_answers, name).is_file():
+            continue
         if name and names and name not in names:
             raise ConfigError(f"{flag} {name!r}: no --model or --endpoint has that name; the models are: "
                               f"{', '.join(names)}.")
@@ -94,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .engines.protocol import SamplingParams
     from .evaluation.outputs import format_summary, summarize, write_outputs
     from .evaluation.runner import JUDGE_PARAMS, EvaluationRunner
     from .loading import LoadError, check_spec, cuda_available
@@ -106,14 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoadError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    models = [m for m in (flags.eval_a, flags.eval_b) if m]
+    reuse_answers = earlier_answers(flags, models, questions)
+    reuse_judgments = earlier_judgments(flags, settings.judge, questions)
     try:
         for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
-            if name and name not in runtime.service.engines:
+            complete = name and len([a for a in reuse_answers.get(name, {}).values() if a.complete]) == len(questions)
+            if name and name not in runtime.service.engines and not complete:
                 print(f"error: {flag} {name!r}: no model has that name; the models are: "
                       f"{', '.join(runtime.service.engines)}.", file=sys.stderr)
                 return 2
-        answer_params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                       max_new_tokens=settings.max_new_tokens)
+        # each model's recommended sampling (its generation_config.json, repetition penalty included) with the
+        # flags given over it: what the chat tab starts from
+        answer_params = {m: runtime.service.defaults_for(m) for m in models if m in runtime.service.engines}
         judge_params = dataclasses.replace(JUDGE_PARAMS, max_new_tokens=min(DEFAULT_JUDGE_TOKENS,
                                                                             settings.max_new_tokens_limit))
         runner = EvaluationRunner(runtime.service.engines, judge=settings.judge, answer_params=answer_params,
@@ -126,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 last[stage] = done
                 print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
-        result = runner.run(questions, flags.eval_a, flags.eval_b, mode=flags.eval_mode, progress=progress)
+        result, interrupted = run_until_done_or_interrupted(
+            runner, lambda: runner.run(questions, flags.eval_a, flags.eval_b, mode=flags.eval_mode, progress=progress,
+                                       reuse_answers=reuse_answers, reuse_judgments=reuse_judgments))
     finally:
         runtime.close()
     summary = summarize(result)
@@ -140,7 +158,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(format_summary(summary))
         print(f"Outputs: {', '.join(str(p) for p in paths)}")
+    if interrupted:
+        print("Interrupted: what was done is written; run the same command again to compute only what is missing.",
+              file=sys.stderr)
+        return 130
     return exit_status(result)
+
+
+def earlier_answers(flags, models: list[str], questions) -> dict:
+    """model -> question_id -> Answer from --answers DIR, then from --out (an earlier run of this command,
+    whose complete answers win): what a rerun need not generate again."""
+    from .evaluation.outputs import read_answers
+    found: dict = {model: {} for model in models}
+    for folder in (flags.eval_answers, flags.eval_out):
+        if folder and Path(folder).is_dir():
+            for model in models:
+                for qid, answer in read_answers(folder, model, questions).items():
+                    if answer.complete or qid not in found[model]:
+                        found[model][qid] = answer
+    return found
+
+
+def earlier_judgments(flags, judge: str, questions) -> dict:
+    """Judgment.key -> Judgment of an earlier run into the same --out (same judge and mode)."""
+    from .evaluation.outputs import read_judgments
+    if not Path(flags.eval_out).is_dir():
+        return {}
+    return read_judgments(flags.eval_out, judge, flags.eval_mode, questions)
+
+
+def run_until_done_or_interrupted(runner, work) -> tuple[object, bool]:
+    """Run ``work()`` (the evaluation) in a thread; Ctrl-C cancels the runner, whose result then holds what
+    was done. -> (result, interrupted)."""
+    outcome: dict = {}
+    finished = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C can report a live thread dead
+
+    def target():
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=target, name="evaluation", daemon=True).start()
+    interrupted = False
+    while not finished.is_set():
+        try:
+            finished.wait(0.2)
+        except KeyboardInterrupt:
+            if not interrupted:
+                print("\nStopping: cancelling the requests in flight and writing what is done ...", file=sys.stderr,
+                      flush=True)
+            interrupted = True
+            runner.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], interrupted
 
 
 def exit_status(result) -> int:

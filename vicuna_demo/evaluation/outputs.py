@@ -27,7 +27,9 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from .runner import EvaluationResult, Judgment
+from .questions import Question
+from .verdicts import PairVerdict
+from .runner import Answer, EvaluationResult, Judgment
 
 _FASTCHAT_WINNER = {"model_a": "model_1", "model_b": "model_2", "tie": "tie", None: "error"}
 
@@ -125,7 +127,8 @@ def answer_record(answer) -> dict:
     turns = list(answer.turns) + [""] * (len(answer.question.turns) - len(answer.turns))
     record = {"question_id": answer.question.question_id, "answer_id": uuid.uuid4().hex[:22],
               "model_id": answer.model, "choices": [{"index": 0, "turns": turns}], "tstamp": answer.tstamp,
-              "generate_params": answer.params}
+              "generate_params": answer.params, "n_tokens": answer.n_tokens,
+              "finish_reasons": list(answer.finish_reasons)}
     if not answer.complete:
         record["error"] = answer.error or "incomplete"
     return record
@@ -147,6 +150,90 @@ def judgment_record(j: Judgment) -> dict:
     if j.error:
         record["error"] = j.error
     return record
+
+
+# -- reading earlier runs back (reuse and resume) ----------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file; unreadable lines are skipped (a run cut off mid-line)."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def answer_file(folder: str | Path, model: str) -> Path:
+    """Where a model's answers are in a FastChat benchmark folder (or in its model_answer/ folder itself)."""
+    folder = Path(folder)
+    inside = folder / "model_answer" if (folder / "model_answer").is_dir() else folder
+    return inside / f"{safe_name(model)}.jsonl"
+
+
+def read_answers(folder: str | Path, model: str, questions: list[Question]) -> dict:
+    """question_id -> Answer from FastChat's ``model_answer/<model>.jsonl`` (ours or FastChat's): the
+    first choice's turns of each question asked. Records with ``error`` or empty turns are incomplete
+    (asked again); records of other questions are ignored."""
+    by_id = {q.question_id: q for q in questions}
+    answers = {}
+    for record in _read_jsonl(answer_file(folder, model)):
+        question = by_id.get(record.get("question_id"))
+        choices = record.get("choices")
+        if question is None or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            continue
+        turns = choices[0].get("turns")
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            continue
+        done = [t for t in turns[:len(question.turns)] if t]
+        answers[question.question_id] = Answer(
+            question=question, model=model, params=record.get("generate_params") or {}, turns=done,
+            finish_reasons=list(record.get("finish_reasons") or []), n_tokens=int(record.get("n_tokens") or 0),
+            error=record.get("error") or (None if len(done) == len(question.turns) else "incomplete"),
+            tstamp=float(record.get("tstamp") or 0.0))
+    return answers
+
+
+_FROM_FASTCHAT = {"model_1": "model_a", "model_2": "model_b", "tie": "tie"}
+
+
+def judgment_file(folder: str | Path, judge: str, mode: str) -> Path:
+    return Path(folder) / "model_judgment" / f"{safe_name(judge)}_{'pair' if mode == 'pairwise' else 'single'}.jsonl"
+
+
+def read_judgments(folder: str | Path, judge: str, mode: str, questions: list[Question]) -> dict:
+    """Judgment.key -> Judgment from an earlier run's ``model_judgment`` file (the same judge and mode); the
+    texts are kept so the verdicts are read again by today's rules."""
+    by_id = {q.question_id: q for q in questions}
+    judgments = {}
+    for record in _read_jsonl(judgment_file(folder, judge, mode)):
+        question = by_id.get(record.get("question_id"))
+        name = record.get("judge")
+        if question is None or not isinstance(name, list) or len(name) != 2 or name[0] != judge:
+            continue
+        common = dict(question=question, turn=int(record.get("turn") or 1), judge=judge, prompt_name=str(name[1]),
+                      error=record.get("error"), tstamp=float(record.get("tstamp") or 0.0))
+        if mode == "pairwise":
+            judgment = Judgment(**common, model_a=str(record.get("model_1")), model_b=str(record.get("model_2")),
+                                g1_prompt=str(record.get("g1_user_prompt") or ""),
+                                g1_text=str(record.get("g1_judgment") or ""),
+                                g2_prompt=str(record.get("g2_user_prompt") or ""),
+                                g2_text=str(record.get("g2_judgment") or ""))
+            g1, g2 = (_FROM_FASTCHAT.get(record.get(k)) for k in ("g1_winner", "g2_winner"))
+            judgment.verdict = PairVerdict(g1=g1, g2=g2)
+        else:
+            judgment = Judgment(**common, model_a=str(record.get("model")), g1_prompt=str(record.get("user_prompt") or ""),
+                                g1_text=str(record.get("judgment") or ""))
+            score = record.get("score")
+            judgment.score = float(score) if isinstance(score, (int, float)) and score >= 0 else None
+        judgments[judgment.key] = judgment
+    return judgments
 
 
 def _write_jsonl(path: Path, records) -> None:

@@ -60,6 +60,7 @@ class Answer:
     n_tokens: int = 0
     error: str | None = None          # why an answer is missing (engine error, moderation, cancelled)
     tstamp: float = field(default_factory=time.time)
+    reused: bool = False              # read from an earlier run's files (--answers, or the same --out)
 
     @property
     def complete(self) -> bool:
@@ -84,6 +85,12 @@ class Judgment:
     score: float | None = None        # single
     error: str | None = None          # the judge failed or timed out (in either game)
     tstamp: float = field(default_factory=time.time)
+    reused: bool = False              # read from the same --out of an earlier run
+
+    @property
+    def key(self) -> tuple:
+        """What identifies this judgment across runs: question, turn, the model(s), the judge."""
+        return (self.question.question_id, self.turn, self.model_a, self.model_b, self.judge)
 
     @property
     def pairwise(self) -> bool:
@@ -114,7 +121,8 @@ class EvaluationResult:
 class EvaluationRunner:
     """See the module docstring. One runner runs one evaluation at a time."""
 
-    def __init__(self, engines: Mapping[str, object], *, judge: str, answer_params: SamplingParams = SamplingParams(),
+    def __init__(self, engines: Mapping[str, object], *, judge: str,
+                 answer_params: SamplingParams | Mapping[str, SamplingParams] = SamplingParams(),
                  judge_params: SamplingParams = JUDGE_PARAMS, max_in_flight: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, moderate: Callable[[str], object] | None = None):
         self.engines = engines
@@ -193,13 +201,18 @@ class EvaluationRunner:
             return "", f"{type(exc).__name__}: {exc}"
 
     # -- stages -------------------------------------------------------------------------------
-    def params_for(self, question: Question) -> SamplingParams:
+    def params_for(self, question: Question, model: str | None = None) -> SamplingParams:
+        """``answer_params`` (the model's own when it is a mapping of model -> SamplingParams), greedy for the
+        categories with one right answer."""
+        params = self.answer_params
+        if isinstance(params, Mapping):
+            params = params.get(model) or SamplingParams()
         if question.category.lower() in GREEDY_CATEGORIES:
-            return dataclasses.replace(self.answer_params, temperature=0.0)
-        return self.answer_params
+            return dataclasses.replace(params, temperature=0.0)
+        return params
 
     def _answer(self, model: str, question: Question, blocked: str | None) -> Answer:
-        params = self.params_for(question)
+        params = self.params_for(question, model)
         answer = Answer(question=question, model=model, params=params.as_dict())
         if blocked:
             answer.error = blocked
@@ -237,8 +250,13 @@ class EvaluationRunner:
         return judgment, game1, game2
 
     def run(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
-            progress: Callable[[str, int, int], None] | None = None) -> EvaluationResult:
-        """Answer, then judge; ``progress(stage, done, total)`` with stage "answers" or "judgments"."""
+            progress: Callable[[str, int, int], None] | None = None, reuse_answers: Mapping | None = None,
+            reuse_judgments: Mapping | None = None) -> EvaluationResult:
+        """Answer, then judge; ``progress(stage, done, total)`` with stage "answers" or "judgments".
+
+        ``reuse_answers`` (model -> question_id -> Answer) and ``reuse_judgments`` (Judgment.key -> Judgment)
+        come from earlier runs: a complete answer is not asked again, and a judgment without error is
+        not asked again when every answer it judged was reused (a new answer gets a new judgment)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         if mode == "pairwise" and (b is None or a == b):
@@ -247,13 +265,13 @@ class EvaluationRunner:
         report = progress or (lambda stage, done, total: None)
         result = EvaluationResult(mode=mode, models=models, judge=self.judge, questions=list(questions))
         started = time.perf_counter()
-        result.answers = self.answer(questions, models, progress=report)
+        result.answers = self.answer(questions, models, progress=report, reuse=reuse_answers)
         result.answer_s = time.perf_counter() - started
         if self._cancel.is_set():
             result.cancelled = True
             return result
         started = time.perf_counter()
-        judgments, requests = self._plan_judgments(result)
+        judgments, requests = self._plan_judgments(result, reuse_judgments or {})
         workers = self.max_in_flight or max(1, len(requests))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
             futures = [(judgment, slot, pool.submit(self._attempt, self.judge, prompt.messages(), self.judge_params))
@@ -266,6 +284,8 @@ class EvaluationRunner:
                     judgment.error = f"{judgment.error}; {error}" if judgment.error else error
                 report("judgments", done, len(futures))
         for judgment in judgments:
+            if judgment.reused:
+                continue
             if judgment.pairwise:
                 failed = judgment.error is not None
                 judgment.verdict = combine(None if failed else parse_pair(judgment.g1_text),
@@ -278,23 +298,45 @@ class EvaluationRunner:
         return result
 
     def answer(self, questions: Sequence[Question], models: Sequence[str],
-               progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
-        """Every model's answers to every question, all submitted at once: model -> question_id -> Answer."""
+               progress: Callable[[str, int, int], None] | None = None,
+               reuse: Mapping | None = None) -> dict[str, dict]:
+        """Every model's answers to every question, all submitted at once: model -> question_id -> Answer.
+        Complete answers in ``reuse`` (model -> question_id -> Answer) are kept instead of asked again."""
         report = progress or (lambda stage, done, total: None)
         answers: dict[str, dict] = {model: {} for model in models}
-        workers = self.max_in_flight or max(1, len(questions) * len(models))
+        todo = []
+        for q in questions:
+            for model in models:
+                old = (reuse or {}).get(model, {}).get(q.question_id)
+                if old is not None and old.complete:
+                    old.reused = True
+                    answers[model][q.question_id] = old
+                else:
+                    todo.append((model, q))
+        if not todo:
+            return answers
+        asked = list({q.question_id: q for _, q in todo}.values())
+        workers = self.max_in_flight or max(1, len(todo))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
-            blocked = dict(zip([q.question_id for q in questions], pool.map(self._blocked, questions)))
-            futures = [(model, q, pool.submit(self._answer, model, q, blocked[q.question_id]))
-                       for q in questions for model in models]
+            blocked = dict(zip([q.question_id for q in asked], pool.map(self._blocked, asked)))
+            futures = [(model, q, pool.submit(self._answer, model, q, blocked[q.question_id])) for model, q in todo]
             report("answers", 0, len(futures))
             for done, (model, question, future) in enumerate(futures, start=1):
                 answers[model][question.question_id] = future.result()
                 report("answers", done, len(futures))
         return answers
 
-    def _plan_judgments(self, result: EvaluationResult) -> tuple[list[Judgment], list[tuple]]:
-        """The judgments to make and their requests (judgment, "g1"/"g2", JudgePrompt)."""
+    def _plan_judgments(self, result: EvaluationResult, reuse: Mapping) -> tuple[list[Judgment], list[tuple]]:
+        """The judgments to make and their requests (judgment, "g1"/"g2", JudgePrompt); judgments in
+        ``reuse`` over reused answers are kept as they are, with no request."""
+
+        def reused(key: tuple, answers: Sequence[Answer]) -> Judgment | None:
+            old = reuse.get(key)
+            if old is None or old.error or not all(x.reused for x in answers):
+                return None
+            old.reused = True
+            return old
+
         judgments: list[Judgment] = []
         requests: list[tuple] = []
         for question in result.questions:
@@ -306,6 +348,10 @@ class EvaluationRunner:
                         result.skipped.append(f"question {question.question_id} turn {turn}: {missing[0].model} has "
                                               f"no answer ({missing[0].error or 'missing'})")
                         continue
+                    old = reused((question.question_id, turn, *result.models, self.judge), answers)
+                    if old is not None:
+                        judgments.append(old)
+                        continue
                     judgment, game1, game2 = self._judge_pair(question, turn, *answers)
                     judgments.append(judgment)
                     requests += [(judgment, "g1", game1), (judgment, "g2", game2)]
@@ -314,6 +360,10 @@ class EvaluationRunner:
                     if len(answer.turns) < turn:
                         result.skipped.append(f"question {question.question_id} turn {turn}: {answer.model} has "
                                               f"no answer ({answer.error or 'missing'})")
+                        continue
+                    old = reused((question.question_id, turn, answer.model, None, self.judge), [answer])
+                    if old is not None:
+                        judgments.append(old)
                         continue
                     prompt = single_prompt(list(question.turns[:turn]), answer.turns[:turn],
                                            question.reference_for(turn))
