@@ -210,3 +210,27 @@ def test_a_judge_that_is_also_a_contestant_gets_a_self_preference_warning(launch
     status, summary, *_ = client.predict("Judge", None, "single", handle_file(str(question_file)), 16,
                                          api_name="/evaluate")
     assert status == "✅ Done." and "self-preference bias" in summary
+
+
+def test_stop_cancels_the_evaluation_on_the_engines_within_2_s_and_frees_the_slot(launch_app, embedded_engine,
+                                                                                  servers, question_file):
+    contestant, judge_server = servers
+    judge_server.delay_s = 1.0        # each judge answer takes seconds
+    client, runtime = start(launch_app, embedded_engine, servers)
+    job = client.submit("Endpoint", SMALL, "pairwise", handle_file(str(question_file)), 16, api_name="/evaluate")
+    deadline = time.monotonic() + 120
+    while not any(out[0].startswith("⏳ Judgments") for out in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.judge.evaluation_running
+    other = Client(client.src, verbose=False)
+    other.predict(api_name="/evaluate_stop")
+    assert runtime.judge.evaluation_running              # another visitor's Stop leaves this run alone
+    stopped_at = time.monotonic()
+    assert client.predict(api_name="/evaluate_stop").startswith("⏹ Stopped")
+    while runtime.judge.evaluation_running and time.monotonic() - stopped_at < 10:
+        time.sleep(0.05)
+    assert time.monotonic() - stopped_at < 2.0          # the slot is free: the engines' requests were cancelled
+    judge_server.delay_s = 0.0
+    status, *_ = other.predict(SMALL, "Endpoint", "pairwise", handle_file(str(question_file)), 16,
+                               api_name="/evaluate")
+    assert status == "✅ Done."                          # the next visitor's evaluation runs at once

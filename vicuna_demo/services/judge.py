@@ -111,6 +111,7 @@ class JudgeService:
         self.timeout_s = timeout_s
         self.rate_limiter = RateLimiter(JUDGE_RATE_PER_MIN)
         self._evaluation = threading.Lock()
+        self._running: tuple[str | None, EvaluationRunner] | None = None   # (owner, runner) of the evaluation
 
     @classmethod
     def from_settings(cls, service, settings) -> "JudgeService":
@@ -273,8 +274,9 @@ class JudgeService:
 
     # -- evaluations from the page -----------------------------------------------------------------
     def evaluate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
-                 max_new_tokens: int | None = None) -> Iterator[EvaluationEvent]:
-        """Run one evaluation (see the module docstring). Raises EvaluationBusy, ValueError (bad choice)."""
+                 max_new_tokens: int | None = None, owner: str | None = None) -> Iterator[EvaluationEvent]:
+        """Run one evaluation (see the module docstring). Raises EvaluationBusy, ValueError (bad choice).
+        ``owner`` (the visitor's page session) may stop it with ``stop_evaluation``."""
         if not self.available:
             raise ValueError(NO_JUDGE)
         for name in (a, b):
@@ -289,6 +291,7 @@ class JudgeService:
             moderate = self.moderator.check if self.moderator is not None else None
             runner = EvaluationRunner(self.engines, judge=self.judge, answer_params=params, judge_params=self.params,
                                       max_in_flight=self.max_in_flight, timeout_s=self.timeout_s, moderate=moderate)
+            self._running = (owner, runner)
             events: queue.Queue = queue.Queue()
             outcome: dict = {}
 
@@ -321,7 +324,17 @@ class JudgeService:
             archive = Path(shutil.make_archive(str(folder / "evaluation"), "zip", folder, "evaluation"))
             yield EvaluationEvent("done", result=result, summary=summary, archive=archive)
         finally:
+            self._running = None
             self._evaluation.release()
+
+    def stop_evaluation(self, owner: str | None) -> bool:
+        """Stop the evaluation ``owner`` started (another visitor's is left alone): every request in flight is
+        cancelled on its engine, and the run ends with what was done. -> whether there was one to stop."""
+        running = self._running
+        if running is None or running[0] != owner:
+            return False
+        running[1].cancel()
+        return True
 
     @property
     def evaluation_running(self) -> bool:

@@ -6,10 +6,11 @@ does the work: every question is checked by the app's moderator first, answers a
 bounded share of each engine's batch (visitors' chats keep the rest), then the judge asks both
 answer orders. One evaluation runs at a time per app; a second visitor is told to wait. The page
 shows a progress bar (answers, then judgments), the per-category table, a plot and a zip of the
-FastChat-compatible outputs. ⏹ Stop (or leaving the page) cancels the run.
+FastChat-compatible outputs. ⏹ Stop cancels the run in the service (every request in flight is cancelled on
+its engine, the one-evaluation slot is freed); leaving the page closes the event, which does the same.
 
 API name (gradio_client): ``/evaluate(model_a, model_b, mode, question_file, max_new_tokens) ->
-(status, summary, table, plot, archive)``.
+(status, summary, table, plot, archive)``; ``/evaluate_stop() -> status`` stops the caller's own run.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
     archive = gr.File(label="Outputs (FastChat model_answer / model_judgment + summary.json)",
                       elem_id="evaluate-archive")
 
-    def evaluate(a, b, which, path, tokens, progress=gr.Progress()):
+    def evaluate(a, b, which, path, tokens, request: gr.Request, progress=gr.Progress()):
         nothing = dict.fromkeys([summary, table, plot, archive], gr.update())
         chosen_mode = which
         b = None if b in (None, "", NONE) or (chosen_mode == "single" and b == a) else b
@@ -91,12 +92,15 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
         except (TypeError, ValueError):
             tokens = DEFAULT_TOKENS
         label = {"answers": "Answers", "judgments": "Judgments"}
+        cleared = {summary: "", table: None, plot: None, archive: None}    # no results of an earlier run
         try:
-            for event in judge.evaluate(asked, a, b, mode=chosen_mode, max_new_tokens=tokens):
+            for event in judge.evaluate(asked, a, b, mode=chosen_mode, max_new_tokens=tokens,
+                                        owner=getattr(request, "session_hash", None)):
                 if event.stage != "done":
                     text = f"{label[event.stage]}: {event.done}/{event.total}"
                     progress((event.done, event.total or 1), desc=text)
-                    yield {status: f"⏳ {text}", **nothing}
+                    yield {status: f"⏳ {text}", **cleared}
+                    cleared = nothing
                     continue
                 headers, rows = event.table()
                 note = judge.self_judging_note(a, *([b] if b else []))
@@ -111,4 +115,11 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings) -> N
     running = run.click(evaluate, [model_a, model_b, mode, questions, max_tokens], outputs, api_name="evaluate",
                         concurrency_id="evaluate", concurrency_limit=2,
                         show_progress_on=[status])  # one progress bar, not one over every output
-    stop.click(None, None, None, cancels=[running], api_name=False, queue=False)
+
+    def stop_evaluation(request: gr.Request):
+        stopped = judge.stop_evaluation(getattr(request, "session_hash", None))
+        return {status: "⏹ Stopped: the requests in flight were cancelled." if stopped else gr.update()}
+
+    # the service stops the run (its engines' requests are cancelled at once, the slot is freed) and the page
+    # stops waiting for it
+    stop.click(stop_evaluation, None, [status], cancels=[running], api_name="evaluate_stop", queue=False)
