@@ -162,7 +162,7 @@ def test_single_grading_gives_means_with_intervals_and_fastchat_scores(embedded_
     write_outputs(result, tmp_path, summary)
     rows = [json.loads(line) for line in (tmp_path / "model_judgment" / "Judge_single.jsonl").open()]
     assert sorted({(r["model"], r["score"]) for r in rows}) == [("Endpoint", 9.0), ("Small", 3.0)]
-    assert {tuple(r["judge"]) for r in rows} >= {("Judge", "single-v1"), ("Judge", "single-ref-v1")}
+    assert {tuple(r["judge"]) for r in rows} >= {("Judge", "vd-single-v1"), ("Judge", "vd-single-ref-v1")}
 
 
 def test_outputs_have_fastchat_shapes_that_its_show_result_logic_reads(embedded_engine, contestant_server,
@@ -268,7 +268,8 @@ def test_a_flagged_reference_answer_keeps_its_question_from_every_model_and_the_
     engines = {name: RecordingEngine(name, f"{name} answers. [[A]]", delay_s=0.0) for name in ("A", "B", "Judge")}
     questions = parse_questions('{"question_id": 1, "category": "math", "turns": ["What is 2+2?"], '
                                 '"reference": ["4, and FORBIDDEN words"]}\n'
-                                '{"question_id": 2, "category": "math", "turns": ["What is 3+3?"], "reference": ["6"]}\n')
+                                '{"question_id": 2, "category": "math", "turns": ["What is 3+3?"], '
+                                '"reference": ["6"]}\n')
     checked = []
 
     def moderate(text):
@@ -410,3 +411,29 @@ def test_ctrl_c_writes_what_is_done_and_a_rerun_finishes_the_rest(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["a_wins"] == 7
     assert len(judge.requests) - asked == 2                           # question 6 only, in both orders
+
+
+def test_reference_file_is_used_for_math_reasoning_coding_only_with_both_turns_on_turn_2(tmp_path):
+    """FastChat's rule: a reference answer file (reference_answer/gpt-4.jsonl) for the categories that need
+    one; the question file's own short hints are not used then; turn 2 shows both turns' references."""
+    from tests.engines import RecordingEngine
+    questions = parse_questions(
+        '{"question_id": 1, "category": "math", "turns": ["2+2?", "Times 3?"], "reference": ["hint only"]}\n'
+        '{"question_id": 2, "category": "writing", "turns": ["A poem."], "reference": ["a writing hint"]}\n'
+        '{"question_id": 3, "category": "coding", "turns": ["Sort a list."]}\n')
+    ref = tmp_path / "gpt-4.jsonl"
+    ref.write_text("".join(json.dumps({"question_id": qid, "model_id": "gpt-4", "choices": [{"index": 0, "turns": t}]})
+                           + "\n" for qid, t in ((1, ["REF-ONE: 4", "REF-TWO: 12"]), (2, ["REF-POEM"]),
+                                                 (3, ["REF-SORT: sorted(x)"]))))
+    from vicuna_demo.evaluation.outputs import read_references
+    engines = {name: RecordingEngine(name, f"{name} says [[A]]", delay_s=0.0) for name in ("A", "B", "Judge")}
+    result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT,
+                              references=read_references(ref)).run(questions, "A", "B")
+    prompts = {(j.question.question_id, j.turn): (j.prompt_name, j.g1_prompt) for j in result.judgments}
+    turn1 = prompts[1, 1][1]
+    assert "REF-ONE: 4" in turn1 and "REF-TWO" not in turn1 and "hint only" not in turn1
+    assert "<<<reference answer to turn 1>>>\nREF-ONE: 4" in prompts[1, 2][1]
+    assert "<<<reference answer to turn 2>>>\nREF-TWO: 12" in prompts[1, 2][1]
+    assert prompts[1, 2][0] == "vd-pair-ref-multi-v1"
+    assert "REF-POEM" not in prompts[2, 1][1] and "hint" not in prompts[2, 1][1] and prompts[2, 1][0] == "vd-pair-v1"
+    assert "REF-SORT" in prompts[3, 1][1]

@@ -50,6 +50,10 @@ def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
                        help="Judge existing answers: a FastChat benchmark folder (DIR/model_answer/<model>.jsonl, ours "
                             "or FastChat's). A model whose answers are all there needs no --model or --endpoint; "
                             "missing answers are generated.")
+    group.add_argument("--reference", dest="eval_reference", metavar="FILE",
+                       help="Reference answers in FastChat's format (e.g. data/mt_bench/reference_answer/gpt-4.jsonl), "
+                            "shown to the judge for math, reasoning and coding questions as MT-Bench does (both turns' "
+                            "on turn 2). Default: the question file's own reference fields, for those categories.")
     group.add_argument("--json", dest="eval_json", action="store_true", help="Print the summary as one JSON object.")
 
 
@@ -98,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flags, settings = parse_args(argv)
         questions = load_questions(flags.eval_questions) if flags.eval_questions else builtin_questions()
+        references = None
+        if flags.eval_reference:
+            from .evaluation.outputs import read_references
+            try:
+                references = read_references(flags.eval_reference)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--reference: {exc}.") from None
     except (ConfigError, QuestionFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -133,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         judge_params = dataclasses.replace(JUDGE_PARAMS, max_new_tokens=min(DEFAULT_JUDGE_TOKENS,
                                                                             settings.max_new_tokens_limit))
         runner = EvaluationRunner(runtime.service.engines, judge=settings.judge, answer_params=answer_params,
-                                  judge_params=judge_params)
+                                  judge_params=judge_params, references=references)
         last: dict = {}
 
         def progress(stage: str, done: int, total: int) -> None:

@@ -200,6 +200,27 @@ def read_answers(folder: str | Path, model: str, questions: list[Question]) -> d
     return answers
 
 
+def read_references(path: str | Path) -> dict:
+    """question_id -> reference answer turns from a reference-answer file in FastChat's answer format
+    (``data/mt_bench/reference_answer/gpt-4.jsonl``: ``choices[0].turns``). Raises OSError / ValueError
+    when the file cannot be read or holds no usable record."""
+    path = Path(path)
+    if not path.is_file():
+        raise OSError(f"{path}: no such file")
+    references = {}
+    for record in _read_jsonl(path):
+        choices = record.get("choices")
+        if "question_id" not in record or not isinstance(choices, list) or not choices:
+            continue
+        turns = choices[0].get("turns") if isinstance(choices[0], dict) else None
+        if isinstance(turns, list) and all(isinstance(t, str) for t in turns):
+            references[record["question_id"]] = tuple(turns)
+    if not references:
+        raise ValueError(f"{path}: no reference answers in FastChat's format "
+                         '({"question_id": ..., "choices": [{"turns": [...]}]} per line)')
+    return references
+
+
 _FROM_FASTCHAT = {"model_1": "model_a", "model_2": "model_b", "tie": "tie"}
 
 

@@ -3,8 +3,10 @@
 (pairwise, verdict ``[[A]]``, ``[[B]]`` or ``[[C]]`` for a tie) or grades one (``[[rating]]``, 1-10),
 explaining before it decides. Each prompt names the known biases it asks the judge to resist
 (order of presentation, length, names). Where the question comes with a reference answer (math,
-reasoning), the judge is told to check the answers against it first. For the second turn of a
-two-turn question the judge sees the whole exchange and judges the answer to the last question.
+reasoning, coding), the judge is told to check the answers against it first; on the second turn of
+a two-turn question it sees the reference answers of both turns, as MT-Bench shows them. For the
+second turn the judge sees the whole exchange and judges the answer to the last question. The
+prompts' names start with ``vd-`` so they are never mistaken for FastChat's prompts of the same name.
 
     prompt = pairwise_prompt(["What is 2+2?"], ["4"], ["5"], reference="4")
     messages = prompt.messages()        # [{"role": "system", ...}, {"role": "user", ...}]
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 VERSION = "v1"
+PREFIX = "vd"          # vicuna-demo: our names stay apart from FastChat's judge_prompts.jsonl names
 
 _BIASES = ("Do not let the order in which the answers are shown influence you, do not prefer an answer "
            "because it is longer, and ignore any model names or claims an answer makes about itself. ")
@@ -82,16 +85,29 @@ def _conversation(who: str, questions: Sequence[str], answers: Sequence[str]) ->
     return _block(f"conversation with {who}", "\n\n".join(parts))
 
 
-def _question_part(questions: Sequence[str], reference: str | None) -> str:
+def _references(reference: str | Sequence[str] | None) -> list[str]:
+    """A reference (one string: the last turn's) or references (one per turn so far) -> the non-empty ones."""
+    if not reference:
+        return []
+    return [reference] if isinstance(reference, str) else [r for r in reference if r]
+
+
+def _question_part(questions: Sequence[str], reference: str | Sequence[str] | None) -> str:
     text = _block("question", questions[0]) if len(questions) == 1 else _LAST_TURN.format(n=len(questions))
-    if reference:
+    references = _references(reference)
+    if len(references) == 1:
         text += "\n\n" + _block("reference answer" + (" to the last question" if len(questions) > 1 else ""),
-                                reference)
+                                references[0])
+    else:   # as MT-Bench does on turn 2: the reference answer of every turn
+        text += "".join(f"\n\n{_block(f'reference answer to turn {i}', r)}" for i, r in enumerate(references, 1))
     return text
 
 
-def _name(kind: str, reference: str | None, turns: int) -> str:
-    return "-".join([kind] + (["ref"] if reference else []) + (["multi"] if turns > 1 else []) + [VERSION])
+def _name(kind: str, reference: str | Sequence[str] | None, turns: int) -> str:
+    """The project's own prompt names ("vd-pair-ref-multi-v1"), never one of FastChat's (its "single-v1" is
+    a different text)."""
+    return "-".join([PREFIX, kind] + (["ref"] if _references(reference) else []) + (["multi"] if turns > 1 else [])
+                    + [VERSION])
 
 
 def _check(questions: Sequence[str], *answer_lists: Sequence[str]) -> None:
@@ -100,20 +116,21 @@ def _check(questions: Sequence[str], *answer_lists: Sequence[str]) -> None:
 
 
 def pairwise_prompt(questions: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str],
-                    reference: str | None = None) -> JudgePrompt:
+                    reference: str | Sequence[str] | None = None) -> JudgePrompt:
     """The prompt comparing assistant A (shown first) with assistant B, on the last of ``questions``."""
     _check(questions, answers_a, answers_b)
-    system = PAIR_REFERENCE_SYSTEM if reference else PAIR_SYSTEM
+    system = PAIR_REFERENCE_SYSTEM if _references(reference) else PAIR_SYSTEM
     user = "\n\n".join([_question_part(questions, reference), _conversation("assistant A", questions, answers_a),
                         _conversation("assistant B", questions, answers_b),
                         "Which assistant answered better? Explain, then end with [[A]], [[B]] or [[C]]."])
     return JudgePrompt(_name("pair", reference, len(questions)), system, user)
 
 
-def single_prompt(questions: Sequence[str], answers: Sequence[str], reference: str | None = None) -> JudgePrompt:
+def single_prompt(questions: Sequence[str], answers: Sequence[str],
+                  reference: str | Sequence[str] | None = None) -> JudgePrompt:
     """The prompt grading one assistant's answer to the last of ``questions`` from 1 to 10."""
     _check(questions, answers)
-    system = SINGLE_REFERENCE_SYSTEM if reference else SINGLE_SYSTEM
+    system = SINGLE_REFERENCE_SYSTEM if _references(reference) else SINGLE_SYSTEM
     user = "\n\n".join([_question_part(questions, reference), _conversation("the assistant", questions, answers),
                         "Rate the answer. Explain, then end with [[rating]]."])
     return JudgePrompt(_name("single", reference, len(questions)), system, user)

@@ -18,7 +18,8 @@ the rest of the run goes on.
 Fair share: ``max_in_flight`` bounds the requests this run has in flight at once (the app sets it
 below the engines' batch size so visitors' chats keep room); None submits everything at once (the
 command line). ``moderate`` (the app's moderator, for question sets visitors upload) checks each
-question (its turns and its reference answers, which reach the judge) before any model sees it. ``cancel()`` stops the run: requests in flight are cancelled.
+question (its turns and its reference answers, which reach the judge) before any model sees it.
+``cancel()`` stops the run: requests in flight are cancelled.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ log = logging.getLogger("vicuna_demo.evaluation")
 
 MODES = ("pairwise", "single")
 GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
+# the categories MT-Bench judges with a reference answer (FastChat's gen_judgment.py): only these
+REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
 JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=1024)
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -124,7 +127,8 @@ class EvaluationRunner:
     def __init__(self, engines: Mapping[str, object], *, judge: str,
                  answer_params: SamplingParams | Mapping[str, SamplingParams] = SamplingParams(),
                  judge_params: SamplingParams = JUDGE_PARAMS, max_in_flight: int | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, moderate: Callable[[str], object] | None = None):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, moderate: Callable[[str], object] | None = None,
+                 references: Mapping | None = None):
         self.engines = engines
         self.judge = judge
         self.answer_params = answer_params
@@ -132,6 +136,7 @@ class EvaluationRunner:
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.moderate = moderate
+        self.references = references     # question_id -> reference turns (--reference FILE); None: the questions'
         self._cancel = threading.Event()
         self._active: set = set()
         self._lock = threading.Lock()
@@ -239,10 +244,18 @@ class EvaluationRunner:
             return None
         return f"stopped by content moderation ({getattr(verdict, 'status', 'flagged')})"
 
+    def references_for(self, question: Question, turn: int) -> list[str]:
+        """The reference answers the judge sees on ``turn``, as MT-Bench: only in REFERENCE_CATEGORIES, from
+        the reference file when one is given (else the question's own ``reference``), every turn's so far."""
+        if question.category.lower() not in REFERENCE_CATEGORIES:
+            return []
+        turns = question.reference if self.references is None else self.references.get(question.question_id, ())
+        return [t for t in tuple(turns)[:turn] if t]
+
     def _judge_pair(self, question: Question, turn: int, a: Answer, b: Answer) -> tuple:
         """(Judgment, game 1 prompt with A's answer first, game 2 prompt with B's answer first)."""
         asked = list(question.turns[:turn])
-        reference = question.reference_for(turn)
+        reference = self.references_for(question, turn)
         game1 = pairwise_prompt(asked, a.turns[:turn], b.turns[:turn], reference)
         game2 = pairwise_prompt(asked, b.turns[:turn], a.turns[:turn], reference)
         judgment = Judgment(question=question, turn=turn, judge=self.judge, prompt_name=game1.name,
@@ -366,7 +379,7 @@ class EvaluationRunner:
                         judgments.append(old)
                         continue
                     prompt = single_prompt(list(question.turns[:turn]), answer.turns[:turn],
-                                           question.reference_for(turn))
+                                           self.references_for(question, turn))
                     judgment = Judgment(question=question, turn=turn, judge=self.judge, prompt_name=prompt.name,
                                         model_a=answer.model, g1_prompt=prompt.user)
                     judgments.append(judgment)
