@@ -437,3 +437,19 @@ def test_reference_file_is_used_for_math_reasoning_coding_only_with_both_turns_o
     assert prompts[1, 2][0] == "vd-pair-ref-multi-v1"
     assert "REF-POEM" not in prompts[2, 1][1] and "hint" not in prompts[2, 1][1] and prompts[2, 1][0] == "vd-pair-v1"
     assert "REF-SORT" in prompts[3, 1][1]
+
+
+def test_answers_only_mode_needs_no_judge_and_reports_answer_lengths(tmp_path):
+    qfile, out = _questions_file(tmp_path / "q.jsonl", 4), tmp_path / "out"
+    with JudgeServer(lambda m: "alpha answers well") as alpha, JudgeServer(lambda m: "beta says more than alpha") as beta:
+        done = _cli("--endpoint", alpha.endpoint("alpha"), "--endpoint", beta.endpoint("beta"), "--mode", "answers",
+                    "--a", "alpha", "--b", "beta", "--questions", str(qfile), "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["mode"] == "answers" and summary["judge"] is None
+    assert summary["models"]["alpha"]["answers"] == 4 and summary["models"]["alpha"]["chars_median"] == 18
+    assert summary["models"]["beta"]["chars_mean"] > summary["models"]["alpha"]["chars_mean"]
+    assert sorted(p.name for p in (out / "model_answer").iterdir()) == ["alpha.jsonl", "beta.jsonl"]
+    assert not (out / "model_judgment").exists()
+    first = json.loads((out / "model_answer" / "alpha.jsonl").open().readline())
+    assert first["finish_reasons"] == ["stop"] and first["n_tokens"] > 0

@@ -44,8 +44,10 @@ def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--questions", dest="eval_questions", metavar="FILE",
                        help="Question file in FastChat's format (JSONL). Default: the built-in set.")
     group.add_argument("--out", dest="eval_out", metavar="DIR", help="Folder for the answers, judgments and summary.")
-    group.add_argument("--mode", dest="eval_mode", choices=("pairwise", "single"), default="pairwise",
-                       help="pairwise: A against B, both answer orders (default); single: grade each answer 1-10.")
+    group.add_argument("--mode", dest="eval_mode", choices=("pairwise", "single", "answers"), default="pairwise",
+                       help="pairwise: A against B, both answer orders (default); single: grade each answer 1-10; "
+                            "answers: only generate the answers (no judge needed: on a CPU, or to judge later with "
+                            "--answers).")
     group.add_argument("--answers", dest="eval_answers", metavar="DIR",
                        help="Judge existing answers: a FastChat benchmark folder (DIR/model_answer/<model>.jsonl, ours "
                             "or FastChat's). A model whose answers are all there needs no --model or --endpoint; "
@@ -75,8 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, object]:
     _add_evaluation_flags(only)
     flags, rest = only.parse_known_args(argv)
     settings = load_settings(rest)
-    if not settings.judge:
-        raise ConfigError("--judge NAME is required: the name of the --model or --endpoint that judges the answers.")
+    if not settings.judge and flags.eval_mode != "answers":
+        raise ConfigError("--judge NAME is required: the name of the --model or --endpoint that judges the answers "
+                          "(or pass --mode answers to generate the answers only).")
     if not flags.eval_a or not flags.eval_out:
         raise ConfigError("--a NAME and --out DIR are required (and --b NAME in pairwise mode).")
     if flags.eval_mode == "pairwise" and not flags.eval_b:
@@ -130,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     models = [m for m in (flags.eval_a, flags.eval_b) if m]
     reuse_answers = earlier_answers(flags, models, questions)
-    reuse_judgments = earlier_judgments(flags, settings.judge, questions)
+    reuse_judgments = earlier_judgments(flags, settings.judge, questions) if settings.judge else {}
     try:
         for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
             complete = name and len([a for a in reuse_answers.get(name, {}).values() if a.complete]) == len(questions)
@@ -236,7 +239,7 @@ def exit_status(result) -> int:
         print(f"error: the evaluation is incomplete: {failed}. The outputs keep everything that succeeded.",
               file=sys.stderr)
         return 1
-    if not any(j.outcome != "no_verdict" for j in result.judgments):
+    if result.mode != "answers" and not any(j.outcome != "no_verdict" for j in result.judgments):
         print("error: no judgment gave a verdict.", file=sys.stderr)
         return 1
     return 0

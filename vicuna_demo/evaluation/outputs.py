@@ -90,12 +90,32 @@ def _pair_counts(judgments: list[Judgment]) -> dict:
             "no_verdict": outcomes["no_verdict"]}
 
 
+def answer_lengths(result: EvaluationResult) -> dict:
+    """Per model, over its complete answers (all turns): how many, mean tokens, mean and median characters,
+    and how many were cut at the token limit (a finish reason "length"). Judges prefer longer answers:
+    read a verdict with these beside it."""
+    lengths = {}
+    for model, answers in result.answers.items():
+        done = [a for a in answers.values() if a.complete]
+        chars = sorted(sum(len(t) for t in a.turns) for a in done)
+        tokens = [a.n_tokens for a in done if a.n_tokens]
+        lengths[model] = {
+            "answers": len(done), "missing": len(answers) - len(done),
+            "tokens_mean": round(math.fsum(tokens) / len(tokens), 1) if tokens else None,
+            "chars_mean": round(math.fsum(chars) / len(chars), 1) if chars else None,
+            "chars_median": chars[len(chars) // 2] if chars else None,
+            "cut_at_limit": sum(1 for a in done if "length" in a.finish_reasons)}
+    return lengths
+
+
 def summarize(result: EvaluationResult) -> dict:
     """The numbers ``--json`` prints: win/tie counts (pairwise) or mean grades with 95% intervals (single)."""
     categories = sorted({q.category for q in result.questions})
     base = {"mode": result.mode, "judge": result.judge, "questions": len(result.questions),
             "games": len(result.judgments)}
-    if result.mode == "pairwise":
+    if result.mode == "answers":
+        summary = {**base, "models": answer_lengths(result), "by_category": {}}
+    elif result.mode == "pairwise":
         a, b = result.models
         summary = {"a": a, "b": b, **base, **_pair_counts(result.judgments),
                    "orders_disagree": sum(1 for j in result.judgments if j.verdict and j.verdict.orders_disagree),
@@ -117,6 +137,7 @@ def summarize(result: EvaluationResult) -> dict:
                           if j.model_a == model and j.question.category == c and j.score is not None]
                 by_category[c][model] = round(math.fsum(scores) / len(scores), 3) if scores else None
         summary = {**base, "models": models, "by_category": by_category}
+    summary["lengths"] = answer_lengths(result)
     summary["timing_s"] = {"answers": round(result.answer_s, 2), "judgments": round(result.judge_s, 2)}
     summary["problems"] = problems(result)
     return summary
@@ -288,7 +309,10 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, summary: dict |
 
 # -- for people -----------------------------------------------------------------------------------
 def category_table(summary: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows): per category, then "all"."""
+    """(headers, rows): per category, then "all" (answers only: per model, its answers' lengths)."""
+    if summary["mode"] == "answers":
+        keys = ("answers", "missing", "tokens_mean", "chars_mean", "chars_median", "cut_at_limit")
+        return ["model", *keys], [[m] + [row[k] for k in keys] for m, row in summary["models"].items()]
     if summary["mode"] == "pairwise":
         headers = ["category", f"{summary['a']} wins", f"{summary['b']} wins", "ties", "no verdict"]
         keys = ("a_wins", "b_wins", "ties", "no_verdict")
@@ -304,7 +328,9 @@ def category_table(summary: dict) -> tuple[list[str], list[list]]:
 
 def format_summary(summary: dict) -> str:
     """A few lines for a terminal."""
-    if summary["mode"] == "pairwise":
+    if summary["mode"] == "answers":
+        lines = [f"Answers only (no judge): {summary['questions']} questions."]
+    elif summary["mode"] == "pairwise":
         lines = [f"{summary['a']} vs {summary['b']}, judged by {summary['judge']}: {summary['questions']} questions, "
                  f"{summary['games']} judged turns (both answer orders each).",
                  f"  {summary['a']} wins {summary['a_wins']} · {summary['b']} wins {summary['b_wins']} · "

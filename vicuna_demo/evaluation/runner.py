@@ -39,7 +39,7 @@ from .verdicts import PairVerdict, combine, parse_pair, parse_rating
 
 log = logging.getLogger("vicuna_demo.evaluation")
 
-MODES = ("pairwise", "single")
+MODES = ("pairwise", "single", "answers")   # answers: no judge (a CPU, or answers to judge elsewhere)
 GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
 # the categories MT-Bench judges with a reference answer (FastChat's gen_judgment.py): only these
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
@@ -280,8 +280,8 @@ class EvaluationRunner:
         started = time.perf_counter()
         result.answers = self.answer(questions, models, progress=report, reuse=reuse_answers)
         result.answer_s = time.perf_counter() - started
-        if self._cancel.is_set():
-            result.cancelled = True
+        if self._cancel.is_set() or mode == "answers":
+            result.cancelled = self._cancel.is_set()
             return result
         started = time.perf_counter()
         judgments, requests = self._plan_judgments(result, reuse_judgments or {})
