@@ -453,3 +453,21 @@ def test_answers_only_mode_needs_no_judge_and_reports_answer_lengths(tmp_path):
     assert not (out / "model_judgment").exists()
     first = json.loads((out / "model_answer" / "alpha.jsonl").open().readline())
     assert first["finish_reasons"] == ["stop"] and first["n_tokens"] > 0
+
+
+def test_win_rates_follow_fastchat_counting_with_a_bootstrap_interval():
+    from vicuna_demo.evaluation.outputs import win_rates
+    from vicuna_demo.evaluation.runner import Judgment
+    from vicuna_demo.evaluation.verdicts import combine
+    q = parse_questions('{"question_id": 1, "turns": ["q"]}')[0]
+
+    def judged(g1, g2):
+        return Judgment(question=q, turn=1, judge="J", prompt_name="p", model_a="A", model_b="B",
+                        verdict=combine(g1, g2))
+    # 6 wins (both orders agree), 2 losses, 2 ties because the orders disagree, 1 with no verdict
+    judgments = [judged("A", "B")] * 6 + [judged("B", "A")] * 2 + [judged("A", "A")] * 2 + [judged(None, "A")]
+    rates = win_rates(judgments)
+    assert (rates["n"], rates["win_rate"], rates["loss_rate"], rates["win_rate_adjusted"]) == (10, 0.6, 0.2, 0.7)
+    low, high = rates["ci95"]
+    assert 0.35 < low < 0.7 < high <= 1.0
+    assert win_rates([]) == {"n": 0, "win_rate": None, "loss_rate": None, "win_rate_adjusted": None, "ci95": None}

@@ -90,6 +90,25 @@ def _pair_counts(judgments: list[Judgment]) -> dict:
             "no_verdict": outcomes["no_verdict"]}
 
 
+BOOTSTRAP_ROUNDS = 1000
+
+
+def win_rates(judgments: list[Judgment], rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> dict:
+    """FastChat's pairwise rates for model A over the judged turns with a verdict (show_result.py counts a
+    tie when the orders disagree): ``win_rate`` = wins / n, ``loss_rate``, and ``win_rate_adjusted`` =
+    (wins + ties / 2) / n, with a 95% percentile bootstrap interval over the judged turns."""
+    import numpy as np
+    scores = np.array([{"model_a": 1.0, "model_b": 0.0, "tie": 0.5}[j.outcome] for j in judgments
+                       if j.outcome != "no_verdict"])
+    if not len(scores):
+        return {"n": 0, "win_rate": None, "loss_rate": None, "win_rate_adjusted": None, "ci95": None}
+    samples = np.random.default_rng(seed).choice(scores, size=(rounds, len(scores)), replace=True).mean(axis=1)
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return {"n": int(len(scores)), "win_rate": round(float((scores == 1.0).mean()), 4),
+            "loss_rate": round(float((scores == 0.0).mean()), 4),
+            "win_rate_adjusted": round(float(scores.mean()), 4), "ci95": [round(float(low), 4), round(float(high), 4)]}
+
+
 def answer_lengths(result: EvaluationResult) -> dict:
     """Per model, over its complete answers (all turns): how many, mean tokens, mean and median characters,
     and how many were cut at the token limit (a finish reason "length"). Judges prefer longer answers:
@@ -120,7 +139,10 @@ def summarize(result: EvaluationResult) -> dict:
         summary = {"a": a, "b": b, **base, **_pair_counts(result.judgments),
                    "orders_disagree": sum(1 for j in result.judgments if j.verdict and j.verdict.orders_disagree),
                    "by_category": {c: _pair_counts([j for j in result.judgments if j.question.category == c])
-                                   for c in categories}}
+                                   for c in categories},
+                   "by_turn": {str(t): _pair_counts([j for j in result.judgments if j.turn == t])
+                               for t in sorted({j.turn for j in result.judgments})},
+                   "a_win_rates": win_rates(result.judgments)}
     else:
         models = {}
         for model in result.models:
@@ -336,6 +358,10 @@ def format_summary(summary: dict) -> str:
                  f"  {summary['a']} wins {summary['a_wins']} · {summary['b']} wins {summary['b_wins']} · "
                  f"ties {summary['ties']} ({summary['orders_disagree']} of them because the orders disagreed) · "
                  f"no verdict {summary['no_verdict']}"]
+        rates = summary.get("a_win_rates") or {}
+        if rates.get("ci95"):
+            lines.append(f"  {summary['a']}'s win rate (ties as half) {rates['win_rate_adjusted']:.3f}, 95% bootstrap "
+                         f"interval {rates['ci95'][0]:.3f}-{rates['ci95'][1]:.3f} over {rates['n']} judged turns")
     else:
         lines = [f"Single-answer grading (1-10) by {summary['judge']}: {summary['questions']} questions."]
         for model, row in summary["models"].items():
