@@ -167,3 +167,14 @@ def test_judge_flag_must_name_a_model():
         load_settings(["--endpoint", "name=J,base_url=http://x/v1,model=m", "--judge", "GPT-5"], environ={})
     assert load_settings(["--judge", "J"], environ={}).judge == "J"      # default models: checked at start-up
     assert load_settings([], environ={"VICUNA_DEMO_JUDGE": "J"}).judge == "J"
+
+
+def test_judge_human_agreement_with_and_without_ties_and_cohens_kappa():
+    from vicuna_demo.services.judge import agreement_stats, cohen_kappa
+    pairs = [("model_a", "model_a"), ("model_b", "model_a"), ("tie", "tie (bothbad)"), ("model_b", "model_b"),
+             ("model_a", "tie"), ("model_a", "model_a")]
+    stats = agreement_stats(pairs)
+    assert stats["with_ties"] == {"n": 6, "agree": 4, "rate": 0.6667, "kappa": 0.4783}   # by hand: (4/6 - 13/36) / (1 - 13/36)
+    assert stats["without_ties"] == {"n": 4, "agree": 3, "rate": 0.75, "kappa": 0.5}
+    assert cohen_kappa([("a", "a"), ("b", "b")]) == 1.0 and cohen_kappa([("a", "a")]) is None
+    assert agreement_stats([])["with_ties"] == {"n": 0, "agree": 0, "rate": None, "kappa": None}

@@ -163,7 +163,8 @@ def test_the_leaderboard_judge_view_rates_verdicts_and_shows_agreement_with_huma
                                   conversation_a_id="a", conversation_b_id="b"))
     summary, table, plot = client.predict(api_name="/leaderboard_judge")
     assert "**3** counted judge-verdict battles" in summary
-    assert "agree on **2 of 3** rounds" in summary and "(**67%**" in summary
+    assert "agree on **2 of 3** rounds" in summary and "(**67%**, Cohen's κ" in summary
+    assert "without the rounds either called a tie, **1 of 2**" in summary
     assert sorted(row[1] for row in table["data"]) == ["Endpoint", SMALL]
     human, _, _ = client.predict(True, api_name="/leaderboard_refresh")
     assert "**4** counted anonymous and named battles" in human    # human votes never mix with the judge's

@@ -16,7 +16,7 @@ from ..data.ratings import (MIN_BATTLES, compute_leaderboard, interval_text, plo
 from ..data.storage import NullStore
 from .arena import Arena
 from .chat import ChatService
-from .judge import NO_JUDGE, agreement
+from .judge import NO_JUDGE, agreement_stats
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 PROVISIONAL = "provisional"
@@ -88,11 +88,19 @@ def leaderboard_view(service: ChatService, settings, include_named: bool) -> tup
 
 def agreement_text(pairs: list[tuple[str, str]]) -> str:
     """How often the judge and the visitors agreed, on the rounds that have both verdicts."""
-    agree, n = agreement(pairs)
-    if not n:
+    stats = agreement_stats(pairs)
+    ties, no_ties = stats["with_ties"], stats["without_ties"]
+    if not ties["n"]:
         return ""
-    return (f" Judge and human verdicts agree on **{agree} of {n}** round{'' if n == 1 else 's'} that have both "
-            f"(**{100 * agree / n:.0f}%**; both kinds of tie count as a tie).")
+
+    def kappa(row: dict) -> str:
+        return "" if row["kappa"] is None else f", Cohen's κ {row['kappa']:.2f}"
+    text = (f" Judge and human verdicts agree on **{ties['agree']} of {ties['n']}** round{'' if ties['n'] == 1 else 's'}"
+            f" that have both (**{100 * ties['rate']:.0f}%**{kappa(ties)}; both kinds of tie count as a tie)")
+    if no_ties["n"]:
+        text += (f"; without the rounds either called a tie, **{no_ties['agree']} of {no_ties['n']}** "
+                 f"(**{100 * no_ties['rate']:.0f}%**{kappa(no_ties)})")
+    return text + ". (The MT-Bench paper: GPT-4 and experts 66% with ties, 85% without.)"
 
 
 def judge_view(service: ChatService, settings) -> tuple[str, list[list], object | None]:
