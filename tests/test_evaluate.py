@@ -26,6 +26,7 @@ from vicuna_demo.config import EndpointSpec
 from vicuna_demo.engines.protocol import SamplingParams
 from vicuna_demo.engines.remote import RemoteEngine
 from vicuna_demo.evaluation.outputs import summarize, write_outputs
+from vicuna_demo.evaluation.verdicts import parse_pair
 from vicuna_demo.evaluation.questions import (QuestionFileError, builtin_questions, load_questions,
                                               parse_questions)
 from vicuna_demo.evaluation.runner import EvaluationRunner
@@ -471,3 +472,43 @@ def test_win_rates_follow_fastchat_counting_with_a_bootstrap_interval():
     low, high = rates["ci95"]
     assert 0.35 < low < 0.7 < high <= 1.0
     assert win_rates([]) == {"n": 0, "win_rate": None, "loss_rate": None, "win_rate_adjusted": None, "ci95": None}
+
+
+def _judge_prompts_file(path: Path) -> Path:
+    """A file in FastChat's judge_prompts.jsonl format, with test text of our own under FastChat's names."""
+    lines = []
+    for (kind, ref, multi), name in __import__("vicuna_demo.evaluation.prompts", fromlist=["x"]).FASTCHAT_NAMES.items():
+        if kind == "pair":
+            body = ("Q1={question_1} A1={answer_a_1} B1={answer_b_1} Q2={question_2} A2={answer_a_2} B2={answer_b_2}"
+                    if multi else "Q={question} A={answer_a} B={answer_b}")
+        else:
+            body = "Q1={question_1} X1={answer_1} Q2={question_2} X2={answer_2}" if multi else "Q={question} X={answer}"
+        if ref:
+            body += " R1={ref_answer_1}" + (" R2={ref_answer_2}" if multi else "")
+        lines.append(json.dumps({"name": name, "type": kind, "system_prompt": f"SYSTEM {name}",
+                                 "prompt_template": f"[{name}] {body}", "output_format": "[[A]]"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_fastchat_judge_prompts_are_used_by_name_and_parsed_by_fastchats_rules(tmp_path):
+    from tests.engines import RecordingEngine
+    from vicuna_demo.evaluation.prompts import load_judge_prompts
+    questions = parse_questions('{"question_id": 1, "category": "math", "turns": ["2+2?", "Times 3?"], '
+                                '"reference": ["4", "12"]}\n{"question_id": 2, "category": "writing", '
+                                '"turns": ["A poem."]}\n')
+    engines = {"A": RecordingEngine("A", "alpha", delay_s=0.0), "B": RecordingEngine("B", "beta", delay_s=0.0),
+               # FastChat takes the first of [[A]], [[B]], [[C]] in that order; our own rule would take the last
+               "Judge": RecordingEngine("Judge", "[[A]] looked right at first, but [[B]]", delay_s=0.0)}
+    prompts = load_judge_prompts(_judge_prompts_file(tmp_path / "judge_prompts.jsonl"))
+    result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT, judge_prompts=prompts).run(
+        questions, "A", "B")
+    by_turn = {(j.question.question_id, j.turn): j for j in result.judgments}
+    assert by_turn[1, 1].prompt_name == "pair-math-v1" and by_turn[1, 1].g1_prompt == \
+        "[pair-math-v1] Q=2+2? A=alpha B=beta R1=4"
+    assert by_turn[1, 2].prompt_name == "pair-math-v1-multi-turn"
+    assert by_turn[1, 2].g2_prompt.endswith("A2=beta B2=alpha R1=4 R2=12")
+    assert by_turn[2, 1].prompt_name == "pair-v2" and by_turn[2, 1].g1_prompt == "[pair-v2] Q=A poem. A=alpha B=beta"
+    assert engines["Judge"].received[0][0] == {"role": "system", "content": "SYSTEM pair-math-v1"}
+    assert all(j.verdict.g1 == "model_a" and j.verdict.g2 == "model_b" for j in result.judgments)  # [[A]] wins
+    assert parse_pair("[[A]] looked right at first, but [[B]]") == "B"                             # ours: the last

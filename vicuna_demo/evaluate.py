@@ -48,6 +48,9 @@ def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
                        help="pairwise: A against B, both answer orders (default); single: grade each answer 1-10; "
                             "answers: only generate the answers (no judge needed: on a CPU, or to judge later with "
                             "--answers).")
+    group.add_argument("--judge-prompts", dest="eval_judge_prompts", metavar="FILE",
+                       help="Judge with FastChat's judge_prompts.jsonl (its pair-v2, pair-math-v1, single-v1 ... by "
+                            "name, filled and parsed by FastChat's rules) instead of this project's own prompts.")
     group.add_argument("--answers", dest="eval_answers", metavar="DIR",
                        help="Judge existing answers: a FastChat benchmark folder (DIR/model_answer/<model>.jsonl, ours "
                             "or FastChat's). A model whose answers are all there needs no --model or --endpoint; "
@@ -105,6 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flags, settings = parse_args(argv)
         questions = load_questions(flags.eval_questions) if flags.eval_questions else builtin_questions()
+        judge_prompts = None
+        if flags.eval_judge_prompts:
+            from .evaluation.prompts import JudgePromptsError, load_judge_prompts
+            try:
+                judge_prompts = load_judge_prompts(flags.eval_judge_prompts)
+            except JudgePromptsError as exc:
+                raise ConfigError(f"--judge-prompts: {exc}.") from None
         references = None
         if flags.eval_reference:
             from .evaluation.outputs import read_references
@@ -147,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         judge_params = dataclasses.replace(JUDGE_PARAMS, max_new_tokens=min(DEFAULT_JUDGE_TOKENS,
                                                                             settings.max_new_tokens_limit))
         runner = EvaluationRunner(runtime.service.engines, judge=settings.judge, answer_params=answer_params,
-                                  judge_params=judge_params, references=references)
+                                  judge_params=judge_params, references=references, judge_prompts=judge_prompts)
         last: dict = {}
 
         def progress(stage: str, done: int, total: int) -> None:

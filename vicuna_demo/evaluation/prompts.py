@@ -134,3 +134,68 @@ def single_prompt(questions: Sequence[str], answers: Sequence[str],
     user = "\n\n".join([_question_part(questions, reference), _conversation("the assistant", questions, answers),
                         "Rate the answer. Explain, then end with [[rating]]."])
     return JudgePrompt(_name("single", reference, len(questions)), system, user)
+
+
+# -- FastChat's judge_prompts.jsonl, by name (the researcher's own file; its text is not shipped here) ----------
+FASTCHAT_NAMES = {  # (kind, with reference, multi-turn) -> the prompt FastChat's gen_judgment.py uses
+    ("pair", False, False): "pair-v2", ("pair", False, True): "pair-v2-multi-turn",
+    ("pair", True, False): "pair-math-v1", ("pair", True, True): "pair-math-v1-multi-turn",
+    ("single", False, False): "single-v1", ("single", False, True): "single-v1-multi-turn",
+    ("single", True, False): "single-math-v1", ("single", True, True): "single-math-v1-multi-turn",
+}
+
+
+class JudgePromptsError(ValueError):
+    """A judge prompts file that cannot be used; the message says why."""
+
+
+def load_judge_prompts(path) -> dict[str, dict]:
+    """FastChat's ``judge_prompts.jsonl`` (one {"name", "system_prompt", "prompt_template", "output_format"}
+    per line) -> name -> record, checked to hold every name of ``FASTCHAT_NAMES``."""
+    import json
+    from pathlib import Path
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JudgePromptsError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    prompts = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise JudgePromptsError(f"{path}, line {number}: not valid JSON") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("name", "system_prompt", "prompt_template")):
+            raise JudgePromptsError(f"{path}, line {number}: needs name, system_prompt and prompt_template")
+        prompts[record["name"]] = record
+    missing = sorted(set(FASTCHAT_NAMES.values()) - set(prompts))
+    if missing:
+        raise JudgePromptsError(f"{path}: no prompt named {', '.join(missing)} (FastChat's names)")
+    return prompts
+
+
+class _Blank(dict):
+    def __missing__(self, key):
+        return ""
+
+
+def fastchat_prompt(prompts: dict[str, dict], kind: str, questions: Sequence[str], answers: Sequence[Sequence[str]],
+                    reference: Sequence[str] = ()) -> JudgePrompt:
+    """A prompt of FastChat's file, filled the way its gen_judgment.py fills it: single turn ``{question}``,
+    ``{answer}`` / ``{answer_a}``, ``{answer_b}``; two turns ``{question_1}``, ``{answer_a_1}`` ...; references
+    ``{ref_answer_1}``, ``{ref_answer_2}``. ``answers``: one list of turns (single) or two (pair)."""
+    _check(questions, *answers)
+    multi = len(questions) > 1
+    record = prompts[FASTCHAT_NAMES[(kind, bool(reference), multi)]]
+    values = _Blank({f"ref_answer_{i}": r for i, r in enumerate(reference, 1)})
+    names = ["answer"] if kind == "single" else ["answer_a", "answer_b"]
+    if multi:
+        values.update({f"question_{i}": q for i, q in enumerate(questions, 1)})
+        for name, turns in zip(names, answers):
+            values.update({f"{name}_{i}": a for i, a in enumerate(turns, 1)})
+    else:
+        values["question"] = questions[0]
+        values.update({name: turns[0] for name, turns in zip(names, answers)})
+    return JudgePrompt(record["name"], record["system_prompt"], record["prompt_template"].format_map(values))

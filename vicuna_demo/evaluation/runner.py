@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
-from .prompts import pairwise_prompt, single_prompt
+from .prompts import fastchat_prompt, pairwise_prompt, single_prompt
 from .questions import Question
-from .verdicts import PairVerdict, combine, parse_pair, parse_rating
+from .verdicts import (PairVerdict, combine, parse_pair, parse_pair_fastchat, parse_rating,
+                       parse_rating_fastchat)
 
 log = logging.getLogger("vicuna_demo.evaluation")
 
@@ -89,6 +90,7 @@ class Judgment:
     error: str | None = None          # the judge failed or timed out (in either game)
     tstamp: float = field(default_factory=time.time)
     reused: bool = False              # read from the same --out of an earlier run
+    fastchat_rules: bool = False      # asked with FastChat's own prompts: its verdict rules apply
 
     @property
     def key(self) -> tuple:
@@ -128,7 +130,7 @@ class EvaluationRunner:
                  answer_params: SamplingParams | Mapping[str, SamplingParams] = SamplingParams(),
                  judge_params: SamplingParams = JUDGE_PARAMS, max_in_flight: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, moderate: Callable[[str], object] | None = None,
-                 references: Mapping | None = None):
+                 references: Mapping | None = None, judge_prompts: Mapping | None = None):
         self.engines = engines
         self.judge = judge
         self.answer_params = answer_params
@@ -137,6 +139,7 @@ class EvaluationRunner:
         self.timeout_s = timeout_s
         self.moderate = moderate
         self.references = references     # question_id -> reference turns (--reference FILE); None: the questions'
+        self.judge_prompts = judge_prompts   # FastChat's judge_prompts.jsonl by name (--judge-prompts); None: ours
         self._cancel = threading.Event()
         self._active: set = set()
         self._lock = threading.Lock()
@@ -256,10 +259,15 @@ class EvaluationRunner:
         """(Judgment, game 1 prompt with A's answer first, game 2 prompt with B's answer first)."""
         asked = list(question.turns[:turn])
         reference = self.references_for(question, turn)
-        game1 = pairwise_prompt(asked, a.turns[:turn], b.turns[:turn], reference)
-        game2 = pairwise_prompt(asked, b.turns[:turn], a.turns[:turn], reference)
+        if self.judge_prompts:
+            game1 = fastchat_prompt(self.judge_prompts, "pair", asked, [a.turns[:turn], b.turns[:turn]], reference)
+            game2 = fastchat_prompt(self.judge_prompts, "pair", asked, [b.turns[:turn], a.turns[:turn]], reference)
+        else:
+            game1 = pairwise_prompt(asked, a.turns[:turn], b.turns[:turn], reference)
+            game2 = pairwise_prompt(asked, b.turns[:turn], a.turns[:turn], reference)
         judgment = Judgment(question=question, turn=turn, judge=self.judge, prompt_name=game1.name,
-                            model_a=a.model, model_b=b.model, g1_prompt=game1.user, g2_prompt=game2.user)
+                            model_a=a.model, model_b=b.model, g1_prompt=game1.user, g2_prompt=game2.user,
+                            fastchat_rules=bool(self.judge_prompts))
         return judgment, game1, game2
 
     def run(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
@@ -299,12 +307,14 @@ class EvaluationRunner:
         for judgment in judgments:
             if judgment.reused:
                 continue
+            pair, rating = ((parse_pair_fastchat, parse_rating_fastchat) if judgment.fastchat_rules
+                            else (parse_pair, parse_rating))
             if judgment.pairwise:
                 failed = judgment.error is not None
-                judgment.verdict = combine(None if failed else parse_pair(judgment.g1_text),
-                                           None if failed else parse_pair(judgment.g2_text))
+                judgment.verdict = combine(None if failed else pair(judgment.g1_text),
+                                           None if failed else pair(judgment.g2_text))
             else:
-                judgment.score = None if judgment.error else parse_rating(judgment.g1_text)
+                judgment.score = None if judgment.error else rating(judgment.g1_text)
         result.judgments = judgments
         result.judge_s = time.perf_counter() - started
         result.cancelled = self._cancel.is_set()
@@ -378,10 +388,12 @@ class EvaluationRunner:
                     if old is not None:
                         judgments.append(old)
                         continue
-                    prompt = single_prompt(list(question.turns[:turn]), answer.turns[:turn],
-                                           self.references_for(question, turn))
+                    asked, reference = list(question.turns[:turn]), self.references_for(question, turn)
+                    prompt = (fastchat_prompt(self.judge_prompts, "single", asked, [answer.turns[:turn]], reference)
+                              if self.judge_prompts else single_prompt(asked, answer.turns[:turn], reference))
                     judgment = Judgment(question=question, turn=turn, judge=self.judge, prompt_name=prompt.name,
-                                        model_a=answer.model, g1_prompt=prompt.user)
+                                        model_a=answer.model, g1_prompt=prompt.user,
+                                        fastchat_rules=bool(self.judge_prompts))
                     judgments.append(judgment)
                     requests.append((judgment, "g1", prompt))
         return judgments, requests

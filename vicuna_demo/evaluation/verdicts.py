@@ -7,6 +7,10 @@ the brackets, lower case, bold (``**[[A]]**``), ``[[Tie]]`` and ``[[7/10]]`` are
 without a well-formed verdict, or with a rating outside 1-10, gives ``None``: "no verdict", which
 is counted and reported, never guessed.
 
+With FastChat's own prompts (``--judge-prompts``) its rules apply instead (``parse_pair_fastchat``,
+``parse_rating_fastchat``): the first of ``[[A]]``, ``[[B]]``, ``[[C]]`` found in that order, and the first
+``[[n]]`` (else ``[n]``) as a grade.
+
 Both orders: game 1 shows model A's answer first, game 2 shows model B's answer first. A verdict
 counts only when both games name the same model; when they disagree the round is a tie (position
 bias cancelled), and when either game gave no verdict the round has none.
@@ -29,6 +33,27 @@ def parse_pair(text: str) -> str | None:
         return None
     last = found[-1].upper()
     return "tie" if last in ("C", "TIE") else last
+
+
+def parse_pair_fastchat(text: str) -> str | None:
+    """FastChat's rule (gen_judgment with its own prompts): "[[A]]" anywhere wins, else "[[B]]", else "[[C]]"
+    is a tie; nothing else is accepted."""
+    for mark, verdict in (("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie")):
+        if mark in (text or ""):
+            return verdict
+    return None
+
+
+_FASTCHAT_RATING = (re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]"))
+
+
+def parse_rating_fastchat(text: str) -> float | None:
+    """FastChat's rule: the first ``[[n]]``, else the first ``[n]``; no range check (FastChat keeps any number)."""
+    for pattern in _FASTCHAT_RATING:
+        found = pattern.search(text or "")
+        if found:
+            return float(found.group(1))
+    return None
 
 
 def parse_rating(text: str) -> float | None:
