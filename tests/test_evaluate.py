@@ -512,3 +512,34 @@ def test_fastchat_judge_prompts_are_used_by_name_and_parsed_by_fastchats_rules(t
     assert engines["Judge"].received[0][0] == {"role": "system", "content": "SYSTEM pair-math-v1"}
     assert all(j.verdict.g1 == "model_a" and j.verdict.g2 == "model_b" for j in result.judgments)  # [[A]] wins
     assert parse_pair("[[A]] looked right at first, but [[B]]") == "B"                             # ours: the last
+
+
+def test_fastchats_show_result_reads_our_outputs_and_gets_our_numbers(tmp_path, capsys):
+    """FastChat's own show_result.py (fschat, a test dependency) on the files we write, pairwise and single."""
+    import argparse
+
+    show_result = pytest.importorskip("fastchat.llm_judge.show_result")
+    from tests.engines import RecordingEngine
+    questions = parse_questions(QUESTIONS)
+
+    def engines(verdict):
+        return {"A": RecordingEngine("A", "alpha", delay_s=0.0), "B": RecordingEngine("B", "beta", delay_s=0.0),
+                "Judge": RecordingEngine("Judge", verdict, delay_s=0.0)}
+
+    pair = EvaluationRunner(engines("It is [[A]]"), judge="Judge", answer_params=SHORT).run(questions, "A", "B")
+    single = EvaluationRunner(engines("Fine. [[7]]"), judge="Judge", answer_params=SHORT).run(
+        questions, "A", "B", mode="single")
+    write_outputs(pair, tmp_path / "pair")
+    write_outputs(single, tmp_path / "single")
+    ours = summarize(pair)
+    args = argparse.Namespace(bench_name="mt_bench", judge_model="Judge", baseline_model=None, model_list=None,
+                              input_file=str(tmp_path / "pair" / "model_judgment" / "Judge_pair.jsonl"))
+    show_result.display_result_pairwise(args)
+    printed = capsys.readouterr().out.splitlines()
+    row = next(line.split() for line in printed if line.startswith("A "))    # model win loss tie rates...
+    assert [int(x) for x in row[1:4]] == [ours["a_wins"], ours["b_wins"], ours["ties"]]
+    assert float(row[-1]) == pytest.approx(ours["a_win_rates"]["win_rate_adjusted"], abs=1e-3)
+    args.input_file = str(tmp_path / "single" / "model_judgment" / "Judge_single.jsonl")
+    show_result.display_result_single(args)
+    printed = capsys.readouterr().out
+    assert "7.0" in printed and summarize(single)["models"]["A"]["mean"] == 7.0

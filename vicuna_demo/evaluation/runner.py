@@ -43,7 +43,7 @@ log = logging.getLogger("vicuna_demo.evaluation")
 MODES = ("pairwise", "single", "answers")   # answers: no judge (a CPU, or answers to judge elsewhere)
 GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
 # the categories MT-Bench judges with a reference answer (FastChat's gen_judgment.py): only these
-REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
+REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding", "arena-hard-200"})
 JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=1024)
 DEFAULT_TIMEOUT_S = 600.0
 
