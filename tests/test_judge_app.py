@@ -4,6 +4,7 @@ questions, one evaluation at a time, the app without a judge, and the leaderboar
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zipfile
@@ -71,6 +72,9 @@ def test_the_evaluate_tab_runs_an_evaluation_and_offers_fastchat_outputs(launch_
     names = zipfile.ZipFile(archive).namelist()
     assert "evaluation/model_judgment/Judge_pair.jsonl" in names
     assert f"evaluation/model_answer/{SMALL}.jsonl" in names and "evaluation/summary.json" in names
+    first = json.loads(zipfile.ZipFile(archive).read(f"evaluation/model_answer/{SMALL}.jsonl").splitlines()[0])
+    assert first["question_id"] == 1 and first["generate_params"]["repetition_penalty"] == 1.1  # the model's own
+    assert first["generate_params"]["max_new_tokens"] == 16                                       # the page's
 
 
 def test_uploaded_questions_are_moderated_and_a_flagged_one_reaches_no_model(launch_app, embedded_engine, servers,

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from ..data.storage import JudgeVoteRecord
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
@@ -124,7 +124,8 @@ class JudgeService:
     def __init__(self, engines: Mapping[str, object], store, *, judge: str | None, moderator=None,
                  max_in_flight: int = 4, params: SamplingParams = JUDGE_PARAMS,
                  answer_params: SamplingParams = SamplingParams(), max_questions: int = MAX_UPLOAD_QUESTIONS,
-                 max_input_chars: int = 12000, timeout_s: float = 600.0):
+                 max_input_chars: int = 12000, timeout_s: float = 600.0,
+                 answer_defaults: Callable[[str], SamplingParams] | None = None):
         if judge and judge not in engines:
             raise KeyError(f"--judge {judge!r}: no such model")
         self.engines = engines
@@ -134,6 +135,8 @@ class JudgeService:
         self.max_in_flight = max(1, max_in_flight)
         self.params = params
         self.answer_params = answer_params
+        # model -> its recommended sampling with the flags over it (ChatService.defaults_for): what answers use
+        self.answer_defaults = answer_defaults
         self.max_questions = max_questions
         self.max_input_chars = max_input_chars
         self.timeout_s = timeout_s
@@ -147,7 +150,9 @@ class JudgeService:
         evaluations keep at most half of an engine's batch (--max-batch-requests, else 64 on a GPU, 8 on a CPU)."""
         from ..loading import cuda_available
         batch = settings.max_batch_requests or (64 if cuda_available() else 8)
-        return cls.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)
+        judge = cls.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)
+        judge.answer_defaults = service.defaults_for     # each model answers with its own recommended sampling
+        return judge
 
     @classmethod
     def for_app(cls, engines: Mapping[str, object], store, moderator, settings, *, batch_size: int) -> "JudgeService":
@@ -314,8 +319,11 @@ class JudgeService:
             raise EvaluationBusy("Another evaluation is running in this app; please try again when it has finished.")
         try:
             params = self.answer_params
+            if self.answer_defaults is not None:
+                params = {m: self.answer_defaults(m) for m in (a, b) if m is not None}
             if max_new_tokens:
-                params = dataclasses.replace(params, max_new_tokens=int(max_new_tokens))
+                params = ({m: dataclasses.replace(p, max_new_tokens=int(max_new_tokens)) for m, p in params.items()}
+                          if isinstance(params, dict) else dataclasses.replace(params, max_new_tokens=int(max_new_tokens)))
             moderate = self.moderator.check if self.moderator is not None else None
             runner = EvaluationRunner(self.engines, judge=self.judge, answer_params=params, judge_params=self.params,
                                       max_in_flight=self.max_in_flight, timeout_s=self.timeout_s, moderate=moderate)
