@@ -6,7 +6,7 @@ A battle is ``(model_a, model_b, winner)`` with winner one of ``"model_a"``, ``"
 Model: P(a beats b) = 1 / (1 + 10 ** (-(R_a - R_b) / 400)), i.e. a logistic loss on
 ln(10) * (r_a - r_b) with displayed rating R = 400 * r + 1000. The fit minimises that loss on
 counts aggregated per model pair (so 100k battles cost no more than a few hundred pairs) with
-L-BFGS.
+Newton's method (contextual.fit: the loss is convex and there are as many parameters as models).
 
 Weak prior: every rating also gets a Gaussian prior centred on 1000 with a standard deviation of
 PRIOR_SD = 200 points (an L2 penalty sum((R - 1000)^2) / (2 * 200^2) added to the summed
@@ -38,6 +38,15 @@ distance from 1000 (prior curvature 1/0.5^2 = 4 against about ln(10)^2 / 4 = 1.3
 Rank = 1 + the number of ranked (non-provisional) models whose ci_lower is above this model's
 ci_upper; provisional models do not move the ranks of the others.
 
+LMArena's options (``fit_board``): style control (answer length and markdown fitted beside the ratings,
+with an L2 penalty of strength STYLE_REG on the style coefficients only; features in style.py),
+reweighting by pair frequency, and sandwich (closed-form) intervals beside the bootstrap; the method is in
+contextual.py. Without any of them ``fit_board`` is ``compute_leaderboard``.
+
+STYLE_REG = 1e-4, on arena-rank's scale (the loss is a mean over battles, so the penalty does not fade
+with more battles): on generated battles it recovers a planted length effect of 0.5 to within 0.02,
+where arena-rank's default of 1.0 shrinks it to about 0.07 (tests/test_style_control.py, docs/arena.md).
+
 Use::
 
     from vicuna_demo.data.ratings import compute_leaderboard
@@ -53,13 +62,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import contextual
 from .records import WINNERS  # the stored vote values (their one home; the store checks votes against them)
+from .style import STYLE_FEATURES, StyleCounts, style_features
 
 SCALE = 400.0
 CENTER = 1000.0
 PRIOR_SD = 200.0     # rating points; see the module docstring
 MIN_BATTLES = 20     # fewer battles: provisional, no rank; see the module docstring
+STYLE_REG = 1e-4    # L2 strength on the style coefficients, arena-rank's (mean-loss) scale; see docs/arena.md
+CI_METHODS = ("bootstrap", "sandwich")
 _LN10 = math.log(10.0)
+_OUTCOME = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
 _Z95 = 1.959963984540054
 
 
@@ -162,35 +176,16 @@ def _fit(
     first_score / second_score are win counts with ties already split in half. The loss is divided
     by the number of games so that its scale does not depend on how many votes there are.
     """
-    from scipy.optimize import minimize  # scipy is only needed once there is something to fit
-
     total = float(first_score.sum() + second_score.sum())
     if n_models < 2 or total <= 0:
         return np.zeros(n_models)
-    games = (first_score + second_score) / total
-    first_share = first_score / total
-    second_share = second_score / total
-    # prior on r: N(0, (prior_sd / SCALE)^2), i.e. a penalty sum(r^2) / (2 tau^2), per game
-    penalty = 1.0 / (2.0 * (prior_sd / SCALE) ** 2 * total)
-
-    def loss_and_grad(r: np.ndarray) -> tuple[float, np.ndarray]:
-        z = _LN10 * (r[first] - r[second])
-        # -log sigmoid(z) = logaddexp(0, -z); the first side scored first_share.
-        loss = float(first_share @ np.logaddexp(0.0, -z) + second_share @ np.logaddexp(0.0, z))
-        g_pair = _LN10 * (games * _sigmoid(z) - first_share)
-        grad = np.bincount(first, g_pair, n_models) - np.bincount(second, g_pair, n_models)
-        return loss + penalty * float(r @ r), grad + 2.0 * penalty * r
-
-    x0 = np.zeros(n_models) if start is None else start
-    result = minimize(
-        loss_and_grad,
-        x0,
-        jac=True,
-        method="L-BFGS-B",
-        options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10},
-    )
-    r = result.x
-    return r - r.mean()
+    # each pair as two rows: the first side's score as wins, the second side's as losses
+    rows = contextual.Rows(a=np.concatenate([first, first]), b=np.concatenate([second, second]),
+                           outcome=np.concatenate([np.ones(len(first)), np.zeros(len(first))]),
+                           count=np.concatenate([first_score, second_score]).astype(float),
+                           weight=np.ones(2 * len(first)), features=np.zeros((2 * len(first), 0)))
+    r, _ = contextual.fit(rows, n_models, prior_sd, 0.0, start)
+    return r
 
 
 def _standard_errors(
@@ -274,22 +269,101 @@ def compute_leaderboard(
         boot_lower, boot_upper = np.percentile(samples, [2.5, 97.5], axis=0)
         lower, upper = np.minimum(lower, boot_lower), np.maximum(upper, boot_upper)
 
-    provisional = counts.battles < min_battles
+    return _ranked_rows(counts.models, counts.battles, rating, lower, upper, min_battles)
+
+
+def _ranked_rows(models: list[str], battles: np.ndarray, rating: np.ndarray, lower: np.ndarray,
+                 upper: np.ndarray, min_battles: int) -> list[ModelRating]:
+    """One ModelRating per model, best first, with ranks among the non-provisional models."""
+    n = len(models)
+    provisional = battles < min_battles
     ranked = np.flatnonzero(~provisional)
     ranks = [None if provisional[i] else 1 + int(np.sum(lower[ranked] > upper[i])) for i in range(n)]
-    order = sorted(range(n), key=lambda i: (-rating[i], counts.models[i]))
+    order = sorted(range(n), key=lambda i: (-rating[i], models[i]))
     return [
         ModelRating(
-            model=counts.models[i],
+            model=models[i],
             rating=float(rating[i]),
             ci_lower=float(lower[i]),
             ci_upper=float(upper[i]),
-            battles=int(counts.battles[i]),
+            battles=int(battles[i]),
             rank=ranks[i],
             provisional=bool(provisional[i]),
         )
         for i in order
     ]
+
+
+@dataclass(frozen=True)
+class Board:
+    """A leaderboard and how it was computed: ``style_coefficients`` (feature -> log-odds per standard
+    deviation) when style-controlled, else None."""
+
+    rows: list[ModelRating]
+    style_coefficients: dict[str, float] | None = None
+    ci: str = "bootstrap"
+    reweight: bool = False
+
+
+def fit_board(
+    battles: Sequence[tuple[str, str, str]],
+    *,
+    style: Sequence[tuple[StyleCounts, StyleCounts]] | None = None,
+    style_reg: float = STYLE_REG,
+    reweight: bool = False,
+    ci: str = "bootstrap",
+    bootstrap_rounds: int = 100,
+    seed: int | None = 0,
+    min_battles: int = MIN_BATTLES,
+    prior_sd: float = PRIOR_SD,
+) -> Board:
+    """``compute_leaderboard`` with LMArena's options (see contextual.py for the method).
+
+    ``style``: each battle's (side A, side B) style counts, aligned with ``battles``: the ratings are then
+    style-controlled and the board carries the fitted coefficients. ``reweight``: weigh each battle by
+    1 / max(battles of its pair, 50). ``ci``: "bootstrap" (as compute_leaderboard) or "sandwich" (closed
+    form, one fit). Raises ValueError for bad arguments or a ``style`` not aligned with ``battles``.
+    """
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci must be one of {', '.join(CI_METHODS)}, got {ci!r}")
+    if not style_reg >= 0:
+        raise ValueError("style_reg must be >= 0")
+    battles = list(battles)
+    if style is not None and len(style) != len(battles):
+        raise ValueError(f"style has {len(style)} entries for {len(battles)} battles")
+    if style is None and not reweight and ci == "bootstrap":
+        return Board(compute_leaderboard(battles, bootstrap_rounds=bootstrap_rounds, seed=seed,
+                                         min_battles=min_battles, prior_sd=prior_sd))
+    if bootstrap_rounds < 0 or min_battles < 0 or not prior_sd > 0:
+        raise ValueError("bootstrap_rounds and min_battles must be >= 0 and prior_sd > 0")
+    counts = _aggregate(battles)  # validates the battles; names and battles per model
+    models, n = counts.models, len(counts.models)
+    if n == 0:
+        return Board([], dict.fromkeys(STYLE_FEATURES, 0.0) if style is not None else None, ci, reweight)
+    index = {m: i for i, m in enumerate(models)}
+    keep = [k for k, (a, b, _) in enumerate(battles) if a != b]
+    a = np.array([index[battles[k][0]] for k in keep], dtype=np.intp)
+    b = np.array([index[battles[k][1]] for k in keep], dtype=np.intp)
+    outcome = np.array([_OUTCOME[battles[k][2]] for k in keep], dtype=float)
+    features = style_features([style[k] for k in keep]) if style is not None else None
+    rows = contextual.build_rows(a, b, outcome, features, reweight=reweight, n_models=n)
+    r, beta = contextual.fit(rows, n, prior_sd, style_reg)
+    rating = _to_rating(r)
+    if len(keep) == 0:
+        lower = upper = rating
+    elif ci == "sandwich":
+        se, _ = contextual.sandwich(rows, n, r, beta, prior_sd, style_reg)
+        lower, upper = rating - _Z95 * se, rating + _Z95 * se
+    else:
+        se, _ = contextual.sandwich(rows, n, r, beta, prior_sd, style_reg)
+        lower, upper = rating - _Z95 * se, rating + _Z95 * se
+        if bootstrap_rounds > 0:
+            samples = _to_rating(contextual.bootstrap(rows, n, np.concatenate([r, beta]), prior_sd, style_reg,
+                                                      bootstrap_rounds, seed))
+            boot_lower, boot_upper = np.percentile(samples, [2.5, 97.5], axis=0)
+            lower, upper = np.minimum(lower, boot_lower), np.maximum(upper, boot_upper)
+    coefficients = dict(zip(STYLE_FEATURES, map(float, beta))) if style is not None else None
+    return Board(_ranked_rows(models, counts.battles, rating, lower, upper, min_battles), coefficients, ci, reweight)
 
 
 def win_rate_matrix(
