@@ -167,3 +167,31 @@ def test_one_stop_stops_both_sides(tmp_path):
     for side in (battle.a, battle.b):
         assert side.exchanges[-1].status == "cancelled" and len(side.exchanges[-1].reply) < len(long)
     assert battle.can_vote
+
+
+def test_the_vote_notice_says_whether_the_vote_counts_and_why_not(tmp_path):
+    battles, _ = build(tmp_path, koala="# Answer\n- Paris\n- **France**", alpaca="Paris.")
+    clean = Battle()
+    list(battles.send(clean, "Capital of France?", models=(KOALA, ALPACA)))
+    notice = battles.vote(clean, "a")
+    assert notice.startswith("Thanks for voting!") and "Your vote counts in the leaderboard." in notice
+    twin = Battle()
+    list(battles.send(twin, "Capital of France?", models=(KOALA, KOALA)))
+    notice = battles.vote(twin, "tie")
+    assert "not counted in the leaderboard: both sides were the same model" in notice
+    assert "Your vote counts" not in notice
+    first, second = battles.chat.store.vote_rows()
+    assert (first["counted"], second["counted"], second["not_counted_reason"]) == (True, False, "same_model")
+    # the answers' style counts are stored with the vote, as FastChat's conv_metadata
+    meta = first["conv_metadata"]
+    assert meta["header_count_a"]["h1"] == 1 and meta["list_count_a"]["unordered"] == 2
+    assert meta["bold_count_a"]["**"] == 1 and meta["sum_assistant_b_tokens"] > 0
+
+
+def test_an_identity_leak_in_an_anonymous_battle_is_named_in_the_notice_and_the_reveal(tmp_path):
+    battles, _ = build(tmp_path, koala="I am Koala, a chatbot.")
+    battle = Battle(anonymous=True)
+    list(battles.send(battle, "Who are you?"))
+    notice = battles.vote(battle, "a")
+    assert "not counted in the leaderboard: a reply gave its model's name away" in notice
+    assert "not counted in the leaderboard" in battles.reveal(battle)

@@ -100,6 +100,9 @@ def test_export_writes_clean_battles_anonymous_only_by_default(log_dir, tmp_path
     assert [r["counted"] for r in rows] == [True, True, False]
     assert rows[2]["not_counted_reason"] == "identity_leak"
     assert "v" * 64 == rows[0]["judge"]
+    # style counts in FastChat's conv_metadata shape (counted from the stored replies: none here)
+    assert rows[0]["conv_metadata"]["sum_assistant_a_tokens"] == rows[0]["conv_metadata"]["sum_assistant_b_tokens"] == 0
+    assert set(rows[0]["conv_metadata"]["header_count_a"]) == {"h1", "h2", "h3", "h4", "h5", "h6"}
 
 
 def test_export_include_named_adds_named_battles(log_dir, tmp_path):

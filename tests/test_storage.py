@@ -368,3 +368,21 @@ def test_null_store_keeps_nothing(tmp_path):
 
 def test_store_has_no_module_level_connection():
     assert not any(isinstance(v, sqlite3.Connection) for v in vars(storage).values())
+
+
+def test_style_counts_are_stored_with_the_vote_and_counted_from_replies_for_older_votes(tmp_path):
+    from vicuna_demo.data.style import count_style, conv_metadata
+
+    a, b = count_style("# Plan\n- one\n- two", tokens=40), count_style("ok", tokens=2)
+    with Store(tmp_path) as store:
+        assert store.log_vote(make_vote("new", conv_metadata=conv_metadata(a, b)))
+        assert store.vote_rows()[0]["conv_metadata"] == conv_metadata(a, b)
+        # a vote stored before migration 6 has no counts: they come from its conversations' latest replies
+        store.log_turn(make_turn(conversation_id="old-a", reply="first", n_tokens=1))
+        store.log_turn(make_turn(conversation_id="old-a", reply="**bold** answer", n_tokens=9))  # regenerated
+        store.log_turn(make_turn(conversation_id="old-b", reply="- item", n_tokens=3))
+        assert store.log_vote(make_vote("old", conversation_a_id="old-a", conversation_b_id="old-b"))
+        battles, styles = store.style_battles()
+        assert battles == [("vicuna-7b", "smollm2", "model_a")] * 2
+        assert styles[0] == (a, b)
+        assert styles[1] == (count_style("**bold** answer", tokens=9), count_style("- item", tokens=3))

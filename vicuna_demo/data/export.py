@@ -7,8 +7,10 @@
 - Battles: FastChat's clean-battle shape, one vote per line, oldest first, first vote per battle:
   ``question_id`` (the battle id), ``model_a``, ``model_b``, ``winner``, ``judge`` (salted client
   hash), ``anony``, ``tstamp``, ``counted``, ``not_counted_reason``, ``conversation_a_id``,
-  ``conversation_b_id``. Anonymous battles only, unless ``--include-named``. Uncounted votes
-  are written with ``counted: false`` (the leaderboard skips them unless asked not to).
+  ``conversation_b_id``, ``conv_metadata`` (both answers' style counts as FastChat writes them: stored
+  with the vote, or counted from the stored replies for votes older than that; see data/style.py).
+  Anonymous battles only, unless ``--include-named``. Uncounted votes are written with ``counted: false``
+  (the leaderboard skips them unless asked not to).
 - Judge votes (``--judge-votes``): every verdict of the judge on a side-by-side round, oldest first,
   in the shape of FastChat's MT-bench pairwise judgments: ``question_id`` (the battle id),
   ``model_a``, ``model_b``, ``winner`` ("model_a" | "model_b" | "tie" | "no_verdict"),
@@ -41,6 +43,7 @@ from pathlib import Path
 
 from vicuna_demo.data.records import is_moderated
 from vicuna_demo.data.storage import Store, store_path
+from vicuna_demo.data.style import StyleCounts, conv_metadata
 
 
 def sharegpt_record(conversation: dict) -> dict:
@@ -55,8 +58,13 @@ def sharegpt_record(conversation: dict) -> dict:
     return {"id": conversation["conversation_id"], "model": conversation["model"], "conversations": messages}
 
 
-def battle_record(vote: dict) -> dict:
-    """One vote from ``Store.vote_rows()`` in FastChat's clean-battle shape."""
+def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None) -> dict:
+    """One vote from ``Store.vote_rows()`` in FastChat's clean-battle shape. ``conv_metadata``: the style
+    counts stored with the vote, else counted from ``replies`` (conversation id -> counts), else None."""
+    meta = vote.get("conv_metadata")
+    if meta is None and replies is not None:
+        meta = conv_metadata(replies.get(vote["conversation_a_id"], StyleCounts()),
+                             replies.get(vote["conversation_b_id"], StyleCounts()))
     return {
         "question_id": vote["battle_id"],
         "model_a": vote["model_a"],
@@ -69,6 +77,7 @@ def battle_record(vote: dict) -> dict:
         "not_counted_reason": vote["not_counted_reason"],
         "conversation_a_id": vote["conversation_a_id"],
         "conversation_b_id": vote["conversation_b_id"],
+        "conv_metadata": meta,
     }
 
 
@@ -145,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         conversations = store.conversations() if args.conversations else []
         votes = store.vote_rows(anony_only=not args.include_named) if args.battles else []
+        older = {c for v in votes if v["conv_metadata"] is None for c in (v["conversation_a_id"], v["conversation_b_id"])}
+        replies = store.reply_counts(older) if older else {}
         judged = []
         if args.judge_votes:
             moderated = {t.conversation_id for t in store.turns() if is_moderated(t)}
@@ -157,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             n = write_jsonl(args.conversations, (sharegpt_record(c) for c in conversations))
             print(f"wrote {n} conversations to {args.conversations}", file=sys.stderr)
         if args.battles:
-            n = write_jsonl(args.battles, (battle_record(v) for v in votes))
+            n = write_jsonl(args.battles, (battle_record(v, replies) for v in votes))
             print(f"wrote {n} battles to {args.battles}", file=sys.stderr)
         if args.judge_votes:
             n = write_jsonl(args.judge_votes, judged)

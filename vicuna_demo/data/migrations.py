@@ -8,6 +8,8 @@ nothing. Never edit or reorder a migration that has shipped: add a new one at th
 3. indexes.                                  4. triggers that make both tables append-only.
 5. ``judge_votes``: LLM-as-a-judge verdicts on side-by-side rounds, their own kind of vote (never
    mixed with ``votes``), append-only like the others.
+6. ``votes.conv_metadata``: both answers' style counts at vote time (FastChat's ``conv_metadata``, JSON
+   text; NULL for votes stored before it), for style-controlled ratings.
 """
 
 from __future__ import annotations
@@ -108,12 +110,17 @@ def _m005_create_judge_votes(db: sqlite3.Connection) -> None:
     _append_only(db, "judge_votes")
 
 
+def _m006_vote_style(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE votes ADD COLUMN conv_metadata TEXT")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m001_create_turns,
     _m002_create_votes,
     _m003_indexes,
     _m004_append_only,
     _m005_create_judge_votes,
+    _m006_vote_style,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -7,10 +7,12 @@ docstring says), and shapes the rows with records.py.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
-from .records import (JUDGE_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text, is_moderated, last_user_text,
-                      turn_from_row)
+from .records import (JSON_VOTE_COLUMNS, JUDGE_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text, is_moderated,
+                      last_user_text, turn_from_row)
+from .style import StyleCounts, count_replies, counts_from_metadata
 
 
 class StoreQueries:
@@ -56,8 +58,35 @@ class StoreQueries:
     def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
                   first_per_battle: bool = True) -> list[dict]:
         """Votes as dicts with VoteRecord's field names, oldest first (first vote per battle)."""
-        return [{c: bool(r[c]) if c in ("anony", "counted") else r[c] for c in VOTE_COLUMNS}
+        return [{c: bool(r[c]) if c in ("anony", "counted") else
+                 (None if r[c] is None else json.loads(r[c])) if c in JSON_VOTE_COLUMNS else r[c]
+                 for c in VOTE_COLUMNS}
                 for r in self._vote_query(anony_only, counted_only, first_per_battle)]
+
+    def style_battles(self, *, anony_only: bool = True) -> tuple[list[tuple[str, str, str]], list]:
+        """(battles, styles) of the counted battles, as ``battles``, with each one's (side A, side B) style
+        counts for ``ratings.fit_board``: the counts stored with the vote, else (votes stored before they
+        were) counted from the battle's stored replies."""
+        battles, styles, missing = [], [], {}
+        for row in self.vote_rows(anony_only=anony_only, counted_only=True):
+            battles.append((row["model_a"], row["model_b"], row["winner"]))
+            counts = counts_from_metadata(row["conv_metadata"]) if row["conv_metadata"] else None
+            if counts is None:
+                missing[len(styles)] = (row["conversation_a_id"], row["conversation_b_id"])
+            styles.append(counts)
+        if missing:
+            replies = self.reply_counts({c for pair in missing.values() for c in pair})
+            for k, (conversation_a, conversation_b) in missing.items():
+                styles[k] = (replies.get(conversation_a, StyleCounts()), replies.get(conversation_b, StyleCounts()))
+        return battles, styles
+
+    def reply_counts(self, conversation_ids: set[str]) -> dict[str, StyleCounts]:
+        """Style counts of each conversation's replies (the latest reply per turn, as shown last)."""
+        latest: dict[str, dict[int, tuple[str, int]]] = {}
+        for r in self._read("SELECT conversation_id, turn_index, reply, n_tokens FROM turns ORDER BY id"):
+            if r["conversation_id"] in conversation_ids:
+                latest.setdefault(r["conversation_id"], {})[r["turn_index"]] = (r["reply"], r["n_tokens"])
+        return {c: count_replies(turns.values()) for c, turns in latest.items()}
 
     def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool) -> list[sqlite3.Row]:
         where = []
@@ -117,6 +146,7 @@ class StoreQueries:
                     "moderation_categories": list(t.moderation_categories),
                     "moderated": is_moderated(t),
                     "error": t.error,
+                    "n_tokens": t.n_tokens,
                 } for t in ordered],
             })
         return result

@@ -54,6 +54,7 @@ class VoteRecord:
     not_counted_reason: str | None  # e.g. "identity_leak", "error", "moderated"
     conversation_a_id: str
     conversation_b_id: str
+    conv_metadata: dict | None = None  # both answers' style counts (style.conv_metadata), None if unknown
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ TURN_COLUMNS = tuple(
 )
 VOTE_COLUMNS = tuple(
     "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
-    "conversation_a_id conversation_b_id".split()
+    "conversation_a_id conversation_b_id conv_metadata".split()
 )
+JSON_VOTE_COLUMNS = ("conv_metadata",)
 JUDGE_COLUMNS = tuple(
     "battle_id tstamp client_hash judge prompt model_a model_b winner g1_winner g2_winner g1_judgment "
     "g2_judgment error n_turns conversation_a_id conversation_b_id".split()

@@ -48,8 +48,8 @@ from typing import Any
 from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate  # noqa: F401 - MIGRATIONS re-exported for tests
 from .queries import StoreQueries
 # the records and their values live in records.py; importing them from here keeps working
-from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, SIDES, TURN_COLUMNS, VOTE_COLUMNS,  # noqa: F401
-                      WINNERS, JudgeVoteRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
+from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, JSON_VOTE_COLUMNS, SIDES,  # noqa: F401
+                      TURN_COLUMNS, VOTE_COLUMNS, WINNERS, JudgeVoteRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
 
 LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"
@@ -228,7 +228,8 @@ class Store(StoreQueries):
         """Append one vote; False if it could not be stored (a warning is logged once)."""
         if rec.winner not in WINNERS:
             raise ValueError(f"winner must be one of {', '.join(WINNERS)}, got {rec.winner!r}")
-        values = tuple(int(v) if c in ("anony", "counted") else v
+        values = tuple(int(v) if c in ("anony", "counted") else
+                       (None if v is None else encode_json(v)) if c in JSON_VOTE_COLUMNS else v
                        for c, v in ((c, getattr(rec, c)) for c in VOTE_COLUMNS))
         return self._write("votes", VOTE_COLUMNS, values)
 
@@ -296,6 +297,9 @@ class NullStore:
     def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
                   first_per_battle: bool = True) -> list[dict]:
         return []
+
+    def style_battles(self, *, anony_only: bool = True) -> tuple[list, list]:
+        return [], []
 
     def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
         return []

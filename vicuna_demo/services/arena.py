@@ -41,6 +41,7 @@ _VOTE_ALIASES = {"a": "model_a", "left": "model_a", "leftvote": "model_a",
 REASON_MODERATED = "moderated"
 REASON_ERROR = "error"
 REASON_IDENTITY = "identity_leak"
+REASON_SAME_MODEL = "same_model"
 
 # words in model names that say nothing about which model it is (sizes and versions are dropped too)
 _GENERIC_NAME_WORDS = frozenset(
@@ -159,12 +160,15 @@ def winner_for(vote: str) -> str:
 
 
 def battle_counts(*, anony: bool, replies: Iterable[str], errored: bool, moderated: bool,
-                  leak_words: Sequence[str]) -> tuple[bool, str | None]:
+                  leak_words: Sequence[str], same_model: bool = False) -> tuple[bool, str | None]:
     """(counted, reason) for a finished battle. A battle is not counted when any round of it was
     stopped by moderation (input or output), when a reply failed (an error or a message too long for a
-    model), or, in anonymous battles only, when a reply gave a model's identity away (named battles show
-    the names anyway). ``reason`` joins every reason that applies with ","."""
+    model), in anonymous battles only, when a reply gave a model's identity away (named battles show
+    the names anyway), or when both sides were the same model (it says nothing about which model is
+    better). ``reason`` joins every reason that applies with ","."""
     reasons = []
+    if same_model:
+        reasons.append(REASON_SAME_MODEL)
     if moderated:
         reasons.append(REASON_MODERATED)
     if errored:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, Mapping, Sequence
 
 from ..data.storage import VoteRecord
+from ..data.style import StyleCounts, conv_metadata, count_replies
 from .arena import VOTES, Arena, NotEnoughModels, battle_counts, find_identity_leak, winner_for
 from .chat import NOTHING_TO_REGENERATE, ChatService, TurnContext, TurnUpdate, sanitize_input
 from .session import CancelToken, Exchange, Gate, messages_for, new_id
@@ -46,6 +47,7 @@ REASON_TEXT = {
     "moderated": "a message was stopped by content moderation",
     "error": "a reply failed",
     "identity_leak": "a reply gave its model's name away",
+    "same_model": "both sides were the same model, which says nothing about which model is better",
 }
 
 
@@ -126,6 +128,19 @@ def _hide_names(text: str, names: Mapping[str, str]) -> str:
         if name:
             text = text.replace(name, names[name])
     return text
+
+
+def counted_text(counted: bool, reason: str | None) -> str:
+    """Whether a vote counts in the leaderboard, and every reason it does not, as one sentence."""
+    if counted:
+        return "Your vote counts in the leaderboard."
+    reasons = [REASON_TEXT.get(r, r) for r in (reason or "").split(",") if r]
+    return f"Your vote is kept but not counted in the leaderboard: {'; '.join(reasons)}."
+
+
+def _style(side: Side) -> StyleCounts:
+    """The style counts of what a side answered (its replies as shown, the engine's token counts)."""
+    return count_replies((e.reply, e.stats.n_tokens if e.stats else None) for e in side.exchanges)
 
 
 def _side_params(params) -> dict[str, tuple]:
@@ -306,11 +321,13 @@ class BattleService:
                 return str(exc)
             replies = [e.reply for key in SIDES for e in battle.side(key).exchanges]
             counted, reason = battle_counts(anony=battle.anonymous, replies=replies, errored=battle.errored,
-                                            moderated=battle.moderated, leak_words=self.arena.leak_words)
+                                            moderated=battle.moderated, leak_words=self.arena.leak_words,
+                                            same_model=battle.a.model == battle.b.model)
             record = VoteRecord(battle_id=battle.battle_id, tstamp=time.time(), client_hash=client,
                                 anony=battle.anonymous, model_a=battle.a.model, model_b=battle.b.model, winner=winner,
                                 counted=counted, not_counted_reason=reason,
-                                conversation_a_id=battle.a.conversation_id, conversation_b_id=battle.b.conversation_id)
+                                conversation_a_id=battle.a.conversation_id, conversation_b_id=battle.b.conversation_id,
+                                conv_metadata=conv_metadata(_style(battle.a), _style(battle.b)))
             self.chat.store.log_vote(record)
             battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
         finally:
@@ -319,10 +336,7 @@ class BattleService:
             log.info("battle %s not counted: identity word %r", battle.battle_id,
                      find_identity_leak(replies, self.arena.leak_words))
         again = "🎲 New round" if battle.anonymous else "🗑️ Clear"
-        thanks = f"Thanks for voting! Press {again} to start another battle."
-        if not battle.anonymous and not counted:
-            thanks += f" (Not counted in the leaderboard: {REASON_TEXT.get(reason.split(',')[0], reason)}.)"
-        return thanks
+        return f"Thanks for voting! {counted_text(counted, reason)} Press {again} to start another battle."
 
     def stop(self, battle: Battle, key: str | None = None) -> None:
         """Stop one side's reply (``key`` "a" or "b"), or both (None: the one Stop under the text box)."""
@@ -347,6 +361,5 @@ class BattleService:
             return HIDDEN_NOTE
         text = f"**Model A: {battle.a.model} · Model B: {battle.b.model}**"
         if not battle.counted:
-            reasons = [REASON_TEXT.get(r, r) for r in (battle.not_counted_reason or "").split(",") if r]
-            text += f"\n\nThis battle is not counted in the leaderboard: {'; '.join(reasons)}."
+            text += f"\n\n{counted_text(False, battle.not_counted_reason)}"
         return text
