@@ -11,6 +11,7 @@ import pytest
 from gradio_client import Client
 
 from tests.engines import RecordingEngine
+from vicuna_demo.data.style import StyleCounts
 from vicuna_demo.services.leaderboard import HEADERS, battles_view
 
 NAMED = (0.7, 1.0, 32, 0.7, 1.0, 32)  # temperature, top_p, max tokens for side A, then side B
@@ -49,6 +50,31 @@ def test_a_model_against_itself_is_left_out_and_nothing_is_drawn():
                               "against itself are left out")
 
 
+def figure_texts(figure) -> list[str]:
+    return [t.get_text() for ax in figure.axes for t in ax.texts] + [ax.get_title() for ax in figure.axes]
+
+
+def test_win_rate_cells_with_few_battles_show_their_count_not_a_certain_rate():
+    battles = [("a", "b", "model_a")] + [("a", "c", "model_a")] * 12 + [("c", "a", "model_a")] * 4
+    summary, _, figure = battles_view(battles, kind="anonymous")
+    texts = figure_texts(figure)
+    assert "1.00" not in texts and "0.00" not in texts          # a-b: one vote is not a certain win
+    assert texts.count("n=1") == 2                              # a-b and b-a, drawn grey with their count
+    assert "0.75" in texts and "0.25" in texts                  # a-c: 16 battles, a real rate
+    assert any("grey: fewer than 10 battles" in t for t in texts)
+    assert "pairs with fewer than 10 battles are grey" in summary
+
+
+def test_the_style_controlled_view_explains_itself_and_shows_the_coefficients():
+    long, short = StyleCounts(tokens=400), StyleCounts(tokens=100)
+    battles = [("wordy", "terse", "model_a")] * 30 + [("terse", "wordy", "model_b")] * 10 \
+        + [("terse", "wordy", "model_a")] * 10
+    style = [(long, short)] * 30 + [(short, long)] * 20
+    summary, table, _ = battles_view(battles, kind="anonymous", style=style)
+    assert "**Style control is on**" in summary and "length **" in summary and "headers **+0.000**" in summary
+    assert {row[1] for row in table} == {"wordy", "terse"}
+
+
 @pytest.fixture
 def app(launch_app):
     def start(names, argv=()):
@@ -68,9 +94,10 @@ def test_with_one_model_the_empty_leaderboard_does_not_send_visitors_to_the_aren
     assert "only Solo is loaded here" in summary and "--model" not in summary   # operator flags: the log
     assert "Arena" not in summary and table["data"] == [] and plot is None
     named_vote(client, "Solo", "Solo")
-    assert store.battles(anony_only=False) == [("Solo", "Solo", "model_a")]
+    [vote] = store.vote_rows()  # kept, marked as not counted: it says nothing about which model is better
+    assert (vote["counted"], vote["not_counted_reason"]) == (False, "same_model")
     summary, table, plot = client.predict(True, api_name="/leaderboard_refresh")
-    assert "**1** vote of a model against itself is left out" in summary
+    assert "only Solo is loaded" in summary
     assert table["data"] == [] and plot is None
 
 
@@ -78,6 +105,16 @@ def test_with_anonymous_battles_off_the_empty_leaderboard_points_to_side_by_side
     client, _ = app(["Koala", "Alpaca"], ["--arena-weights", "Koala=1,Alpaca=0"])
     summary, _, _ = client.predict(False, api_name="/leaderboard_refresh")
     assert "Side by side" in summary and "tick the box" in summary
+
+
+def test_style_control_toggle_through_the_api(app):
+    client, store = app(["Koala", "Alpaca"], ["--min-battles", "1"])
+    named_vote(client, "Koala", "Alpaca")
+    assert store.vote_rows()[0]["conv_metadata"]["sum_assistant_a_tokens"] > 0
+    raw, _, _ = client.predict(True, api_name="/leaderboard_refresh")
+    styled, table, _ = client.predict(True, True, api_name="/leaderboard_refresh")
+    assert "Style control" not in raw and "**Style control is on**" in styled
+    assert [row[1] for row in table["data"]] == ["Koala", "Alpaca"]
 
 
 def test_min_battles_flag_decides_who_is_ranked_in_the_app(app):

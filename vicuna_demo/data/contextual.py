@@ -68,16 +68,16 @@ def build_rows(a: np.ndarray, b: np.ndarray, outcome: np.ndarray, features: np.n
     if features is not None:
         features = np.asarray(features, float).reshape(n, -1)
         return Rows(a, b, outcome, np.ones(n), weight, features)
-    key = np.stack([a, b, np.round(outcome * 2).astype(np.intp)], axis=1)
     if n == 0:
         return Rows(a, b, outcome, np.ones(0), weight, np.zeros((0, 0)))
-    unique, inverse, count = np.unique(key, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
+    key = (a * n_models + b) * 3 + np.round(outcome * 2).astype(np.intp)  # (a, b, outcome) as one integer
+    unique, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
     # every battle of a row belongs to one pair, so they share one weight
     row_weight = np.zeros(len(unique))
-    row_weight[inverse] = weight
-    return Rows(unique[:, 0], unique[:, 1], unique[:, 2] / 2.0, count.astype(float), row_weight,
-                np.zeros((len(unique), 0)))
+    row_weight[inverse.reshape(-1)] = weight
+    pair, half_points = np.divmod(unique, 3)
+    first, second = np.divmod(pair, n_models)
+    return Rows(first, second, half_points / 2.0, count.astype(float), row_weight, np.zeros((len(unique), 0)))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import sqlite3
 
 from .records import (JSON_VOTE_COLUMNS, JUDGE_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text, is_moderated,
                       last_user_text, turn_from_row)
-from .style import StyleCounts, count_replies, counts_from_metadata
+from .style import StyleCounts, count_replies, vectors_from_metadata
 
 
 class StoreQueries:
@@ -53,7 +53,7 @@ class StoreQueries:
         One vote per battle: the first recorded for a battle_id (later ones are ignored).
         """
         return [(r["model_a"], r["model_b"], r["winner"])
-                for r in self._vote_query(anony_only, counted_only, first_per_battle=True)]
+                for r in self._vote_query(anony_only, counted_only, True, "model_a, model_b, winner")]
 
     def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
                   first_per_battle: bool = True) -> list[dict]:
@@ -63,22 +63,26 @@ class StoreQueries:
                  for c in VOTE_COLUMNS}
                 for r in self._vote_query(anony_only, counted_only, first_per_battle)]
 
-    def style_battles(self, *, anony_only: bool = True) -> tuple[list[tuple[str, str, str]], list]:
-        """(battles, styles) of the counted battles, as ``battles``, with each one's (side A, side B) style
-        counts for ``ratings.fit_board``: the counts stored with the vote, else (votes stored before they
-        were) counted from the battle's stored replies."""
-        battles, styles, missing = [], [], {}
-        for row in self.vote_rows(anony_only=anony_only, counted_only=True):
-            battles.append((row["model_a"], row["model_b"], row["winner"]))
-            counts = counts_from_metadata(row["conv_metadata"]) if row["conv_metadata"] else None
+    def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, int]:
+        """(battles, styles, last_id) of the counted battles, as ``battles``, with each one's (side A, side B)
+        style counts for ``ratings.fit_board``: the counts stored with the vote, else (votes stored before
+        they were) counted from the battle's stored replies. Only votes stored after row ``after_id``, so a
+        caller can keep what it read and add the new ones (votes are append-only); ``last_id`` is where to
+        go on from."""
+        battles, styles, missing, last_id = [], [], {}, after_id
+        for r in self._vote_query(anony_only, True, True, "id, model_a, model_b, winner, conv_metadata, "
+                                  "conversation_a_id, conversation_b_id", after_id):
+            battles.append((r["model_a"], r["model_b"], r["winner"]))
+            counts = vectors_from_metadata(json.loads(r["conv_metadata"])) if r["conv_metadata"] else None
             if counts is None:
-                missing[len(styles)] = (row["conversation_a_id"], row["conversation_b_id"])
+                missing[len(styles)] = (r["conversation_a_id"], r["conversation_b_id"])
             styles.append(counts)
+            last_id = r["id"]
         if missing:
             replies = self.reply_counts({c for pair in missing.values() for c in pair})
             for k, (conversation_a, conversation_b) in missing.items():
                 styles[k] = (replies.get(conversation_a, StyleCounts()), replies.get(conversation_b, StyleCounts()))
-        return battles, styles
+        return battles, styles, last_id
 
     def reply_counts(self, conversation_ids: set[str]) -> dict[str, StyleCounts]:
         """Style counts of each conversation's replies (the latest reply per turn, as shown last)."""
@@ -88,8 +92,9 @@ class StoreQueries:
                 latest.setdefault(r["conversation_id"], {})[r["turn_index"]] = (r["reply"], r["n_tokens"])
         return {c: count_replies(turns.values()) for c, turns in latest.items()}
 
-    def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool) -> list[sqlite3.Row]:
-        where = []
+    def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool,
+                    columns: str = "*", after_id: int = 0) -> list[sqlite3.Row]:
+        where = [f"id > {int(after_id)}"] if after_id else []
         if first_per_battle:
             where.append("id IN (SELECT MIN(id) FROM votes GROUP BY battle_id)")
         if anony_only:
@@ -97,7 +102,7 @@ class StoreQueries:
         if counted_only:
             where.append("counted = 1")
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        return self._read(f"SELECT * FROM votes{clause} ORDER BY id")
+        return self._read(f"SELECT {columns} FROM votes{clause} ORDER BY id")
 
     def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
         """Every stored turn (regenerations included), in insertion order."""

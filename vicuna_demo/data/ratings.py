@@ -70,6 +70,8 @@ SCALE = 400.0
 CENTER = 1000.0
 PRIOR_SD = 200.0     # rating points; see the module docstring
 MIN_BATTLES = 20     # fewer battles: provisional, no rank; see the module docstring
+MAX_CELL_TEXTS = 15    # the heatmap writes each cell's value for up to this many models
+MIN_PAIR_BATTLES = 10  # a win-rate cell of fewer battles is drawn grey with its count (a rate of 1/1 means little)
 STYLE_REG = 1e-4    # L2 strength on the style coefficients, arena-rank's (mean-loss) scale; see docs/arena.md
 CI_METHODS = ("bootstrap", "sandwich")
 _LN10 = math.log(10.0)
@@ -308,7 +310,7 @@ class Board:
 def fit_board(
     battles: Sequence[tuple[str, str, str]],
     *,
-    style: Sequence[tuple[StyleCounts, StyleCounts]] | None = None,
+    style: Sequence[tuple[StyleCounts | Sequence[float], StyleCounts | Sequence[float]]] | None = None,
     style_reg: float = STYLE_REG,
     reweight: bool = False,
     ci: str = "bootstrap",
@@ -319,7 +321,8 @@ def fit_board(
 ) -> Board:
     """``compute_leaderboard`` with LMArena's options (see contextual.py for the method).
 
-    ``style``: each battle's (side A, side B) style counts, aligned with ``battles``: the ratings are then
+    ``style``: each battle's (side A, side B) style counts (StyleCounts, or the four counts in
+    STYLE_FEATURES order), aligned with ``battles``: the ratings are then
     style-controlled and the board carries the fitted coefficients. ``reweight``: weigh each battle by
     1 / max(battles of its pair, 50). ``ci``: "bootstrap" (as compute_leaderboard) or "sandwich" (closed
     form, one fit). Raises ValueError for bad arguments or a ``style`` not aligned with ``battles``.
@@ -374,6 +377,14 @@ def win_rate_matrix(
     Ties count half. NaN where i and j never met, and on the diagonal. ``models`` fixes the
     order (e.g. leaderboard order) and may name models without battles; default is sorted names.
     """
+    names, matrix, _ = win_rate_table(battles, models)
+    return names, matrix
+
+
+def win_rate_table(
+    battles: Iterable[tuple[str, str, str]], models: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``win_rate_matrix`` plus games[i, j], the number of battles between i and j."""
     counts = _aggregate(battles)
     names = list(counts.models if models is None else models)
     pos = {m: i for i, m in enumerate(names)}
@@ -392,12 +403,16 @@ def win_rate_matrix(
         games[j, i] += n_games
     with np.errstate(invalid="ignore", divide="ignore"):
         matrix = np.where(games > 0, wins / np.where(games > 0, games, 1.0), np.nan)
-    return names, matrix
+    return names, matrix, games
 
 
-def plot_win_rates(models: Sequence[str], matrix: np.ndarray):
+def plot_win_rates(models: Sequence[str], matrix: np.ndarray, games: np.ndarray | None = None,
+                   min_pair_battles: int = MIN_PAIR_BATTLES):
     """Heatmap of a win-rate matrix with each cell's value written in it (Agg, no pyplot).
 
+    With ``games`` (battles per pair), a cell of fewer than ``min_pair_battles`` battles is not coloured
+    by its rate: it is grey and says "n=3", as the table says "too few votes" for a provisional model
+    (one vote would otherwise show as a certain 1.00 / 0.00).
     Returns a matplotlib.figure.Figure; save it with ``fig.savefig(path)`` or give it to gradio.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -413,15 +428,24 @@ def plot_win_rates(models: Sequence[str], matrix: np.ndarray):
         ax.set_axis_off()
         return fig
     data = np.asarray(matrix, dtype=float)
-    image = ax.imshow(np.ma.masked_invalid(data), cmap="RdBu", vmin=0.0, vmax=1.0)
+    few = np.isfinite(data) & (np.asarray(games) < min_pair_battles) if games is not None else \
+        np.zeros(data.shape, dtype=bool)
+    ax.imshow(np.where(few, 1.0, np.nan), cmap="Greys", vmin=0.0, vmax=4.0)  # light grey under the few-battle cells
+    image = ax.imshow(np.ma.masked_where(few | ~np.isfinite(data), data), cmap="RdBu", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(n), labels=list(models), rotation=45, ha="right")
     ax.set_yticks(range(n), labels=list(models))
     ax.set_xlabel("opponent")
     ax.set_ylabel("model")
-    ax.set_title("Win rate of row model\nagainst column model (ties count half)", fontsize=10)
-    for i in range(n):
+    title = "Win rate of row model\nagainst column model (ties count half)"
+    if few.any():
+        title += f"\ngrey: fewer than {min_pair_battles} battles (n = battles), too few votes"
+    ax.set_title(title, fontsize=10)
+    for i in range(n if n <= MAX_CELL_TEXTS else 0):  # more models: colours only (900 texts take seconds)
         for j in range(n):
-            if np.isfinite(data[i, j]):
+            if few[i, j]:
+                ax.text(j, i, f"n={int(games[i, j])}", ha="center", va="center", color="dimgray", fontsize=8,
+                        fontstyle="italic")
+            elif np.isfinite(data[i, j]):
                 dark = abs(data[i, j] - 0.5) > 0.3
                 ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center",
                         color="white" if dark else "black", fontsize=9)

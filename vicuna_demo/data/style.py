@@ -129,12 +129,31 @@ def counts_from_metadata(meta: Mapping) -> tuple[StyleCounts, StyleCounts] | Non
         return None
 
 
-def raw_features(pairs: Sequence[tuple[StyleCounts, StyleCounts]]) -> np.ndarray:
-    """(n_battles, 4): each count as (a - b) / (a + b), 0 where both are 0; not yet normalised."""
+def vectors_from_metadata(meta: Mapping) -> tuple[tuple, tuple] | None:
+    """(side A, side B) as the four counts in ``STYLE_FEATURES`` order, straight from ``conv_metadata``
+    (the fast read for a leaderboard of many battles), or None when a count is missing or not a number."""
+    try:
+        vectors = tuple((meta[f"sum_assistant_{s}_tokens"], sum(meta[f"header_count_{s}"].values()),
+                         sum(meta[f"list_count_{s}"].values()), sum(meta[f"bold_count_{s}"].values()))
+                        for s in ("a", "b"))
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for v in vectors for x in v):
+        return None
+    return vectors
+
+
+def _vector(side: StyleCounts | Sequence[float]) -> tuple:
+    return side.vector() if isinstance(side, StyleCounts) else tuple(side)
+
+
+def raw_features(pairs: Sequence[tuple]) -> np.ndarray:
+    """(n_battles, 4): each count as (a - b) / (a + b), 0 where both are 0; not yet normalised. A side is
+    a StyleCounts or its four counts (``vectors_from_metadata``)."""
     if not pairs:
         return np.zeros((0, len(STYLE_FEATURES)))
-    a = np.array([p[0].vector() for p in pairs], dtype=float)
-    b = np.array([p[1].vector() for p in pairs], dtype=float)
+    a = np.array([_vector(p[0]) for p in pairs], dtype=float)
+    b = np.array([_vector(p[1]) for p in pairs], dtype=float)
     total = a + b
     return np.where(total > 0, (a - b) / np.where(total > 0, total, 1.0), 0.0)
 
@@ -148,6 +167,6 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return (features - features.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
-def style_features(pairs: Sequence[tuple[StyleCounts, StyleCounts]]) -> np.ndarray:
+def style_features(pairs: Sequence[tuple]) -> np.ndarray:
     """The normalised feature matrix the style-controlled fit takes, one row per battle."""
     return normalise(raw_features(pairs))

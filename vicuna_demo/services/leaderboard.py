@@ -5,14 +5,17 @@ per battle, counted ones only; anonymous battles only unless named ones are incl
 ``LeaderboardService.judge()`` the judge's verdicts on side-by-side rounds (``store.judge_battles``, never
 mixed with human votes) with how often the judge and the visitor agreed. Both go through
 ``battles_view``: Bradley-Terry ratings with a weak prior and 95% intervals (``data.ratings``), models with
-fewer than ``--min-battles`` battles listed last as provisional, and the win-rate matrix. Each returns
+fewer than ``--min-battles`` battles listed last as provisional, and the win-rate matrix (pairs with few
+battles drawn grey with their count). ``human(include_named, style_control=True)`` gives the
+style-controlled board (length and markdown fitted beside the ratings) with its coefficients. Each returns
 ``(summary markdown, table rows, matplotlib figure or None)``; the rows follow ``HEADERS``.
 """
 
 from __future__ import annotations
 
-from ..data.ratings import (MIN_BATTLES, compute_leaderboard, interval_text, plot_win_rates, win_rate_matrix,
-                            without_self_battles)
+import threading
+
+from ..data.ratings import MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates, win_rate_table
 from ..data.storage import NullStore
 from .arena import Arena
 from .chat import ChatService
@@ -28,21 +31,29 @@ def _count(n: int, word: str) -> str:
 
 
 def battles_view(battles: list[tuple[str, str, str]], *, kind: str, min_battles: int = MIN_BATTLES,
-                 empty: str = "No votes yet.") -> tuple[str, list[list], object | None]:
+                 empty: str = "No votes yet.", style: list | None = None) -> tuple[str, list[list], object | None]:
     """(summary markdown, table rows, matplotlib figure or None) for a list of (model_a, model_b, winner).
 
     ``kind`` names the battles in the summary ("anonymous", "judge"...); ``empty`` is the summary when
     there is nothing to rate. Battles of a model against itself are left out (and the summary says so).
     Ranked models come first; provisional ones (fewer than ``min_battles`` battles) follow with
     "provisional" instead of a rank and "too few votes" instead of an interval. No figure when there
-    is nothing to draw."""
-    rated, self_battles = without_self_battles(battles)
+    is nothing to draw. ``style`` (each battle's style counts, aligned with ``battles``) gives the
+    style-controlled board, with sandwich intervals (one fit: fast with 100k battles), and the fitted
+    coefficients in the summary."""
+    keep = [k for k, (a, b, _) in enumerate(battles) if a != b]
+    rated = [battles[k] for k in keep]
+    self_battles = len(battles) - len(rated)
     left_out = (f" {_count(self_battles, 'vote')} of a model against itself "
                 f"{'is' if self_battles == 1 else 'are'} left out: it says nothing about which model is better."
                 if self_battles else "")
     if not rated:
         return empty + left_out, [], None
-    rows = compute_leaderboard(rated, min_battles=min_battles)
+    if style is None:
+        board = fit_board(rated, min_battles=min_battles)
+    else:
+        board = fit_board(rated, style=[style[k] for k in keep], ci="sandwich", min_battles=min_battles)
+    rows = board.rows
     ranked = [r for r in rows if not r.provisional]
     provisional = [r for r in rows if r.provisional]
     table = [[str(r.rank) if r.rank is not None else PROVISIONAL, r.model, round(r.rating), interval_text(r),
@@ -51,13 +62,32 @@ def battles_view(battles: list[tuple[str, str, str]], *, kind: str, min_battles:
                "Bradley-Terry ratings on Chatbot Arena's scale (mean 1000), with a weak prior so that a few votes "
                "cannot give extreme ratings, and 95% intervals; rank = 1 + the number of ranked models whose "
                "interval lies entirely above this one.")
+    if board.style_coefficients is not None:
+        summary += " " + style_text(board)
     if provisional:
         summary += (f" Models with fewer than {min_battles} battles are provisional: listed last, without a rank "
                     "(their interval is too wide to mean much).")
         if not ranked:
             summary += f" No model has {min_battles} battles yet, so none is ranked."
-    names, matrix = win_rate_matrix(rated, [r.model for r in ranked + provisional])
-    return summary, table, plot_win_rates(names, matrix)
+    names, matrix, games = win_rate_table(rated, [r.model for r in ranked + provisional])
+    if ((games > 0) & (games < MIN_PAIR_BATTLES)).any():
+        summary += (f" In the win-rate chart, pairs with fewer than {MIN_PAIR_BATTLES} battles are grey and show "
+                    "their number of battles instead of a rate.")
+    return summary, table, plot_win_rates(names, matrix, games)
+
+
+STYLE_NAMES = {"sum_assistant_tokens": "length", "header_count": "headers", "list_count": "lists",
+               "bold_count": "bold"}
+
+
+def style_text(board: Board) -> str:
+    """The style-controlled board's explanation and fitted coefficients, for the summary."""
+    coefficients = ", ".join(f"{STYLE_NAMES.get(name, name)} **{value:+.3f}**"
+                             for name, value in board.style_coefficients.items())
+    return ("**Style control is on**: answer length and markdown (headers, lists, bold) are fitted beside the "
+            "ratings, so a model does not climb by writing longer or more formatted answers; intervals are "
+            f"sandwich (closed-form). Style coefficients (log-odds per standard deviation; positive: voters "
+            f"preferred more of it): {coefficients}.")
 
 
 def empty_message(service: ChatService, settings, include_named: bool) -> str:
@@ -75,12 +105,36 @@ def empty_message(service: ChatService, settings, include_named: bool) -> str:
             f"counted votes{which}.")
 
 
-def leaderboard_view(service: ChatService, settings, include_named: bool) -> tuple[str, list[list], object | None]:
-    """(summary markdown, table rows, matplotlib figure or None) from the store's counted battles."""
+class StyleBattles:
+    """The battles with their style counts, read once and then only the votes stored since (votes are
+    append-only), so a refresh of 100k battles does not decode 100k rows of JSON again."""
+
+    def __init__(self, store):
+        self.store, self.lock, self.kept = store, threading.Lock(), {}
+
+    def read(self, *, anony_only: bool) -> tuple[list, list]:
+        with self.lock:
+            battles, styles, last = self.kept.get(anony_only, ([], [], 0))
+            new_battles, new_styles, last = self.store.style_battles(anony_only=anony_only, after_id=last)
+            battles, styles = battles + new_battles, styles + new_styles
+            self.kept[anony_only] = (battles, styles, last)
+            return battles, styles
+
+
+def leaderboard_view(service: ChatService, settings, include_named: bool, style_control: bool = False,
+                     style_source: StyleBattles | None = None) -> tuple[str, list[list], object | None]:
+    """(summary markdown, table rows, matplotlib figure or None) from the store's counted battles;
+    ``style_control``: the style-controlled board (battles with their stored style counts, read through
+    ``style_source`` when given, which keeps what it read)."""
     store = service.store
     if isinstance(store, NullStore):
         return NOT_KEPT, [], None
-    return battles_view(store.battles(anony_only=not include_named),
+    style = None
+    if style_control:
+        battles, style = (style_source or StyleBattles(store)).read(anony_only=not include_named)
+    else:
+        battles = store.battles(anony_only=not include_named)
+    return battles_view(battles, style=style,
                         kind="anonymous and named" if include_named else "anonymous",
                         min_battles=getattr(settings, "min_battles", MIN_BATTLES),
                         empty=empty_message(service, settings, include_named))
@@ -120,9 +174,10 @@ class LeaderboardService:
 
     def __init__(self, service: ChatService, settings):
         self.service, self.settings = service, settings
+        self.style_battles = StyleBattles(service.store)
 
-    def human(self, include_named: bool) -> tuple[str, list[list], object | None]:
-        return leaderboard_view(self.service, self.settings, include_named)
+    def human(self, include_named: bool, style_control: bool = False) -> tuple[str, list[list], object | None]:
+        return leaderboard_view(self.service, self.settings, include_named, style_control, self.style_battles)
 
     def judge(self) -> tuple[str, list[list], object | None]:
         return judge_view(self.service, self.settings)

@@ -1,8 +1,9 @@
 """The leaderboard tab: renders ``services.leaderboard`` (ratings computed live from the stored votes).
 
-A radio picks visitors' votes or the judge's verdicts; a checkbox includes named (side-by-side) battles.
+A radio picks visitors' votes or the judge's verdicts; a checkbox includes named (side-by-side) battles;
+another turns on style control (length and markdown fitted beside the ratings, coefficients in the summary).
 Each refresh asks the service for (summary, table, plot) and shows them. API names:
-``/leaderboard_refresh(include_named) -> (summary, table, plot)`` (human votes) and
+``/leaderboard_refresh(include_named, style_control=False) -> (summary, table, plot)`` (human votes) and
 ``/leaderboard_judge() -> (summary, table, plot)``.
 """
 
@@ -23,6 +24,9 @@ def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = N
                         info="human: visitors' votes · judge: the judge model's verdicts")
         include_named = gr.Checkbox(False, label="Include named (👥 Side by side) battles",
                                     elem_id="leaderboard-include-named")
+        style_control = gr.Checkbox(False, label="Style control (length and markdown)",
+                                    elem_id="leaderboard-style-control",
+                                    info="rate models as if their answers were alike in length and formatting")
         refresh = gr.Button("🔄 Refresh", elem_id="leaderboard-refresh", scale=0)
     summary = gr.Markdown("Press 🔄 Refresh to see the ratings.", elem_id="leaderboard-summary")
     table = gr.Dataframe(headers=HEADERS, datatype=["str", "str", "number", "str", "number"],
@@ -31,23 +35,24 @@ def build_leaderboard_tab(service: ChatService, settings, tab: gr.Tab | None = N
 
     board = LeaderboardService(service, settings)
 
-    def refresh_fn(include: bool):
-        text, rows, figure = board.human(bool(include))
+    def refresh_fn(include: bool, style: bool = False):
+        text, rows, figure = board.human(bool(include), bool(style))
         return text, {"headers": HEADERS, "data": rows}, figure  # None: gradio's empty placeholder, not a blank figure
 
     def judge_fn():
         text, rows, figure = board.judge()
         return text, {"headers": HEADERS, "data": rows}, figure
 
-    def view_fn(include: bool, which: str):
-        return judge_fn() if which == "judge" else refresh_fn(include)
+    def view_fn(include: bool, style: bool, which: str):
+        return judge_fn() if which == "judge" else refresh_fn(include, style)
 
     outputs = [summary, table, plot]
     pool = dict(concurrency_id="leaderboard", concurrency_limit=2)
     human_api, judge_api = gr.Button(visible=False), gr.Button(visible=False)
-    human_api.click(refresh_fn, [include_named], outputs, api_name="leaderboard_refresh", **pool)
+    human_api.click(refresh_fn, [include_named, style_control], outputs, api_name="leaderboard_refresh", **pool)
     judge_api.click(judge_fn, None, outputs, api_name="leaderboard_judge", **pool)
-    for event in (refresh.click, include_named.change, view.change):
-        event(view_fn, [include_named, view], outputs, api_name=False, **pool)
+    inputs = [include_named, style_control, view]
+    for event in (refresh.click, include_named.change, style_control.change, view.change):
+        event(view_fn, inputs, outputs, api_name=False, **pool)
     if tab is not None:
-        tab.select(view_fn, [include_named, view], outputs, api_name=False, **pool)
+        tab.select(view_fn, inputs, outputs, api_name=False, **pool)
