@@ -132,18 +132,20 @@ def test_other_models_start_a_new_battle_and_an_unknown_one_is_refused(tmp_path)
     assert sum(len(e.received) for e in engines.values()) == 4
 
 
-def test_an_error_on_one_side_is_shown_there_without_names_and_the_battle_does_not_count(tmp_path):
+def test_an_error_on_one_side_is_shown_there_without_names_and_the_battle_does_not_count(tmp_path, caplog):
     class Busy(RecordingEngine):
         def stream(self, prompt, params):
-            raise EngineError(f"{self.name} is too busy right now.")
+            raise EngineError(f"{self.name} at http://10.9.8.7:8000/v1 is too busy right now.")
 
     battles, _ = build(tmp_path)
     battles.chat.engines[KOALA] = Busy(KOALA)
     battle = Battle(anonymous=True)
-    list(battles.send(battle, "Hi"))
+    with caplog.at_level("WARNING", logger="vicuna_demo.services.battle"):
+        list(battles.send(battle, "Hi"))
     notices = [battle.side(k).exchanges[-1].notice for k in "ab"]
-    assert any("Model A is too busy" in n or "Model B is too busy" in n for n in notices)
-    assert not any(KOALA in n for n in notices)
+    assert any("Model A could not answer" in n or "Model B could not answer" in n for n in notices)
+    assert not any(KOALA in n or "10.9.8.7" in n or "busy" in n for n in notices)
+    assert any("10.9.8.7" in r.getMessage() and KOALA in r.getMessage() for r in caplog.records)  # the operator's
     battles.vote(battle, "a")
     assert battles.chat.store.vote_rows()[0]["not_counted_reason"] == "error"
 

@@ -176,14 +176,16 @@ def test_a_reply_naming_its_model_marks_the_anonymous_battle_not_counted(app):
 def test_an_error_on_one_side_is_shown_there_without_the_model_name_and_the_battle_is_not_counted(app):
     class BusyEngine(RecordingEngine):
         def stream(self, prompt, params):
-            raise EngineError(f"{self.name} is too busy right now, please retry.")
+            raise EngineError(f"Cannot reach {self.name} at http://10.9.8.7:8000/v1 (connection refused)")
 
     client, _, store = app({KOALA: BusyEngine(KOALA), ALPACA: RecordingEngine(ALPACA, ALPACA_REPLY)})
     outputs, (chat_a, chat_b, *_) = arena_round(client)
-    busy_side, fine_side = (chat_a, chat_b) if "too busy" in last_reply(chat_a) else (chat_b, chat_a)
-    assert "Model A is too busy" in last_reply(busy_side) or "Model B is too busy" in last_reply(busy_side)
+    busy_side, fine_side = (chat_a, chat_b) if "could not answer" in last_reply(chat_a) else (chat_b, chat_a)
+    assert "Model A could not answer" in last_reply(busy_side) or "Model B could not answer" in last_reply(busy_side)
     assert reply_body(fine_side) == ALPACA_REPLY
-    assert KOALA not in json.dumps(outputs) and ALPACA not in json.dumps(outputs)
+    shown = json.dumps(outputs)
+    assert KOALA not in shown and ALPACA not in shown
+    assert "10.9.8.7" not in shown and "Cannot reach" not in shown  # neither the model nor its address
     client.predict("a", api_name="/arena_vote")
     [vote] = store.vote_rows()
     assert vote["counted"] is False and vote["not_counted_reason"] == "error"

@@ -12,7 +12,9 @@ models when the first round starts; their names stay out of everything shown unt
 
 A round: the visitor's text is checked once (the session gate, limits, unknown models), each side's
 messages are built as a frozen snapshot, the text is moderated ONCE and that verdict goes to both
-sides' ``ChatService.reply``, so a flagged text reaches neither model. Both replies stream at once:
+sides' ``ChatService.reply``, so a flagged text reaches neither model. In an anonymous battle an error's
+own text (which may carry the model's name or its endpoint's address) goes to the operator's log, and the
+visitor sees ``ANONYMOUS_ERROR``. Both replies stream at once:
 each side runs in its own thread and feeds a queue; the round yields whenever either side moved.
 Each side has its own Stop, and one Stop halts both. Votes open when a round has finished and are stored as a ``VoteRecord``;
 ``arena.battle_counts`` decides whether the battle counts for the leaderboard (not after moderation,
@@ -43,6 +45,10 @@ ERROR_STATUSES = ("error", "rejected")
 BUSY_NOTICE = "Please wait for both replies (or press Stop) before sending another message."
 HIDDEN_NOTE = "Model A and Model B stay anonymous until you vote."
 MODELS_CHANGED = "The models changed, so a new comparison started."
+# an error in an anonymous battle: the engine's own text can name the model or its address (and a visitor
+# can cause one on purpose), so the visitor gets this and the operator's log the detail
+ANONYMOUS_ERROR = ("⚠️ {side} could not answer this time (an error on its side). This battle will not count; "
+                   "press 🎲 New round to try two models again.")
 REASON_TEXT = {
     "moderated": "a message was stopped by content moderation",
     "error": "a reply failed",
@@ -273,7 +279,11 @@ class BattleService:
                     if update is None:
                         pending.discard(key)
                         continue
-                    if hidden:
+                    if hidden and update.status == "error":  # the text may name the model, its address...
+                        log.warning("anonymous battle %s, %s (%s): %s", battle_id, LABELS[key], sides[key].model,
+                                    update.notice)
+                        update.notice = ANONYMOUS_ERROR.format(side=LABELS[key])
+                    elif hidden:
                         update.notice = _hide_names(update.notice, hidden)
                     exchanges[key].apply(update)
                     if update.done:
