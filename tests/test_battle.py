@@ -197,3 +197,88 @@ def test_an_identity_leak_in_an_anonymous_battle_is_named_in_the_notice_and_the_
     notice = battles.vote(battle, "a")
     assert "not counted in the leaderboard: a reply gave its model's name away" in notice
     assert "not counted in the leaderboard" in battles.reveal(battle)
+
+
+def test_only_the_visitor_the_battle_was_served_to_can_vote(tmp_path):
+    battles, _ = build(tmp_path)
+    battle = Battle(anonymous=True)
+    list(battles.send(battle, "Hello", client="visitor"))
+    assert battles.vote(battle, "a", client="someone-with-the-session-id") == \
+        "This battle was served to another visitor: only they can vote on it."
+    assert battles.chat.store.vote_rows() == [] and battle.can_vote
+    assert "Your vote counts" in battles.vote(battle, "a", client="visitor")
+
+
+def test_a_vote_after_stopping_both_sides_at_once_is_kept_with_what_was_shown_but_not_counted(tmp_path):
+    long = " ".join(f"word{i}" for i in range(200))
+    battles, _ = build(tmp_path, delay_s=0.02, koala=long, alpaca=long)
+    battle = Battle(anonymous=True)
+    for update in battles.send(battle, "Tell me a long story", client="v"):
+        if battle.a.exchanges[-1].reply and battle.b.exchanges[-1].reply:
+            battles.stop(battle, "a")
+            battles.stop(battle, "b")
+    notice = battles.vote(battle, "a", client="v")
+    assert "not counted in the leaderboard: a reply was stopped before 16 tokens of it were shown" in notice
+    [vote] = battles.chat.store.vote_rows()
+    assert (vote["counted"], vote["not_counted_reason"]) == (False, "unread")
+    assert vote["shown"]["a"]["status"] == vote["shown"]["b"]["status"] == "cancelled"
+    assert 0 < vote["shown"]["a"]["tokens"] < 16 and vote["shown"]["a"]["chars"] > 0
+
+
+def test_a_finished_round_records_what_was_shown_and_counts(tmp_path):
+    battles, _ = build(tmp_path)
+    battle = Battle(anonymous=True)
+    list(battles.send(battle, "Capital?", client="v"))
+    battles.vote(battle, "tie", client="v")
+    [vote] = battles.chat.store.vote_rows()
+    assert vote["counted"] is True
+    assert {side["status"] for side in vote["shown"].values()} == {"done"}
+    assert all(side["tokens"] > 0 for side in vote["shown"].values())
+
+
+def test_the_daily_cap_keeps_further_votes_of_one_visitor_but_does_not_count_them(tmp_path):
+    battles, _ = build(tmp_path)
+    battles.daily_vote_cap = 2
+    notices = []
+    for visitor in ("hostile", "hostile", "hostile", "other"):
+        battle = Battle(anonymous=True)   # a new session per battle changes nothing: the cap is per identity
+        list(battles.send(battle, "Hi", client=visitor))
+        notices.append(battles.vote(battle, "a", client=visitor))
+    rows = battles.chat.store.vote_rows()
+    assert [r["counted"] for r in rows] == [True, True, False, True]
+    assert rows[2]["not_counted_reason"] == "daily_cap"
+    assert "today's limit of counted votes" in notices[2]
+
+
+def test_two_votes_raced_in_one_session_store_one(tmp_path):
+    battles, _ = build(tmp_path)
+    battle = Battle(anonymous=True)
+    list(battles.send(battle, "Hi", client="v"))
+    start = threading.Barrier(8)
+    notices = []
+
+    def vote(choice):
+        start.wait()
+        notices.append(battles.vote(battle, choice, client="v"))
+
+    threads = [threading.Thread(target=vote, args=("a" if i % 2 else "b",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(battles.chat.store.vote_rows()) == 1
+    assert sum("Thanks for voting" in n for n in notices) == 1
+
+
+def test_an_anonymous_vote_records_the_sampling_weights_in_force(tmp_path):
+    battles, _ = build(tmp_path)
+    battle = Battle(anonymous=True)
+    list(battles.send(battle, "Hi", client="v"))
+    battles.vote(battle, "a", client="v")
+    [vote] = battles.chat.store.vote_rows()
+    assert vote["sampling"] == {"weights": {KOALA: 1.0, ALPACA: 1.0}, "pair_probability": 1.0}
+    named = Battle()
+    list(battles.send(named, "Hi", models=(KOALA, ALPACA), client="v"))
+    battles.vote(named, "a", client="v")
+    assert battles.chat.store.vote_rows()[1]["sampling"] is None
+    assert battles.chat.store.sampling_history() == [(vote["tstamp"], {KOALA: 1.0, ALPACA: 1.0})]

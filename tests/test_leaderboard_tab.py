@@ -125,3 +125,14 @@ def test_min_battles_flag_decides_who_is_ranked_in_the_app(app):
     assert [(row[0], row[1]) for row in table["data"]] == [("1", "Koala"), ("1", "Alpaca")]
     assert all(row[3] != "too few votes" and row[3] != "+0/-0" for row in table["data"])
     assert "provisional" not in summary and plot is not None
+
+
+def test_the_summary_notes_when_models_were_added_or_removed():
+    from vicuna_demo.services.leaderboard import sampling_changes, sampling_text
+
+    history = ([(1.0, {"A": 1.0, "B": 1.0})] * 3 + [(2.0, {"A": 1.0, "B": 1.0, "C": 1.0})] * 2
+               + [(3.0, {"A": 2.0, "B": 0.0, "C": 1.0})])
+    assert sampling_changes(history) == ["after 3 battles: C added", "after 5 battles: B removed, A's weight 1 -> 2"]
+    text = sampling_text(history)
+    assert "with weights A=2, B=0, C=1" in text and "**The arena's models changed**" in text
+    assert sampling_text(history[:2]) == " Pairs are drawn uniformly."

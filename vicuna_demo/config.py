@@ -84,6 +84,7 @@ class Settings:
     arena_weights: str = ""
     identity_words: tuple[str, ...] = DEFAULT_IDENTITY_WORDS
     min_battles: int = MIN_BATTLES
+    daily_vote_cap: int = 50
     # the settings the user gave (flag or variable), by name: a default and a value given equal to it differ
     given: frozenset[str] = frozenset()
 
@@ -206,6 +207,8 @@ _OPTIONS: tuple[_Opt, ...] = (
     _Opt("arena", "--min-battles", "min_battles", "int",
          "Battles a model needs before the leaderboard ranks it; with fewer it is listed last as provisional.",
          low=0),
+    _Opt("arena", "--daily-vote-cap", "daily_vote_cap", "int",
+         "Counted votes per visitor in 24 hours; later ones are kept but not counted (0 = no cap).", low=0),
 )
 
 

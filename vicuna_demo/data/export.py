@@ -8,7 +8,9 @@
   ``question_id`` (the battle id), ``model_a``, ``model_b``, ``winner``, ``judge`` (salted client
   hash), ``anony``, ``tstamp``, ``counted``, ``not_counted_reason``, ``conversation_a_id``,
   ``conversation_b_id``, ``conv_metadata`` (both answers' style counts as FastChat writes them: stored
-  with the vote, or counted from the stored replies for votes older than that; see data/style.py).
+  with the vote, or counted from the stored replies for votes older than that; see data/style.py),
+  ``shown`` (how much of each reply of the last round the visitor saw, or null for older votes),
+  ``sampling`` (anonymous battles: the pair-sampling weights in force and the drawn pair's probability).
   Anonymous battles only, unless ``--include-named``. Uncounted votes are written with ``counted: false``
   (the leaderboard skips them unless asked not to).
 - Judge votes (``--judge-votes``): every verdict of the judge on a side-by-side round, oldest first,
@@ -78,6 +80,8 @@ def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None) -> 
         "conversation_a_id": vote["conversation_a_id"],
         "conversation_b_id": vote["conversation_b_id"],
         "conv_metadata": meta,
+        "shown": vote.get("shown"),
+        "sampling": vote.get("sampling"),
     }
 
 

@@ -9,7 +9,9 @@ nothing. Never edit or reorder a migration that has shipped: add a new one at th
 5. ``judge_votes``: LLM-as-a-judge verdicts on side-by-side rounds, their own kind of vote (never
    mixed with ``votes``), append-only like the others.
 6. ``votes.conv_metadata``: both answers' style counts at vote time (FastChat's ``conv_metadata``, JSON
-   text; NULL for votes stored before it), for style-controlled ratings.
+   text; NULL for votes stored before it), for style-controlled ratings; ``votes.shown``: how much of
+   each reply of the last round the visitor saw (JSON); ``votes.sampling``: the arena's pair-sampling
+   weights in force when an anonymous battle's pair was drawn (JSON); an index for the daily vote cap.
 """
 
 from __future__ import annotations
@@ -110,8 +112,11 @@ def _m005_create_judge_votes(db: sqlite3.Connection) -> None:
     _append_only(db, "judge_votes")
 
 
-def _m006_vote_style(db: sqlite3.Connection) -> None:
+def _m006_vote_style_and_shown(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE votes ADD COLUMN conv_metadata TEXT")
+    db.execute("ALTER TABLE votes ADD COLUMN shown TEXT")
+    db.execute("ALTER TABLE votes ADD COLUMN sampling TEXT")
+    db.execute("CREATE INDEX votes_by_client ON votes (client_hash, tstamp)")
 
 
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -120,7 +125,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _m003_indexes,
     _m004_append_only,
     _m005_create_judge_votes,
-    _m006_vote_style,
+    _m006_vote_style_and_shown,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

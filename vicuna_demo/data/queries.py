@@ -160,6 +160,17 @@ class StoreQueries:
         rows = self._read("SELECT COUNT(*) AS n FROM turns")
         return rows[0]["n"] if rows else 0
 
+    def sampling_history(self) -> list[tuple[float, dict]]:
+        """(tstamp, weights) of every anonymous vote that recorded its pair-sampling weights, oldest first."""
+        rows = self._read("SELECT tstamp, sampling FROM votes WHERE anony = 1 AND sampling IS NOT NULL ORDER BY id")
+        return [(r["tstamp"], json.loads(r["sampling"]).get("weights", {})) for r in rows]
+
+    def count_counted_votes(self, client_hash: str, *, since: float) -> int:
+        """How many counted votes one visitor identity cast since ``since`` (a Unix time): the daily cap."""
+        rows = self._read("SELECT COUNT(*) AS n FROM votes WHERE client_hash = ? AND tstamp >= ? AND counted = 1",
+                          (client_hash, since))
+        return rows[0]["n"] if rows else 0
+
     def count_votes(self) -> int:
         rows = self._read("SELECT COUNT(*) AS n FROM votes")
         return rows[0]["n"] if rows else 0

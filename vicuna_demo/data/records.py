@@ -55,6 +55,8 @@ class VoteRecord:
     conversation_a_id: str
     conversation_b_id: str
     conv_metadata: dict | None = None  # both answers' style counts (style.conv_metadata), None if unknown
+    shown: dict | None = None  # per side of the last round: {"tokens", "chars", "status"}; None if unknown
+    sampling: dict | None = None  # anonymous: {"weights": {model: w}, "pair_probability": p} when the pair was drawn
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,9 @@ TURN_COLUMNS = tuple(
 )
 VOTE_COLUMNS = tuple(
     "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
-    "conversation_a_id conversation_b_id conv_metadata".split()
+    "conversation_a_id conversation_b_id conv_metadata shown sampling".split()
 )
-JSON_VOTE_COLUMNS = ("conv_metadata",)
+JSON_VOTE_COLUMNS = ("conv_metadata", "shown", "sampling")
 JUDGE_COLUMNS = tuple(
     "battle_id tstamp client_hash judge prompt model_a model_b winner g1_winner g2_winner g1_judgment "
     "g2_judgment error n_turns conversation_a_id conversation_b_id".split()

@@ -313,6 +313,12 @@ class NullStore:
     def count_votes(self) -> int:
         return 0
 
+    def count_counted_votes(self, client_hash: str, *, since: float) -> int:
+        return 0
+
+    def sampling_history(self) -> list[tuple[float, dict]]:
+        return []
+
     def close(self) -> None:
         pass
 

@@ -42,6 +42,10 @@ REASON_MODERATED = "moderated"
 REASON_ERROR = "error"
 REASON_IDENTITY = "identity_leak"
 REASON_SAME_MODEL = "same_model"
+REASON_UNREAD = "unread"
+REASON_DAILY_CAP = "daily_cap"
+# a reply stopped with fewer tokens than this on screen was not read: the vote is kept, not counted
+MIN_SHOWN_TOKENS = 16
 
 # words in model names that say nothing about which model it is (sizes and versions are dropped too)
 _GENERIC_NAME_WORDS = frozenset(
@@ -159,13 +163,22 @@ def winner_for(vote: str) -> str:
     raise ValueError(f"Unknown vote {vote!r}: use one of {', '.join(VOTES)} (or a, b, tie, bothbad).")
 
 
+def unread(shown: dict) -> bool:
+    """True when a side of the battle's last round was stopped before showing MIN_SHOWN_TOKENS tokens
+    (``shown``: per side {"tokens", "chars", "status"}, see ``Battle.shown``). A finished reply counts
+    whatever its length ("4." is a whole answer); a failed one is the ``error`` reason's business."""
+    return any(side["status"] == "cancelled" and side["tokens"] < MIN_SHOWN_TOKENS for side in shown.values())
+
+
 def battle_counts(*, anony: bool, replies: Iterable[str], errored: bool, moderated: bool,
-                  leak_words: Sequence[str], same_model: bool = False) -> tuple[bool, str | None]:
+                  leak_words: Sequence[str], same_model: bool = False,
+                  shown: dict | None = None) -> tuple[bool, str | None]:
     """(counted, reason) for a finished battle. A battle is not counted when any round of it was
     stopped by moderation (input or output), when a reply failed (an error or a message too long for a
     model), in anonymous battles only, when a reply gave a model's identity away (named battles show
-    the names anyway), or when both sides were the same model (it says nothing about which model is
-    better). ``reason`` joins every reason that applies with ","."""
+    the names anyway), when both sides were the same model (it says nothing about which model is
+    better), or when a reply of the last round was stopped before the visitor could read it (``shown``,
+    see ``unread``). ``reason`` joins every reason that applies with ","."""
     reasons = []
     if same_model:
         reasons.append(REASON_SAME_MODEL)
@@ -175,6 +188,8 @@ def battle_counts(*, anony: bool, replies: Iterable[str], errored: bool, moderat
         reasons.append(REASON_ERROR)
     if anony and find_identity_leak(replies, leak_words):
         reasons.append(REASON_IDENTITY)
+    if shown is not None and unread(shown):
+        reasons.append(REASON_UNREAD)
     return (not reasons, ",".join(reasons) or None)
 
 
@@ -226,6 +241,12 @@ class Arena:
                     pairs[(a, self.models[j])] = product
         total = math.fsum(pairs.values())
         return {pair: p / total for pair, p in pairs.items()} if total > 0 else {}
+
+    def sampling_record(self, model_a: str, model_b: str) -> dict:
+        """What a battle keeps of how its pair was drawn: every model's weight and the pair's probability."""
+        pair = self.pair_probabilities()
+        probability = pair.get((model_a, model_b), pair.get((model_b, model_a), 0.0))
+        return {"weights": dict(zip(self.models, self.weights)), "pair_probability": probability}
 
     def sample_pair(self, rng: random.Random | None = None) -> tuple[str, str]:
         """(model_a, model_b): two different models, the pair drawn by weight and the sides by a coin."""

@@ -33,7 +33,8 @@ from typing import Iterator, Mapping, Sequence
 
 from ..data.storage import VoteRecord
 from ..data.style import StyleCounts, conv_metadata, count_replies
-from .arena import VOTES, Arena, NotEnoughModels, battle_counts, find_identity_leak, winner_for
+from .arena import (MIN_SHOWN_TOKENS, REASON_DAILY_CAP, VOTES, Arena, NotEnoughModels, battle_counts,
+                    find_identity_leak, winner_for)
 from .chat import NOTHING_TO_REGENERATE, ChatService, TurnContext, TurnUpdate, sanitize_input
 from .session import CancelToken, Exchange, Gate, messages_for, new_id
 
@@ -54,7 +55,11 @@ REASON_TEXT = {
     "error": "a reply failed",
     "identity_leak": "a reply gave its model's name away",
     "same_model": "both sides were the same model, which says nothing about which model is better",
+    "unread": f"a reply was stopped before {MIN_SHOWN_TOKENS} tokens of it were shown, so it could not be judged",
+    "daily_cap": "you reached today's limit of counted votes (it keeps one visitor from deciding the ranking)",
 }
+OTHER_VISITOR = "This battle was served to another visitor: only they can vote on it."
+DAY_S = 24 * 3600
 
 
 @dataclass
@@ -86,6 +91,8 @@ class Battle:
     winner: str | None = None
     counted: bool | None = None
     not_counted_reason: str | None = None
+    client: str | None = None    # the visitor identity the battle was served to (its first round's)
+    sampling: dict | None = None  # anonymous: the pair-sampling weights in force when the pair was drawn
 
     def __deepcopy__(self, memo):  # gradio deep-copies a session's initial value: a fresh battle
         return Battle(anonymous=self.anonymous)
@@ -100,6 +107,17 @@ class Battle:
     @property
     def can_vote(self) -> bool:
         return self.rounds_done > 0 and not self.busy and self.winner is None
+
+    def shown(self) -> dict:
+        """How much of each side's reply of the last round the visitor saw: tokens, characters, and how it
+        ended ("done", "cancelled" when stopped, "error", ...)."""
+        shown = {}
+        for key in SIDES:
+            last = self.side(key).exchanges[-1] if self.side(key).exchanges else None
+            shown[key] = {"tokens": last.stats.n_tokens if last and last.stats else 0,
+                          "chars": len(last.reply) if last else 0,
+                          "status": last.status if last else "none"}
+        return shown
 
     @property
     def vote_label(self) -> str | None:
@@ -160,15 +178,18 @@ def _side_params(params) -> dict[str, tuple]:
 class BattleService:
     """Battles for every visitor (thread-safe; the visitor's data lives in their ``Battle``)."""
 
-    def __init__(self, chat: ChatService, arena: Arena, rng: random.Random | None = None):
+    def __init__(self, chat: ChatService, arena: Arena, rng: random.Random | None = None, daily_vote_cap: int = 0):
         self.chat = chat
         self.arena = arena
         self.rng = rng or random.SystemRandom()
+        self.daily_vote_cap = daily_vote_cap  # counted votes per visitor identity in 24 hours; 0 = no cap
+        self._cap_lock = threading.Lock()     # one visitor's votes from several sessions: checked one at a time
 
     @classmethod
     def from_settings(cls, chat: ChatService, settings) -> "BattleService":
-        """Reads --arena-weights and --identity-words; raises ``arena.ArenaConfigError``."""
-        return cls(chat, Arena.from_settings(chat.model_names(), settings))
+        """Reads --arena-weights, --identity-words and --daily-vote-cap; raises ``arena.ArenaConfigError``."""
+        return cls(chat, Arena.from_settings(chat.model_names(), settings),
+                   daily_vote_cap=getattr(settings, "daily_vote_cap", 0))
 
     # -- a round ------------------------------------------------------------------------------------
     def send(self, battle: Battle, text, *, models: Sequence[str] | None = None, params=(),
@@ -228,12 +249,15 @@ class BattleService:
         if problem:
             yield RoundUpdate(notice=problem, done=True, refused=True)
             return
+        if battle.client is None:  # the vote will be taken from this visitor only
+            battle.client = client
         if not battle.a.model:  # anonymous: draw the pair when the battle's first round starts
             try:
                 battle.a.model, battle.b.model = self.arena.sample_pair(self.rng)
             except NotEnoughModels as exc:
                 yield RoundUpdate(notice=str(exc), done=True, refused=True)
                 return
+            battle.sampling = self.arena.sampling_record(battle.a.model, battle.b.model)
         side_params = {key: self.chat.params(*values, model=battle.side(key).model)
                        for key, values in _side_params(params).items()}
         sides = {key: battle.side(key) for key in SIDES}
@@ -329,16 +353,26 @@ class BattleService:
                 winner = winner_for(choice if isinstance(choice, str) else "")
             except ValueError as exc:
                 return str(exc)
+            if battle.client is not None and client != battle.client:
+                log.warning("battle %s: a vote from another visitor identity was refused", battle.battle_id)
+                return OTHER_VISITOR
             replies = [e.reply for key in SIDES for e in battle.side(key).exchanges]
+            shown = battle.shown()
             counted, reason = battle_counts(anony=battle.anonymous, replies=replies, errored=battle.errored,
                                             moderated=battle.moderated, leak_words=self.arena.leak_words,
-                                            same_model=battle.a.model == battle.b.model)
-            record = VoteRecord(battle_id=battle.battle_id, tstamp=time.time(), client_hash=client,
-                                anony=battle.anonymous, model_a=battle.a.model, model_b=battle.b.model, winner=winner,
-                                counted=counted, not_counted_reason=reason,
-                                conversation_a_id=battle.a.conversation_id, conversation_b_id=battle.b.conversation_id,
-                                conv_metadata=conv_metadata(_style(battle.a), _style(battle.b)))
-            self.chat.store.log_vote(record)
+                                            same_model=battle.a.model == battle.b.model, shown=shown)
+            with self._cap_lock:
+                if counted and self.daily_vote_cap and self.chat.store.count_counted_votes(
+                        client, since=time.time() - DAY_S) >= self.daily_vote_cap:
+                    counted, reason = False, REASON_DAILY_CAP
+                record = VoteRecord(battle_id=battle.battle_id, tstamp=time.time(), client_hash=client,
+                                    anony=battle.anonymous, model_a=battle.a.model, model_b=battle.b.model,
+                                    winner=winner, counted=counted, not_counted_reason=reason,
+                                    conversation_a_id=battle.a.conversation_id,
+                                    conversation_b_id=battle.b.conversation_id,
+                                    conv_metadata=conv_metadata(_style(battle.a), _style(battle.b)), shown=shown,
+                                    sampling=battle.sampling)
+                self.chat.store.log_vote(record)
             battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
         finally:
             gate.end()

@@ -134,10 +134,46 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
         battles, style = (style_source or StyleBattles(store)).read(anony_only=not include_named)
     else:
         battles = store.battles(anony_only=not include_named)
-    return battles_view(battles, style=style,
+    summary, rows, figure = battles_view(battles, style=style,
                         kind="anonymous and named" if include_named else "anonymous",
                         min_battles=getattr(settings, "min_battles", MIN_BATTLES),
                         empty=empty_message(service, settings, include_named))
+    if rows:
+        summary += sampling_text(store.sampling_history())
+    return summary, rows, figure
+
+
+def sampling_changes(history: list[tuple[float, dict]]) -> list[str]:
+    """When the arena's drawable models or their weights changed, from the weights each anonymous battle
+    recorded: ["after 120 battles: X added", ...] (nothing before the first battle that recorded them)."""
+    changes, previous = [], None
+    for n, (_, weights) in enumerate(history):
+        current = {m: w for m, w in weights.items() if w > 0}
+        if previous is not None and current != previous:
+            parts = [f"{m} added" for m in sorted(set(current) - set(previous))]
+            parts += [f"{m} removed" for m in sorted(set(previous) - set(current))]
+            parts += [f"{m}'s weight {previous[m]:g} -> {current[m]:g}" for m in sorted(set(current) & set(previous))
+                      if current[m] != previous[m]]
+            changes.append(f"after {n} battle{'' if n == 1 else 's'}: {', '.join(parts)}")
+        previous = current
+    return changes
+
+
+def sampling_text(history: list[tuple[float, dict]]) -> str:
+    """The summary's note on sampling: the weights in force, and every change (LMArena's lesson: models
+    sampled unequally, or added late, are measured on different battles)."""
+    if not history:
+        return ""
+    weights = history[-1][1]
+    uniform = len(set(weights.values())) <= 1
+    text = (" Pairs are drawn " + ("uniformly" if uniform else "with weights " + ", ".join(
+        f"{m}={w:g}" for m, w in weights.items())) + ".")
+    changes = sampling_changes(history)
+    if changes:
+        text += (" **The arena's models changed**: " + "; ".join(changes) + ". Models added later have fewer "
+                 "battles and met a different field; the command line's `--reweight` evens out pairs sampled "
+                 "unequally.")
+    return text
 
 
 def agreement_text(pairs: list[tuple[str, str]]) -> str:
