@@ -282,3 +282,13 @@ def test_an_anonymous_vote_records_the_sampling_weights_in_force(tmp_path):
     battles.vote(named, "a", client="v")
     assert battles.chat.store.vote_rows()[1]["sampling"] is None
     assert battles.chat.store.sampling_history() == [(vote["tstamp"], {KOALA: 1.0, ALPACA: 1.0})]
+
+
+def test_the_vote_stores_the_first_prompts_category_labels(tmp_path):
+    battles, _ = build(tmp_path)
+    battle = Battle(anonymous=True)
+    list(battles.send(battle, "Why does this fail?\n```python\nprint(1/0)\n```", client="v"))
+    list(battles.send(battle, "And now?", client="v"))
+    battles.vote(battle, "a", client="v")
+    [vote] = battles.chat.store.vote_rows()
+    assert vote["categories"] == ["code", "multi_turn", "lang:en"]

@@ -10,7 +10,9 @@
   ``conversation_b_id``, ``conv_metadata`` (both answers' style counts as FastChat writes them: stored
   with the vote, or counted from the stored replies for votes older than that; see data/style.py),
   ``shown`` (how much of each reply of the last round the visitor saw, or null for older votes),
-  ``sampling`` (anonymous battles: the pair-sampling weights in force and the drawn pair's probability).
+  ``sampling`` (anonymous battles: the pair-sampling weights in force and the drawn pair's probability),
+  ``categories`` (the first prompt's labels, data/categories.py) with FastChat's ``is_code`` and
+  ``language`` (an ISO 639-1 code here) beside them.
   Anonymous battles only, unless ``--include-named``. Uncounted votes are written with ``counted: false``
   (the leaderboard skips them unless asked not to).
 - Judge votes (``--judge-votes``): every verdict of the judge on a side-by-side round, oldest first,
@@ -82,6 +84,9 @@ def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None) -> 
         "conv_metadata": meta,
         "shown": vote.get("shown"),
         "sampling": vote.get("sampling"),
+        "categories": vote.get("categories"),
+        "is_code": None if vote.get("categories") is None else "code" in vote["categories"],
+        "language": next((c[5:] for c in vote.get("categories") or [] if c.startswith("lang:")), None),
     }
 
 

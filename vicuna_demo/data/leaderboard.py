@@ -12,8 +12,10 @@ Run::
 
     python -m vicuna_demo.data.leaderboard battles.jsonl [--json] [--bootstrap N] [--seed S]
         [--min-battles N] [--include-uncounted] [--style-control [--style-reg R]] [--reweight]
-        [--ci bootstrap|sandwich]
+        [--ci bootstrap|sandwich] [--category LABEL]
 
+``--category code`` (or ``multi_turn``, ``long_query``, ``lang:en``...) rates only the battles with that
+label: ``categories`` as the export writes it, else FastChat's ``is_code`` / ``turn`` / ``language``.
 ``--style-control`` fits answer length and markdown (headers, lists, bold) beside the ratings (style.py):
 each battle's counts come from its ``conv_metadata`` when present, else from its ``conversation_a`` /
 ``conversation_b``; a battle with neither is skipped. ``--reweight`` weighs each battle by
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from vicuna_demo.data.ratings import (CI_METHODS, MIN_BATTLES, STYLE_REG, WINNERS, Board, ModelRating, fit_board,
                                       interval_text)
+from vicuna_demo.data.categories import labels_from_row
 from vicuna_demo.data.style import StyleCounts, counts_from_conversation, counts_from_metadata
 
 NO_STYLE = "no style counts (conv_metadata or conversation_a/b)"
@@ -89,10 +92,11 @@ def style_of(row: dict) -> tuple[StyleCounts, StyleCounts] | None:
     return None
 
 
-def select_battles(rows: Iterable[dict], *, include_uncounted: bool = False, with_style: bool = False):
+def select_battles(rows: Iterable[dict], *, include_uncounted: bool = False, with_style: bool = False,
+                   category: str | None = None):
     """(battles, skipped, styles): the (model_a, model_b, winner) battles to rate, a Counter of skipped rows
     by reason, and with ``with_style`` each kept battle's style counts (a row without any is skipped), else
-    None."""
+    None. ``category``: only battles with that label (categories.py)."""
     battles, skipped, styles = [], Counter(), []
     for row in rows:
         model_a, model_b, winner = row.get("model_a"), row.get("model_b"), row.get("winner")
@@ -105,6 +109,8 @@ def select_battles(rows: Iterable[dict], *, include_uncounted: bool = False, wit
             skipped["same model on both sides"] += 1
         elif not include_uncounted and row.get("counted", True) is False:
             skipped["not counted"] += 1
+        elif category is not None and category not in labels_from_row(row):
+            skipped[f"not in category {category}"] += 1
         elif with_style and (style := style_of(row)) is None:
             skipped[NO_STYLE] += 1
         else:
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"L2 strength on the style coefficients, arena-rank's scale (default {STYLE_REG:g})")
     parser.add_argument("--reweight", action="store_true",
                         help="weigh each battle by 1 / max(battles of its pair, 50) (LMArena's rule)")
+    parser.add_argument("--category", metavar="LABEL",
+                        help="only battles with this label: code, multi_turn, long_query, lang:en ... "
+                             "(FastChat's data: lang:English)")
     parser.add_argument("--ci", choices=CI_METHODS, default="bootstrap",
                         help="interval method: bootstrap (default) or sandwich (closed form, one fit)")
     args = parser.parse_args(argv)
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     battles, skipped, styles = select_battles(rows, include_uncounted=args.include_uncounted,
-                                              with_style=args.style_control)
+                                              with_style=args.style_control, category=args.category)
     models = {m for a, b, _ in battles for m in (a, b)}
     summary = f"{_plural(len(battles), 'battle')} between {_plural(len(models), 'model')} rated from {args.battles}"
     if skipped:

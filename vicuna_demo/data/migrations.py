@@ -11,7 +11,8 @@ nothing. Never edit or reorder a migration that has shipped: add a new one at th
 6. ``votes.conv_metadata``: both answers' style counts at vote time (FastChat's ``conv_metadata``, JSON
    text; NULL for votes stored before it), for style-controlled ratings; ``votes.shown``: how much of
    each reply of the last round the visitor saw (JSON); ``votes.sampling``: the arena's pair-sampling
-   weights in force when an anonymous battle's pair was drawn (JSON); an index for the daily vote cap.
+   weights in force when an anonymous battle's pair was drawn (JSON); ``votes.categories``: the battle's
+   category labels (JSON list, categories.py); an index for the daily vote cap.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def _m006_vote_style_and_shown(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE votes ADD COLUMN conv_metadata TEXT")
     db.execute("ALTER TABLE votes ADD COLUMN shown TEXT")
     db.execute("ALTER TABLE votes ADD COLUMN sampling TEXT")
+    db.execute("ALTER TABLE votes ADD COLUMN categories TEXT")
     db.execute("CREATE INDEX votes_by_client ON votes (client_hash, tstamp)")
 
 

@@ -56,6 +56,7 @@ class VoteRecord:
     conversation_b_id: str
     conv_metadata: dict | None = None  # both answers' style counts (style.conv_metadata), None if unknown
     shown: dict | None = None  # per side of the last round: {"tokens", "chars", "status"}; None if unknown
+    categories: list | None = None  # labels of the battle's first prompt (categories.py); None if unknown
     sampling: dict | None = None  # anonymous: {"weights": {model: w}, "pair_probability": p} when the pair was drawn
 
 
@@ -93,9 +94,9 @@ TURN_COLUMNS = tuple(
 )
 VOTE_COLUMNS = tuple(
     "battle_id tstamp client_hash anony model_a model_b winner counted not_counted_reason "
-    "conversation_a_id conversation_b_id conv_metadata shown sampling".split()
+    "conversation_a_id conversation_b_id conv_metadata shown categories sampling".split()
 )
-JSON_VOTE_COLUMNS = ("conv_metadata", "shown", "sampling")
+JSON_VOTE_COLUMNS = ("conv_metadata", "shown", "categories", "sampling")
 JUDGE_COLUMNS = tuple(
     "battle_id tstamp client_hash judge prompt model_a model_b winner g1_winner g2_winner g1_judgment "
     "g2_judgment error n_turns conversation_a_id conversation_b_id".split()

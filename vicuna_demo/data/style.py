@@ -67,6 +67,11 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text or ""))
 
 
+def without_code(text: str) -> str:
+    """The text with its fenced code blocks removed."""
+    return _CODE_BLOCK.sub("", text or "")
+
+
 def count_style(text: str, tokens: int | None = None) -> StyleCounts:
     """The style counts of one answer; ``tokens`` (the engine's count) replaces the estimate when given."""
     text = text or ""

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Mapping, Sequence
 
+from ..data.categories import rule_labels, warm
 from ..data.storage import VoteRecord
 from ..data.style import StyleCounts, conv_metadata, count_replies
 from .arena import (MIN_SHOWN_TOKENS, REASON_DAILY_CAP, VOTES, Arena, NotEnoughModels, battle_counts,
@@ -184,6 +185,8 @@ class BattleService:
         self.rng = rng or random.SystemRandom()
         self.daily_vote_cap = daily_vote_cap  # counted votes per visitor identity in 24 hours; 0 = no cap
         self._cap_lock = threading.Lock()     # one visitor's votes from several sessions: checked one at a time
+        # the language model of the category labels loads in a few seconds: now, not at the first vote
+        threading.Thread(target=warm, name="categories-warm", daemon=True).start()
 
     @classmethod
     def from_settings(cls, chat: ChatService, settings) -> "BattleService":
@@ -371,6 +374,7 @@ class BattleService:
                                     conversation_a_id=battle.a.conversation_id,
                                     conversation_b_id=battle.b.conversation_id,
                                     conv_metadata=conv_metadata(_style(battle.a), _style(battle.b)), shown=shown,
+                                    categories=rule_labels(battle.a.exchanges[0].user, len(battle.a.exchanges)),
                                     sampling=battle.sampling)
                 self.chat.store.log_vote(record)
             battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
