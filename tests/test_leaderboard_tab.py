@@ -117,6 +117,21 @@ def test_style_control_toggle_through_the_api(app):
     assert [row[1] for row in table["data"]] == ["Koala", "Alpaca"]
 
 
+def test_the_category_choice_rates_only_battles_with_that_label(app):
+    client, store = app(["Koala", "Alpaca"], ["--min-battles", "1"])
+    client.submit("Why does this crash?\n```python\nprint(1/0)\n```", "Koala", "Alpaca", *NAMED,
+                  api_name="/compare_send").result(timeout=60)
+    client.predict("a", api_name="/compare_vote")
+    client.predict(api_name="/compare_clear")
+    named_vote(client, "Koala", "Alpaca", vote="b")
+    assert [v["categories"] for v in store.vote_rows()] == [["code", "lang:en"], ["lang:en"]]
+    summary, table, _ = client.predict(True, False, "code", api_name="/leaderboard_refresh")
+    assert summary.startswith("Category **code**: **1** counted")
+    assert [row[1] for row in table["data"]] == ["Koala", "Alpaca"]
+    summary, _, _ = client.predict(True, True, "lang:en", api_name="/leaderboard_refresh")
+    assert "**2** counted" in summary and "Style control is on" in summary
+
+
 def test_min_battles_flag_decides_who_is_ranked_in_the_app(app):
     client, _ = app(["Koala", "Alpaca"], ["--min-battles", "1"])
     named_vote(client, "Koala", "Alpaca")

@@ -382,10 +382,12 @@ def test_style_counts_are_stored_with_the_vote_and_counted_from_replies_for_olde
         store.log_turn(make_turn(conversation_id="old-a", reply="**bold** answer", n_tokens=9))  # regenerated
         store.log_turn(make_turn(conversation_id="old-b", reply="- item", n_tokens=3))
         assert store.log_vote(make_vote("old", conversation_a_id="old-a", conversation_b_id="old-b"))
-        battles, styles, last = store.style_battles()
+        battles, styles, labels, last = store.style_battles()
+        assert labels == [[], []]
         assert battles == [("vicuna-7b", "smollm2", "model_a")] * 2
         assert styles[0] == (a.vector(), b.vector())  # the four counts, read straight from the stored JSON
         assert styles[1] == (count_style("**bold** answer", tokens=9), count_style("- item", tokens=3))
-        assert store.style_battles(after_id=last) == ([], [], last)  # nothing new since
-        assert store.log_vote(make_vote("newer", conv_metadata=conv_metadata(b, a)))
-        assert store.style_battles(after_id=last)[:2] == ([("vicuna-7b", "smollm2", "model_a")], [(b.vector(), a.vector())])
+        assert store.style_battles(after_id=last) == ([], [], [], last)  # nothing new since
+        assert store.log_vote(make_vote("newer", conv_metadata=conv_metadata(b, a), categories=["code"]))
+        assert store.style_battles(after_id=last)[:3] == ([("vicuna-7b", "smollm2", "model_a")],
+                                                          [(b.vector(), a.vector())], [["code"]])

@@ -63,16 +63,17 @@ class StoreQueries:
                  for c in VOTE_COLUMNS}
                 for r in self._vote_query(anony_only, counted_only, first_per_battle)]
 
-    def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, int]:
-        """(battles, styles, last_id) of the counted battles, as ``battles``, with each one's (side A, side B)
-        style counts for ``ratings.fit_board``: the counts stored with the vote, else (votes stored before
-        they were) counted from the battle's stored replies. Only votes stored after row ``after_id``, so a
-        caller can keep what it read and add the new ones (votes are append-only); ``last_id`` is where to
-        go on from."""
-        battles, styles, missing, last_id = [], [], {}, after_id
+    def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, list, int]:
+        """(battles, styles, labels, last_id) of the counted battles, as ``battles``, with each one's (side A,
+        side B) style counts for ``ratings.fit_board`` and its category labels (a list, empty if unknown):
+        the counts stored with the vote, else (votes stored before they were) counted from the battle's
+        stored replies. Only votes stored after row ``after_id``, so a caller can keep what it read and add
+        the new ones (votes are append-only); ``last_id`` is where to go on from."""
+        battles, styles, labels, missing, last_id = [], [], [], {}, after_id
         for r in self._vote_query(anony_only, True, True, "id, model_a, model_b, winner, conv_metadata, "
-                                  "conversation_a_id, conversation_b_id", after_id):
+                                  "categories, conversation_a_id, conversation_b_id", after_id):
             battles.append((r["model_a"], r["model_b"], r["winner"]))
+            labels.append(json.loads(r["categories"]) if r["categories"] else [])
             counts = vectors_from_metadata(json.loads(r["conv_metadata"])) if r["conv_metadata"] else None
             if counts is None:
                 missing[len(styles)] = (r["conversation_a_id"], r["conversation_b_id"])
@@ -82,7 +83,7 @@ class StoreQueries:
             replies = self.reply_counts({c for pair in missing.values() for c in pair})
             for k, (conversation_a, conversation_b) in missing.items():
                 styles[k] = (replies.get(conversation_a, StyleCounts()), replies.get(conversation_b, StyleCounts()))
-        return battles, styles, last_id
+        return battles, styles, labels, last_id
 
     def reply_counts(self, conversation_ids: set[str]) -> dict[str, StyleCounts]:
         """Style counts of each conversation's replies (the latest reply per turn, as shown last)."""

@@ -298,8 +298,8 @@ class NullStore:
                   first_per_battle: bool = True) -> list[dict]:
         return []
 
-    def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, int]:
-        return [], [], after_id
+    def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, list, int]:
+        return [], [], [], after_id
 
     def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
         return []

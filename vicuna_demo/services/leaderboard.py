@@ -22,6 +22,8 @@ from .chat import ChatService
 from .judge import NO_JUDGE, agreement_stats
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
+ALL_CATEGORIES = "all"
+CATEGORY_CHOICES = (ALL_CATEGORIES, "code", "multi_turn", "long_query", "lang:en")  # others may be typed
 PROVISIONAL = "provisional"
 NOT_KEPT = "Votes are not being kept on this demo, so there is no leaderboard."
 
@@ -106,32 +108,40 @@ def empty_message(service: ChatService, settings, include_named: bool) -> str:
 
 
 class StyleBattles:
-    """The battles with their style counts, read once and then only the votes stored since (votes are
-    append-only), so a refresh of 100k battles does not decode 100k rows of JSON again."""
+    """The battles with their style counts and category labels, read once and then only the votes stored
+    since (votes are append-only), so a refresh of 100k battles does not decode 100k rows of JSON again."""
 
     def __init__(self, store):
         self.store, self.lock, self.kept = store, threading.Lock(), {}
 
-    def read(self, *, anony_only: bool) -> tuple[list, list]:
+    def read(self, *, anony_only: bool) -> tuple[list, list, list]:
+        """(battles, styles, category labels) of the counted battles, aligned."""
         with self.lock:
-            battles, styles, last = self.kept.get(anony_only, ([], [], 0))
-            new_battles, new_styles, last = self.store.style_battles(anony_only=anony_only, after_id=last)
-            battles, styles = battles + new_battles, styles + new_styles
-            self.kept[anony_only] = (battles, styles, last)
-            return battles, styles
+            battles, styles, labels, last = self.kept.get(anony_only, ([], [], [], 0))
+            new = self.store.style_battles(anony_only=anony_only, after_id=last)
+            battles, styles, labels, last = battles + new[0], styles + new[1], labels + new[2], new[3]
+            self.kept[anony_only] = (battles, styles, labels, last)
+            return battles, styles, labels
 
 
 def leaderboard_view(service: ChatService, settings, include_named: bool, style_control: bool = False,
-                     style_source: StyleBattles | None = None) -> tuple[str, list[list], object | None]:
+                     style_source: StyleBattles | None = None,
+                     category: str | None = None) -> tuple[str, list[list], object | None]:
     """(summary markdown, table rows, matplotlib figure or None) from the store's counted battles;
     ``style_control``: the style-controlled board (battles with their stored style counts, read through
-    ``style_source`` when given, which keeps what it read)."""
+    ``style_source`` when given, which keeps what it read); ``category``: only battles with that label."""
     store = service.store
     if isinstance(store, NullStore):
         return NOT_KEPT, [], None
+    category = None if category in (None, "", ALL_CATEGORIES) else category
     style = None
-    if style_control:
-        battles, style = (style_source or StyleBattles(store)).read(anony_only=not include_named)
+    if style_control or category:
+        battles, style, labels = (style_source or StyleBattles(store)).read(anony_only=not include_named)
+        if category:
+            keep = [k for k, found in enumerate(labels) if category in found]
+            battles, style = [battles[k] for k in keep], [style[k] for k in keep]
+        if not style_control:
+            style = None
     else:
         battles = store.battles(anony_only=not include_named)
     summary, rows, figure = battles_view(battles, style=style,
@@ -140,6 +150,8 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
                         empty=empty_message(service, settings, include_named))
     if rows:
         summary += sampling_text(store.sampling_history())
+    if category:
+        summary = f"Category **{category}**: " + summary
     return summary, rows, figure
 
 
@@ -212,8 +224,10 @@ class LeaderboardService:
         self.service, self.settings = service, settings
         self.style_battles = StyleBattles(service.store)
 
-    def human(self, include_named: bool, style_control: bool = False) -> tuple[str, list[list], object | None]:
-        return leaderboard_view(self.service, self.settings, include_named, style_control, self.style_battles)
+    def human(self, include_named: bool, style_control: bool = False,
+              category: str | None = None) -> tuple[str, list[list], object | None]:
+        return leaderboard_view(self.service, self.settings, include_named, style_control, self.style_battles,
+                                category)
 
     def judge(self) -> tuple[str, list[list], object | None]:
         return judge_view(self.service, self.settings)
