@@ -12,7 +12,9 @@ nothing. Never edit or reorder a migration that has shipped: add a new one at th
    text; NULL for votes stored before it), for style-controlled ratings; ``votes.shown``: how much of
    each reply of the last round the visitor saw (JSON); ``votes.sampling``: the arena's pair-sampling
    weights in force when an anonymous battle's pair was drawn (JSON); ``votes.categories``: the battle's
-   category labels (JSON list, categories.py); an index for the daily vote cap.
+   category labels (JSON list, categories.py); an index for the daily vote cap; ``vote_flags``: votes
+   found not to count after they were stored (the outlier-voter check), append-only: a flagged battle
+   is read as not counted, with the flag's reason.
 """
 
 from __future__ import annotations
@@ -119,6 +121,16 @@ def _m006_vote_style_and_shown(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE votes ADD COLUMN sampling TEXT")
     db.execute("ALTER TABLE votes ADD COLUMN categories TEXT")
     db.execute("CREATE INDEX votes_by_client ON votes (client_hash, tstamp)")
+    db.execute(
+        """CREATE TABLE vote_flags (
+            id INTEGER PRIMARY KEY,
+            battle_id TEXT NOT NULL,
+            tstamp REAL NOT NULL,
+            reason TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX vote_flags_by_battle ON vote_flags (battle_id)")
+    _append_only(db, "vote_flags")
 
 
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (

@@ -57,11 +57,26 @@ class StoreQueries:
 
     def vote_rows(self, *, anony_only: bool = False, counted_only: bool = False,
                   first_per_battle: bool = True) -> list[dict]:
-        """Votes as dicts with VoteRecord's field names, oldest first (first vote per battle)."""
-        return [{c: bool(r[c]) if c in ("anony", "counted") else
-                 (None if r[c] is None else json.loads(r[c])) if c in JSON_VOTE_COLUMNS else r[c]
-                 for c in VOTE_COLUMNS}
-                for r in self._vote_query(anony_only, counted_only, first_per_battle)]
+        """Votes as dicts with VoteRecord's field names, oldest first (first vote per battle). A vote flagged
+        later (``vote_flags``) reads as not counted, the flag's reason added to ``not_counted_reason``."""
+        flags = self.vote_flags()
+        rows = []
+        for r in self._vote_query(anony_only, counted_only, first_per_battle):
+            row = {c: bool(r[c]) if c in ("anony", "counted") else
+                   (None if r[c] is None else json.loads(r[c])) if c in JSON_VOTE_COLUMNS else r[c]
+                   for c in VOTE_COLUMNS}
+            if row["battle_id"] in flags:
+                row["counted"] = False
+                row["not_counted_reason"] = ",".join(filter(None, [row["not_counted_reason"], flags[row["battle_id"]]]))
+            rows.append(row)
+        return rows
+
+    def vote_flags(self) -> dict[str, str]:
+        """battle_id -> the reasons its vote was flagged as not counted after it was stored."""
+        flags: dict[str, str] = {}
+        for r in self._read("SELECT battle_id, reason FROM vote_flags ORDER BY id"):
+            flags[r["battle_id"]] = ",".join(filter(None, [flags.get(r["battle_id"]), r["reason"]]))
+        return flags
 
     def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, list, int]:
         """(battles, styles, labels, last_id) of the counted battles, as ``battles``, with each one's (side A,
@@ -101,7 +116,7 @@ class StoreQueries:
         if anony_only:
             where.append("anony = 1")
         if counted_only:
-            where.append("counted = 1")
+            where.append("counted = 1 AND battle_id NOT IN (SELECT battle_id FROM vote_flags)")
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         return self._read(f"SELECT {columns} FROM votes{clause} ORDER BY id")
 

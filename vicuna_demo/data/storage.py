@@ -41,6 +41,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,13 @@ class Store(StoreQueries):
                        for c, v in ((c, getattr(rec, c)) for c in VOTE_COLUMNS))
         return self._write("votes", VOTE_COLUMNS, values)
 
+    def flag_votes(self, battle_ids: list[str], reason: str) -> bool:
+        """Mark the votes of these battles as not counted (append-only: one row per battle in vote_flags)."""
+        ok = True
+        for battle_id in battle_ids:
+            ok &= self._write("vote_flags", ("battle_id", "tstamp", "reason"), (battle_id, time.time(), reason))
+        return ok
+
     def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
         """Append one judge verdict; False if it could not be stored (a warning is logged once)."""
         if rec.winner not in JUDGE_WINNERS:
@@ -279,6 +287,13 @@ class NullStore:
     def log_vote(self, rec: VoteRecord) -> bool:
         return False
 
+    def flag_votes(self, battle_ids: list[str], reason: str) -> bool:
+        """Mark the votes of these battles as not counted (append-only: one row per battle in vote_flags)."""
+        ok = True
+        for battle_id in battle_ids:
+            ok &= self._write("vote_flags", ("battle_id", "tstamp", "reason"), (battle_id, time.time(), reason))
+        return ok
+
     def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
         return False
 
@@ -318,6 +333,12 @@ class NullStore:
 
     def sampling_history(self) -> list[tuple[float, dict]]:
         return []
+
+    def vote_flags(self) -> dict[str, str]:
+        return {}
+
+    def flag_votes(self, battle_ids: list[str], reason: str) -> bool:
+        return False
 
     def close(self) -> None:
         pass

@@ -117,6 +117,9 @@ class StyleBattles:
     def read(self, *, anony_only: bool) -> tuple[list, list, list]:
         """(battles, styles, category labels) of the counted battles, aligned."""
         with self.lock:
+            flagged = len(self.store.vote_flags())  # a vote flagged later leaves the board: read afresh
+            if flagged != self.kept.get("flagged", 0):
+                self.kept = {"flagged": flagged}
             battles, styles, labels, last = self.kept.get(anony_only, ([], [], [], 0))
             new = self.store.style_battles(anony_only=anony_only, after_id=last)
             battles, styles, labels, last = battles + new[0], styles + new[1], labels + new[2], new[3]
