@@ -72,3 +72,13 @@ def test_a_replayed_vote_in_the_same_session_stores_nothing(arena):
     for replay in ("a", "b", "tie"):
         assert client.predict(replay, api_name="/arena_vote")[3] == "You already voted on this battle."
     assert store.count_votes() == 1
+
+
+def test_two_votes_raced_in_one_session_store_one(arena):
+    url, store = arena
+    client = Client(url, verbose=False)
+    client.predict("Hello?", *PARAMS, api_name="/arena_send")
+    jobs = [client.submit(choice, api_name="/arena_vote") for choice in ("a", "b", "tie", "bothbad")]
+    notices = [job.result(timeout=60)[3] for job in jobs]
+    assert sum("Thanks for voting" in n for n in notices) == 1
+    assert store.count_votes() == 1
