@@ -1,7 +1,8 @@
 """How long the leaderboard takes to refresh: 100k battles between 30 models, each way the page and the CLI
 can compute it (raw / style-controlled, bootstrap / sandwich), from a store on disk and from memory.
 
-    python benchmarks/leaderboard_bench.py [--battles 100000] [--models 30] [--out benchmarks/results/DATE_cpu2_leaderboard_bench.json]
+    python benchmarks/leaderboard_bench.py [--battles 100000] [--models 30] \
+        [--out benchmarks/results/DATE_cpu2_leaderboard_bench.json]
 
 Issue 29's target: the page's board for 100k battles and 30 models refreshes in under 2 s on the 2-core CI
 machine. The store part writes the battles once (votes with their style counts) into a temporary store

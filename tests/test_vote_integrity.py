@@ -20,7 +20,7 @@ PARAMS = (0.7, 1.0, 32)
 
 @pytest.fixture
 def arena(launch_app):
-    engines = {n: RecordingEngine(n, f"A short reply from the {i} side.", 0.0) for i, n in enumerate(("Koala", "Alpaca"))}
+    engines = {n: RecordingEngine(n, f"A short reply from side {i}.", 0.0) for i, n in enumerate(("Koala", "Alpaca"))}
     url, runtime = launch_app(["--rate-limit", "0", "--daily-vote-cap", "3"], engines=engines)
     return url, runtime.service.store
 

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         conversations = store.conversations() if args.conversations else []
         votes = store.vote_rows(anony_only=not args.include_named) if args.battles else []
-        older = {c for v in votes if v["conv_metadata"] is None for c in (v["conversation_a_id"], v["conversation_b_id"])}
+        older = {c for v in votes if v["conv_metadata"] is None
+                 for c in (v["conversation_a_id"], v["conversation_b_id"])}
         replies = store.reply_counts(older) if older else {}
         judged = []
         if args.judge_votes:

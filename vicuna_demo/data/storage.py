@@ -49,8 +49,8 @@ from typing import Any
 from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate  # noqa: F401 - MIGRATIONS re-exported for tests
 from .queries import StoreQueries
 # the records and their values live in records.py; importing them from here keeps working
-from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, JSON_VOTE_COLUMNS, SIDES,  # noqa: F401
-                      TURN_COLUMNS, VOTE_COLUMNS, WINNERS, JudgeVoteRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
+from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, JSON_VOTE_COLUMNS,  # noqa: F401
+                      SIDES, TURN_COLUMNS, VOTE_COLUMNS, WINNERS, JudgeVoteRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
 
 LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 
-from ..data.ratings import MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates, win_rate_table
+from ..data.ratings import (MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates,
+                            win_rate_table)
 from ..data.storage import NullStore
 from .arena import Arena
 from .chat import ChatService
