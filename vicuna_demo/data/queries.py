@@ -1,27 +1,36 @@
 """The store's reads: votes as battles for the ratings, judge verdicts, turns and conversations for export.
 
-``StoreQueries`` is a mixin of ``storage.Store``: each method is one query through the store's ``_read``
-(which holds the lock, opens the connection when needed and returns no rows on trouble, as storage.py's
-docstring says), and shapes the rows with records.py.
+``StoreQueries`` is a mixin of ``storage.Store``: each method is one SQLAlchemy Core query (the same on
+SQLite and PostgreSQL) through the store's ``_read`` (which opens the connection when needed and returns no
+rows on trouble, as storage.py's docstring says), and shapes the rows with records.py.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import sqlalchemy as sa
 
-from .records import (JUDGE_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text, is_moderated, last_user_text,
-                      turn_from_row)
+from .records import (JUDGE_COLUMNS, TURN_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text, is_moderated,
+                      last_user_text, turn_from_row)
+
+
+def _table(name: str, columns: tuple[str, ...]) -> sa.TableClause:
+    return sa.table(name, sa.column("id"), *map(sa.column, columns))
+
+
+TURNS = _table("turns", TURN_COLUMNS)
+VOTES = _table("votes", VOTE_COLUMNS)
+JUDGE_VOTES = _table("judge_votes", JUDGE_COLUMNS)
 
 
 class StoreQueries:
-    """Reading methods of ``storage.Store`` (needs ``self._read(sql, params) -> list[sqlite3.Row]``)."""
+    """Reading methods of ``storage.Store`` (needs ``self._read(statement) -> list of row mappings``)."""
 
-    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:  # pragma: no cover - Store's
+    def _read(self, statement: sa.Executable) -> list:  # pragma: no cover - Store's
         raise NotImplementedError
 
     def judge_vote_rows(self) -> list[dict]:
         """Every judge verdict as a dict with JudgeVoteRecord's field names, oldest first."""
-        return [{c: r[c] for c in JUDGE_COLUMNS} for r in self._read("SELECT * FROM judge_votes ORDER BY id")]
+        return [{c: r[c] for c in JUDGE_COLUMNS} for r in self._read(sa.select(JUDGE_VOTES).order_by(JUDGE_VOTES.c.id))]
 
     def judge_battles(self) -> list[tuple[str, str, str]]:
         """(model_a, model_b, winner) per judged round, for ``compute_leaderboard``: the latest verdict
@@ -59,23 +68,22 @@ class StoreQueries:
         return [{c: bool(r[c]) if c in ("anony", "counted") else r[c] for c in VOTE_COLUMNS}
                 for r in self._vote_query(anony_only, counted_only, first_per_battle)]
 
-    def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool) -> list[sqlite3.Row]:
-        where = []
+    def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool) -> list:
+        query = sa.select(VOTES).order_by(VOTES.c.id)
         if first_per_battle:
-            where.append("id IN (SELECT MIN(id) FROM votes GROUP BY battle_id)")
+            query = query.where(VOTES.c.id.in_(sa.select(sa.func.min(VOTES.c.id)).group_by(VOTES.c.battle_id)))
         if anony_only:
-            where.append("anony = 1")
+            query = query.where(VOTES.c.anony == 1)
         if counted_only:
-            where.append("counted = 1")
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        return self._read(f"SELECT * FROM votes{clause} ORDER BY id")
+            query = query.where(VOTES.c.counted == 1)
+        return self._read(query)
 
     def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
         """Every stored turn (regenerations included), in insertion order."""
-        if conversation_id is None:
-            rows = self._read("SELECT * FROM turns ORDER BY id")
-        else:
-            rows = self._read("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        query = sa.select(TURNS).order_by(TURNS.c.id)
+        if conversation_id is not None:
+            query = query.where(TURNS.c.conversation_id == conversation_id)
+        rows = self._read(query)
         return [turn_from_row(r) for r in rows]
 
     def conversations(self) -> list[dict]:
@@ -122,9 +130,9 @@ class StoreQueries:
         return result
 
     def count_turns(self) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM turns")
+        rows = self._read(sa.select(sa.func.count().label("n")).select_from(TURNS))
         return rows[0]["n"] if rows else 0
 
     def count_votes(self) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM votes")
+        rows = self._read(sa.select(sa.func.count().label("n")).select_from(VOTES))
         return rows[0]["n"] if rows else 0
