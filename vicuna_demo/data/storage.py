@@ -1,33 +1,43 @@
-"""Append-only SQLite log of chat turns and arena votes, kept in ``<log_dir>/vicuna_demo.sqlite3``.
+"""The append-only log of chat turns and arena votes: ``<log_dir>/vicuna_demo.sqlite3`` by default, or a
+PostgreSQL database shared by several app replicas (``--database postgresql://...``; see backends.py).
 
 The app writes one row per model turn (``Store.log_turn``), one per human vote (``Store.log_vote``)
 and one per judge verdict on a side-by-side round (``Store.log_judge_vote``: its own table, never
 mixed with human votes); ratings read ``Store.battles()`` / ``Store.judge_battles()``,
 ``python -m vicuna_demo.data.export`` reads the rest. Rows are never updated or deleted (triggers
-refuse it); a regenerated reply is a new row for the same turn.
+refuse it on both back ends); a regenerated reply is a new row for the same turn.
 
 - Modules: the records and the values their fields take are in ``records.py``; the reads (battles,
-  judge verdicts, turns, conversations) in ``queries.py``; this module keeps the connection, writes,
-  failure handling and privacy. Everything is importable from here as before.
-- Schema: ``migrations.MIGRATIONS`` is an ordered tuple of numbered functions; the number of those
-  applied is kept in ``PRAGMA user_version``. Opening a store applies the missing ones in a single
-  transaction, so an empty or new file becomes a current store and a reopen changes nothing.
-- Durability: WAL journal, one transaction per record. A process killed mid-write leaves the
-  store intact (the unfinished record is simply absent).
-- Threads: one connection shared behind a lock (gradio calls from many worker threads). Other
-  processes may open the same store; SQLite's own locking (30 s busy timeout) serialises them.
-- Failures: if the directory cannot be written, the file is not a database, or the disk is full,
-  the store logs ONE warning on logger ``vicuna_demo.data.storage`` and carries on: ``log_*`` return
-  False, reads return empty results, nothing raises. It retries on every call, so a store whose
+  judge verdicts, turns, conversations) in ``queries.py``; the engine per back end in ``backends.py``;
+  this module keeps the connection, writes, failure handling and privacy. SQL goes through SQLAlchemy
+  Core, the same statements on both back ends.
+- Schema: ``migrations.MIGRATIONS`` is an ordered tuple of numbered functions; opening a store applies
+  the missing ones in a single transaction, so an empty database becomes a current store and a reopen
+  changes nothing (see migrations.py for where the version is kept).
+- Durability: one transaction per record. SQLite: WAL journal; a process killed mid-write leaves the
+  store intact (the unfinished record is simply absent). PostgreSQL: a record is acknowledged (True)
+  only once committed.
+- Threads: SQLite: one connection shared behind a lock (gradio calls from many worker threads); other
+  processes may open the same file, SQLite's own locking (30 s busy timeout) serialises them.
+  PostgreSQL: a pool of connections, one per concurrent call.
+- Failures, SQLite: if the directory cannot be written, the file is not a database, or the disk is
+  full, the store logs ONE warning on logger ``vicuna_demo.data.storage`` and carries on: ``log_*``
+  return False, reads return empty results, nothing raises. It retries on every call, so a store whose
   disk frees up resumes logging. Bugs in the caller (e.g. an unknown winner) do raise ValueError.
+- Failures, PostgreSQL: a write that fails because the server went away is retried on a fresh
+  connection for ``WRITE_RETRY_S``; if it still fails, ``log_*`` raises ``StoreUnavailable`` so the
+  service tells the visitor (a vote is never silently dropped). Reads fail soft as on SQLite. The
+  URI's password never appears in a log line or a ``problem``.
 - Privacy: the store never sees raw IPs. ``client_hash(ip)`` is HMAC-SHA-256 keyed by a random
-  salt kept in ``<log_dir>/salt`` (mode 0600, created once) or passed in. With no writable log
-  dir, the salt is temporary and hashes change on restart. IPv4 space is small: anyone holding
-  the salt can reverse the hashes, so the salt file must not be published with exports.
+  salt kept in ``<log_dir>/salt`` (mode 0600, created once), in the database's ``store_meta`` for a
+  PostgreSQL store (so replicas hash alike), or passed in. With no writable log dir, the salt is
+  temporary and hashes change on restart. IPv4 space is small: anyone holding the salt can reverse
+  the hashes, so the salt must not be published with exports.
 
 Use::
 
     store = Store("logs")            # NullStore() when logging is disabled
+    store = Store(None, database="postgresql://demo@db/arena")
     store.log_turn(TurnRecord(...)); store.log_vote(VoteRecord(...))
     compute_leaderboard(store.battles())
 """

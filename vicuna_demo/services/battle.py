@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Mapping, Sequence
 
-from ..data.storage import VoteRecord
+from ..data.storage import StoreUnavailable, VoteRecord
 from .arena import VOTES, Arena, NotEnoughModels, battle_counts, find_identity_leak, winner_for
 from .chat import NOTHING_TO_REGENERATE, ChatService, TurnContext, TurnUpdate, sanitize_input
 from .session import CancelToken, Exchange, Gate, messages_for, new_id
@@ -311,7 +311,10 @@ class BattleService:
                                 anony=battle.anonymous, model_a=battle.a.model, model_b=battle.b.model, winner=winner,
                                 counted=counted, not_counted_reason=reason,
                                 conversation_a_id=battle.a.conversation_id, conversation_b_id=battle.b.conversation_id)
-            self.chat.store.log_vote(record)
+            try:
+                self.chat.store.log_vote(record)
+            except StoreUnavailable:  # a shared database that stayed down: the vote is not taken, say so
+                return "⚠️ Your vote could not be saved (the database is unreachable). Please vote again in a moment."
             battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
         finally:
             gate.end()
