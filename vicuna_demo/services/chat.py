@@ -38,6 +38,7 @@ from moderation import ModerationResult, Moderator
 from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, SAMPLING_FIELDS,  # noqa: F401
                                 TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError, PromptTooLong, ReplyStats,
                                 SamplingParams)
+from ..data.shared import SharedRateLimiter
 from ..data.storage import TurnRecord
 from .session import (BUSY_NOTICE, CancelToken, ChatSession, ConversationKeeper, Exchange,  # noqa: F401
                       messages_for, new_id)
@@ -90,6 +91,13 @@ class RateLimiter:
                 for key in [k for k, v in self._hits.items() if not v or now - v[-1] >= 60.0]:
                     del self._hits[key]
             return 0.0
+
+
+def rate_limiter_for(store, bucket: str, per_minute: int):
+    """A RateLimiter in this process, or one counted in the store when replicas share it (data/shared.py)."""
+    if getattr(store, "shared", False):
+        return SharedRateLimiter(store, bucket, per_minute)
+    return RateLimiter(per_minute)
 
 
 @dataclass
@@ -150,7 +158,7 @@ class ChatService:
         self.defaults = defaults or SamplingParams()
         # the sampling flags the user gave (Settings.sampling_flags): over every model's own defaults
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
-        self.rate_limiter = RateLimiter(limits.rate_limit_per_min)
+        self.rate_limiter = rate_limiter_for(store, "chat", limits.rate_limit_per_min)
         self.kept = ConversationKeeper()   # conversations a page reload finds again (``resume``)
 
     # -- checks -----------------------------------------------------------------------------------
