@@ -9,7 +9,6 @@ server cannot start here.
 from __future__ import annotations
 
 import itertools
-import subprocess
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -44,9 +43,9 @@ class PostgresServer:
         return self.uri_for(name)
 
     def _pg_ctl(self, *args: str) -> None:
-        pg_ctl = Path(__import__("pgserver").__file__).parent / "pginstall" / "bin" / "pg_ctl"
-        subprocess.run([str(pg_ctl), "-D", str(self.pgdata), "-w", *args], check=True, capture_output=True,
-                       timeout=60)
+        from pgserver._commands import pg_ctl  # runs it as pgserver's own system user when we are root
+
+        pg_ctl(["-w", *args], pgdata=self.pgdata, user=self._server.system_user, timeout=60)
 
     def stop(self) -> None:
         self._pg_ctl("stop", "-m", "fast")
