@@ -447,3 +447,12 @@ def test_null_store_keeps_nothing(tmp_path):
 
 def test_store_has_no_module_level_connection():
     assert not any(isinstance(v, sqlite3.Connection) for v in vars(storage).values())
+
+
+def test_plain_sql_reads_with_placeholders_work_on_both_back_ends(backend):
+    with backend.open() as store:
+        store.log_vote(make_vote("b1", "model_a"))
+        store.log_vote(make_vote("b2", "tie"))
+        rows = store._read("SELECT battle_id, winner FROM votes WHERE winner = ? AND anony = ? ORDER BY id",
+                           ("tie", 1))
+        assert [(r["battle_id"], r["winner"]) for r in rows] == [("b2", "tie")]

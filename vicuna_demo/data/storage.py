@@ -241,13 +241,21 @@ class Store(StoreQueries):
                 self._problem = None
             return True
 
-    def _read(self, statement: sa.Executable) -> list[sa.RowMapping]:
+    def _read(self, statement: sa.Executable | str, params: tuple = ()) -> list[sa.RowMapping]:
+        """Rows of a query as mappings (``row["column"]``); [] on trouble (reported once).
+
+        ``statement`` is a SQLAlchemy Core query, or plain SQL that both back ends accept, with ``?``
+        placeholders filled from ``params`` in order."""
+        if isinstance(statement, str):
+            statement, params = _plain_sql(statement, params)
+        else:
+            params = {}
         with self._lock if not self.shared else _NO_LOCK:
             if not self._open():
                 return []
             try:
                 with self._engine.connect() as conn:
-                    return list(conn.execute(statement).mappings())
+                    return list(conn.execute(statement, params).mappings())
             except (OSError, sqlite3.Error, sa.exc.SQLAlchemyError) as exc:
                 self._report(f"could not read {self.where}: {self._error_text(exc)}")
                 return []
@@ -299,6 +307,15 @@ class Store(StoreQueries):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _plain_sql(sql: str, params: tuple) -> tuple[sa.TextClause, dict]:
+    """``SELECT ... WHERE a = ? AND b = ?`` + (x, y) -> a text clause with named binds, for either back end."""
+    parts = sql.split("?")
+    if len(parts) - 1 != len(params):
+        raise ValueError(f"{len(parts) - 1} placeholders but {len(params)} parameters in {sql!r}")
+    text = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))
+    return sa.text(text), {f"p{i}": value for i, value in enumerate(params)}
 
 
 class _Outdated(Exception):
