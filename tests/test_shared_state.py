@@ -88,3 +88,18 @@ def test_an_unreachable_database_lets_chat_through_but_refuses_the_slot(tmp_path
     assert SharedRateLimiter(store, "chat", 1).allow("v") == 0.0
     assert not SharedSlot(store, "evaluation").acquire(blocking=False)
     store.close()
+
+
+def test_a_turn_a_down_database_cannot_take_is_reported_to_the_visitor(tmp_path, monkeypatch):
+    from tests.engines import RecordingEngine, WordModerator
+    from vicuna_demo.data import storage
+    from vicuna_demo.services.chat import NOT_SAVED_NOTICE, ChatService, Limits
+    from vicuna_demo.services.session import ChatSession
+
+    monkeypatch.setattr(storage, "WRITE_RETRY_S", 0.5)  # retried, then reported (15 s in the app)
+    store = Store(tmp_path, database="postgresql://nobody@127.0.0.1:1/none")
+    service = ChatService({"M": RecordingEngine("M", "Hello.", delay_s=0.0)}, WordModerator(), store,
+                          limits=Limits(rate_limit_per_min=0))
+    *_, last = list(service.turn(ChatSession(), "Hi", model="M", client="v"))
+    assert last.done and last.status == "done" and NOT_SAVED_NOTICE in last.notice
+    store.close()

@@ -39,7 +39,7 @@ from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, 
                                 TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError, PromptTooLong, ReplyStats,
                                 SamplingParams)
 from ..data.shared import SharedRateLimiter
-from ..data.storage import TurnRecord
+from ..data.storage import StoreUnavailable, TurnRecord
 from .session import (BUSY_NOTICE, CancelToken, ChatSession, ConversationKeeper, Exchange,  # noqa: F401
                       messages_for, new_id)
 
@@ -91,6 +91,9 @@ class RateLimiter:
                 for key in [k for k, v in self._hits.items() if not v or now - v[-1] >= 60.0]:
                     del self._hits[key]
             return 0.0
+
+
+NOT_SAVED_NOTICE = "⚠️ This reply could not be saved (the database is unreachable); it is not in the log."
 
 
 def rate_limiter_for(store, bucket: str, per_minute: int):
@@ -465,8 +468,9 @@ class ChatService:
                     moderation = verdict
         update.stats, update.done = stats, True
         finish = stats.finish_reason or ("error" if update.status in ("error", "rejected") else "stop")
-        self._log(ctx, model, getattr(self.engines.get(model), "template_name", "-"), params,
-                  list(sent_messages), update.reply, finish, stats, moderation, started)
+        if not self._log(ctx, model, getattr(self.engines.get(model), "template_name", "-"), params,
+                         list(sent_messages), update.reply, finish, stats, moderation, started):
+            update.notice = (update.notice + " " if update.notice else "") + NOT_SAVED_NOTICE
         yield update
 
     @staticmethod
@@ -481,7 +485,8 @@ class ChatService:
                      ", ".join(f"{f}={getattr(params, f)}" for f in ignored))
         return applicable, ignored
 
-    def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> None:
+    def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> bool:
+        """Store the turn; False only when a shared database could not take it (the visitor is told)."""
         record = TurnRecord(
             conversation_id=ctx.conversation_id, turn_index=ctx.turn_index, tstamp=started,
             client_hash=ctx.client_hash, model=model, template=template, params=params.as_dict(),
@@ -491,5 +496,9 @@ class ChatService:
             error=stats.error, battle_id=ctx.battle_id, side=ctx.side)
         try:
             self.store.log_turn(record)
+        except StoreUnavailable:
+            log.error("a turn of conversation %s could not be stored: the database is unreachable", ctx.conversation_id)
+            return False
         except Exception:  # noqa: BLE001 - a logging bug must not take the visitor's reply with it
             log.exception("could not log a turn of conversation %s", ctx.conversation_id)
+        return True
