@@ -323,3 +323,8 @@ def test_a_database_password_on_the_command_line_is_refused_with_where_to_put_it
     assert "s3cret" not in str(caught.value)
     with pytest.raises(ConfigError, match="postgresql://"):
         load_settings(["--database", "mysql://demo@db/arena"], environ={})
+
+
+def test_a_dataset_push_with_a_database_is_refused_saying_why():
+    with pytest.raises(ConfigError, match="pg_dump"):
+        load_settings(["--database", "postgresql://demo@db/arena", "--hf-dataset", "me/logs"], environ={})

@@ -384,6 +384,9 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         raise ConfigError(judge_unknown_message(values["judge"], names))
     if values.get("database") is not None:
         values["database"] = _database_uri(values["database"], from_flag=given_as["database"].startswith("--"))
+        if values["database"] and values.get("hf_dataset"):
+            raise ConfigError("--hf-dataset pushes the SQLite store, which --database replaces: back PostgreSQL up "
+                              "(pg_dump), or export it with python -m vicuna_demo.data.export --database env.")
     return Settings(**values)
 
 
