@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = None
     if settings.self_test:  # the same app, without a public link, its turns kept out of the real store
         scratch = tempfile.TemporaryDirectory(prefix="vicuna-demo-self-test-")
-        settings = dataclasses.replace(settings, share=False, hf_dataset=None, log_dir=scratch.name)
+        settings = dataclasses.replace(settings, share=False, hf_dataset=None, log_dir=scratch.name, database=None)
     try:
         specs = default_model_specs(settings, gpu=cuda_available())
         for spec in specs:

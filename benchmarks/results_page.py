@@ -31,6 +31,7 @@ class Claim:
     date: str
     command: str
     shows: str         # what the table is evidence of, and its setting
+    columns: tuple[str, ...] = ()   # a plain table of these fields of each record (runs that are not streams)
 
 
 CLAIMS = (
@@ -71,6 +72,18 @@ CLAIMS = (
           "2026-12-02", "python3 benchmarks/gpu_acceptance.py --out acc --models-dir /tmp/models --only eval_two_7b",
           "eval_two_7b: two fp16 7B engines started as the app starts them answer the question set at once "
           "(the other rows: the cards of that day's run)."),
+    Claim("The store: SQLite and PostgreSQL writes and the leaderboard read", "*_cpu_store_bench.jsonl",
+          "CPU, 2 shared cores", "(see rows)",
+          "python benchmarks/store_bench.py --out benchmarks/results/DATE_cpu_store_bench.jsonl",
+          "64 concurrent writers of votes and of turns on each back end (PostgreSQL 16 from the pgserver wheel, "
+          "on the same machine); then the leaderboard of 100k battles among 30 models read from each.",
+          columns=("backend", "what", "writers", "rows", "p50_ms", "p95_ms", "rows_per_s", "battles",
+                   "read_s_median", "ratings_s_median")),
+    Claim("The leaderboard at 100k battles and 30 models: raw, reweighted, style-controlled",
+          "*_cpu2_leaderboard_bench.json", "CPU, 2 shared cores", "(see rows)",
+          "python benchmarks/leaderboard_bench.py --out benchmarks/results/DATE_cpu2_leaderboard_bench.json",
+          "Seconds per fit and per page refresh (the leaderboard tab's own computation) on generated battles.",
+          columns=("what", "seconds")),
     Claim("The embedded SmolLM2-135M on 2 CPU cores", "2026-11-26_cpu_engine_bench.jsonl", "CPU, 2 shared cores",
           "2026-11-26", "python benchmarks/engine_bench.py --device cpu --stages baseline,fast,cb --new-tokens 96 "
           "--rounds 3 --streams 1,4", "Fast path on CPU against generate and continuous batching."),
@@ -147,6 +160,18 @@ def scenario_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def plain_table(rows: list[dict], columns: tuple[str, ...]) -> list[str]:
+    """One row per record (a record holding a ``seconds`` mapping gives one row per entry of it)."""
+    flat = []
+    for r in rows:
+        if isinstance(r.get("seconds"), dict):
+            flat += [{"what": what, "seconds": value} for what, value in r["seconds"].items()]
+        else:
+            flat.append(r)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in flat]
+
+
 def summary_table(rows: list[dict]) -> list[str]:
     summaries = [r for r in rows if r.get("stage") == "summary"]
     if not summaries:
@@ -179,7 +204,9 @@ def render() -> str:
         date = claim.date if not claim.date.startswith("(") else path.name[:10]
         out += [f"Device: {device}. Date: {date}. Raw: `results/{path.name}`.", "",
                 f"    {claim.command}", "", claim.shows, ""]
-        if path.suffix == ".json":
+        if claim.columns:
+            out += plain_table(rows, claim.columns) + [""]
+        elif path.suffix == ".json":
             out += scenario_table(rows) + [""]
         else:
             out += summary_table(rows) + measurement_table(rows) + [""]

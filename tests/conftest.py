@@ -4,6 +4,7 @@ spot, scripted engines that record what they receive, and the app launched in-pr
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,29 @@ def small_window_engine(embedded_loaded):
     engine = start_engine(dataclasses.replace(embedded_loaded, context_window=256, name="Small window"))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (tests/postgres.py); skipped, with the reason, if it cannot start."""
+    import shutil
+    import tempfile
+
+    from tests.postgres import PostgresServer
+
+    # not under pytest's tmp dir: run as root, pgserver runs the server as its own user, who must reach the folder
+    folder = tempfile.mkdtemp(prefix="vicuna-demo-pg-")
+    try:
+        server = PostgresServer.start(Path(folder) / "pgdata")
+    except Exception as exc:  # noqa: BLE001 - whatever stops it, the reason is the skip message
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"PostgreSQL (the pgserver wheel) cannot start here: {type(exc).__name__}: {exc}")
+    yield server
+    server.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_uri(postgres):
+    """A fresh, empty database on the session's PostgreSQL."""
+    return postgres.fresh_database()

@@ -306,3 +306,25 @@ def test_check_judge_accepts_a_model_an_endpoint_or_no_judge():
     check_judge(ends, ())
     with pytest.raises(ConfigError, match="--judge 'Local': no --model"):
         check_judge(load_settings(["--judge", "Local"], environ={}), ())
+
+
+def test_database_uri_comes_from_the_flag_or_the_variable_and_never_shows_in_settings():
+    assert load_settings(["--database", "postgresql://demo@db.internal/arena"], environ={}).database == \
+        "postgresql://demo@db.internal/arena"
+    secret = "postgresql://demo:s3cret@db.internal/arena"
+    settings = load_settings([], environ={"VICUNA_DEMO_DATABASE": secret})
+    assert settings.database == secret and "s3cret" not in repr(settings)
+    assert load_settings([], environ={}).database is None
+
+
+def test_a_database_password_on_the_command_line_is_refused_with_where_to_put_it():
+    with pytest.raises(ConfigError, match="PGPASSWORD") as caught:
+        load_settings(["--database", "postgresql://demo:s3cret@db.internal/arena"], environ={})
+    assert "s3cret" not in str(caught.value)
+    with pytest.raises(ConfigError, match="postgresql://"):
+        load_settings(["--database", "mysql://demo@db/arena"], environ={})
+
+
+def test_a_dataset_push_with_a_database_is_refused_saying_why():
+    with pytest.raises(ConfigError, match="pg_dump"):
+        load_settings(["--database", "postgresql://demo@db/arena", "--hf-dataset", "me/logs"], environ={})

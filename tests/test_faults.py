@@ -351,7 +351,7 @@ if hold:
             os.remove(hold)
             Path(hold + ".holding").touch()
             time.sleep(600)
-    runtime.store._db.set_trace_callback(trace)
+    runtime.store._engine.raw_connection().driver_connection.set_trace_callback(trace)  # the one SQLite connection
 demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
 print("READY", flush=True)
 demo.block_thread()

@@ -1,5 +1,6 @@
-"""Behaviour tests for vicuna_demo.data.storage (SQLite turn/vote log: round trips, migrations,
-privacy, failure handling, crash safety).
+"""Behaviour tests for vicuna_demo.data.storage (the turn/vote log: round trips, migrations, privacy,
+failure handling, crash safety). Tests taking ``backend`` run on SQLite and on a real PostgreSQL
+(tests/postgres.py); the rest are about the SQLite file itself.
 
 Run: .venv-test/bin/python -m pytest tests/test_storage.py -q
 """
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from vicuna_demo.data import storage
 from vicuna_demo.data.storage import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    JudgeVoteRecord,
     NullStore,
     Store,
     TurnRecord,
@@ -56,6 +59,13 @@ def make_turn(conversation_id="conv-1", turn_index=0, user="Hello", reply="Hi th
     return TurnRecord(**fields)
 
 
+def make_judge_vote(battle_id="battle-1", winner="model_b") -> JudgeVoteRecord:
+    return JudgeVoteRecord(battle_id=battle_id, tstamp=1_700_000_200.0, client_hash="e" * 64, judge="judge-model",
+                           prompt="pair-v1", model_a="vicuna-7b", model_b="smollm2", winner=winner,
+                           g1_winner=winner, g2_winner=winner, g1_judgment="[[B]]", g2_judgment="[[A]]", error=None,
+                           n_turns=1, conversation_a_id=f"{battle_id}-a", conversation_b_id=f"{battle_id}-b")
+
+
 def make_vote(battle_id="battle-1", winner="model_a", **overrides) -> VoteRecord:
     fields = dict(
         battle_id=battle_id,
@@ -74,6 +84,52 @@ def make_vote(battle_id="battle-1", winner="model_a", **overrides) -> VoteRecord
     return VoteRecord(**fields)
 
 
+class Backend:
+    """One place for a store on one back end: ``open()`` gives a Store there (the same place every call),
+    ``sql(text)`` runs raw SQL on it outside the store (as an operator, or an attacker, would)."""
+
+    def __init__(self, name: str, tmp_path: Path, uri: str | None):
+        self.name, self.tmp_path, self.uri = name, tmp_path, uri
+
+    def open(self, **kwargs) -> Store:
+        return Store(self.tmp_path, database=self.uri, **kwargs)
+
+    def sql(self, text: str):
+        url = self.uri.replace("postgresql://", "postgresql+psycopg://", 1) if self.uri else \
+            f"sqlite:///{self.tmp_path / 'vicuna_demo.sqlite3'}"
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                result = conn.exec_driver_sql(text)
+                return result.fetchall() if result.returns_rows else None
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path) -> Backend:
+    uri = request.getfixturevalue("postgres_uri") if request.param == "postgresql" else None
+    return Backend(request.param, tmp_path, uri)
+
+
+def test_a_store_written_by_the_sqlite_only_code_opens_and_keeps_working(tmp_path):
+    # tests/data/store_main_8db2ad4.sqlite3: written by main at 8db2ad4 (raw sqlite3, schema version 5)
+    (tmp_path / "vicuna_demo.sqlite3").write_bytes((REPO / "tests/data/store_main_8db2ad4.sqlite3").read_bytes())
+    with Store(tmp_path, salt=b"main-salt") as store:
+        assert store.ok
+        assert store.count_turns() == 7 and store.count_votes() == 2
+        assert store.battles() == [("vicuna-7b", "smollm2", "model_a")]
+        assert store.judge_battles() == [("vicuna-7b", "smollm2", "model_b")]
+        assert [t.reply for t in store.turns("solo")] == ["régénéré ✓"]
+        assert store.log_vote(make_vote("battle-3", "model_b")) and store.log_turn(make_turn("new"))
+        assert store.battles() == [("vicuna-7b", "smollm2", "model_a"), ("vicuna-7b", "smollm2", "model_b")]
+    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM votes")
+    db.close()
+
+
 def storage_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "vicuna_demo.data.storage" and r.levelno >= logging.WARNING]
 
@@ -86,7 +142,7 @@ def integrity(path: Path) -> str:
         db.close()
 
 
-def test_turns_round_trip(tmp_path):
+def test_turns_round_trip(backend):
     turn = make_turn(
         moderation="flagged",
         moderation_categories=("harassment", "violence"),
@@ -98,21 +154,21 @@ def test_turns_round_trip(tmp_path):
         tok_s=None,
         messages=[{"role": "user", "content": "héllo ✓"}],
     )
-    with Store(tmp_path) as store:
+    with backend.open() as store:
         assert store.log_turn(turn) is True
         assert store.log_turn(make_turn(turn_index=1)) is True
         assert store.turns() == [turn, make_turn(turn_index=1)]
         assert store.count_turns() == 2
 
 
-def test_votes_round_trip_and_battles_for_ratings(tmp_path):
+def test_votes_round_trip_and_battles_for_ratings(backend):
     votes = [
         make_vote("b1", "model_a"),
         make_vote("b2", "tie (bothbad)", model_a="x", model_b="y"),
         make_vote("b3", "model_b", anony=False),
         make_vote("b4", "tie", counted=False, not_counted_reason="identity_leak"),
     ]
-    with Store(tmp_path) as store:
+    with backend.open() as store:
         assert all(store.log_vote(v) for v in votes)
         assert store.count_votes() == 4
         assert store.vote_rows() == [vars(v) for v in votes]
@@ -122,8 +178,8 @@ def test_votes_round_trip_and_battles_for_ratings(tmp_path):
         ]
 
 
-def test_only_the_first_vote_of_a_battle_counts(tmp_path):
-    with Store(tmp_path) as store:
+def test_only_the_first_vote_of_a_battle_counts(backend):
+    with backend.open() as store:
         store.log_vote(make_vote("b1", "model_a"))
         store.log_vote(make_vote("b1", "model_b"))
         assert store.battles() == [("vicuna-7b", "smollm2", "model_a")]
@@ -131,21 +187,25 @@ def test_only_the_first_vote_of_a_battle_counts(tmp_path):
         assert len(store.vote_rows(first_per_battle=False)) == 2
 
 
-def test_unknown_winner_is_a_caller_bug(tmp_path):
-    with Store(tmp_path) as store, pytest.raises(ValueError, match="winner"):
+def test_unknown_winner_is_a_caller_bug(backend):
+    with backend.open() as store, pytest.raises(ValueError, match="winner"):
         store.log_vote(make_vote(winner="left"))
 
 
-def test_rows_are_append_only(tmp_path):
-    with Store(tmp_path) as store:
+def test_rows_are_append_only(backend):
+    with backend.open() as store:
         store.log_turn(make_turn())
         store.log_vote(make_vote())
-    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("UPDATE turns SET reply = 'edited'")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("DELETE FROM votes")
-    db.close()
+        store.log_judge_vote(make_judge_vote())
+    for attack in ("UPDATE turns SET reply = 'edited'", "DELETE FROM votes", "UPDATE judge_votes SET winner = 'tie'",
+                   "DELETE FROM judge_votes"):
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"):
+            backend.sql(attack)
+    if backend.name == "postgresql":
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"):
+            backend.sql("TRUNCATE votes")
+    assert backend.sql("SELECT reply FROM turns") == [("Hi there!",)]
+    assert backend.sql("SELECT COUNT(*) FROM votes") == [(1,)]
 
 
 def test_new_store_is_migrated_from_an_empty_file_in_wal_mode(tmp_path):
@@ -161,31 +221,31 @@ def test_new_store_is_migrated_from_an_empty_file_in_wal_mode(tmp_path):
     db.close()
 
 
-def test_reopen_is_idempotent_and_keeps_data(tmp_path):
-    with Store(tmp_path) as store:
+def test_reopen_is_idempotent_and_keeps_data(backend):
+    with backend.open() as store:
         store.log_turn(make_turn())
         store.log_vote(make_vote())
-    with Store(tmp_path) as store:
+    with backend.open() as store:
         assert store.ok
         assert store.count_turns() == 1 and store.count_votes() == 1
         store.log_turn(make_turn(turn_index=1))
-    with Store(tmp_path) as store:
+    with backend.open() as store:
         assert store.count_turns() == 2
-    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    db.close()
+    version = "PRAGMA user_version" if backend.name == "sqlite" else "SELECT version FROM schema_version"
+    assert backend.sql(version) == [(SCHEMA_VERSION,)]
 
 
 def test_an_older_store_gets_only_the_missing_migrations(tmp_path):
-    db = sqlite3.connect(tmp_path / "vicuna_demo.sqlite3", isolation_level=None)
-    MIGRATIONS[0](db)
-    db.execute("PRAGMA user_version = 1")
-    db.execute(
-        "INSERT INTO turns (conversation_id, turn_index, tstamp, client_hash, model, template, params, "
-        "messages, reply, finish_reason, n_tokens, moderation, moderation_categories) "
-        "VALUES ('old', 0, 1.0, 'h', 'm', 't', '{}', '[]', 'r', 'stop', 1, 'off', '[]')"
-    )
-    db.close()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'vicuna_demo.sqlite3'}")
+    with engine.begin() as db:
+        MIGRATIONS[0](db)
+        db.exec_driver_sql("PRAGMA user_version = 1")
+        db.exec_driver_sql(
+            "INSERT INTO turns (conversation_id, turn_index, tstamp, client_hash, model, template, params, "
+            "messages, reply, finish_reason, n_tokens, moderation, moderation_categories) "
+            "VALUES ('old', 0, 1.0, 'h', 'm', 't', '{}', '[]', 'r', 'stop', 1, 'off', '[]')"
+        )
+    engine.dispose()
     with Store(tmp_path) as store:
         assert store.ok
         assert [t.conversation_id for t in store.turns()] == ["old"]
@@ -263,8 +323,8 @@ def test_full_disk_warns_once_keeps_stored_rows_and_recovers(tmp_path, caplog, m
         assert healed.log_turn(make_turn(turn_index=3, reply=big)) is True
 
 
-def test_concurrent_threads_all_get_logged(tmp_path):
-    store = Store(tmp_path)
+def test_concurrent_threads_all_get_logged(backend):
+    store = backend.open()
 
     def worker(n: int) -> None:
         for i in range(50):
@@ -323,9 +383,9 @@ def test_process_killed_mid_write_leaves_a_store_that_opens_intact(tmp_path):
             assert store.log_turn(make_turn(conversation_id=f"after-kill-{round_}"))
 
 
-def test_conversations_give_latest_state_with_regenerations_and_fitted_context(tmp_path):
+def test_conversations_give_latest_state_with_regenerations_and_fitted_context(backend):
     system = {"role": "system", "content": "Be nice."}
-    with Store(tmp_path) as store:
+    with backend.open() as store:
         store.log_turn(make_turn("c1", 0, user="Q1", reply="first draft"))
         store.log_turn(make_turn("c1", 0, user="Q1", reply="A1"))  # regenerated
         store.log_turn(make_turn("c2", 0, user="other", reply="x", model="smollm2"))
@@ -344,14 +404,33 @@ def test_conversations_give_latest_state_with_regenerations_and_fitted_context(t
     assert c1["messages"][0] == system
 
 
-def test_read_only_store_reads_and_refuses_writes(tmp_path):
-    with Store(tmp_path) as store:
+def test_read_only_store_reads_and_refuses_writes(backend):
+    with backend.open() as store:
         store.log_vote(make_vote())
-    reader = Store(tmp_path, read_only=True)
+    reader = backend.open(read_only=True)
     assert reader.ok and reader.count_votes() == 1
     assert reader.log_vote(make_vote("b2")) is False
-    assert not Store(tmp_path / "nothing-here", read_only=True).ok
-    assert not (tmp_path / "nothing-here").exists()
+    assert reader.count_votes() == 1
+    if backend.name == "sqlite":
+        tmp_path = backend.tmp_path
+        assert not Store(tmp_path / "nothing-here", read_only=True).ok
+        assert not (tmp_path / "nothing-here").exists()
+
+
+def test_replicas_sharing_a_postgresql_store_hash_visitors_alike_and_see_each_others_rows(postgres_uri, tmp_path):
+    one, two = Store(tmp_path / "one", database=postgres_uri), Store(tmp_path / "two", database=postgres_uri)
+    assert one.client_hash("203.0.113.7") == two.client_hash("203.0.113.7")
+    assert not (tmp_path / "one").exists()  # nothing is written beside a shared store
+    assert one.log_vote(make_vote("b1")) and two.log_vote(make_vote("b1", "model_b"))  # a replayed vote
+    assert one.battles() == two.battles() == [("vicuna-7b", "smollm2", "model_a")]
+    one.close(), two.close()
+
+
+def test_a_bad_database_uri_is_reported_without_its_password(tmp_path, caplog):
+    store = Store(tmp_path, database="postgresql://visitor:s3cret-pw@127.0.0.1:1/nowhere")
+    assert not store.ok and "s3cret-pw" not in store.problem and "***" in store.where
+    assert all("s3cret-pw" not in r.getMessage() for r in caplog.records)
+    assert len(storage_warnings(caplog)) == 1
 
 
 def test_null_store_keeps_nothing(tmp_path):
@@ -391,3 +470,12 @@ def test_style_counts_are_stored_with_the_vote_and_counted_from_replies_for_olde
         assert store.log_vote(make_vote("newer", conv_metadata=conv_metadata(b, a), categories=["code"]))
         assert store.style_battles(after_id=last)[:3] == ([("vicuna-7b", "smollm2", "model_a")],
                                                           [(b.vector(), a.vector())], [["code"]])
+
+
+def test_plain_sql_reads_with_placeholders_work_on_both_back_ends(backend):
+    with backend.open() as store:
+        store.log_vote(make_vote("b1", "model_a"))
+        store.log_vote(make_vote("b2", "tie"))
+        rows = store._read("SELECT battle_id, winner FROM votes WHERE winner = ? AND anony = ? ORDER BY id",
+                           ("tie", 1))
+        assert [(r["battle_id"], r["winner"]) for r in rows] == [("b2", "tie")]

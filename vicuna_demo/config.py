@@ -16,7 +16,8 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .data.ratings import MIN_BATTLES
@@ -77,6 +78,8 @@ class Settings:
     self_test: bool = False           # start as usual, send one chat turn to each model through the page, exit
     # logging
     log_dir: str = "logs"
+    # PostgreSQL URI shared by replicas (None: the SQLite file in log_dir); may hold a password, so never shown
+    database: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     hf_dataset: str | None = None
     hf_push_minutes: float = 5.0
@@ -194,6 +197,11 @@ _OPTIONS: tuple[_Opt, ...] = (
          "the page's own API, print what came back and exit: status 0 when every model replied, 1 otherwise "
          "(no share link; the turns go to a temporary store)."),
     _Opt("logging", "--log-dir", "log_dir", "str", "Folder for the conversation and vote store ('' = keep nothing)."),
+    _Opt("logging", "--database", "database", "str",
+         "Keep the store in PostgreSQL instead of <log-dir>/vicuna_demo.sqlite3, e.g. postgresql://demo@db/arena, so "
+         "several replicas share votes, rate limits and the leaderboard. The password comes from PGPASSWORD, or give "
+         "the whole URI in the variable; a password on the command line is refused. See docs/deploy.md.",
+         metavar="URI"),
     _Opt("logging", "--log-level", "log_level", "choice", "Console log level.",
          choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     _Opt("logging", "--hf-dataset", "hf_dataset", "str",
@@ -385,7 +393,27 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         raise ConfigError(f"Two models share the name {duplicates[0]!r}: give each a distinct name= in its spec.")
     if values.get("judge") and names and values["judge"] not in names:  # checked before anything loads
         raise ConfigError(judge_unknown_message(values["judge"], names))
+    if values.get("database") is not None:
+        values["database"] = _database_uri(values["database"], from_flag=given_as["database"].startswith("--"))
+        if values["database"] and values.get("hf_dataset"):
+            raise ConfigError("--hf-dataset pushes the SQLite store, which --database replaces: back PostgreSQL up "
+                              "(pg_dump), or export it with python -m vicuna_demo.data.export --database env.")
     return Settings(**values)
+
+
+def _database_uri(uri: str, *, from_flag: bool) -> str | None:
+    """A PostgreSQL URI checked for shape; a password is accepted only from the environment (argv is public)."""
+    uri = uri.strip()
+    if not uri:
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise ConfigError(f"--database: expected a postgresql:// URI, got a {parts.scheme or 'plain'!r} one "
+                          "(leave it out to keep the store in --log-dir).")
+    if from_flag and parts.password:
+        raise ConfigError("--database: the URI holds a password, which every user of this machine can read in the "
+                          "process list. Set PGPASSWORD (or put the whole URI in VICUNA_DEMO_DATABASE) instead.")
+    return uri
 
 
 def judge_unknown_message(judge: str, names: Sequence[str]) -> str:

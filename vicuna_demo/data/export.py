@@ -1,4 +1,4 @@
-"""Export the demo's SQLite log (see storage.py) as JSONL for research use.
+"""Export the demo's store (see storage.py; SQLite or PostgreSQL) as JSONL for research use.
 
 - Conversations: ShareGPT format, one object per line:
   ``{"id": conversation_id, "model": ..., "conversations": [{"from": "system"|"human"|"gpt", "value": ...}]}``.
@@ -30,6 +30,7 @@ Run::
 
     python -m vicuna_demo.data.export --log-dir logs --conversations conversations.jsonl \\
         --battles battles.jsonl [--include-named] [--judge-votes judge_votes.jsonl]
+    PGPASSWORD=... python -m vicuna_demo.data.export --database postgresql://demo@db/arena --battles -
 
 Either output may be ``-`` for stdout. Exits 1 with one ``error:`` line if the log dir holds no
 readable store. The store is opened read-only: exporting never changes it.
@@ -45,6 +46,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from vicuna_demo.data.backends import is_database_uri, uri_has_password
 from vicuna_demo.data.records import is_moderated
 from vicuna_demo.data.storage import Store, store_path
 from vicuna_demo.data.style import StyleCounts, conv_metadata
@@ -142,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Export logged conversations (ShareGPT JSONL), battles (FastChat clean-battle JSONL) and "
                     "judge votes (MT-bench-style pairwise judgments, JSONL).",
     )
-    parser.add_argument("--log-dir", required=True, help="the demo's log directory (holds vicuna_demo.sqlite3)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--log-dir", help="the demo's log directory (holds vicuna_demo.sqlite3)")
+    where.add_argument("--database", metavar="URI",
+                       help="read a PostgreSQL store instead: postgresql://user@host/db (password from PGPASSWORD); "
+                            "'env' reads the URI from VICUNA_DEMO_DATABASE")
     parser.add_argument("--conversations", metavar="PATH", help="write ShareGPT conversations here ('-' = stdout)")
     parser.add_argument("--battles", metavar="PATH", help="write battles here ('-' = stdout)")
     parser.add_argument("--include-named", action="store_true",
@@ -154,10 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to do: give --conversations PATH, --battles PATH and/or --judge-votes PATH")
 
     logging.basicConfig(level=logging.ERROR)  # the store's problems are reported below, once
-    if not store_path(args.log_dir).is_file():
+    database = os.environ.get("VICUNA_DEMO_DATABASE", "") if args.database == "env" else args.database
+    if args.database is not None and not is_database_uri(database):
+        parser.error("--database: give a postgresql:// URI, or 'env' with VICUNA_DEMO_DATABASE set")
+    if args.database not in (None, "env") and uri_has_password(args.database):
+        parser.error("--database: the URI holds a password, which the process list shows to everyone: "
+                     "set PGPASSWORD, or pass 'env' with the URI in VICUNA_DEMO_DATABASE")
+    if database is None and not store_path(args.log_dir).is_file():
         print(f"error: no store in {args.log_dir!r} (expected {store_path(args.log_dir)})", file=sys.stderr)
         return 1
-    with Store(args.log_dir, read_only=True) as store:
+    with Store(args.log_dir, read_only=True, database=database) as store:
         if not store.ok:
             print(f"error: cannot read the store: {store.problem}", file=sys.stderr)
             return 1

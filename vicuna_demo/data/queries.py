@@ -1,29 +1,39 @@
 """The store's reads: votes as battles for the ratings, judge verdicts, turns and conversations for export.
 
-``StoreQueries`` is a mixin of ``storage.Store``: each method is one query through the store's ``_read``
-(which holds the lock, opens the connection when needed and returns no rows on trouble, as storage.py's
-docstring says), and shapes the rows with records.py.
+``StoreQueries`` is a mixin of ``storage.Store``: each method is one SQLAlchemy Core query (the same on
+SQLite and PostgreSQL) through the store's ``_read`` (which opens the connection when needed and returns no
+rows on trouble, as storage.py's docstring says), and shapes the rows with records.py.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 
-from .records import (JSON_VOTE_COLUMNS, JUDGE_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text, is_moderated,
-                      last_user_text, turn_from_row)
+import sqlalchemy as sa
+
+from .records import (JSON_VOTE_COLUMNS, JUDGE_COLUMNS, TURN_COLUMNS, VOTE_COLUMNS, TurnRecord, content_text,
+                      is_moderated, last_user_text, turn_from_row)
 from .style import StyleCounts, count_replies, vectors_from_metadata
 
 
-class StoreQueries:
-    """Reading methods of ``storage.Store`` (needs ``self._read(sql, params) -> list[sqlite3.Row]``)."""
+def _table(name: str, columns: tuple[str, ...]) -> sa.TableClause:
+    return sa.table(name, sa.column("id"), *map(sa.column, columns))
 
-    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:  # pragma: no cover - Store's
+
+TURNS = _table("turns", TURN_COLUMNS)
+VOTES = _table("votes", VOTE_COLUMNS)
+JUDGE_VOTES = _table("judge_votes", JUDGE_COLUMNS)
+
+
+class StoreQueries:
+    """Reading methods of ``storage.Store`` (needs ``self._read(statement) -> list of row mappings``)."""
+
+    def _read(self, statement: sa.Executable | str, params: tuple = ()) -> list:  # pragma: no cover - Store's
         raise NotImplementedError
 
     def judge_vote_rows(self) -> list[dict]:
         """Every judge verdict as a dict with JudgeVoteRecord's field names, oldest first."""
-        return [{c: r[c] for c in JUDGE_COLUMNS} for r in self._read("SELECT * FROM judge_votes ORDER BY id")]
+        return [{c: r[c] for c in JUDGE_COLUMNS} for r in self._read(sa.select(JUDGE_VOTES).order_by(JUDGE_VOTES.c.id))]
 
     def judge_battles(self) -> list[tuple[str, str, str]]:
         """(model_a, model_b, winner) per judged round, for ``compute_leaderboard``: the latest verdict
@@ -109,7 +119,7 @@ class StoreQueries:
         return {c: count_replies(turns.values()) for c, turns in latest.items()}
 
     def _vote_query(self, anony_only: bool, counted_only: bool, first_per_battle: bool,
-                    columns: str = "*", after_id: int = 0) -> list[sqlite3.Row]:
+                    columns: str = "*", after_id: int = 0) -> list:
         where = [f"id > {int(after_id)}"] if after_id else []
         if first_per_battle:
             where.append("id IN (SELECT MIN(id) FROM votes GROUP BY battle_id)")
@@ -122,10 +132,10 @@ class StoreQueries:
 
     def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
         """Every stored turn (regenerations included), in insertion order."""
-        if conversation_id is None:
-            rows = self._read("SELECT * FROM turns ORDER BY id")
-        else:
-            rows = self._read("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        query = sa.select(TURNS).order_by(TURNS.c.id)
+        if conversation_id is not None:
+            query = query.where(TURNS.c.conversation_id == conversation_id)
+        rows = self._read(query)
         return [turn_from_row(r) for r in rows]
 
     def conversations(self) -> list[dict]:
@@ -173,7 +183,7 @@ class StoreQueries:
         return result
 
     def count_turns(self) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM turns")
+        rows = self._read(sa.select(sa.func.count().label("n")).select_from(TURNS))
         return rows[0]["n"] if rows else 0
 
     def sampling_history(self) -> list[tuple[float, dict]]:
@@ -188,5 +198,5 @@ class StoreQueries:
         return rows[0]["n"] if rows else 0
 
     def count_votes(self) -> int:
-        rows = self._read("SELECT COUNT(*) AS n FROM votes")
+        rows = self._read(sa.select(sa.func.count().label("n")).select_from(VOTES))
         return rows[0]["n"] if rows else 0

@@ -1,39 +1,50 @@
-"""Append-only SQLite log of chat turns and arena votes, kept in ``<log_dir>/vicuna_demo.sqlite3``.
+"""The append-only log of chat turns and arena votes: ``<log_dir>/vicuna_demo.sqlite3`` by default, or a
+PostgreSQL database shared by several app replicas (``--database postgresql://...``; see backends.py).
 
 The app writes one row per model turn (``Store.log_turn``), one per human vote (``Store.log_vote``)
 and one per judge verdict on a side-by-side round (``Store.log_judge_vote``: its own table, never
 mixed with human votes); ratings read ``Store.battles()`` / ``Store.judge_battles()``,
 ``python -m vicuna_demo.data.export`` reads the rest. Rows are never updated or deleted (triggers
-refuse it); a regenerated reply is a new row for the same turn.
+refuse it on both back ends); a regenerated reply is a new row for the same turn.
 
 - Modules: the records and the values their fields take are in ``records.py``; the reads (battles,
-  judge verdicts, turns, conversations) in ``queries.py``; this module keeps the connection, writes,
-  failure handling and privacy. Everything is importable from here as before.
-- Schema: ``migrations.MIGRATIONS`` is an ordered tuple of numbered functions; the number of those
-  applied is kept in ``PRAGMA user_version``. Opening a store applies the missing ones in a single
-  transaction, so an empty or new file becomes a current store and a reopen changes nothing.
-- Durability: WAL journal, one transaction per record. A process killed mid-write leaves the
-  store intact (the unfinished record is simply absent).
-- Threads: one connection shared behind a lock (gradio calls from many worker threads). Other
-  processes may open the same store; SQLite's own locking (30 s busy timeout) serialises them.
-- Failures: if the directory cannot be written, the file is not a database, or the disk is full,
-  the store logs ONE warning on logger ``vicuna_demo.data.storage`` and carries on: ``log_*`` return
-  False, reads return empty results, nothing raises. It retries on every call, so a store whose
+  judge verdicts, turns, conversations) in ``queries.py``; the engine per back end in ``backends.py``;
+  this module keeps the connection, writes, failure handling and privacy. SQL goes through SQLAlchemy
+  Core, the same statements on both back ends.
+- Schema: ``migrations.MIGRATIONS`` is an ordered tuple of numbered functions; opening a store applies
+  the missing ones in a single transaction, so an empty database becomes a current store and a reopen
+  changes nothing (see migrations.py for where the version is kept).
+- Durability: one transaction per record. SQLite: WAL journal; a process killed mid-write leaves the
+  store intact (the unfinished record is simply absent). PostgreSQL: a record is acknowledged (True)
+  only once committed.
+- Threads: SQLite: one connection shared behind a lock (gradio calls from many worker threads); other
+  processes may open the same file, SQLite's own locking (30 s busy timeout) serialises them.
+  PostgreSQL: a pool of connections, one per concurrent call.
+- Failures, SQLite: if the directory cannot be written, the file is not a database, or the disk is
+  full, the store logs ONE warning on logger ``vicuna_demo.data.storage`` and carries on: ``log_*``
+  return False, reads return empty results, nothing raises. It retries on every call, so a store whose
   disk frees up resumes logging. Bugs in the caller (e.g. an unknown winner) do raise ValueError.
+- Failures, PostgreSQL: a write that fails because the server went away is retried on a fresh
+  connection for ``WRITE_RETRY_S``; if it still fails, ``log_*`` raises ``StoreUnavailable`` so the
+  service tells the visitor (a vote is never silently dropped). Reads fail soft as on SQLite. The
+  URI's password never appears in a log line or a ``problem``.
 - Privacy: the store never sees raw IPs. ``client_hash(ip)`` is HMAC-SHA-256 keyed by a random
-  salt kept in ``<log_dir>/salt`` (mode 0600, created once) or passed in. With no writable log
-  dir, the salt is temporary and hashes change on restart. IPv4 space is small: anyone holding
-  the salt can reverse the hashes, so the salt file must not be published with exports.
+  salt kept in ``<log_dir>/salt`` (mode 0600, created once), in the database's ``store_meta`` for a
+  PostgreSQL store (so replicas hash alike), or passed in. With no writable log dir, the salt is
+  temporary and hashes change on restart. IPv4 space is small: anyone holding the salt can reverse
+  the hashes, so the salt must not be published with exports.
 
 Use::
 
     store = Store("logs")            # NullStore() when logging is disabled
+    store = Store(None, database="postgresql://demo@db/arena")
     store.log_turn(TurnRecord(...)); store.log_vote(VoteRecord(...))
     compute_leaderboard(store.battles())
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -42,11 +53,14 @@ import secrets
 import sqlite3
 import threading
 import time
-import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate  # noqa: F401 - MIGRATIONS re-exported for tests
+import sqlalchemy as sa
+
+from .backends import describe, is_database_uri, is_disconnect, make_engine, sqlite_connect
+from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version  # noqa: F401 - MIGRATIONS for tests
 from .queries import StoreQueries
 # the records and their values live in records.py; importing them from here keeps working
 from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, JSON_VOTE_COLUMNS,  # noqa: F401
@@ -55,7 +69,7 @@ from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, JSON_VOTE
 LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"
 SALT_FILENAME = "salt"
-BUSY_TIMEOUT_S = 30.0
+WRITE_RETRY_S = 15.0  # a shared store reconnects and retries a failed write this long before telling the visitor
 
 
 # --- schema: see migrations.py -------------------------------------------------------------
@@ -67,30 +81,37 @@ def store_path(log_dir: str | os.PathLike) -> Path:
 # --- the store ----------------------------------------------------------------------------
 
 
-class Store(StoreQueries):
-    """The SQLite log. Never raises on I/O trouble: see the module docstring."""
+class StoreUnavailable(RuntimeError):
+    """A PostgreSQL write that still failed after reconnecting for ``WRITE_RETRY_S``: tell the visitor."""
 
-    def __init__(self, log_dir: str | os.PathLike, *, salt: bytes | None = None, read_only: bool = False):
-        """Open (creating and migrating) the store in ``log_dir``.
+
+class Store(StoreQueries):
+    """The log, in SQLite or PostgreSQL. Never raises on SQLite I/O trouble: see the module docstring."""
+
+    def __init__(self, log_dir: str | os.PathLike | None, *, salt: bytes | None = None, read_only: bool = False,
+                 database: str | None = None):
+        """Open (creating and migrating) the store in ``log_dir``, or in the PostgreSQL ``database``.
 
         ``read_only=True`` (for export) creates nothing, runs no migrations, refuses writes, and
         reports a missing or out-of-date store through ``problem``.
         """
-        self.log_dir = Path(log_dir)
-        self.path = store_path(log_dir)
+        self.database = database or None
+        self.shared = self.database is not None  # replicas may share it: state they share lives here
+        self.log_dir = Path(log_dir) if log_dir not in (None, "") else None
+        self.path = store_path(self.log_dir) if self.log_dir is not None else None
+        self.where = describe(self.database) if self.shared else str(self.path)
         self.read_only = read_only
         self._lock = threading.RLock()
-        self._db: sqlite3.Connection | None = None
+        self._engine: sa.Engine | None = None
         self._closed = False
         self._warned = False
         self._problem: str | None = None
         self._salt_note: str | None = None
+        self._salt: bytes | None = bytes(salt) if salt is not None else None
         salt_problem = None
-        if salt is not None:
-            self._salt = bytes(salt)
-        elif read_only:
-            self._salt = secrets.token_bytes(32)
-        else:
+        if self._salt is None and (read_only or self.shared):
+            self._salt = secrets.token_bytes(32)  # a shared store's own salt replaces it once opened
+        elif self._salt is None:
             try:
                 self._salt = _load_or_create_salt(self.log_dir)
             except OSError as exc:
@@ -98,6 +119,7 @@ class Store(StoreQueries):
                 salt_problem = f"cannot keep the client-hash salt in {self.log_dir / SALT_FILENAME} ({exc})"
         salt_note = salt_problem and f"{salt_problem}; using a temporary salt, so client hashes change on restart"
         self._salt_note = salt_note
+        self._salt_given = salt is not None
         if self._open() and salt_note:
             self._report(salt_note)
 
@@ -123,92 +145,119 @@ class Store(StoreQueries):
         if first:
             LOGGER.warning(
                 "vicuna_demo storage problem: %s. The demo keeps running, but turns and votes "
-                "that fail to save are lost (store: %s). Further storage errors are logged at debug level.",
-                problem,
-                self.path,
-            )
+                "that fail to save are %s (store: %s). Further storage errors are logged at debug level.",
+                problem, "reported to the visitor" if self.shared else "lost", self.where)
         else:
             LOGGER.debug("vicuna_demo storage problem: %s", problem)
+
+    def _error_text(self, exc: BaseException) -> str:
+        """An error's message, without SQL or parameters, and never the URI's password."""
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        text = lines[0] if lines else type(exc).__name__
+        if self.database:
+            password = _password(self.database)
+            if password:
+                text = text.replace(password, "***")
+        return text
 
     # -- connection --
 
     def _connect(self) -> sqlite3.Connection:
-        if self.read_only:
-            uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=ro"
-            return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        """The SQLite connection (one, shared behind the lock)."""
+        return sqlite_connect(self.path, read_only=self.read_only)
 
     def _open(self) -> bool:
-        """Make sure a migrated connection exists; report (once) and return False if not."""
+        """Make sure a migrated engine exists; report (once) and return False if not."""
         with self._lock:
-            if self._db is not None:
+            if self._engine is not None:
                 return True
             if self._closed:
                 self._report("the store was closed")
                 return False
-            db = None
+            engine = None
             try:
-                if self.read_only:
-                    if not self.path.is_file():
-                        raise FileNotFoundError(f"no store file {self.path}")
-                    db = self._connect()
-                    version = db.execute("PRAGMA user_version").fetchone()[0]
-                    if version < SCHEMA_VERSION:
-                        raise sqlite3.DatabaseError(
-                            f"schema version {version} is older than {SCHEMA_VERSION}; "
-                            "open it once read-write (e.g. start the app) to migrate it")
+                if self.shared:
+                    engine = make_engine(self.database, read_only=self.read_only)
                 else:
-                    self.log_dir.mkdir(parents=True, exist_ok=True)
-                    db = self._connect()
-                    db.execute("PRAGMA journal_mode = WAL")
-                    version = migrate(db)
-                    if version > SCHEMA_VERSION:
-                        LOGGER.info("store %s has schema version %d, newer than this code (%d)",
-                                    self.path, version, SCHEMA_VERSION)
-            except (OSError, sqlite3.Error) as exc:
-                if db is not None:
-                    db.close()
-                self._report(f"cannot open {self.path}: {exc}")
+                    if self.read_only and not self.path.is_file():
+                        raise FileNotFoundError(f"no store file {self.path}")
+                    if not self.read_only:
+                        self.log_dir.mkdir(parents=True, exist_ok=True)
+                    engine = make_engine(self.path, read_only=self.read_only, connect=self._connect)
+                with engine.connect() as conn:
+                    if self.read_only:
+                        with conn.begin():
+                            version = schema_version(conn)
+                        if version < SCHEMA_VERSION:
+                            raise _Outdated(f"schema version {version} is older than {SCHEMA_VERSION}; "
+                                            "open it once read-write (e.g. start the app) to migrate it")
+                    else:
+                        version = migrate(conn.execution_options(write=True))
+                        if version > SCHEMA_VERSION:
+                            LOGGER.info("store %s has schema version %d, newer than this code (%d)",
+                                        self.where, version, SCHEMA_VERSION)
+                    if self.shared and not self._salt_given:
+                        self._salt = shared_salt(conn, create=not self.read_only) or self._salt
+            except (OSError, sqlite3.Error, sa.exc.SQLAlchemyError, _Outdated) as exc:
+                if engine is not None:
+                    engine.dispose()
+                self._report(f"cannot open {self.where}: {self._error_text(exc)}")
                 return False
-            self._db = db
+            self._engine = engine
             self._problem = None
             return True
+
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite) for the shared-state helpers; raises on trouble."""
+        return _transaction(self)
 
     def _write(self, table: str, columns: tuple[str, ...], values: tuple) -> bool:
         if self.read_only:
             self._report("the store was opened read-only")
             return False
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        with self._lock:
-            if not self._open():
-                return False
+        statement = sa.insert(sa.table(table, *map(sa.column, columns))).values(dict(zip(columns, values)))
+        deadline = time.monotonic() + WRITE_RETRY_S
+        delay = 0.1
+        while True:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.execute(sql, values)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except (OSError, sqlite3.Error) as exc:
-                self._report(f"could not save a row in {table}: {exc}")
-                return False
-            self._problem = None
+                with self.transaction() as conn:
+                    conn.execute(statement)
+            except (OSError, sqlite3.Error, sa.exc.SQLAlchemyError, _Unopened) as exc:
+                problem = (self._problem if isinstance(exc, _Unopened)
+                           else f"could not save a row in {table}: {self._error_text(exc)}")
+                if not self.shared:
+                    if not isinstance(exc, _Unopened):
+                        self._report(problem)
+                    return False
+                # a shared store: the server may be restarting; reconnect and try again, then tell the visitor
+                if time.monotonic() + delay < deadline and (isinstance(exc, _Unopened) or is_disconnect(exc)):
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if not isinstance(exc, _Unopened):
+                    self._report(problem)
+                raise StoreUnavailable(f"could not save a row in {table}: the database is unreachable") from None
+            with self._lock:
+                self._problem = None
             return True
 
-    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
+    def _read(self, statement: sa.Executable | str, params: tuple = ()) -> list[sa.RowMapping]:
+        """Rows of a query as mappings (``row["column"]``); [] on trouble (reported once).
+
+        ``statement`` is a SQLAlchemy Core query, or plain SQL that both back ends accept, with ``?``
+        placeholders filled from ``params`` in order."""
+        if isinstance(statement, str):
+            statement, params = _plain_sql(statement, params)
+        else:
+            params = {}
+        with self._lock if not self.shared else _NO_LOCK:
             if not self._open():
                 return []
             try:
-                cursor = self._db.execute(sql, params)
-                cursor.row_factory = sqlite3.Row
-                return cursor.fetchall()
-            except (OSError, sqlite3.Error) as exc:
-                self._report(f"could not read {self.path}: {exc}")
+                with self._engine.connect() as conn:
+                    return list(conn.execute(statement, params).mappings())
+            except (OSError, sqlite3.Error, sa.exc.SQLAlchemyError) as exc:
+                self._report(f"could not read {self.where}: {self._error_text(exc)}")
                 return []
 
     # -- writing --
@@ -254,18 +303,59 @@ class Store(StoreQueries):
         """Close the connection; later calls store nothing and return empty results."""
         with self._lock:
             self._closed = True
-            if self._db is not None:
+            if self._engine is not None:
                 try:
-                    self._db.close()
-                except sqlite3.Error as exc:  # pragma: no cover - close of a healthy handle
-                    LOGGER.debug("closing %s: %s", self.path, exc)
-                self._db = None
+                    self._engine.dispose()
+                except (sqlite3.Error, sa.exc.SQLAlchemyError) as exc:  # pragma: no cover - a healthy handle
+                    LOGGER.debug("closing %s: %s", self.where, exc)
+                self._engine = None
 
     def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _plain_sql(sql: str, params: tuple) -> tuple[sa.TextClause, dict]:
+    """``SELECT ... WHERE a = ? AND b = ?`` + (x, y) -> a text clause with named binds, for either back end."""
+    parts = sql.split("?")
+    if len(parts) - 1 != len(params):
+        raise ValueError(f"{len(parts) - 1} placeholders but {len(params)} parameters in {sql!r}")
+    text = parts[0] + "".join(f":p{i}{part}" for i, part in enumerate(parts[1:]))
+    return sa.text(text), {f"p{i}": value for i, value in enumerate(params)}
+
+
+class _Outdated(Exception):
+    """A read-only store whose schema is older than this code's."""
+
+
+class _Unopened(Exception):
+    """The store could not be opened (already reported)."""
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+_NO_LOCK = _NoLock()
+
+
+@contextlib.contextmanager
+def _transaction(store: Store) -> Iterator[sa.Connection]:
+    # SQLite: one connection, so the store's lock is held for the whole transaction. PostgreSQL: the
+    # pool gives each thread its own connection; the server serialises what must be.
+    with store._lock if not store.shared else _NO_LOCK:
+        if not store._open():
+            raise _Unopened()
+        with store._engine.connect() as conn:
+            conn.execution_options(write=True)
+            with conn.begin():
+                yield conn
 
 
 class NullStore:
@@ -286,13 +376,6 @@ class NullStore:
 
     def log_vote(self, rec: VoteRecord) -> bool:
         return False
-
-    def flag_votes(self, battle_ids: list[str], reason: str) -> bool:
-        """Mark the votes of these battles as not counted (append-only: one row per battle in vote_flags)."""
-        ok = True
-        for battle_id in battle_ids:
-            ok &= self._write("vote_flags", ("battle_id", "tstamp", "reason"), (battle_id, time.time(), reason))
-        return ok
 
     def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
         return False
@@ -350,11 +433,38 @@ class NullStore:
         pass
 
 
-def open_store(log_dir: str | os.PathLike | None, *, salt: bytes | None = None) -> Store | NullStore:
-    """``Store(log_dir)``, or a ``NullStore`` when log_dir is None or '' (logging disabled)."""
+def open_store(log_dir: str | os.PathLike | None, *, salt: bytes | None = None,
+               database: str | None = None) -> Store | NullStore:
+    """The app's store: PostgreSQL when ``database`` is a URI, else ``Store(log_dir)``, or a ``NullStore``
+    when log_dir is None or '' (logging disabled)."""
+    if database:
+        if not is_database_uri(database):
+            raise ValueError(f"--database must be a postgresql:// URI, got {describe(database)!r}")
+        return Store(log_dir, salt=salt, database=database)
     if log_dir is None or str(log_dir) == "":
         return NullStore(salt=salt)
     return Store(log_dir, salt=salt)
+
+
+def shared_salt(conn: sa.Connection, *, create: bool) -> bytes | None:
+    """The client-hash salt kept in a shared store (``store_meta``), so every replica hashes alike;
+    created once (the first replica to ask wins)."""
+    meta = sa.table("store_meta", sa.column("key"), sa.column("value"))
+    query = sa.select(meta.c.value).where(meta.c.key == "client_hash_salt")
+    with conn.begin():
+        value = conn.execute(query).scalar_one_or_none()
+        if value is None and create:
+            conn.execute(sa.text("INSERT INTO store_meta (key, value) VALUES ('client_hash_salt', :v) "
+                                 "ON CONFLICT (key) DO NOTHING"), {"v": secrets.token_hex(32)})
+            value = conn.execute(query).scalar_one()
+    return bytes.fromhex(value) if value else None
+
+
+def _password(uri: str) -> str | None:
+    try:
+        return sa.engine.make_url(uri.replace("postgres://", "postgresql://", 1)).password or None
+    except sa.exc.ArgumentError:
+        return None
 
 
 # --- helpers ------------------------------------------------------------------------------

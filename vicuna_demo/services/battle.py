@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, Mapping, Sequence
 
 from ..data.categories import rule_labels, warm
-from ..data.storage import VoteRecord
+from ..data.storage import StoreUnavailable, VoteRecord
 from ..data.style import StyleCounts, conv_metadata, count_replies
 from .arena import (MIN_SHOWN_TOKENS, REASON_DAILY_CAP, VOTES, Arena, NotEnoughModels, battle_counts,
                     find_identity_leak, winner_for)
@@ -376,7 +376,11 @@ class BattleService:
                                     conv_metadata=conv_metadata(_style(battle.a), _style(battle.b)), shown=shown,
                                     categories=rule_labels(battle.a.exchanges[0].user, len(battle.a.exchanges)),
                                     sampling=battle.sampling)
-                self.chat.store.log_vote(record)
+                try:
+                    self.chat.store.log_vote(record)
+                except StoreUnavailable:  # a shared database that stayed down: the vote is not taken, say so
+                    return ("⚠️ Your vote could not be saved (the database is unreachable). "
+                            "Please vote again in a moment.")
             battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
         finally:
             gate.end()

@@ -38,7 +38,8 @@ from moderation import ModerationResult, Moderator
 from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, SAMPLING_FIELDS,  # noqa: F401
                                 TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError, PromptTooLong, ReplyStats,
                                 SamplingParams)
-from ..data.storage import TurnRecord
+from ..data.shared import SharedRateLimiter
+from ..data.storage import StoreUnavailable, TurnRecord
 from .session import (BUSY_NOTICE, CancelToken, ChatSession, ConversationKeeper, Exchange,  # noqa: F401
                       messages_for, new_id)
 
@@ -90,6 +91,16 @@ class RateLimiter:
                 for key in [k for k, v in self._hits.items() if not v or now - v[-1] >= 60.0]:
                     del self._hits[key]
             return 0.0
+
+
+NOT_SAVED_NOTICE = "⚠️ This reply could not be saved (the database is unreachable); it is not in the log."
+
+
+def rate_limiter_for(store, bucket: str, per_minute: int):
+    """A RateLimiter in this process, or one counted in the store when replicas share it (data/shared.py)."""
+    if getattr(store, "shared", False):
+        return SharedRateLimiter(store, bucket, per_minute)
+    return RateLimiter(per_minute)
 
 
 @dataclass
@@ -150,7 +161,7 @@ class ChatService:
         self.defaults = defaults or SamplingParams()
         # the sampling flags the user gave (Settings.sampling_flags): over every model's own defaults
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
-        self.rate_limiter = RateLimiter(limits.rate_limit_per_min)
+        self.rate_limiter = rate_limiter_for(store, "chat", limits.rate_limit_per_min)
         self.kept = ConversationKeeper()   # conversations a page reload finds again (``resume``)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -458,8 +469,9 @@ class ChatService:
                     moderation = verdict
         update.stats, update.done = stats, True
         finish = stats.finish_reason or ("error" if update.status in ("error", "rejected") else "stop")
-        self._log(ctx, model, self._template_name(model), params,
-                  list(sent_messages), update.reply, finish, stats, moderation, started)
+        if not self._log(ctx, model, self._template_name(model), params,
+                         list(sent_messages), update.reply, finish, stats, moderation, started):
+            update.notice = (update.notice + " " if update.notice else "") + NOT_SAVED_NOTICE
         yield update
 
     def _template_name(self, model: str) -> str:
@@ -478,7 +490,8 @@ class ChatService:
                      ", ".join(f"{f}={getattr(params, f)}" for f in ignored))
         return applicable, ignored
 
-    def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> None:
+    def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> bool:
+        """Store the turn; False only when a shared database could not take it (the visitor is told)."""
         record = TurnRecord(
             conversation_id=ctx.conversation_id, turn_index=ctx.turn_index, tstamp=started,
             client_hash=ctx.client_hash, model=model, template=template, params=params.as_dict(),
@@ -488,5 +501,9 @@ class ChatService:
             error=stats.error, battle_id=ctx.battle_id, side=ctx.side)
         try:
             self.store.log_turn(record)
+        except StoreUnavailable:
+            log.error("a turn of conversation %s could not be stored: the database is unreachable", ctx.conversation_id)
+            return False
         except Exception:  # noqa: BLE001 - a logging bug must not take the visitor's reply with it
             log.exception("could not log a turn of conversation %s", ctx.conversation_id)
+        return True

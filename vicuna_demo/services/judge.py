@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+from ..data.shared import SharedSlot
 from ..data.storage import JudgeVoteRecord
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
 from ..evaluation.outputs import category_table, plot_summary, summarize, write_outputs
@@ -37,7 +38,7 @@ from ..evaluation.questions import (MAX_UPLOAD_QUESTIONS, Question, QuestionFile
                                    check_upload)
 from ..evaluation.runner import JUDGE_PARAMS, EvaluationResult, EvaluationRunner
 from ..evaluation.verdicts import PairVerdict, combine, explain, parse_pair
-from .chat import RateLimiter
+from .chat import rate_limiter_for
 
 log = logging.getLogger("vicuna_demo.services.judge")
 
@@ -140,8 +141,9 @@ class JudgeService:
         self.max_questions = max_questions
         self.max_input_chars = max_input_chars
         self.timeout_s = timeout_s
-        self.rate_limiter = RateLimiter(JUDGE_RATE_PER_MIN)
-        self._evaluation = threading.Lock()
+        self.rate_limiter = rate_limiter_for(store, "judge", JUDGE_RATE_PER_MIN)
+        # one evaluation at a time: in this process, or across the replicas sharing the store
+        self._evaluation = SharedSlot(store, "evaluation") if getattr(store, "shared", False) else threading.Lock()
         self._running: tuple[str | None, EvaluationRunner] | None = None   # (owner, runner) of the evaluation
 
     @classmethod

@@ -115,7 +115,7 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
         raise ConfigError(judge_unknown_message(settings.judge, list(engines)))
     if not moderator.enabled:   # how to turn it on is the operator's business: moderation's warning says it
         banners.append(MODERATION_OFF_NOTE)
-    store = open_store(settings.log_dir or None)
+    store = open_store(settings.log_dir or None, database=settings.database)
     limits = Limits(max_input_chars=settings.max_input_chars, max_turns=settings.max_turns,
                     rate_limit_per_min=settings.rate_limit, max_new_tokens_cap=settings.max_new_tokens_limit)
     # each model's own defaults (its engine's) with the sampling flags the user gave over them
