@@ -173,16 +173,7 @@ class BodyLimitMiddleware:
             problem = await self._upload_problem(scope, body)
             if problem:
                 return await _plain_response(send, 422, problem)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(body, receive), send)
 
     async def _upload_problem(self, scope, body: bytes) -> str:
         """'' when the upload is one acceptable question file, else why not (one line per problem)."""
@@ -259,6 +250,21 @@ class HideApiInfoBeforeLoginMiddleware:
         return page[:begin] + self.START + b"null" + page[end:]
 
 
+def _replaying(body: bytes, receive):
+    """An ASGI ``receive`` for the app behind a middleware that read the whole body: the body once, then
+    the real channel (so a disconnect still reaches the app)."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class CheckQueueJoinMiddleware:
     """ASGI middleware: a crafted ``POST /gradio_api/queue/join`` naming no event (unknown ``fn_index``) or
     sending fewer input values than the event takes gets a 422 with one sentence, instead of a 500 and
@@ -282,16 +288,7 @@ class CheckQueueJoinMiddleware:
         problem = self.problem(scope, body)
         if problem:
             return await _plain_response(send, 422, problem)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(body, receive), send)
 
     @staticmethod
     def problem(scope, body: bytes) -> str:
