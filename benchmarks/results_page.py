@@ -54,9 +54,23 @@ CLAIMS = (
     Claim("Every architecture the fast path serves, at its real shape", "*_arch_bench.jsonl", "(see rows)",
           "(see rows)", "python3 benchmarks/arch_bench.py --out benchmarks/results/DATE_DEVICE_arch_bench.jsonl",
           "Random fp16 weights of each model's published shape; teacher-forced argmax agreement with "
-          "transformers' forward; 1 and 64 streams through LocalEngine beside transformers' continuous "
-          "batching in the same process; one-stream floor from a device copy; KV tokens in the same pool "
-          "relative to Vicuna-7B."),
+          "transformers' forward; 1 and 64 streams (128-token prompts, 128 new tokens) through LocalEngine "
+          "beside transformers' continuous batching (48 new tokens) in the same process; one-stream floor from "
+          "a device copy; KV tokens in the same 16 GiB pool relative to Vicuna-7B. 2026-12-07 (code cebe6d4, "
+          "the engines of 2a4ad68): vicuna-7b, llama3-8b and qwen3-8b in one process; mistral, qwen2.5, gemma2 "
+          "and gemma3 each in its own process (run together, models built later found the GPU still full). "
+          "gemma2-9b's continuous-batching baseline ran out of memory at 64 streams (0.0)."),
+    Claim("The app's start-up after the fast-path redesign, and evaluation answers",
+          "2026-12-07c_h100_gpu_acceptance.json", "NVIDIA H100 80GB HBM3", "2026-12-07",
+          "python3 benchmarks/gpu_acceptance.py --out acc --models-dir /tmp/models --budget 150 --timeout 130 "
+          "--only card24_fp16,card16_4bit,eval_two_7b,card16_8bit",
+          "Code cebe6d4 (the fast path of 2a4ad68). eval_two_7b: 80 questions x 2 fp16 7B models x 512 new "
+          "tokens through the app's start-up, against FastChat's sequential generate in the same process."),
+    Claim("Before and after the fast-path redesign, same run (card24_fp16)",
+          "2026-12-07d_h100_gpu_acceptance_ab.json", "NVIDIA H100 80GB HBM3", "2026-12-07",
+          "python3 benchmarks/gpu_acceptance.py --only card24_fp16 (the tree at 2a4ad68, then at d2374f7)",
+          "The same scenario twice in one call: one stream (512-token prompt) is unchanged, but 8 and 16 "
+          "streams of 1,500-token prompts are 5.0% and 7.6% slower after the redesign: a regression to find."),
     Claim("The app's start-up on simulated cards, and a GPU without Triton", "2026-12-07b_h100_gpu_acceptance.json",
           "NVIDIA H100 80GB HBM3", "2026-12-07",
           "python3 benchmarks/gpu_acceptance.py --out acc --models-dir /tmp/models --budget 420 --timeout 150 "
