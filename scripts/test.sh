@@ -3,13 +3,16 @@
 # requirements-dev.txt and the embedded model, install
 # Debian's chromium and the page's fonts for the browser tests if they are missing, then run pytest with
 # your arguments, e.g.
-#   bash scripts/test.sh                                   # everything (~20 min on 2 cores)
+#   bash scripts/test.sh                                   # everything (~22 min on 2 cores)
 #   bash scripts/test.sh tests/test_engine.py -q            # one file
 #   bash scripts/test.sh -m "not browser and not slow"      # the fast subset, no browser
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 ensure_venv .venv-test requirements-dev.txt
+# LMArena's arena-rank, the reference of tests/test_arena_rank_agreement.py, in an environment of its own (its
+# numpy and jax pins stay out of .venv-test); built here, like the packages above, so no test downloads anything
+bash scripts/arena_rank_env.sh >/dev/null || echo "warning: could not build .venv-arena-rank; its agreement test will be skipped" >&2
 
 # What the browser tests need, and nothing more: chromium without its recommended packages (which
 # pull in systemd, samba libraries, perl, ...: on a Debian 12 slim base 293 packages / 882 MB with

@@ -3,11 +3,11 @@ style-controlled (contextual Bradley-Terry) within 2, reweighted within 1, sandw
 10%, style coefficient within 0.01.
 
 arena-rank pins numpy==2.3.3 and jax==0.8.1 (about 900 MB), so it runs in its own environment,
-.venv-arena-rank, which this test builds on first use with scripts/arena_rank_env.sh (or set
-ARENA_RANK_PYTHON to a python that has arena-rank); tests/arena_rank_runner.py runs there. Without the
-network to build it, the test is skipped and says why.
+.venv-arena-rank, which scripts/test.sh builds with scripts/arena_rank_env.sh (this test builds it too when
+run otherwise; or set ARENA_RANK_PYTHON to a python that has arena-rank); tests/arena_rank_runner.py runs
+there. When it cannot be built, the test is skipped and says why.
 
-Run: .venv/bin/python -m pytest tests/test_arena_rank_agreement.py -q
+Run: bash scripts/test.sh tests/test_arena_rank_agreement.py -q
 """
 
 from __future__ import annotations
