@@ -235,19 +235,9 @@ def start(loaded: LoadedModel, options: EngineOptions, label: str, arch: str) ->
 
 
 def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy (read + write): the rate a decode step can read weights at."""
-    x = torch.empty(2**30, dtype=torch.float16, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 2 * 10 / (time.perf_counter() - t) / 1e9
+    """GB/s of a device-to-device copy (engine_bench.copy_gb_s), recorded as the run's bandwidth stage."""
+    bw = eb.copy_gb_s()
     say(stage="bandwidth", copy_gb_s=round(bw, 1))
-    del x, y
     torch.cuda.empty_cache()
     return bw
 

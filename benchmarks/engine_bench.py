@@ -453,8 +453,9 @@ def profile_step(engine: LocalEngine, label: str, rows: int = 1) -> None:
     runner.pos.zero_()
 
 
-def bandwidth(loaded: LoadedModel) -> None:
-    x = torch.empty(2 * 2**30 // 2, dtype=torch.float16, device="cuda")
+def copy_gb_s() -> float:
+    """GB/s of a 2 GiB device-to-device copy, bytes read plus written: the rate a decode step reads weights at."""
+    x = torch.empty(2**30, dtype=torch.float16, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
@@ -464,10 +465,15 @@ def bandwidth(loaded: LoadedModel) -> None:
         y.copy_(x)
     torch.cuda.synchronize()
     gbs = 2 * x.numel() * 2 * 10 / (time.perf_counter() - t) / 1e9
+    del x, y
+    return gbs
+
+
+def bandwidth(loaded: LoadedModel) -> None:
+    gbs = copy_gb_s()
     weights = loaded.model.get_memory_footprint()
     say(stage="bandwidth", copy_gb_s=round(gbs, 1), weights_gb=round(weights / 1e9, 2),
         floor_tok_s_bs1=round(gbs * 1e9 / weights, 1))
-    del x, y
     torch.cuda.empty_cache()
 
 
