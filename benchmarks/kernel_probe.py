@@ -32,10 +32,10 @@ def shapes(size: str) -> dict:
 
 def configs(rows: int) -> list:
     """Per row count: the matmuls.Matmul configurations to time (a wider search than warm-up's CANDIDATES)."""
-    from vicuna_demo.engines.fastpath.matmuls import MODULE, Nf4Cuda, Nf4Gemv, Tiled
+    from vicuna_demo.engines.fastpath.matmuls import MODULE, Nf4Cuda, Tiled
     nf4 = ("nf4",)
     if rows == 1:
-        return [MODULE, Nf4Gemv(16, 512, 4, "lutc", 1), Nf4Gemv(16, 512, 4, "lutch", 1), Nf4Gemv(16, 512, 4, "lutc", 4)] \
+        return [MODULE, Tiled(16, 64, 256, 4, 3, "thc", 2, kinds=nf4, rows=(1, 64))] \
             + [Nf4Cuda(w, r, u, c, 1, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
                for f in (0, 1) if w * c <= 32] + [Nf4Cuda(16, 1, u, 2, 0, 1) for u in (2, 4)]
     if rows <= 8:

@@ -227,8 +227,7 @@ def teacher_forced(engine: LocalEngine, reference, label: str, streams: int = 16
 def tuning_summary(engine: LocalEngine) -> dict:
     runner = fast_of(engine).runner if fast_of(engine) is not None else None
     detail = getattr(runner, "tuning_detail", {}) or {}
-    return {f"{shape[0]}x{shape[1]} {kind} rows={rows}": us for (shape, kind, rows), us in detail.items()
-            if rows in (1, 8, 64)}
+    return {f"{shape[0]}x{shape[1]} {kind} rows={rows}": us for (shape, kind, rows), us in detail.items()}
 
 
 def tuning_record(engine: LocalEngine, stage: str) -> None:
@@ -276,6 +275,7 @@ def fp16_model(args):
 def stage_fp16(args) -> None:
     model16 = fp16_model(args)
     engine = eb.start(loaded_model(model16, f"{CTX['size']}-fp16", "float16"), SEVEN_B_OPTIONS, "fp16")
+    tuning_record(engine, "fp16_tuning")
     streams_stage(engine, "fp16_fast", [int(c) for c in args.streams.split(",")], args, model16.config.vocab_size)
     # the repetition penalty inside the captured decode step: speed at 1 and 64 streams, tokens against generate
     streams_stage(engine, "fp16_fast_penalty", [int(c) for c in args.streams.split(",")][::2], args,

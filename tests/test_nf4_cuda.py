@@ -137,7 +137,7 @@ def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_bui
         monkeypatch.setattr(nf4_cuda, "available", lambda device, works=works: works)
         one, skipped = matmuls.candidates(p, 1)
         assert [c for c in one if isinstance(c, matmuls.Nf4Cuda)] == (every if works else [])
-        assert matmuls.MODULE in one and any(isinstance(c, matmuls.Nf4Gemv) for c in one)
+        assert matmuls.MODULE in one and any(isinstance(c, matmuls.Tiled) for c in one)   # without NVRTC
         assert works or skipped[str(every[0])] == "CUDA_ERROR_OUT_OF_MEMORY: cuModuleLoadData"
         batch, skipped = matmuls.candidates(p, 8)
         assert not any(isinstance(c, matmuls.Nf4Cuda) for c in batch)

@@ -10,7 +10,7 @@ is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the 
   against that row's cached tokens, split over the sequence and combined (flash-decoding).
 - ``act_mul(g, u, activation)``: SiLU(g) * u or GELU(g) * u (``silu_mul``: the first).
 - ``rmsnorm(x, weight, eps)``: RMSNorm alone (q/k norms, Gemma's norms after attention and MLP).
-- ``gemv(x, w, scale)``: x @ (w * scale).T for a few rows at a time (decode), over int8 weights stored
+- ``gemv(x, w, scale)``: x @ (w * scale).T for one row (decode), over int8 weights stored
   the way bitsandbytes' LLM.int8 stores them (row-wise absmax / 127) or over 16-bit weights (used where
   it beats cuBLAS for a shape). Batches of int8 rows and 4-bit weights: ``kernels_quant.py``.
 
@@ -262,69 +262,43 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return act_mul(g, u, "silu")
 
 
-# -- GEMV for a few rows: int8 weights (bitsandbytes' LLM.int8 storage) or fp16/bf16 weights ------------------
+# -- GEMV for one row: int8 weights (bitsandbytes' LLM.int8 storage) or fp16/bf16 weights ----------------------
 @triton.jit
-def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                 HAS_SCALE: tl.constexpr, GATED: tl.constexpr, M_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_wn, HAS_SCALE: tl.constexpr,
+                 GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Accumulates elementwise and reduces once at the end (no cross-lane sums in the loop)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    mrows = tl.arange(0, M_TILE)
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
-    if M_TILE == 1:
-        # one row: accumulate elementwise and reduce once at the end (no cross-lane sums in the loop)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
-            if GATED:   # x = SiLU(gate) * up, rounded like the separate kernel (the down projection)
-                g = tl.load(x_ptr + k, mask=kmask, other=0.0)
-                gf = g.to(tl.float32)
-                act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-                x = (act * tl.load(u_ptr + k, mask=kmask, other=0.0).to(tl.float32)).to(g.dtype).to(tl.float32)
-            else:
-                x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-            acc2 += w * x[None, :]
-        acc = tl.sum(acc2, axis=1)[None, :]
-    else:
-        acc = tl.zeros([M_TILE, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
-            x = tl.load(x_ptr + mrows[:, None] * stride_xm + k[None, :],
-                        mask=(mrows[:, None] < M) & kmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
+        if GATED:   # x = SiLU(gate) * up, rounded like the separate kernel (the down projection)
+            g = tl.load(x_ptr + k, mask=kmask, other=0.0)
+            gf = g.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+            x = (act * tl.load(u_ptr + k, mask=kmask, other=0.0).to(tl.float32)).to(g.dtype).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        acc2 += w * x[None, :]
+    acc = tl.sum(acc2, axis=1)
     if HAS_SCALE:
-        scale = tl.load(s_ptr + n, mask=nmask, other=0.0)
-        acc = acc * scale[None, :]
-    tl.store(out_ptr + mrows[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(mrows[:, None] < M) & nmask[None, :])
+        acc = acc * tl.load(s_ptr + n, mask=nmask, other=0.0)
+    tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
-
-def _m_tile(m: int) -> int:
-    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8
-
-
-def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, block_n: int | None = None,
-         block_k: int | None = None, num_warps: int = 4, up: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M<=8, K] @ w[N, K].T (* scale[N]) for int8 or 16-bit weights; fp32 accumulation, x's dtype out.
-    With ``up`` (one row only), the input is SiLU(x) * up, computed on the fly."""
-    m, k = x.shape
-    if up is not None and m != 1:
-        return gemv(silu_mul(x, up), w, scale, block_n, block_k, num_warps)
-    n = w.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    m_tile = _m_tile(m)
-    if block_n is None:
-        block_n = 8 if m_tile <= 2 else 4
-    if block_k is None:
-        block_k = 512 if m_tile <= 2 else 256
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, block_n: int = 8,
+         block_k: int = 512, num_warps: int = 4, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ w[N, K].T (* scale[N]) for int8 or 16-bit weights; fp32 accumulation, x's dtype out.
+    With ``up``, the input is SiLU(x) * up, computed on the fly."""
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, not {x.shape[0]} (cuBLAS or the tiled kernel serve more)")
+    n, k = w.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, up if up is not None else x, w, scale if scale is not None else w,
-                                             out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-                                             HAS_SCALE=scale is not None, GATED=up is not None, M_TILE=m_tile,
-                                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+                                             out, n, k, w.stride(0), HAS_SCALE=scale is not None,
+                                             GATED=up is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                             num_warps=num_warps)
     return out

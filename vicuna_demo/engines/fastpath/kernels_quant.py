@@ -13,13 +13,11 @@ blockwise 8-bit over groups of 256 (an 8-bit code table, one fp32 absmax per gro
 absmax[b] = code2[a8[b]] * absmax2[b // 256] + offset. We keep the offset per group (a fused weight
 concatenates modules with different offsets), and need K % 64 == 0 so that a block never spans two rows.
 
-- ``nf4_gemv(x, q, block_n, block_k, warps, variant, splits, up=None)``: one row; de-quantizes in registers,
-  optionally with x = SiLU(x) * up computed on the fly (the down projection). Variant "table" loads each
-  value from the code table; "lut" decodes 8 values per 32-bit word with byte permutes (``nf4_lut.py``)
-  and applies each block's absmax once to its 64-value dot product; "lutc" loads the inputs as one run,
-  "luth" / "lutch" multiply within a word in fp16; K cut into ``splits`` parts summed in fp32.
-- ``qmatmul(x, q, block_m, block_n, block_k, warps, stages, variant)``: several rows (decode batches): weight
-  tiles de-quantized to fp16 in registers, then tensor-core dots with fp32 accumulation.
+- One row of a 4-bit weight is the CUDA C++ GEMV's (``nf4_cuda.py``): it beat every Triton one-row variant
+  on every shape timed on an H100 and an H200 (results/*quant*.jsonl, nf4_tuning), so those were deleted;
+  where NVRTC is missing, warm-up picks between the tiled kernel below and bitsandbytes' own matmul.
+- ``qmatmul(x, q, block_m, block_n, block_k, warps, stages)``: int8 decode batches, x as the dot's left
+  operand, int8 tiles converted to fp16 in registers, fp32 accumulation.
 - ``qmatmul(..., variant="t", splits=s)`` (int8 and NF4 words): the weight tile as the dot's left operand
   (its rows on the tensor cores' wide side), K cut into ``s`` parts summed in fp32, for batches whose
   output is too narrow to give every multiprocessor a tile; NF4 one tile per position within a word (8 dots
@@ -73,37 +71,6 @@ def _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, 
 
 
 @triton.jit
-def _input_at(x_ptr, u_ptr, idx, mask, GATED: tl.constexpr):
-    """x[idx] in fp32; with GATED, SiLU(x) * up rounded as the separate SiLU kernel rounds it."""
-    g = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    v = g.to(tl.float32)
-    if GATED:
-        u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = ((v / (1.0 + tl.exp(-v))).to(g.dtype).to(tl.float32) * u).to(g.dtype).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _nf4_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, N, K,
-                     NESTED: tl.constexpr, GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    j = tl.arange(0, BLOCK_K // 2)
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        even = k0 + 2 * j
-        kmask = even < K
-        xe = _input_at(x_ptr, u_ptr, even, kmask, GATED)       # GATED: SiLU(gate) * up (the down projection)
-        xo = _input_at(x_ptr, u_ptr, even + 1, kmask, GATED)
-        we, wo = _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, K,
-                           BLOCK_N, BLOCK_K, NESTED, GROUP)
-        acc += we * xe[None, :] + wo * xo[None, :]
-    tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
 def _nf4_word_values(words, code_ptr, LUT: tl.constexpr, USE_ASM: tl.constexpr, HALF: tl.constexpr = False):
     """The 8 values (fp32, or fp16 with HALF and the fp16 program as LUT; without their block's absmax) of each
     int32 word of packed indices, elements 0-7. On a GPU: the byte-permute program of ``nf4_lut.py`` (the table
@@ -147,64 +114,6 @@ def _by_position(xv):
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
-@triton.jit
-def _x_by_position(x_ptr, u_ptr, kb0, KB, NB: tl.constexpr, GATED: tl.constexpr):
-    """The inputs of blocks kb0..kb0+NB, loaded contiguously, as 8 tensors [NB, 8]: x_j[b, w] is the column of
-    element j of word w of block b (column (kb0 + b) * 64 + w * 8 + j)."""
-    cols = kb0 * 64 + tl.arange(0, NB * 64)
-    return _by_position(tl.reshape(_input_at(x_ptr, u_ptr, cols, cols < KB * 64, GATED), [NB, 8, 2, 2, 2]))
-
-
-@triton.jit
-def _nf4_lut_gemv_kernel(x_ptr, u_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, N, K, KW,
-                         KB_SPLIT, LUT: tl.constexpr, USE_ASM: tl.constexpr, NESTED: tl.constexpr,
-                         GATED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                         X_CONTIGUOUS: tl.constexpr, HALF: tl.constexpr):
-    """One row: a tile is [BLOCK_N rows, NB blocks of 64, 8 words]; each block's dot product is summed
-    before its absmax multiplies it (one multiply per 64 values). Program (n, s) covers blocks
-    s*KB_SPLIT .. +KB_SPLIT; with several splits ``out`` is [splits, N] fp32 partial sums. X_CONTIGUOUS: the
-    inputs loaded as one run and split by position in registers, instead of 8 strided loads. HALF: values
-    and inputs in fp16 for the sum over a word's 8 positions (fp32 beyond)."""
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    KB = K // 64
-    kb_lo = pid_s * KB_SPLIT
-    kb_hi = tl.minimum(kb_lo + KB_SPLIT, KB)
-    b = tl.arange(0, NB)
-    wd = tl.arange(0, 8)
-    rows = n[:, None, None].to(tl.int64) * KW
-    acc = tl.zeros([BLOCK_N, NB], tl.float32)
-    for kb0 in range(kb_lo, kb_hi, NB):
-        blk = kb0 + b
-        bmask = blk < kb_hi
-        word = blk[:, None] * 8 + wd[None, :]                      # [NB, 8]: word of the row
-        words = tl.load(w_ptr + rows + word[None, :, :], mask=nmask[:, None, None] & bmask[None, :, None], other=0)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _nf4_word_values(words, code_ptr, LUT, USE_ASM, HALF)
-        if X_CONTIGUOUS:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x_by_position(x_ptr, u_ptr, kb0, kb_hi, NB, GATED)
-        else:
-            col = word * 8                                           # first of the word's 8 columns
-            xm = bmask[:, None]
-            x0 = _input_at(x_ptr, u_ptr, col, xm, GATED)
-            x1 = _input_at(x_ptr, u_ptr, col + 1, xm, GATED)
-            x2 = _input_at(x_ptr, u_ptr, col + 2, xm, GATED)
-            x3 = _input_at(x_ptr, u_ptr, col + 3, xm, GATED)
-            x4 = _input_at(x_ptr, u_ptr, col + 4, xm, GATED)
-            x5 = _input_at(x_ptr, u_ptr, col + 5, xm, GATED)
-            x6 = _input_at(x_ptr, u_ptr, col + 6, xm, GATED)
-            x7 = _input_at(x_ptr, u_ptr, col + 7, xm, GATED)
-        if HALF:
-            x0, x1, x2, x3 = x0.to(tl.float16), x1.to(tl.float16), x2.to(tl.float16), x3.to(tl.float16)
-            x4, x5, x6, x7 = x4.to(tl.float16), x5.to(tl.float16), x6.to(tl.float16), x7.to(tl.float16)
-        part = e0 * x0[None, :, :] + e1 * x1[None, :, :] + e2 * x2[None, :, :] + e3 * x3[None, :, :]
-        part += e4 * x4[None, :, :] + e5 * x5[None, :, :] + e6 * x6[None, :, :] + e7 * x7[None, :, :]
-        scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB, NESTED, GROUP)
-        acc += tl.sum(part.to(tl.float32), axis=2) * scale
-    tl.store(out_ptr + pid_s.to(tl.int64) * N + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nmask)
-
-
 def _word_args(q, half: bool = False) -> tuple[tuple, dict]:
     """The word-decoding kernels' tensors (words, scales, tables) and constants for weight ``q`` (``half``:
     the program with fp16 outputs)."""
@@ -214,21 +123,6 @@ def _word_args(q, half: bool = False) -> tuple[tuple, dict]:
     # Triton's interpreter runs no PTX: there the same values come from table loads
     return (q.words, *tensors[1:]), dict(LUT=q.lut16 if half else q.lut, HALF=half, NESTED=nested, GROUP=q.group,
                                          USE_ASM=os.environ.get("TRITON_INTERPRET") != "1")
-
-
-def _nf4_lut_gemv(x: torch.Tensor, q, block_n: int, block_k: int, num_warps: int, up: torch.Tensor | None,
-                  splits: int = 1, x_contiguous: bool = False, half: bool = False) -> torch.Tensor:
-    n, k = q.shape
-    tensors, constants = _word_args(q, half)
-    nb = max(1, block_k // 64)
-    per_split = triton.cdiv(triton.cdiv(k // 64, splits), nb) * nb          # blocks of 64 per split
-    splits = triton.cdiv(k // 64, per_split)
-    out = torch.empty((splits, n) if splits > 1 else (1, n), dtype=torch.float32 if splits > 1 else x.dtype,
-                      device=x.device)
-    _nf4_lut_gemv_kernel[(triton.cdiv(n, block_n), splits)](
-        x, up if up is not None else x, *tensors, out, n, k, k // 8, per_split, GATED=up is not None,
-        BLOCK_N=block_n, NB=nb, X_CONTIGUOUS=x_contiguous, num_warps=num_warps, **constants)
-    return out.sum(0, keepdim=True).to(x.dtype) if splits > 1 else out
 
 
 @triton.jit
@@ -339,28 +233,10 @@ def _nf4_args(q):
             q.code2 if nested else q.code), nested
 
 
-def nf4_gemv(x: torch.Tensor, q, block_n: int = 16, block_k: int = 256, num_warps: int = 4, variant: str = "table",
-             splits: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ W.T for a 4-bit weight; fp32 inside, x's dtype out. With ``up``, the input is SiLU(x) * up.
-    ``variant``: "table" looks each value up in memory, "lut" decodes whole words in registers (nf4_lut.py),
-    "lutc" too with the inputs loaded as one run, "luth" / "lutch" with fp16 products within a word; for these,
-    K cut into ``splits`` parts summed in fp32 (more programs for the narrow outputs: o, down)."""
-    if variant.startswith("lut"):
-        return _nf4_lut_gemv(x, q, block_n, block_k, num_warps, up, splits, "c" in variant[3:], "h" in variant[3:])
-    n, k = q.shape
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    tensors, nested = _nf4_args(q)
-    _nf4_gemv_kernel[(triton.cdiv(n, block_n),)](x, up if up is not None else x, *tensors, out, n, k,
-                                                 NESTED=nested, GATED=up is not None, GROUP=q.group,
-                                                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-    return out
-
-
 @triton.jit
-def _qmatmul_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, M, N, K, stride_xm,
-                    stride_om, KIND: tl.constexpr, NESTED: tl.constexpr, GROUP: tl.constexpr,
+def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """KIND 8: int8 rows with one scale each (scaled after the dot, exact); KIND 4: NF4 (scaled per block)."""
+    """int8 rows with one scale each, scaled after the dot (exact)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -368,50 +244,35 @@ def _qmatmul_kernel(x_ptr, w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, o
     mmask, nmask = m < M, n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
-    if KIND == 8:
-        kk = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + n[:, None].to(tl.int64) * K
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            kmask = k < K
-            x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(x.dtype)
-            acc += tl.dot(x, tl.trans(w))
-        acc = acc * tl.load(a_ptr + n, mask=nmask, other=0.0)[None, :]
-    else:
-        j = tl.arange(0, BLOCK_K // 2)
-        for k0 in range(0, K, BLOCK_K):
-            even = k0 + 2 * j
-            xmask = mmask[:, None] & (even < K)[None, :]
-            xe = tl.load(x_rows + even[None, :], mask=xmask, other=0.0)
-            xo = tl.load(x_rows + even[None, :] + 1, mask=xmask, other=0.0)
-            we, wo = _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, K,
-                               BLOCK_N, BLOCK_K, NESTED, GROUP)
-            acc += tl.dot(xe, tl.trans(we.to(xe.dtype)))     # rounded to 16 bits like a de-quantized copy
-            acc += tl.dot(xo, tl.trans(wo.to(xo.dtype)))
+    kk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * K
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        kmask = k < K
+        x = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    acc = acc * tl.load(s_ptr + n, mask=nmask, other=0.0)[None, :]
     tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
 def qmatmul(x: torch.Tensor, q, block_m: int = 16, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
-            num_stages: int = 3, variant: str = "table", splits: int = 1) -> torch.Tensor:
-    """x [M, K] @ W.T for an int8 or NF4 weight (any M; meant for decode batches of 2-64 rows). ``variant`` "t"
-    (int8 and NF4 words): the weight as the dot's left operand, K cut into ``splits`` parts (``_mm_t_kernel``);
-    for NF4 also "th" (decoded in fp16), "tc" (inputs loaded as one run), "thc" (both)."""
+            num_stages: int = 3, variant: str = "", splits: int = 1) -> torch.Tensor:
+    """x [M, K] @ W.T for decode batches. ``variant`` "t" (int8 and NF4 words): the weight as the dot's left
+    operand, K cut into ``splits`` parts (``_mm_t_kernel``); for NF4 also "th" (decoded in fp16), "tc" (inputs
+    loaded as one run), "thc" (both). "" (int8 only): x as the left operand (``_qmatmul_kernel``)."""
     if variant.startswith("t"):
         return _mm_t(x, q, block_m, block_n, block_k, num_warps, num_stages, splits, "h" in variant[1:],
                      "c" in variant[1:])
+    if q.kind != "int8":
+        raise ValueError(f"qmatmul variant {variant!r} takes int8 weights; 4-bit weights take the 't' variants")
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if q.kind == "int8":
-        tensors, nested = (q.data, q.scale, q.scale, q.scale, q.scale, q.scale), False
-    else:
-        tensors, nested = _nf4_args(q)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _qmatmul_kernel[grid](x, *tensors, out, m, n, k, x.stride(0), out.stride(0), KIND=8 if q.kind == "int8" else 4,
-                          NESTED=nested, GROUP=q.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                          num_warps=num_warps, num_stages=num_stages)
+    _qmatmul_kernel[grid](x, q.data, q.scale, out, m, n, k, x.stride(0), out.stride(0), BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -6,7 +6,8 @@ times every candidate that serves a projection and keeps the fastest per row cou
 were skipped); ``default`` is what a row count never timed runs.
 
 Weight kinds (``kind_of``): "dense" (16-bit), "int8" (LLM.int8 rows + scales), "nf4" (4-bit viewable as int32
-words: the word-decoding kernels) and "nf4_bytes" (4-bit that is not: the table-lookup kernels).
+words: the word-decoding kernels) and "nf4_bytes" (4-bit that is not, which no loaded model has produced:
+bitsandbytes' own matmul or a 16-bit copy).
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ class Cublas(Matmul):
 
 @dataclass(frozen=True)
 class Gemv(Matmul):
-    """kernels.gemv: a few rows against 16-bit or int8 weights (None: the kernel's defaults for the row count)."""
-    block_n: int | None = None
-    block_k: int | None = None
+    """kernels.gemv: one row against 16-bit or int8 weights (at 2-8 rows cuBLAS and the tiled kernel won every
+    shape timed, results/2026-12-07e_h200_quant.jsonl, so the kernel serves one row)."""
+    block_n: int = 8
+    block_k: int = 512
     warps: int = 4
-    ROWS: ClassVar = (1, 8)
+    ROWS: ClassVar = (1, 1)
     fuses_gate: ClassVar = True
 
     def run(self, p, x, up=None):
@@ -70,33 +72,16 @@ class Gemv(Matmul):
 
 
 @dataclass(frozen=True)
-class Nf4Gemv(Matmul):
-    """kernels_quant.nf4_gemv, one row: "table" lookups, or whole words decoded in registers ("lutc": inputs
-    loaded as one run, "lutch": fp16 products within a word), K cut into ``splits`` parts."""
-    block_n: int = 16
-    block_k: int = 256
-    warps: int = 4
-    variant: str = "table"
-    splits: int = 1
-    KINDS: ClassVar = ("nf4",)
-    ROWS: ClassVar = (1, 1)
-    fuses_gate: ClassVar = True
-
-    def run(self, p, x, up=None):
-        from . import kernels_quant as kq
-        return kq.nf4_gemv(x, p.quant, self.block_n, self.block_k, self.warps, self.variant, self.splits, up=up)
-
-
-@dataclass(frozen=True)
 class Tiled(Matmul):
     """kernels_quant.qmatmul: decode batches over int8 / NF4 weights ("t*": the weight as the left operand,
-    "h" fp16 decoding, "c" inputs as one run; K cut into ``splits`` parts). ``block_m`` None: by rows."""
+    "h" fp16 decoding, "c" inputs as one run; K cut into ``splits`` parts; "": int8 with x as the left
+    operand). ``block_m`` None: by rows."""
     block_m: int | None = None
     block_n: int = 64
     block_k: int = 128
     warps: int = 4
     stages: int = 3
-    variant: str = "table"
+    variant: str = ""
     splits: int = 1
     KINDS: ClassVar = ("int8",)
     ROWS: ClassVar = (2, 64)
@@ -164,39 +149,24 @@ def kind_of(p) -> str:
 
 CUBLAS, DEQUANT, MODULE = Cublas(), Dequant(), Module()
 
-# Candidates: the configurations worth timing. The NF4 entries are the winners of benchmarks/kernel_probe.py
-# (H200 2026-12-02c, H100 2026-12-06/06b: results/*kernel_probe*.jsonl, *quant_nf4*.jsonl); bitsandbytes' own
-# matmul stays a candidate (it won o and down by ~1 µs at one row).
+# Candidates: the configurations worth timing, each a winner of at least one shape and row count in the tuning
+# records (every candidate's time at every batch size: results/2026-12-07e_h200_quant.jsonl; H100:
+# results/2026-12-06*_h100_quant*.jsonl, 2026-12-07_h100_quant_cards.jsonl). Variants that never won there were
+# deleted (fp16 and int8 GEMVs at 2-8 rows, the Triton one-row NF4 GEMVs, the NF4 table-lookup kernels).
 CANDIDATES: tuple[Matmul, ...] = (
     CUBLAS, DEQUANT, MODULE,
-    # 16-bit, a few rows: our GEMV against cuBLAS
-    *(Gemv(bn, bk, w, rows=(1, 1)) for bn, bk, w in
-      ((8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 128, 8), (8, 512, 8), (4, 512, 4))),
-    *(Gemv(bn, bk, w, rows=(2, 2)) for bn, bk, w in ((4, 1024, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8))),
-    *(Gemv(bn, bk, w, rows=(3, 8)) for bn, bk, w in ((4, 256, 4), (8, 256, 4), (4, 512, 8), (8, 128, 4))),
-    # int8
-    *(Gemv(bn, bk, w, kinds=("int8",), rows=(1, 1)) for bn, bk, w in
-      ((8, 256, 4), (16, 128, 4), (16, 256, 8), (8, 512, 8))),
-    *(Gemv(bn, bk, w, kinds=("int8",), rows=(2, 2)) for bn, bk, w in ((4, 1024, 4), (8, 512, 4))),
-    *(Tiled(None, bn, bk, w, st, kinds=("int8",), rows=(1, 64)) for bn, bk, w, st in
-      ((16, 128, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3))),
-    Tiled(None, 128, 128, 8, 3, kinds=("int8",), rows=(33, 64)),      # at 64 rows the widest tried won (H200)
-    *(Tiled(None, bn, bk, w, st, "t", s, kinds=("int8",), rows=(1, 64)) for bn, bk, w, st, s in
-      ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 256, 4, 3, 2), (128, 128, 8, 3, 1),
-       (128, 128, 8, 3, 2), (128, 256, 8, 3, 4))),
-    # NF4 stored without a word view: the table-lookup kernels
-    Nf4Gemv(16, 256, 4, kinds=("nf4_bytes",)),
-    *(Tiled(bm, 64, 128, 4, 3, kinds=("nf4_bytes",), rows=rows) for bm, rows in ((16, (2, 16)), (32, (17, 64)))),
-    # NF4, one row: words decoded in registers (Triton), and the CUDA C++ GEMV where NVRTC works
-    *(Nf4Gemv(bn, bk, w, v, s) for bn, bk, w, v, s in
-      ((16, 512, 4, "lutc", 1), (16, 512, 4, "lutch", 1), (16, 256, 4, "lutc", 1), (16, 512, 4, "lutch", 4),
-       (16, 512, 4, "lutc", 4), (16, 256, 4, "lutc", 8))),
-    *(Nf4Cuda(*c) for c in ((16, 1, 4, 2, 1, 0), (16, 1, 2, 2, 1, 0), (8, 2, 2, 4, 1, 0), (16, 2, 2, 1, 1, 0),
-                            (16, 1, 4, 2, 1, 1), (16, 1, 2, 2, 1, 1))),
-    # NF4 batches: fp16 decoding with inputs loaded as one run ("thc") won 7 of 8 shapes at 8 and 64 rows
-    *(Tiled(None, bn, bk, w, st, v, s, kinds=("nf4",), rows=(2, 64)) for v, bn, bk, w, st, s in
+    # 16-bit, one row: our GEMV against cuBLAS (it wins by 1-15%; cuBLAS wins from 2 rows on)
+    *(Gemv(bn, bk, w) for bn, bk, w in ((4, 512, 4), (8, 512, 8), (16, 128, 4), (32, 128, 8))),
+    # int8: our GEMV at one row, the tiled kernels beyond
+    *(Gemv(bn, bk, w, kinds=("int8",)) for bn, bk, w in ((8, 512, 8), (16, 256, 8))),
+    Tiled(None, 64, 128, 4, 3, kinds=("int8",)),
+    *(Tiled(None, 64, 128, 4, 4, "t", s, kinds=("int8",)) for s in (1, 2, 4)),
+    # NF4, one row: the CUDA C++ GEMV where NVRTC works
+    *(Nf4Cuda(*c) for c in ((16, 1, 4, 2, 1, 0), (16, 1, 2, 2, 1, 1), (16, 1, 4, 2, 1, 1), (8, 2, 2, 4, 1, 0))),
+    # NF4 batches (and one row without NVRTC): fp16 decoding, inputs loaded as one run
+    *(Tiled(None, bn, bk, w, st, v, s, kinds=("nf4",), rows=(1, 64)) for v, bn, bk, w, st, s in
       (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 128, 128, 8, 3, 4), ("thc", 64, 256, 4, 3, 4),
-       ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4), ("t", 64, 256, 4, 3, 2))),
+       ("thc", 64, 256, 4, 3, 2), ("th", 64, 256, 4, 3, 4))),
 )
 
 
@@ -219,6 +189,7 @@ def default(p, rows: int) -> Matmul:
     if kind == "dense":
         return CUBLAS
     if kind == "int8":
-        return Gemv(kinds=("int8",)) if rows <= 2 else Tiled(16, 64, 128) if rows <= 64 else DEQUANT
-    return Nf4Gemv(16, 256, 4, kinds=(kind,)) if rows == 1 else \
-        Tiled(16, 64, 128, kinds=(kind,)) if rows <= 64 else MODULE
+        return Gemv(kinds=("int8",)) if rows == 1 else Tiled(16, 64, 128) if rows <= 64 else DEQUANT
+    if kind == "nf4" and rows == 1 and Nf4Cuda().skip_reason(p, rows) is None:
+        return Nf4Cuda()
+    return Tiled(16, 64, 256, 4, 3, "thc", kinds=(kind,)) if kind == "nf4" and rows <= 64 else MODULE

@@ -2,9 +2,9 @@
 packed weights read in place.
 
 Why not Triton: a one-row product must stream the weights at memory speed while spending only a few
-instructions a value on decoding them. Our Triton word GEMV (``kernels_quant._nf4_lut_gemv_kernel``) reached
-~1.1 TB/s of an H200's ~4.2: Triton chooses the register layouts, and the inputs each thread needs were
-re-loaded and re-arranged per row. Here each step is spelled out:
+instructions a value on decoding them. Our Triton word GEMV reached ~1.1 TB/s of an H200's ~4.2 (Triton
+chooses the register layouts, and the inputs each thread needs were re-loaded and re-arranged per row); it
+never beat this kernel on a shape timed since, so it was deleted. Here each step is spelled out:
 
 - Persistent blocks of ``WARPS`` warps; a warp computes ``ROWS`` rows at once (their inputs read once).
 - The input row (for the down projection SiLU(gate) * up, rounded as the separate SiLU kernel rounds it) is
