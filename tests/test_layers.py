@@ -22,7 +22,7 @@ def imports_of(path: Path, source: str | None = None) -> set[str]:
     (both ``a`` and ``a.b``: b may be a module), relative imports resolved against its package, and
     ``importlib.import_module("a.b")`` / ``__import__("a.b")`` calls with a literal name. ``source``: the text to
     read instead of the file's."""
-    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    module = module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
@@ -176,13 +176,10 @@ def test_no_module_imports_itself_back_through_others():
     assert cycles(import_graph()) == []
 
 
-# loading.recommended_sampling reads the per-model table of engines/sampling_defaults.py while engines import
-# LoadedModel: the one package cycle left (issue 31); the test fails if it goes (remove it here) or another comes.
-KNOWN_PACKAGE_CYCLES = [["vicuna_demo.engines", "vicuna_demo.loading"]]
-
-
-def test_packages_form_no_cycle_but_the_known_one():
-    assert cycles(package_graph(import_graph())) == KNOWN_PACKAGE_CYCLES
+def test_no_package_imports_itself_back_through_others():
+    """Packages (vicuna_demo's subpackages and top-level modules, moderation, conversation_templates) form no
+    cycle either: a package a lower one needs is below it, whole."""
+    assert cycles(package_graph(import_graph())) == []
 
 
 @pytest.mark.parametrize("planted", [
@@ -198,14 +195,29 @@ def test_packages_form_no_cycle_but_the_known_one():
 ])
 def test_every_kind_of_wrong_import_is_caught(planted):
     """A module of the fast path that imported the services (or the store, the UI, the evaluation), written each
-    way Python allows: the engines rule sees it, and the cycle rules see the cycle it makes."""
+    way Python allows: the engines rule sees it, and the package-cycle rule sees the cycle it makes."""
     path = PACKAGE / "engines" / "fastpath" / "sampling.py"
     source = path.read_text() + "\n" + planted + "\n"
     wrong = [n for n in imports_of(path, source) if n.startswith(
         ("vicuna_demo.services", "vicuna_demo.data", "vicuna_demo.ui", "vicuna_demo.evaluation"))]
     assert wrong, planted
     graph = import_graph({"vicuna_demo.engines.fastpath.sampling": source})
-    assert cycles(package_graph(graph)) != KNOWN_PACKAGE_CYCLES, planted
+    assert cycles(package_graph(graph)), planted
+
+
+@pytest.mark.parametrize("planted", [
+    "from .. import local",                                         # relative, package-level
+    "from ..local import LocalEngine",                              # relative, a name of the module
+    "import importlib\nimportlib.import_module('vicuna_demo.engines.local')",   # importlib call
+    "import vicuna_demo.engines.local",                             # absolute
+])
+def test_a_module_cycle_inside_one_package_is_caught(planted):
+    """The fast path importing the engine that drives it: no package rule can see it (both are engines), the
+    module-cycle rule does."""
+    source = (PACKAGE / "engines" / "fastpath" / "sampling.py").read_text() + "\n" + planted + "\n"
+    graph = import_graph({"vicuna_demo.engines.fastpath.sampling": source})
+    assert any("vicuna_demo.engines.fastpath.sampling" in c for c in cycles(graph)), planted
+    assert not cycles(package_graph(graph)), planted
 
 
 def test_the_rules_see_real_imports():
@@ -214,6 +226,8 @@ def test_the_rules_see_real_imports():
     assert "gradio" in imports_of(PACKAGE / "ui" / "app.py")
     graph = import_graph()
     assert "vicuna_demo.engines.fastpath.forward" in graph["vicuna_demo.engines.fastpath.model"]
+    # a package's __init__.py resolves its relative imports against the package itself (they were lost once)
+    assert "vicuna_demo.engines.fastpath.model" in graph["vicuna_demo.engines.fastpath"]
     assert {"vicuna_demo", "vicuna_demo.ui", "moderation", "conversation_templates"} <= set(graph)
 
 
