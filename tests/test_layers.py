@@ -1,9 +1,11 @@
 """The layers of the package, read from the import statements of every module (no module is imported).
 
-Dependencies point one way: ui -> services -> engines / data / evaluation / moderation / templates. The UI
-renders and calls services only (so it can be replaced without losing behaviour), nothing below the UI
-imports gradio (the services run on the GPU machine, which has no gradio), and the engines know nothing of
-the services, the store or the page.
+Dependencies point one way: ui -> services -> engines / data / evaluation / moderation / templates. Every
+package has a layer (``LAYERS``) and imports only those below it; no modules and no packages import
+themselves back through others. The UI renders and calls services only (so it can be replaced without
+losing behaviour), nothing below the UI imports gradio (the services run on the GPU machine, which has no
+gradio), and the engines know nothing of the services, the store or the page. Wrong imports are planted in
+each way Python allows (relative, importlib, package-level) to show that the rules see them.
 """
 
 from __future__ import annotations
@@ -176,6 +178,27 @@ def test_no_module_imports_itself_back_through_others():
     assert cycles(import_graph()) == []
 
 
+# Every package of the project, bottom to top: a package imports only packages of the layers below its own.
+# A new package (or top-level module of vicuna_demo) must be placed here; the test says so.
+LAYERS = (
+    ("conversation_templates", "moderation", "vicuna_demo", "vicuna_demo.specs", "vicuna_demo.data"),  # leaves
+    ("vicuna_demo.loading",),                                  # model files -> model, tokenizer, template
+    ("vicuna_demo.engines",),                                  # conversation -> stream of text
+    ("vicuna_demo.config", "vicuna_demo.evaluation"),          # typed settings; question sets, judge prompts
+    ("vicuna_demo.publish",),                                  # the store pushed to a Hub dataset
+    ("vicuna_demo.services",),                                 # what a visitor can do, without gradio
+    ("vicuna_demo.ui", "vicuna_demo.serving", "vicuna_demo.evaluate", "vicuna_demo.selftest"),   # the edges
+)
+
+
+def test_every_package_has_a_layer_and_imports_only_those_below():
+    graph = package_graph(import_graph())
+    level = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+    assert sorted(set(graph) - set(level)) == [], "place the new package in LAYERS"
+    upward = sorted(f"{p} -> {t}" for p, targets in graph.items() for t in targets if level[t] >= level[p])
+    assert upward == [], "a package imports one of its own layer or above"
+
+
 def test_no_package_imports_itself_back_through_others():
     """Packages (vicuna_demo's subpackages and top-level modules, moderation, conversation_templates) form no
     cycle either: a package a lower one needs is below it, whole."""
@@ -195,7 +218,8 @@ def test_no_package_imports_itself_back_through_others():
 ])
 def test_every_kind_of_wrong_import_is_caught(planted):
     """A module of the fast path that imported the services (or the store, the UI, the evaluation), written each
-    way Python allows: the engines rule sees it, and the package-cycle rule sees the cycle it makes."""
+    way Python allows: the engines rule sees it, the layer rule sees an import upwards, and the package-cycle rule
+    sees the cycle it makes."""
     path = PACKAGE / "engines" / "fastpath" / "sampling.py"
     source = path.read_text() + "\n" + planted + "\n"
     wrong = [n for n in imports_of(path, source) if n.startswith(
@@ -203,6 +227,8 @@ def test_every_kind_of_wrong_import_is_caught(planted):
     assert wrong, planted
     graph = import_graph({"vicuna_demo.engines.fastpath.sampling": source})
     assert cycles(package_graph(graph)), planted
+    level = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+    assert any(level[t] >= level["vicuna_demo.engines"] for t in package_graph(graph)["vicuna_demo.engines"]), planted
 
 
 @pytest.mark.parametrize("planted", [
