@@ -180,8 +180,8 @@ def test_the_check_catches_a_fake_that_lacks_a_member_or_changes_a_signature():
         def warmup(self, progress, background: bool = False, timeout_s: float = 0.0) -> float:
             return 0.0
 
-    del_members = type("NoCapacity", (), {k: v for k, v in vars(RecordingEngine).items() if k != "capacity"})
-    assert "no capacity" in interface_problems(del_members)
+    no_capacity = type("NoCapacity", (), {k: v for k, v in vars(RecordingEngine).items() if k != "capacity"})
+    assert "no capacity" in interface_problems(no_capacity)
     problems = interface_problems(Partial)
     assert any(p.startswith("defaults = None") for p in problems)
     assert "prepare() has no parameter 'params'" in problems
