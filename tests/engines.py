@@ -43,12 +43,12 @@ class ScriptedReply:
 
 class RecordingEngine:
     """Streams ``reply`` word by word and records the messages of every request it receives. Implements the
-    whole ``Engine`` interface (tests/test_layers.py checks), so services never need a fallback for a fake."""
+    whole ``Engine`` interface (tests/test_engine_interface.py checks), so services never need a fallback for a fake."""
 
     template_name = "recording"
     default_system = "You are a test assistant."
     capacity = ""
-    defaults: SamplingParams | None = None     # None: the service's defaults apply (a model recommending none)
+    defaults = SamplingParams()                # a model that recommends nothing, on a GPU
     unsupported_params: frozenset[str] = frozenset()
     ready = True
     continues_replies = False
@@ -60,8 +60,11 @@ class RecordingEngine:
     def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
         return 0.0
 
-    def __init__(self, name="Recorder", reply="Hello from the recording engine.", delay_s=0.01, fail_after=None):
+    def __init__(self, name="Recorder", reply="Hello from the recording engine.", delay_s=0.01, fail_after=None,
+                 defaults: SamplingParams | None = None):
         self.name, self.reply, self.delay_s, self.fail_after = name, reply, delay_s, fail_after
+        if defaults is not None:
+            self.defaults = defaults
         self.received: list[list[dict]] = []
         self._lock = threading.Lock()
 

@@ -28,10 +28,10 @@ REPLY = "Hello from the recording engine."
 def setup(tmp_path):
     """-> (service, engine, moderator, store)"""
     def make(moderator=None, limits=Limits(rate_limit_per_min=0), defaults=None, delay_s=0.0):
-        engine = RecordingEngine(MODEL, REPLY, delay_s=delay_s)
+        engine = RecordingEngine(MODEL, REPLY, delay_s=delay_s, defaults=defaults)
         moderator = moderator or WordModerator()
         store = open_store(tmp_path / "logs")
-        return ChatService({MODEL: engine}, moderator, store, limits=limits, defaults=defaults), engine, moderator, store
+        return ChatService({MODEL: engine}, moderator, store, limits=limits), engine, moderator, store
     return make
 
 

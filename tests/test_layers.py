@@ -1,9 +1,11 @@
 """The layers of the package, read from the import statements of every module (no module is imported).
 
-Dependencies point one way: ui -> services -> engines / data / evaluation / moderation / templates. The UI
-renders and calls services only (so it can be replaced without losing behaviour), nothing below the UI
-imports gradio (the services run on the GPU machine, which has no gradio), and the engines know nothing of
-the services, the store or the page.
+Dependencies point one way: ui -> services -> engines / data / evaluation / moderation / templates. Every
+package has a layer (``LAYERS``) and imports only those below it; no modules and no packages import
+themselves back through others. The UI renders and calls services only (so it can be replaced without
+losing behaviour), nothing below the UI imports gradio (the services run on the GPU machine, which has no
+gradio), and the engines know nothing of the services, the store or the page. Wrong imports are planted in
+each way Python allows (relative, importlib, package-level) to show that the rules see them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def imports_of(path: Path, source: str | None = None) -> set[str]:
     (both ``a`` and ``a.b``: b may be a module), relative imports resolved against its package, and
     ``importlib.import_module("a.b")`` / ``__import__("a.b")`` calls with a literal name. ``source``: the text to
     read instead of the file's."""
-    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    module = module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
@@ -176,13 +178,31 @@ def test_no_module_imports_itself_back_through_others():
     assert cycles(import_graph()) == []
 
 
-# loading.recommended_sampling reads the per-model table of engines/sampling_defaults.py while engines import
-# LoadedModel: the one package cycle left (issue 31); the test fails if it goes (remove it here) or another comes.
-KNOWN_PACKAGE_CYCLES = [["vicuna_demo.engines", "vicuna_demo.loading"]]
+# Every package of the project, bottom to top: a package imports only packages of the layers below its own.
+# A new package (or top-level module of vicuna_demo) must be placed here; the test says so.
+LAYERS = (
+    ("conversation_templates", "moderation", "vicuna_demo", "vicuna_demo.specs", "vicuna_demo.data"),  # leaves
+    ("vicuna_demo.loading",),                                  # model files -> model, tokenizer, template
+    ("vicuna_demo.engines",),                                  # conversation -> stream of text
+    ("vicuna_demo.config", "vicuna_demo.evaluation"),          # typed settings; question sets, judge prompts
+    ("vicuna_demo.publish",),                                  # the store pushed to a Hub dataset
+    ("vicuna_demo.services",),                                 # what a visitor can do, without gradio
+    ("vicuna_demo.ui", "vicuna_demo.serving", "vicuna_demo.evaluate", "vicuna_demo.selftest"),   # the edges
+)
 
 
-def test_packages_form_no_cycle_but_the_known_one():
-    assert cycles(package_graph(import_graph())) == KNOWN_PACKAGE_CYCLES
+def test_every_package_has_a_layer_and_imports_only_those_below():
+    graph = package_graph(import_graph())
+    level = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+    assert sorted(set(graph) - set(level)) == [], "place the new package in LAYERS"
+    upward = sorted(f"{p} -> {t}" for p, targets in graph.items() for t in targets if level[t] >= level[p])
+    assert upward == [], "a package imports one of its own layer or above"
+
+
+def test_no_package_imports_itself_back_through_others():
+    """Packages (vicuna_demo's subpackages and top-level modules, moderation, conversation_templates) form no
+    cycle either: a package a lower one needs is below it, whole."""
+    assert cycles(package_graph(import_graph())) == []
 
 
 @pytest.mark.parametrize("planted", [
@@ -198,14 +218,32 @@ def test_packages_form_no_cycle_but_the_known_one():
 ])
 def test_every_kind_of_wrong_import_is_caught(planted):
     """A module of the fast path that imported the services (or the store, the UI, the evaluation), written each
-    way Python allows: the engines rule sees it, and the cycle rules see the cycle it makes."""
+    way Python allows: the engines rule sees it, the layer rule sees an import upwards, and the package-cycle rule
+    sees the cycle it makes."""
     path = PACKAGE / "engines" / "fastpath" / "sampling.py"
     source = path.read_text() + "\n" + planted + "\n"
     wrong = [n for n in imports_of(path, source) if n.startswith(
         ("vicuna_demo.services", "vicuna_demo.data", "vicuna_demo.ui", "vicuna_demo.evaluation"))]
     assert wrong, planted
     graph = import_graph({"vicuna_demo.engines.fastpath.sampling": source})
-    assert cycles(package_graph(graph)) != KNOWN_PACKAGE_CYCLES, planted
+    assert cycles(package_graph(graph)), planted
+    level = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+    assert any(level[t] >= level["vicuna_demo.engines"] for t in package_graph(graph)["vicuna_demo.engines"]), planted
+
+
+@pytest.mark.parametrize("planted", [
+    "from .. import local",                                         # relative, package-level
+    "from ..local import LocalEngine",                              # relative, a name of the module
+    "import importlib\nimportlib.import_module('vicuna_demo.engines.local')",   # importlib call
+    "import vicuna_demo.engines.local",                             # absolute
+])
+def test_a_module_cycle_inside_one_package_is_caught(planted):
+    """The fast path importing the engine that drives it: no package rule can see it (both are engines), the
+    module-cycle rule does."""
+    source = (PACKAGE / "engines" / "fastpath" / "sampling.py").read_text() + "\n" + planted + "\n"
+    graph = import_graph({"vicuna_demo.engines.fastpath.sampling": source})
+    assert any("vicuna_demo.engines.fastpath.sampling" in c for c in cycles(graph)), planted
+    assert not cycles(package_graph(graph)), planted
 
 
 def test_the_rules_see_real_imports():
@@ -214,22 +252,7 @@ def test_the_rules_see_real_imports():
     assert "gradio" in imports_of(PACKAGE / "ui" / "app.py")
     graph = import_graph()
     assert "vicuna_demo.engines.fastpath.forward" in graph["vicuna_demo.engines.fastpath.model"]
+    # a package's __init__.py resolves its relative imports against the package itself (they were lost once)
+    assert "vicuna_demo.engines.fastpath.model" in graph["vicuna_demo.engines.fastpath"]
     assert {"vicuna_demo", "vicuna_demo.ui", "moderation", "conversation_templates"} <= set(graph)
 
-
-def test_the_test_engine_implements_the_whole_engine_interface():
-    """Callers read the Engine interface as declared (engines/protocol.py); the fake the service tests use
-    has every member, so no caller needs a getattr fallback for it."""
-    import inspect
-
-    from tests.engines import RecordingEngine
-    from vicuna_demo.engines.protocol import Engine
-    engine = RecordingEngine()
-    declared = set(Engine.__annotations__) | {n for n, v in vars(Engine).items() if not n.startswith("_") and
-                                              (callable(v) or isinstance(v, property))}
-    assert declared and not [n for n in declared if not hasattr(engine, n)]
-    for name in declared:
-        member = getattr(Engine, name, None)
-        if callable(member) and not isinstance(member, property):
-            mine = inspect.signature(getattr(engine, name)).parameters
-            assert all(p in mine for p in list(inspect.signature(member).parameters)[1:]), name

@@ -1,6 +1,8 @@
 """README.md stays true: it opens with the two commands (and .ci/run runs the test one), its flags
 table is what scripts/flags_table.py generates from vicuna_demo.config, its file tree lists every
-tracked .py file and nothing that is gone, and its relative links point at files that exist."""
+tracked .py file and nothing that is gone, and its relative links point at files that exist. Speed figures are
+not copied into it or docs/performance.md: both link to the tables of benchmarks/RESULTS.md, the one page
+generated from the raw results, and every such link names a table that exists."""
 
 from __future__ import annotations
 
@@ -53,3 +55,36 @@ def test_file_tree_lists_every_tracked_python_file_and_nothing_gone():
 def test_relative_links_point_at_existing_files():
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README):
         assert (REPO / target).exists(), target
+
+
+# -- figures live in benchmarks/RESULTS.md; the README and docs/performance.md link to its tables ---------------------
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+PERFORMANCE_PAGES = {"README.md": README, "docs/performance.md": (REPO / "docs" / "performance.md").read_text("utf-8")}
+# a measured speed: a number, then tok/s, tokens/s or tokens per second (an example in `code` is not a figure)
+SPEED = re.compile(r"\d[\d,.]*\s*(?:-\s*\d[\d,.]*\s*)?(?:tok/s|tokens/s|tokens per second)", re.IGNORECASE)
+
+
+def prose(text: str) -> str:
+    """``text`` without its fenced code blocks and inline code spans."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_speed_figures_are_linked_from_results_not_copied():
+    copied = {name: SPEED.findall(prose(text)) for name, text in PERFORMANCE_PAGES.items()}
+    assert copied == {name: [] for name in PERFORMANCE_PAGES}, "link to the table in benchmarks/RESULTS.md instead"
+    assert SPEED.findall(prose("one stream 181 tok/s; 15-23 tokens per second; e.g. `13.8 tok/s`")) == \
+        ["181 tok/s", "15-23 tokens per second"]          # the rule reads what it should
+
+
+def test_links_to_results_name_a_table_that_exists():
+    anchors = {github_anchor(line[3:]) for line in RESULTS.read_text("utf-8").splitlines() if line.startswith("## ")}
+    for name, text in PERFORMANCE_PAGES.items():
+        linked = re.findall(r"RESULTS\.md#([\w\-]+)\)", text)
+        assert linked, f"{name} links to no table of RESULTS.md"
+        assert [a for a in linked if a not in anchors] == [], name

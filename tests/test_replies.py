@@ -22,8 +22,9 @@ from vicuna_demo.engines.local import EngineOptions, LocalEngine, start_engine
 from vicuna_demo.engines.protocol import SamplingParams
 from vicuna_demo.engines.startup import ModelStartup
 from vicuna_demo.engines.zerogpu import ZeroGPUEngine
-from vicuna_demo.loading import load_model, recommended_sampling
+from vicuna_demo.loading import generation_config_sampling, load_model, recommended_sampling
 from vicuna_demo.services.chat import ChatService, ChatSession, Limits
+from vicuna_demo.specs import recommended_row
 
 
 def most_repeated_line(text: str) -> int:
@@ -87,9 +88,10 @@ def test_a_models_generation_config_gives_its_defaults_before_and_after_loading(
 
 
 def test_values_are_clamped_and_unknown_models_have_none():
-    assert sampling_defaults.recommended("someone/other-model", None) == {}
-    values = sampling_defaults.recommended("x", {"temperature": 1.5, "top_p": 0.0, "repetition_penalty": 0.8,
-                                                 "max_new_tokens": 512})
+    assert recommended_row("someone/other-model") == {} and generation_config_sampling(None) == {}
+    values = generation_config_sampling({"temperature": 1.5, "top_p": 0.0, "repetition_penalty": 0.8,
+                                         "max_new_tokens": 512, "top_k": 5})
+    assert "top_k" not in values
     assert sampling_defaults.engine_defaults(values, cpu=False) == SamplingParams(1.0, 0.01, 512, 1.0)
     assert sampling_defaults.engine_defaults({}, cpu=False) == SamplingParams()
 

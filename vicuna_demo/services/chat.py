@@ -157,7 +157,7 @@ class ChatService:
         self.store = store
         self.limits = limits
         self.moderate_output = moderate_output
-        # what a model whose engine reports no defaults of its own starts from (a test's scripted engine)
+        # what a request for no model (or an unknown one) starts from; each engine has its own (Engine.defaults)
         self.defaults = defaults or SamplingParams()
         # the sampling flags the user gave (Settings.sampling_flags): over every model's own defaults
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
@@ -225,7 +225,7 @@ class ChatService:
         values, a reply length suited to its device) with the user's flags over them, the reply length capped.
         A field the engine cannot apply keeps the built-in value. An unknown model (or None): the service's."""
         engine = self.engines.get(model) if isinstance(model, str) else None
-        params = (getattr(engine, "defaults", None) or self.defaults).overridden(self.flags)
+        params = (engine.defaults if engine is not None else self.defaults).overridden(self.flags)
         params = params.without(self.unsupported(model))     # a flag the engine cannot apply is dropped too
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, self.limits.max_new_tokens_cap))
 
@@ -348,7 +348,7 @@ class ChatService:
         """Would ``continue_reply`` go on with the last reply (cut at the token limit, by a model that continues)?"""
         exchange = session.exchanges[-1] if session.exchanges else None
         return (exchange is not None and exchange.cut_at_limit
-                and bool(getattr(self.engines.get(exchange.model), "continues_replies", False)))
+                and exchange.model in self.engines and self.engines[exchange.model].continues_replies)
 
     def _continue(self, session: ChatSession, system, raw_params, client):
         exchange = session.exchanges[-1] if session.exchanges else None
@@ -359,7 +359,7 @@ class ChatService:
         system = None if system is None else sanitize_input(system)
         problem = (self.check_model(model) or self.check_system(system or "")
                    or self.check_message(exchange.user, len(history), client))
-        if not problem and not getattr(self.engines[model], "continues_replies", False):
+        if not problem and not self.engines[model].continues_replies:
             problem = CANNOT_CONTINUE.format(model=model)
         if problem:
             yield TurnUpdate(done=True, status="refused", notice=problem, model=model)

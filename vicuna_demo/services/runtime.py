@@ -93,13 +93,15 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
     banners: list[str] = []
     started: dict = {}
     startup = None
+    embedded = False       # the small offline model is among those started (a note for visitors, a hint for you)
     if engines is None:
         spaces = zerogpu_spaces()  # on ZeroGPU, imported before CUDA is touched
         specs = default_model_specs(settings, gpu=cuda_available())
         startup = ModelStartup(specs, engine_options(settings), spaces=spaces, warmup=settings.warmup)
         startup.prepare()
         started = dict(startup.engines)
-        if any(e.embedded for e in started.values()):
+        embedded = any(spec.embedded for spec in startup.specs)
+        if embedded:
             banners.append(EMBEDDED_NOTE)
         engines = started
     clash = sorted({spec.name for spec in settings.endpoints} & set(engines))
@@ -131,7 +133,7 @@ def build_runtime(settings: Settings, *, engines: dict | None = None, background
         raise
     judge = build_judge(service, settings)
     pusher = start_dataset_push(settings)
-    for hint in operator_hints(service, settings, battles, judge):
+    for hint in operator_hints(settings, battles, judge, embedded=embedded):
         log.info(hint)
     if startup is not None:
         startup.start(background=background)
@@ -144,11 +146,12 @@ def build_judge(service: ChatService, settings: Settings) -> JudgeService:
     return JudgeService.from_settings(service, settings)
 
 
-def operator_hints(service: ChatService, settings: Settings, battles: BattleService, judge: JudgeService) -> list[str]:
+def operator_hints(settings: Settings, battles: BattleService, judge: JudgeService, *, embedded: bool) -> list[str]:
     """What the person who started the app can add, for the start-up log (the page tells visitors only what
-    they can do): a bigger model than the embedded one, a log for votes, a second model for battles, a judge."""
+    they can do): a bigger model than the embedded one (``embedded``: it is among those served), a log for votes,
+    a second model for battles, a judge."""
     hints = []
-    if any(getattr(engine, "embedded", False) for engine in service.engines.values()):
+    if embedded:
         hints.append(EMBEDDED_HINT)
     if not settings.log_dir:
         hints.append("--log-dir '': conversations and votes are not kept, so the leaderboard stays empty.")

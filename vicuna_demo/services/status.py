@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .chat import ChatService
+from ..engines.protocol import Engine
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,11 @@ def _short(name: str, status: str) -> str:
     return re.split(r"\s*[(;]", text, maxsplit=1)[0].strip() or text
 
 
-def model_status(engine) -> ModelStatus:
-    status = str(getattr(engine, "status", "") or "")
-    ready = bool(getattr(engine, "ready", True))
-    capacity = str(getattr(engine, "capacity", "") or "")
+def model_status(engine: Engine) -> ModelStatus:
+    status, ready = engine.status, engine.ready
     failed = not ready and ("could not start" in status or "failed" in status)
     if ready:
-        return ModelStatus(engine.name, "ready", True, False, capacity)
+        return ModelStatus(engine.name, "ready", True, False, engine.capacity)
     detail = status.removeprefix(f"{engine.name}:").strip()
     return ModelStatus(engine.name, _short(engine.name, status), False, failed, detail)
 
