@@ -78,9 +78,12 @@ def test_a_judge_that_always_says_A_gives_only_ties_after_order_swapping(embedde
     assert (summary["a_wins"], summary["b_wins"], summary["no_verdict"]) == (0, 0, 0)
     assert summary["ties"] == summary["games"] == 4 == summary["orders_disagree"]   # 3 questions, one of 2 turns
     assert len(requests) == 8                                                        # both orders of every game
-    assert summary["by_category"] == {"math": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
-                                      "stem": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
-                                      "writing": {"a_wins": 0, "b_wins": 0, "ties": 2, "no_verdict": 0}}
+    counts = ("a_wins", "b_wins", "ties", "no_verdict")
+    assert {c: {k: row[k] for k in counts} for c, row in summary["by_category"].items()} == \
+        {"math": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
+         "stem": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
+         "writing": {"a_wins": 0, "b_wins": 0, "ties": 2, "no_verdict": 0}}
+    assert summary["by_category"]["writing"]["win_rates"]["win_rate_adjusted"] == 0.5   # the new key beside them
 
 
 def test_a_judge_that_recognises_one_contestant_makes_it_win_every_game(embedded_engine, contestant_server,
@@ -650,6 +653,14 @@ def test_three_models_all_pairs_and_baseline_fastchat_show_result_agrees(tmp_pat
     ours = {m: [row["wins"], row["losses"], row["ties"]] for m, row in summary["by_model"].items()}
     assert shown(tmp_path / "all") == ours == {"long": [8, 0, 0], "medium": [4, 4, 0], "short": [0, 8, 0]}
 
+    from vicuna_demo.evaluation.outputs import read_answers, read_judgments
+    engines = {m: RecordingEngine(m, replies[m], delay_s=0.0) for m in models} | {"Judge": _LengthJudge()}
+    again = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(
+        questions, *models, reuse_answers={m: read_answers(tmp_path / "all", m, questions) for m in models},
+        reuse_judgments=read_judgments(tmp_path / "all", "Judge", "pairwise", questions))
+    assert not any(e.received for e in engines.values())              # a rerun of all pairs computes nothing
+    assert summarize(again)["by_model"] == summary["by_model"]
+
     result, judge = run_pairs("baseline", "medium")
     assert result.pairs == (("long", "medium"), ("short", "medium")) and result.baseline == "medium"
     assert len(judge.received) == 16
@@ -660,3 +671,13 @@ def test_three_models_all_pairs_and_baseline_fastchat_show_result_agrees(tmp_pat
     assert shown(tmp_path / "baseline", "medium") == ours == {"long": [4, 0, 0], "short": [0, 4, 0]}
     text = __import__("vicuna_demo.evaluation.outputs", fromlist=["x"]).format_summary(summary)
     assert "each against medium" in text and "long vs medium:" in text
+
+
+def test_single_mode_with_one_model_asks_only_that_model():
+    """The page's call for one graded model: run(questions, a, None, mode="single")."""
+    from tests.engines import RecordingEngine
+    engines = {"A": RecordingEngine("A", "alpha", delay_s=0.0), "Judge": RecordingEngine("Judge", "[[6]]", delay_s=0.0)}
+    result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(
+        parse_questions(QUESTIONS), "A", None, mode="single")
+    assert result.models == ("A",) and list(result.answers) == ["A"] and result.pairs == ()
+    assert summarize(result)["models"]["A"]["mean"] == 6.0 and not summarize(result)["problems"]

@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "openai"):
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from .evaluation.outputs import format_summary, summarize, write_outputs

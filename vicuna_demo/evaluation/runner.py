@@ -323,7 +323,7 @@ class EvaluationRunner:
                                   pairs=pairs if mode == "pairwise" else (),
                                   baseline=baseline_of(pairs) if mode == "pairwise" else None)
         started = time.perf_counter()
-        result.answers = self.answer(questions, models, progress=report, reuse=reuse_answers)
+        result.answers = self.answer(questions, names, progress=report, reuse=reuse_answers)
         result.answer_s = time.perf_counter() - started
         if self._cancel.is_set() or mode == "answers":
             result.cancelled = self._cancel.is_set()
