@@ -248,6 +248,7 @@ def test_cli_refuses_missing_flags_and_bad_files_before_loading_anything(tmp_pat
     (["--models", "J,K", "--pairs", "all", "--baseline", "J"], "cannot go with --pairs all"),
     (["--models", "J,K"], "--models 'K': no --model or --endpoint has that name"),
     (["--a", "J", "--b", "J"], "compare two different models"),
+    (["--models", "J", "--baseline", "J", "--mode", "single"], "--pairs and --baseline choose what pairwise"),
 ])
 def test_cli_refuses_inconsistent_model_flags(flags, message):
     from vicuna_demo.evaluate import parse_args

@@ -135,6 +135,9 @@ def chosen_models(flags) -> tuple[list[str], list[tuple[str, str]] | None]:
     if flags.eval_baseline and flags.eval_baseline not in models:
         models.append(flags.eval_baseline)
     if flags.eval_mode != "pairwise":
+        if flags.eval_pairs or flags.eval_baseline:
+            raise ConfigError("--pairs and --baseline choose what pairwise mode compares: drop them with "
+                              f"--mode {flags.eval_mode} (list the models in --models).")
         return models, None
     if len(models) < 2:
         raise ConfigError("pairwise mode compares two or more models: --a NAME --b NAME, or --models A,B,... "
