@@ -82,6 +82,8 @@ def test_the_summary_gives_intervals_per_category_and_turn_and_length_control():
     assert summary["length_controlled"]["win_rate"] < summary["a_win_rates"]["win_rate_adjusted"]
     assert summary["pairs"][0]["length_controlled"] == summary["length_controlled"]
     assert summary["lengths"]["verbose"]["chars_mean"] > summary["lengths"]["terse"]["chars_mean"]
+    result.pairs = ()                                      # a result made the old way: A against B
+    assert summarize(result)["a_win_rates"] == summary["a_win_rates"]
 
 
 def test_per_model_records_count_every_pair_as_fastchat_does():

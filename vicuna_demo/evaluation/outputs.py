@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .questions import Question
 from .verdicts import PairVerdict
-from .runner import Answer, EvaluationResult, Judgment
+from .runner import Answer, EvaluationResult, Judgment, model_pairs
 from .statistics import (answer_lengths, length_controlled, mean_interval, model_records, pair_counts,
                          win_rates)
 
@@ -98,7 +98,8 @@ def summarize(result: EvaluationResult) -> dict:
     if result.mode == "answers":
         summary = {**base, "models": answer_lengths(result), "by_category": {}}
     elif result.mode == "pairwise":
-        pairs = [pair_summary(result.judgments, result.answers, a, b, categories) for a, b in result.pairs]
+        judged = result.pairs or model_pairs(result.models)      # a result made without pairs: every pair
+        pairs = [pair_summary(result.judgments, result.answers, a, b, categories) for a, b in judged]
         summary = {**base, "models_compared": list(result.models), "baseline": result.baseline, "pairs": pairs,
                    "by_model": model_records(result.judgments, result.baseline)}
         if len(pairs) == 1:
