@@ -78,9 +78,12 @@ def test_a_judge_that_always_says_A_gives_only_ties_after_order_swapping(embedde
     assert (summary["a_wins"], summary["b_wins"], summary["no_verdict"]) == (0, 0, 0)
     assert summary["ties"] == summary["games"] == 4 == summary["orders_disagree"]   # 3 questions, one of 2 turns
     assert len(requests) == 8                                                        # both orders of every game
-    assert summary["by_category"] == {"math": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
-                                      "stem": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
-                                      "writing": {"a_wins": 0, "b_wins": 0, "ties": 2, "no_verdict": 0}}
+    counts = ("a_wins", "b_wins", "ties", "no_verdict")
+    assert {c: {k: row[k] for k in counts} for c, row in summary["by_category"].items()} == \
+        {"math": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
+         "stem": {"a_wins": 0, "b_wins": 0, "ties": 1, "no_verdict": 0},
+         "writing": {"a_wins": 0, "b_wins": 0, "ties": 2, "no_verdict": 0}}
+    assert summary["by_category"]["writing"]["win_rates"]["win_rate_adjusted"] == 0.5   # the new key beside them
 
 
 def test_a_judge_that_recognises_one_contestant_makes_it_win_every_game(embedded_engine, contestant_server,
@@ -237,6 +240,50 @@ def test_cli_refuses_missing_flags_and_bad_files_before_loading_anything(tmp_pat
     assert done.returncode == 2 and "line 1: question 1 has no turns" in done.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--models", "J,K", "--a", "J"], "either --a/--b or --models"),
+    (["--models", "J,J"], "--models names J more than once"),
+    (["--models", "J"], "pairwise mode compares two or more models"),
+    (["--models", "J,K", "--pairs", "baseline"], "--pairs baseline needs --baseline NAME"),
+    (["--models", "J,K", "--pairs", "all", "--baseline", "J"], "cannot go with --pairs all"),
+    (["--models", "J,K"], "--models 'K': no --model or --endpoint has that name"),
+    (["--a", "J", "--b", "J"], "compare two different models"),
+    (["--models", "J", "--baseline", "J", "--mode", "single"], "--pairs and --baseline choose what pairwise"),
+])
+def test_cli_refuses_inconsistent_model_flags(flags, message):
+    from vicuna_demo.evaluate import parse_args
+    from vicuna_demo.specs import ConfigError
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        parse_args(["--endpoint", "name=J,base_url=http://127.0.0.1:9/v1,model=m", "--judge", "J", *flags,
+                    "--out", "x"])
+
+
+def test_cli_three_endpoints_each_against_a_baseline(tmp_path):
+    """--models with --baseline on the command line: answers once per model, one judgment file with both
+    pairs, a summary with a row per pair and per model, FastChat's names for the files."""
+    qfile = _questions_file(tmp_path / "q.jsonl", 3)
+
+    def prefers_alpha(messages):
+        first, second = judged_answers(messages)
+        return "[[A]]" if "alpha" in first else "[[B]]" if "alpha" in second else "[[C]]"
+
+    with JudgeServer(lambda m: "alpha answers well") as alpha, JudgeServer(lambda m: "beta answers") as beta, \
+            JudgeServer(lambda m: "gamma answers") as gamma, JudgeServer(prefers_alpha) as judge:
+        done = _cli("--endpoint", alpha.endpoint("alpha"), "--endpoint", beta.endpoint("beta"),
+                    "--endpoint", gamma.endpoint("gamma"), "--endpoint", judge.endpoint("Judge"), "--judge", "Judge",
+                    "--models", "alpha,beta", "--baseline", "gamma", "--questions", str(qfile),
+                    "--out", str(tmp_path / "out"), "--json")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [len(s.requests) for s in (alpha, beta, gamma)] == [3, 3, 3]
+    summary = json.loads(done.stdout)
+    assert summary["baseline"] == "gamma" and summary["models_compared"] == ["alpha", "beta", "gamma"]
+    assert [(p["a"], p["b"], p["a_wins"], p["ties"]) for p in summary["pairs"]] == \
+        [("alpha", "gamma", 3, 0), ("beta", "gamma", 0, 3)]
+    assert {m: row["win_rate_adjusted"] for m, row in summary["by_model"].items()} == {"alpha": 1.0, "beta": 0.5}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").open()]
+    assert sorted({(r["model_1"], r["model_2"]) for r in rows}) == [("alpha", "gamma"), ("beta", "gamma")]
+
+
 @pytest.mark.slow
 def test_cli_evaluates_the_embedded_model_against_an_endpoint_and_prints_json(contestant_server, tmp_path):
     qfile = tmp_path / "questions.jsonl"
@@ -255,7 +302,9 @@ def test_cli_evaluates_the_embedded_model_against_an_endpoint_and_prints_json(co
     summary = json.loads(done.stdout)
     assert {k: summary[k] for k in ("a", "b", "judge", "questions", "a_wins", "b_wins", "ties")} == \
         {"a": "Small", "b": "Endpoint", "judge": "Judge", "questions": 3, "a_wins": 0, "b_wins": 4, "ties": 0}
-    assert summary["by_category"]["writing"] == {"a_wins": 0, "b_wins": 2, "ties": 0, "no_verdict": 0}
+    writing = summary["by_category"]["writing"]
+    assert {k: writing[k] for k in ("a_wins", "b_wins", "ties", "no_verdict")} == \
+        {"a_wins": 0, "b_wins": 2, "ties": 0, "no_verdict": 0}
     assert (tmp_path / "out" / "model_answer" / "Small.jsonl").is_file()
     assert (tmp_path / "out" / "model_judgment" / "Judge_pair.jsonl").is_file()
     assert not (ROOT / "logs" / "evaluation").exists()
@@ -457,7 +506,7 @@ def test_answers_only_mode_needs_no_judge_and_reports_answer_lengths(tmp_path):
 
 
 def test_win_rates_follow_fastchat_counting_with_a_bootstrap_interval():
-    from vicuna_demo.evaluation.outputs import win_rates
+    from vicuna_demo.evaluation.statistics import win_rates
     from vicuna_demo.evaluation.runner import Judgment
     from vicuna_demo.evaluation.verdicts import combine
     q = parse_questions('{"question_id": 1, "turns": ["q"]}')[0]
@@ -543,3 +592,93 @@ def test_fastchats_show_result_reads_our_outputs_and_gets_our_numbers(tmp_path, 
     show_result.display_result_single(args)
     printed = capsys.readouterr().out
     assert "7.0" in printed and summarize(single)["models"]["A"]["mean"] == 7.0
+
+
+class _LengthJudge:
+    """A judge engine that prefers the longer of the two answers it is shown (both orders agree)."""
+
+    def __new__(cls):
+        from tests.engines import RecordingEngine, ScriptedReply
+
+        class Judge(RecordingEngine):
+            def stream(self, prompt, params):
+                super().stream(prompt, params)
+                first, second = judged_answers(list(prompt.payload))
+                return ScriptedReply(["[[A]]" if len(first) > len(second) else "[[B]]"], 0.0)
+        return Judge("Judge", delay_s=0.0)
+
+
+def test_three_models_all_pairs_and_baseline_fastchat_show_result_agrees(tmp_path, capsys):
+    """--models A,B,C: each model answers once; every pair (or each against the baseline) is judged in both
+    orders; FastChat's show_result.py (pairwise-all and pairwise-baseline) reads the one judgment file and
+    counts what our summary's by_model counts."""
+    import argparse
+
+    import pandas as pd
+    show_result = pytest.importorskip("fastchat.llm_judge.show_result")
+    from tests.engines import RecordingEngine
+    from vicuna_demo.evaluation.runner import model_pairs
+    questions = parse_questions(QUESTIONS)            # 3 questions, 4 turns
+    models = ["long", "short", "medium"]
+    replies = {"long": "a long and detailed answer with many words", "short": "short",
+               "medium": "a medium answer"}
+
+    def run_pairs(how, baseline=None):
+        engines = {m: RecordingEngine(m, replies[m], delay_s=0.0) for m in models} | {"Judge": _LengthJudge()}
+        result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(
+            questions, *models, pairs=model_pairs(models, how, baseline))
+        assert all(len(engines[m].received) == 4 for m in models)         # each model answered each turn once
+        return result, engines["Judge"]
+
+    result, judge = run_pairs("all")
+    assert result.pairs == (("long", "short"), ("long", "medium"), ("short", "medium"))
+    assert len(result.judgments) == 12 and len(judge.received) == 24     # 3 pairs x 4 turns, both orders
+    write_outputs(result, tmp_path / "all")
+    summary = summarize(result)
+    assert [(p["a"], p["b"], p["a_wins"], p["b_wins"]) for p in summary["pairs"]] == \
+        [("long", "short", 4, 0), ("long", "medium", 4, 0), ("short", "medium", 0, 4)]
+    assert "a" not in summary and summary["by_model"]["long"]["win_rate_adjusted"] == 1.0
+    assert summary["by_category"]["math"] == {"long": 1.0, "medium": 0.5, "short": 0.0}
+    assert summary["pairs"][0]["length_controlled"]["win_rate"] is None   # always longer: no way to tell apart
+    files = sorted(p.name for p in (tmp_path / "all" / "model_answer").iterdir())
+    assert files == ["long.jsonl", "medium.jsonl", "short.jsonl"]
+
+    def shown(path, baseline=None):
+        args = argparse.Namespace(bench_name="mt_bench", judge_model="Judge", baseline_model=baseline,
+                                  model_list=None, input_file=str(path / "model_judgment" / "Judge_pair.jsonl"))
+        with pd.option_context("display.width", 200):
+            show_result.display_result_pairwise(args)
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        return {r[0]: [int(x) for x in r[1:4]] for r in rows if r and r[0] in models}
+
+    ours = {m: [row["wins"], row["losses"], row["ties"]] for m, row in summary["by_model"].items()}
+    assert shown(tmp_path / "all") == ours == {"long": [8, 0, 0], "medium": [4, 4, 0], "short": [0, 8, 0]}
+
+    from vicuna_demo.evaluation.outputs import read_answers, read_judgments
+    engines = {m: RecordingEngine(m, replies[m], delay_s=0.0) for m in models} | {"Judge": _LengthJudge()}
+    again = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(
+        questions, *models, reuse_answers={m: read_answers(tmp_path / "all", m, questions) for m in models},
+        reuse_judgments=read_judgments(tmp_path / "all", "Judge", "pairwise", questions))
+    assert not any(e.received for e in engines.values())              # a rerun of all pairs computes nothing
+    assert summarize(again)["by_model"] == summary["by_model"]
+
+    result, judge = run_pairs("baseline", "medium")
+    assert result.pairs == (("long", "medium"), ("short", "medium")) and result.baseline == "medium"
+    assert len(judge.received) == 16
+    write_outputs(result, tmp_path / "baseline")
+    summary = summarize(result)
+    assert summary["baseline"] == "medium" and list(summary["by_model"]) == ["long", "short"]
+    ours = {m: [row["wins"], row["losses"], row["ties"]] for m, row in summary["by_model"].items()}
+    assert shown(tmp_path / "baseline", "medium") == ours == {"long": [4, 0, 0], "short": [0, 4, 0]}
+    text = __import__("vicuna_demo.evaluation.outputs", fromlist=["x"]).format_summary(summary)
+    assert "each against medium" in text and "long vs medium:" in text
+
+
+def test_single_mode_with_one_model_asks_only_that_model():
+    """The page's call for one graded model: run(questions, a, None, mode="single")."""
+    from tests.engines import RecordingEngine
+    engines = {"A": RecordingEngine("A", "alpha", delay_s=0.0), "Judge": RecordingEngine("Judge", "[[6]]", delay_s=0.0)}
+    result = EvaluationRunner(engines, judge="Judge", answer_params=SHORT).run(
+        parse_questions(QUESTIONS), "A", None, mode="single")
+    assert result.models == ("A",) and list(result.answers) == ["A"] and result.pairs == ()
+    assert summarize(result)["models"]["A"]["mean"] == 6.0 and not summarize(result)["problems"]

@@ -320,3 +320,37 @@ def test_leaderboard_skips_a_model_against_itself_and_says_so(tmp_path):
     assert "0 battles between 0 models" in result.stderr
     assert "skipped 1 row (1 same model on both sides)" in result.stderr
     assert json.loads(result.stdout)["models"] == []
+
+
+def test_agreement_cli_reads_the_store_and_an_export_and_gives_fastchats_numbers(tmp_path):
+    """Judge versus visitors from the command line: the battles with both a first human vote and a judge
+    verdict (the latest that gave one), from the store and from its export, with Cohen's kappa."""
+    logs = tmp_path / "logs"
+    judged = {"b1": "model_a", "b2": "model_b", "b3": "tie", "b4": "model_b", "b5": "model_a", "b6": "model_a",
+              "b7": "no_verdict", "b8": "model_a"}
+    human = {"b1": "model_a", "b2": "model_a", "b3": "tie (bothbad)", "b4": "model_b", "b5": "tie",
+             "b6": "model_a", "b7": "model_a"}                       # b8: no human vote; b7: no verdict
+    with Store(logs) as store:
+        store.log_judge_vote(judge_vote("b2", "model_a", ("b2-a", "b2-b"), tstamp=2500.0))   # asked again below
+        for battle, winner in judged.items():
+            g = None if winner == "no_verdict" else winner
+            store.log_judge_vote(judge_vote(battle, winner, (f"{battle}-a", f"{battle}-b"), tstamp=3000.0, g1=g, g2=g,
+                                            error="judge down" if g is None else None))
+        for battle, winner in human.items():
+            store.log_vote(vote(battle, "vicuna-7b", "smollm2", winner))
+        store.log_vote(vote("b1", "vicuna-7b", "smollm2", "model_b"))     # a second vote: only the first counts
+    expected = {"with_ties": {"n": 6, "agree": 4, "rate": 0.6667, "kappa": 0.4783},
+                "without_ties": {"n": 4, "agree": 3, "rate": 0.75, "kappa": 0.5}}
+    done = run_module("vicuna_demo.data.agreement", "--log-dir", logs, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert {k: v for k, v in json.loads(done.stdout).items() if k != "source"} == expected
+    done = run_module("vicuna_demo.data.agreement", cwd=tmp_path)          # the app's default folder: logs
+    assert done.returncode == 0 and "with ties: 4 of 6 agree (66.7%), Cohen's kappa 0.478" in done.stdout
+    exported = run_module("vicuna_demo.data.export", "--log-dir", logs, "--battles", tmp_path / "battles.jsonl",
+                          "--judge-votes", tmp_path / "judge.jsonl", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    from vicuna_demo.data.agreement import agreement_stats, main, pairs_from_files
+    assert agreement_stats(pairs_from_files(tmp_path / "battles.jsonl", tmp_path / "judge.jsonl")) == expected
+    (tmp_path / "bad.jsonl").write_text('{"question_id": "b1"}\nnot json\n')
+    assert main(["--battles", str(tmp_path / "bad.jsonl"), "--judge-votes", str(tmp_path / "judge.jsonl")]) == 1
+    assert main(["--log-dir", str(tmp_path / "nowhere")]) == 1

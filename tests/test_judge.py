@@ -170,7 +170,7 @@ def test_judge_flag_must_name_a_model():
 
 
 def test_judge_human_agreement_with_and_without_ties_and_cohens_kappa():
-    from vicuna_demo.services.judge import agreement_stats, cohen_kappa
+    from vicuna_demo.data.agreement import agreement_stats, cohen_kappa
     pairs = [("model_a", "model_a"), ("model_b", "model_a"), ("tie", "tie (bothbad)"), ("model_b", "model_b"),
              ("model_a", "tie"), ("model_a", "model_a")]
     stats = agreement_stats(pairs)

@@ -1,9 +1,10 @@
-"""Evaluate two models on a question set with an LLM judge, from the command line.
+"""Evaluate two or more models on a question set with an LLM judge, from the command line.
 
     python -m vicuna_demo.evaluate --model lmsys/vicuna-7b-v1.5 --model lmsys/vicuna-13b-v1.5 \\
         --endpoint name=GPT-4o,base_url=https://api.openai.com/v1,model=gpt-4o,key_env=OPENAI_API_KEY \\
         --judge GPT-4o --a vicuna-7b-v1.5 --b vicuna-13b-v1.5 --questions question.jsonl --out results/
     python -m vicuna_demo.evaluate ... --mode single --a vicuna-7b-v1.5 --json
+    python -m vicuna_demo.evaluate ... --models A,B,C [--pairs all | --baseline C] --out results/
 
 Takes every flag of ``app.py`` (models, endpoints, engine, generation defaults...) plus the
 evaluation flags below; models load exactly as the app loads them, and every answer is submitted
@@ -41,6 +42,15 @@ def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--a", dest="eval_a", metavar="NAME", help="The first model to evaluate (its name).")
     group.add_argument("--b", dest="eval_b", metavar="NAME",
                        help="The second model (pairwise: required; single: optional, graded too).")
+    group.add_argument("--models", dest="eval_models", metavar="A,B,...",
+                       help="Evaluate two or more models (comma-separated names) instead of --a/--b: pairwise judges "
+                            "every pair (--pairs all) or each against --baseline; each model answers once.")
+    group.add_argument("--pairs", dest="eval_pairs", choices=("all", "baseline"),
+                       help="Pairwise with --models: all = every pair (FastChat's pairwise-all; the default), "
+                            "baseline = each model against --baseline (FastChat's pairwise-baseline, Arena-Hard).")
+    group.add_argument("--baseline", dest="eval_baseline", metavar="NAME",
+                       help="The model every other one is compared with (implies --pairs baseline; added to "
+                            "--models if missing).")
     group.add_argument("--questions", dest="eval_questions", metavar="FILE",
                        help="Question file in FastChat's format (JSONL). Default: the built-in set.")
     group.add_argument("--out", dest="eval_out", metavar="DIR", help="Folder for the answers, judgments and summary.")
@@ -83,17 +93,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, object]:
     if not settings.judge and flags.eval_mode != "answers":
         raise ConfigError("--judge NAME is required: the name of the --model or --endpoint that judges the answers "
                           "(or pass --mode answers to generate the answers only).")
-    if not flags.eval_a or not flags.eval_out:
-        raise ConfigError("--a NAME and --out DIR are required (and --b NAME in pairwise mode).")
-    if flags.eval_mode == "pairwise" and not flags.eval_b:
-        raise ConfigError("--b NAME is required in pairwise mode (or pass --mode single).")
-    if flags.eval_b and flags.eval_a == flags.eval_b:
-        raise ConfigError(f"--a and --b are both {flags.eval_a!r}: compare two different models.")
+    flags.models, flags.model_pairs = chosen_models(flags)
+    if not flags.eval_out:
+        raise ConfigError("--out DIR is required.")
     names = [m.display_name for m in settings.models] + [e.name for e in settings.endpoints]
     if flags.eval_answers and not Path(flags.eval_answers).is_dir():
         raise ConfigError(f"--answers {flags.eval_answers}: not a folder (a FastChat benchmark folder with "
                           "model_answer/<model>.jsonl).")
-    for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
+    for flag, name in model_flags(flags):
         if name and flags.eval_answers and answer_file(flags.eval_answers, name).is_file():
             continue
         if name and names and name not in names:
@@ -101,6 +108,49 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, object]:
                               f"{', '.join(names)}.")
     # the command line keeps no conversation log and pushes nothing
     return flags, dataclasses.replace(settings, log_dir="", hf_dataset=None)
+
+
+def chosen_models(flags) -> tuple[list[str], list[tuple[str, str]] | None]:
+    """(the models to evaluate, the (A, B) pairs to judge or None outside pairwise) from --a/--b or --models,
+    --pairs and --baseline. Raises ConfigError."""
+    from .evaluation.runner import model_pairs
+    if flags.eval_models and (flags.eval_a or flags.eval_b):
+        raise ConfigError("pass either --a/--b or --models, not both.")
+    if flags.eval_models:
+        models = [m.strip() for m in flags.eval_models.split(",") if m.strip()]
+        repeated = sorted({m for m in models if models.count(m) > 1})
+        if repeated:
+            raise ConfigError(f"--models names {', '.join(repeated)} more than once.")
+    else:
+        if not flags.eval_a:
+            raise ConfigError("--a NAME (and --b NAME in pairwise mode), or --models A,B,..., is required.")
+        if flags.eval_b and flags.eval_a == flags.eval_b:
+            raise ConfigError(f"--a and --b are both {flags.eval_a!r}: compare two different models.")
+        models = [m for m in (flags.eval_a, flags.eval_b) if m]
+    how = flags.eval_pairs or ("baseline" if flags.eval_baseline else "all")
+    if how == "baseline" and not flags.eval_baseline:
+        raise ConfigError("--pairs baseline needs --baseline NAME.")
+    if flags.eval_baseline and how != "baseline":
+        raise ConfigError("--baseline compares each model with one model: it cannot go with --pairs all.")
+    if flags.eval_baseline and flags.eval_baseline not in models:
+        models.append(flags.eval_baseline)
+    if flags.eval_mode != "pairwise":
+        if flags.eval_pairs or flags.eval_baseline:
+            raise ConfigError("--pairs and --baseline choose what pairwise mode compares: drop them with "
+                              f"--mode {flags.eval_mode} (list the models in --models).")
+        return models, None
+    if len(models) < 2:
+        raise ConfigError("pairwise mode compares two or more models: --a NAME --b NAME, or --models A,B,... "
+                          "(or pass --mode single).")
+    return models, model_pairs(models, how, flags.eval_baseline)
+
+
+def model_flags(flags) -> list[tuple[str, str]]:
+    """(flag, model name) for error messages: ("--a", A), ("--b", B), or ("--models", each name)."""
+    if flags.eval_models or not flags.eval_a:
+        return [("--baseline" if m == flags.eval_baseline else "--models", m) for m in flags.models]
+    return [(flag, name) for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b),
+                                            ("--baseline", flags.eval_baseline)) if name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "openai"):
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from .evaluation.outputs import format_summary, summarize, write_outputs
@@ -141,13 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoadError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    models = [m for m in (flags.eval_a, flags.eval_b) if m]
+    models = flags.models
     reuse_answers = earlier_answers(flags, models, questions)
     reuse_judgments = earlier_judgments(flags, settings.judge, questions) if settings.judge else {}
     try:
-        for flag, name in (("--a", flags.eval_a), ("--b", flags.eval_b)):
-            complete = name and len([a for a in reuse_answers.get(name, {}).values() if a.complete]) == len(questions)
-            if name and name not in runtime.service.engines and not complete:
+        for flag, name in model_flags(flags):
+            complete = len([a for a in reuse_answers.get(name, {}).values() if a.complete]) == len(questions)
+            if name not in runtime.service.engines and not complete:
                 print(f"error: {flag} {name!r}: no model has that name; the models are: "
                       f"{', '.join(runtime.service.engines)}.", file=sys.stderr)
                 return 2
@@ -167,8 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
         result, interrupted = run_until_done_or_interrupted(
-            runner, lambda: runner.run(questions, flags.eval_a, flags.eval_b, mode=flags.eval_mode, progress=progress,
-                                       reuse_answers=reuse_answers, reuse_judgments=reuse_judgments))
+            runner, lambda: runner.run(questions, *models, mode=flags.eval_mode, pairs=flags.model_pairs,
+                                       progress=progress, reuse_answers=reuse_answers,
+                                       reuse_judgments=reuse_judgments))
     finally:
         runtime.close()
     summary = summarize(result)

@@ -15,7 +15,8 @@ OUT/model_judgment/JUDGE_pair.jsonl --mode pairwise-all``):
 Winners in the judgment files are FastChat's: "model_1", "model_2", "tie", or "error" for no verdict
 (FastChat's scripts leave such rows out, as the summary does); a missing grade is score -1.
 Each turn of a question is one game (MT-Bench judges the second turn on its own), so a two-turn
-question counts twice in the totals.
+question counts twice in the totals. With more than two models the judgment file holds every pair (FastChat's
+pairwise-all or pairwise-baseline files have the same shape). The statistics are in ``statistics.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from .questions import Question
 from .verdicts import PairVerdict
-from .runner import Answer, EvaluationResult, Judgment
+from .runner import Answer, EvaluationResult, Judgment, model_pairs
+from .statistics import (answer_lengths, length_controlled, mean_interval, model_records, pair_counts,
+                         win_rates)
 
 _FASTCHAT_WINNER = {"model_a": "model_1", "model_b": "model_2", "tie": "tie", None: "error"}
 
@@ -45,21 +48,6 @@ def _sort_key(question_id) -> tuple:
 
 
 # -- summary ------------------------------------------------------------------------------------
-def _mean_interval(scores: list[float]) -> tuple[float | None, list[float] | None]:
-    """Mean and its 95% t-interval (None without scores; no interval from a single score)."""
-    if not scores:
-        return None, None
-    mean = math.fsum(scores) / len(scores)
-    if len(scores) < 2:
-        return mean, None
-    from scipy import stats
-    sem = stats.sem(scores)
-    if sem == 0:
-        return mean, [mean, mean]
-    low, high = stats.t.interval(0.95, len(scores) - 1, loc=mean, scale=sem)
-    return mean, [round(float(low), 3), round(float(high), 3)]
-
-
 def problems(result: EvaluationResult) -> list[str]:
     """Everything that did not go as planned, one line each (missing answers, judge failures...)."""
     lines = []
@@ -84,70 +72,49 @@ def problems(result: EvaluationResult) -> list[str]:
     return lines
 
 
-def _pair_counts(judgments: list[Judgment]) -> dict:
-    outcomes = Counter(j.outcome for j in judgments)
-    return {"a_wins": outcomes["model_a"], "b_wins": outcomes["model_b"], "ties": outcomes["tie"],
-            "no_verdict": outcomes["no_verdict"]}
+def pair_summary(judgments: list[Judgment], answers: dict, a: str, b: str, categories: list[str]) -> dict:
+    """One pair's counts, win rates with a bootstrap interval (overall, per category and per turn) and its
+    length-controlled win rate, all for model A."""
+    mine = [j for j in judgments if (j.model_a, j.model_b) == (a, b)]
 
-
-BOOTSTRAP_ROUNDS = 1000
-
-
-def win_rates(judgments: list[Judgment], rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> dict:
-    """FastChat's pairwise rates for model A over the judged turns with a verdict (show_result.py counts a
-    tie when the orders disagree): ``win_rate`` = wins / n, ``loss_rate``, and ``win_rate_adjusted`` =
-    (wins + ties / 2) / n, with a 95% percentile bootstrap interval over the judged turns."""
-    import numpy as np
-    scores = np.array([{"model_a": 1.0, "model_b": 0.0, "tie": 0.5}[j.outcome] for j in judgments
-                       if j.outcome != "no_verdict"])
-    if not len(scores):
-        return {"n": 0, "win_rate": None, "loss_rate": None, "win_rate_adjusted": None, "ci95": None}
-    samples = np.random.default_rng(seed).choice(scores, size=(rounds, len(scores)), replace=True).mean(axis=1)
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return {"n": int(len(scores)), "win_rate": round(float((scores == 1.0).mean()), 4),
-            "loss_rate": round(float((scores == 0.0).mean()), 4),
-            "win_rate_adjusted": round(float(scores.mean()), 4), "ci95": [round(float(low), 4), round(float(high), 4)]}
-
-
-def answer_lengths(result: EvaluationResult) -> dict:
-    """Per model, over its complete answers (all turns): how many, mean tokens, mean and median characters,
-    and how many were cut at the token limit (a finish reason "length"). Judges prefer longer answers:
-    read a verdict with these beside it."""
-    lengths = {}
-    for model, answers in result.answers.items():
-        done = [a for a in answers.values() if a.complete]
-        chars = sorted(sum(len(t) for t in a.turns) for a in done)
-        tokens = [a.n_tokens for a in done if a.n_tokens]
-        lengths[model] = {
-            "answers": len(done), "missing": len(answers) - len(done),
-            "tokens_mean": round(math.fsum(tokens) / len(tokens), 1) if tokens else None,
-            "chars_mean": round(math.fsum(chars) / len(chars), 1) if chars else None,
-            "chars_median": chars[len(chars) // 2] if chars else None,
-            "cut_at_limit": sum(1 for a in done if "length" in a.finish_reasons)}
-    return lengths
+    def counted(chosen: list[Judgment]) -> dict:
+        return {**pair_counts(chosen), "win_rates": win_rates(chosen)}
+    return {"a": a, "b": b, "games": len(mine), **pair_counts(mine),
+            "orders_disagree": sum(1 for j in mine if j.verdict and j.verdict.orders_disagree),
+            "by_category": {c: counted([j for j in mine if j.question.category == c]) for c in categories},
+            "by_turn": {str(t): counted([j for j in mine if j.turn == t]) for t in sorted({j.turn for j in mine})},
+            "a_win_rates": win_rates(mine), "length_controlled": length_controlled(mine, answers)}
 
 
 def summarize(result: EvaluationResult) -> dict:
-    """The numbers ``--json`` prints: win/tie counts (pairwise) or mean grades with 95% intervals (single)."""
+    """The numbers ``--json`` prints: win/tie counts (pairwise) or mean grades with 95% intervals (single).
+
+    Pairwise: ``pairs`` has one entry per pair judged (``pair_summary``) and ``by_model`` each model's record
+    over all its pairs (FastChat's show_result table); with one pair its entry's keys are also at the top
+    (``a``, ``b``, ``a_wins`` ...); with several, ``by_category`` is model -> adjusted win rate per category."""
     categories = sorted({q.category for q in result.questions})
     base = {"mode": result.mode, "judge": result.judge, "questions": len(result.questions),
             "games": len(result.judgments)}
     if result.mode == "answers":
         summary = {**base, "models": answer_lengths(result), "by_category": {}}
     elif result.mode == "pairwise":
-        a, b = result.models
-        summary = {"a": a, "b": b, **base, **_pair_counts(result.judgments),
-                   "orders_disagree": sum(1 for j in result.judgments if j.verdict and j.verdict.orders_disagree),
-                   "by_category": {c: _pair_counts([j for j in result.judgments if j.question.category == c])
-                                   for c in categories},
-                   "by_turn": {str(t): _pair_counts([j for j in result.judgments if j.turn == t])
-                               for t in sorted({j.turn for j in result.judgments})},
-                   "a_win_rates": win_rates(result.judgments)}
+        judged = result.pairs or model_pairs(result.models)      # a result made without pairs: every pair
+        pairs = [pair_summary(result.judgments, result.answers, a, b, categories) for a, b in judged]
+        summary = {**base, "models_compared": list(result.models), "baseline": result.baseline, "pairs": pairs,
+                   "by_model": model_records(result.judgments, result.baseline)}
+        if len(pairs) == 1:
+            summary = {**{k: v for k, v in pairs[0].items() if k in ("a", "b")}, **summary,
+                       **{k: v for k, v in pairs[0].items() if k not in ("a", "b", "games")}}
+        else:
+            summary["by_category"] = {
+                c: {m: row["win_rate_adjusted"] for m, row in model_records(
+                    [j for j in result.judgments if j.question.category == c], result.baseline, rounds=1).items()}
+                for c in categories}
     else:
         models = {}
         for model in result.models:
             mine = [j for j in result.judgments if j.model_a == model]
-            mean, interval = _mean_interval([j.score for j in mine if j.score is not None])
+            mean, interval = mean_interval([j.score for j in mine if j.score is not None])
             models[model] = {"mean": None if mean is None else round(mean, 3), "ci95": interval,
                              "n": sum(1 for j in mine if j.score is not None),
                              "no_verdict": sum(1 for j in mine if j.score is None)}
@@ -330,16 +297,28 @@ def write_outputs(result: EvaluationResult, out_dir: str | Path, summary: dict |
 
 
 # -- for people -----------------------------------------------------------------------------------
-def category_table(summary: dict) -> tuple[list[str], list[list]]:
-    """(headers, rows): per category, then "all" (answers only: per model, its answers' lengths)."""
+def category_table(summary: dict, intervals: bool = False) -> tuple[list[str], list[list]]:
+    """(headers, rows): per category, then "all" (answers only: per model, its answers' lengths); ``intervals``
+    adds model A's win rate with its 95% bootstrap interval to a pair's rows (the terminal's table)."""
     if summary["mode"] == "answers":
         keys = ("answers", "missing", "tokens_mean", "chars_mean", "chars_median", "cut_at_limit")
         return ["model", *keys], [[m] + [row[k] for k in keys] for m, row in summary["models"].items()]
-    if summary["mode"] == "pairwise":
+    if summary["mode"] == "pairwise" and "a" in summary:
         headers = ["category", f"{summary['a']} wins", f"{summary['b']} wins", "ties", "no verdict"]
         keys = ("a_wins", "b_wins", "ties", "no_verdict")
         rows = [[c] + [counts[k] for k in keys] for c, counts in summary["by_category"].items()]
         rows.append(["all"] + [summary[k] for k in keys])
+        if intervals:
+            headers.append(f"{summary['a']} win rate (95% CI)")
+            for row, rates in zip(rows, [c.get("win_rates") for c in summary["by_category"].values()]
+                                  + [summary.get("a_win_rates")]):
+                row.append(rate_text(rates))
+        return headers, rows
+    if summary["mode"] == "pairwise":
+        models = list(summary["by_model"])
+        headers = ["category"] + [f"{m} win rate" for m in models]
+        rows = [[c] + [rates.get(m) for m in models] for c, rates in summary["by_category"].items()]
+        rows.append(["all"] + [summary["by_model"][m]["win_rate_adjusted"] for m in models])
         return headers, rows
     models = list(summary["models"])
     headers = ["category"] + [f"{m} mean" for m in models]
@@ -348,27 +327,51 @@ def category_table(summary: dict) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def rate_text(rates: dict | None) -> str:
+    """"0.700 (0.450-0.900)": a rate with its 95% interval, or "-"."""
+    if not rates or rates.get("win_rate_adjusted", rates.get("win_rate")) is None:
+        return "-"
+    value = rates.get("win_rate_adjusted", rates.get("win_rate"))
+    return f"{value:.3f}" + (f" ({rates['ci95'][0]:.3f}-{rates['ci95'][1]:.3f})" if rates.get("ci95") else "")
+
+
+def _pair_lines(pair: dict) -> list[str]:
+    lines = [f"  {pair['a']} wins {pair['a_wins']} · {pair['b']} wins {pair['b_wins']} · ties {pair['ties']} "
+             f"({pair['orders_disagree']} of them because the orders disagreed) · no verdict {pair['no_verdict']}"]
+    rates = pair.get("a_win_rates") or {}
+    if rates.get("ci95"):
+        lines.append(f"  {pair['a']}'s win rate (ties as half) {rate_text(rates)} (95% bootstrap interval) over "
+                     f"{rates['n']} judged turns")
+    controlled = pair.get("length_controlled") or {}
+    if controlled.get("win_rate") is not None:
+        lines.append(f"  length-controlled {rate_text(controlled)}; {pair['a']}'s answers are "
+                     f"{controlled['mean_chars_difference']:+g} characters longer on average")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """A few lines for a terminal."""
     if summary["mode"] == "answers":
         lines = [f"Answers only (no judge): {summary['questions']} questions."]
-    elif summary["mode"] == "pairwise":
+    elif summary["mode"] == "pairwise" and "a" in summary:
         lines = [f"{summary['a']} vs {summary['b']}, judged by {summary['judge']}: {summary['questions']} questions, "
-                 f"{summary['games']} judged turns (both answer orders each).",
-                 f"  {summary['a']} wins {summary['a_wins']} · {summary['b']} wins {summary['b_wins']} · "
-                 f"ties {summary['ties']} ({summary['orders_disagree']} of them because the orders disagreed) · "
-                 f"no verdict {summary['no_verdict']}"]
-        rates = summary.get("a_win_rates") or {}
-        if rates.get("ci95"):
-            lines.append(f"  {summary['a']}'s win rate (ties as half) {rates['win_rate_adjusted']:.3f}, 95% bootstrap "
-                         f"interval {rates['ci95'][0]:.3f}-{rates['ci95'][1]:.3f} over {rates['n']} judged turns")
+                 f"{summary['games']} judged turns (both answer orders each).", *_pair_lines(summary)]
+    elif summary["mode"] == "pairwise":
+        against = f"each against {summary['baseline']}" if summary.get("baseline") else "every pair"
+        lines = [f"{len(summary['models_compared'])} models, {against}, judged by {summary['judge']}: "
+                 f"{summary['questions']} questions, {summary['games']} judged turns (both answer orders each)."]
+        for pair in summary["pairs"]:
+            lines += [f"{pair['a']} vs {pair['b']}:", *_pair_lines(pair)]
+        lines.append("Per model over all its pairs (win rate, ties as half, 95% bootstrap interval):")
+        lines += [f"  {m}: {rate_text(row)} · wins {row['wins']} · losses {row['losses']} · ties {row['ties']}"
+                  for m, row in summary["by_model"].items()]
     else:
         lines = [f"Single-answer grading (1-10) by {summary['judge']}: {summary['questions']} questions."]
         for model, row in summary["models"].items():
             interval = f" (95% CI {row['ci95'][0]:.2f}-{row['ci95'][1]:.2f})" if row["ci95"] else ""
             mean = "no grades" if row["mean"] is None else f"mean {row['mean']:.2f}{interval}"
             lines.append(f"  {model}: {mean} over {row['n']} graded turns, no verdict {row['no_verdict']}")
-    headers, rows = category_table(summary)
+    headers, rows = category_table(summary, intervals=True)
     width = max(len(str(r[0])) for r in rows + [headers])
     lines.append("  " + " | ".join([headers[0].ljust(width)] + headers[1:]))
     for row in rows:
@@ -385,7 +388,7 @@ def plot_summary(summary: dict):
     figure = Figure(figsize=(7, 3.6), layout="constrained")
     ax = figure.add_subplot()
     categories = list(summary["by_category"])
-    if summary["mode"] == "pairwise":
+    if summary["mode"] == "pairwise" and "a" in summary:
         left = [0.0] * len(categories)
         for key, label, color in (("a_wins", f"{summary['a']} wins", "#4c78a8"), ("ties", "tie", "#bab0ac"),
                                   ("b_wins", f"{summary['b']} wins", "#f58518"),
@@ -395,14 +398,15 @@ def plot_summary(summary: dict):
             left = [x + v for x, v in zip(left, values)]
         ax.set_xlabel("judged turns")
     else:
-        models = list(summary["models"])
+        several = summary["mode"] == "pairwise"
+        models = list(summary["by_model"] if several else summary["models"])
         height = 0.8 / max(1, len(models))
         for i, model in enumerate(models):
-            values = [summary["by_category"][c][model] or 0 for c in categories]
+            values = [summary["by_category"][c].get(model) or 0 for c in categories]
             ax.barh([k + i * height for k in range(len(categories))], values, height=height, label=model)
         ax.set_yticks([k + height * (len(models) - 1) / 2 for k in range(len(categories))], categories)
-        ax.set_xlim(0, 10)
-        ax.set_xlabel("mean grade (1-10)")
+        ax.set_xlim(0, 1 if several else 10)
+        ax.set_xlabel("win rate over its pairs (ties as half)" if several else "mean grade (1-10)")
     ax.invert_yaxis()
     ax.legend(loc="lower right", fontsize="small")
     return figure

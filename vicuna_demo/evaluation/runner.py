@@ -2,6 +2,7 @@
 
     runner = EvaluationRunner(engines, judge="GPT-4o", answer_params=SamplingParams(max_new_tokens=1024))
     result = runner.run(questions, "Vicuna-7B", "Other", mode="pairwise", progress=print)
+    result = runner.run(questions, "A", "B", "C", pairs=model_pairs(["A", "B", "C"], "baseline", "C"))
 
 Answers: one task per (model, question), all submitted together; a two-turn question's task sends
 turn 2 with the model's own first answer in the conversation, as a visitor's chat would. Each
@@ -10,7 +11,10 @@ questions are answered greedily (temperature 0), the rest with the given tempera
 
 Judgments: pairwise mode asks the judge about every turn of every question twice, once with A's
 answer first (game 1) and once with B's first (game 2), and a verdict counts only when both games
-agree (``verdicts.PairVerdict``). Single mode grades every answer of each model from 1 to 10. The
+agree (``verdicts.PairVerdict``). With more than two models every pair is judged (``pairs="all"``,
+FastChat's pairwise-all), or each model against one baseline (``pairs="baseline"``, as Arena-Hard and
+FastChat's pairwise-baseline: the model is A, the baseline B); each model answers once whatever the
+number of its pairs. Single mode grades every answer of each model from 1 to 10. The
 judge runs greedily. A turn whose answers are missing (an engine error, moderation) is not judged
 and is reported; a judgment that fails or times out is recorded with its error ("no verdict") and
 the rest of the run goes on.
@@ -41,6 +45,7 @@ from .verdicts import (PairVerdict, combine, parse_pair, parse_pair_fastchat, pa
 log = logging.getLogger("vicuna_demo.evaluation")
 
 MODES = ("pairwise", "single", "answers")   # answers: no judge (a CPU, or answers to judge elsewhere)
+PAIRINGS = ("all", "baseline")              # every pair of models, or each model against the baseline
 GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
 # the categories MT-Bench judges with a reference answer (FastChat's gen_judgment.py): only these
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding", "arena-hard-200"})
@@ -109,10 +114,32 @@ class Judgment:
         return "no_verdict" if self.score is None else f"{self.score:g}"
 
 
+def model_pairs(models: Sequence[str], how: str = "all", baseline: str | None = None) -> list[tuple[str, str]]:
+    """The (A, B) pairs to judge: ``"all"``, every pair in the order given (FastChat's pairwise-all); or
+    ``"baseline"``, each other model as A against ``baseline`` as B (FastChat's pairwise-baseline,
+    Arena-Hard). Raises ValueError for fewer than two models or a baseline not among them."""
+    models = list(dict.fromkeys(models))
+    if how not in PAIRINGS:
+        raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}")
+    if len(models) < 2:
+        raise ValueError("pairwise evaluation needs at least two different models")
+    if how == "baseline":
+        if baseline not in models:
+            raise ValueError(f"the baseline {baseline!r} is not one of the models ({', '.join(models)})")
+        return [(m, baseline) for m in models if m != baseline]
+    return [(a, b) for i, a in enumerate(models) for b in models[i + 1:]]
+
+
+def baseline_of(pairs: Sequence[tuple[str, str]]) -> str | None:
+    """The model every pair is judged against (B of each of several pairs, never an A), or None."""
+    firsts, seconds = {a for a, _ in pairs}, {b for _, b in pairs}
+    return next(iter(seconds)) if len(pairs) > 1 and len(seconds) == 1 and not firsts & seconds else None
+
+
 @dataclass
 class EvaluationResult:
     mode: str
-    models: tuple[str, ...]            # (a, b) or (a,) for single mode with one model
+    models: tuple[str, ...]            # (a, b), (a,) for single mode with one model, or more
     judge: str
     questions: list[Question]
     answers: dict[str, dict] = field(default_factory=dict)      # model -> question_id -> Answer
@@ -121,6 +148,8 @@ class EvaluationResult:
     cancelled: bool = False
     answer_s: float = 0.0
     judge_s: float = 0.0
+    pairs: tuple[tuple[str, str], ...] = ()                     # pairwise: the (A, B) pairs judged
+    baseline: str | None = None                                 # pairwise against a baseline: its name
 
 
 class EvaluationRunner:
@@ -270,23 +299,31 @@ class EvaluationRunner:
                             fastchat_rules=bool(self.judge_prompts))
         return judgment, game1, game2
 
-    def run(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
-            progress: Callable[[str, int, int], None] | None = None, reuse_answers: Mapping | None = None,
-            reuse_judgments: Mapping | None = None) -> EvaluationResult:
+    def run(self, questions: Sequence[Question], *models: str | None, mode: str = "pairwise",
+            pairs: Sequence[tuple[str, str]] | None = None, progress: Callable[[str, int, int], None] | None = None,
+            reuse_answers: Mapping | None = None, reuse_judgments: Mapping | None = None) -> EvaluationResult:
         """Answer, then judge; ``progress(stage, done, total)`` with stage "answers" or "judgments".
 
+        ``models``: the names (a None is skipped: ``run(q, a, None, mode="single")``). Pairwise judges
+        ``pairs`` (``model_pairs``; default every pair of ``models``, i.e. A against B for two).
         ``reuse_answers`` (model -> question_id -> Answer) and ``reuse_judgments`` (Judgment.key -> Judgment)
         come from earlier runs: a complete answer is not asked again, and a judgment without error is
         not asked again when every answer it judged was reused (a new answer gets a new judgment)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
-        if mode == "pairwise" and (b is None or a == b):
-            raise ValueError("pairwise evaluation needs two different models (--a and --b)")
-        models = (a,) if b is None else (a, b)
+        names = tuple(dict.fromkeys(m for m in models if m))
+        if not names:
+            raise ValueError("no model to evaluate")
+        if mode == "pairwise":
+            pairs = tuple(pairs) if pairs is not None else tuple(model_pairs(names))
+            if not pairs or any(a == b or a not in names or b not in names for a, b in pairs):
+                raise ValueError("pairwise evaluation needs pairs of two different models among those evaluated")
         report = progress or (lambda stage, done, total: None)
-        result = EvaluationResult(mode=mode, models=models, judge=self.judge, questions=list(questions))
+        result = EvaluationResult(mode=mode, models=names, judge=self.judge, questions=list(questions),
+                                  pairs=pairs if mode == "pairwise" else (),
+                                  baseline=baseline_of(pairs) if mode == "pairwise" else None)
         started = time.perf_counter()
-        result.answers = self.answer(questions, models, progress=report, reuse=reuse_answers)
+        result.answers = self.answer(questions, names, progress=report, reuse=reuse_answers)
         result.answer_s = time.perf_counter() - started
         if self._cancel.is_set() or mode == "answers":
             result.cancelled = self._cancel.is_set()
@@ -364,22 +401,23 @@ class EvaluationRunner:
         requests: list[tuple] = []
         for question in result.questions:
             for turn in range(1, len(question.turns) + 1):
-                answers = [result.answers[m][question.question_id] for m in result.models]
-                if result.mode == "pairwise":
+                for pair in result.pairs:
+                    answers = [result.answers[m][question.question_id] for m in pair]
                     missing = [x for x in answers if len(x.turns) < turn]
                     if missing:
                         result.skipped.append(f"question {question.question_id} turn {turn}: {missing[0].model} has "
                                               f"no answer ({missing[0].error or 'missing'})")
                         continue
-                    old = reused((question.question_id, turn, *result.models, self.judge), answers)
+                    old = reused((question.question_id, turn, *pair, self.judge), answers)
                     if old is not None:
                         judgments.append(old)
                         continue
                     judgment, game1, game2 = self._judge_pair(question, turn, *answers)
                     judgments.append(judgment)
                     requests += [(judgment, "g1", game1), (judgment, "g2", game2)]
+                if result.mode == "pairwise":
                     continue
-                for answer in answers:
+                for answer in (result.answers[m][question.question_id] for m in result.models):
                     if len(answer.turns) < turn:
                         result.skipped.append(f"question {question.question_id} turn {turn}: {answer.model} has "
                                               f"no answer ({answer.error or 'missing'})")

@@ -48,42 +48,6 @@ JUDGE_RATE_PER_MIN = 10          # judge requests a visitor may start per minute
 GAMES = ("g1", "g2")             # g1: model A's answer first; g2: model B's answer first
 
 
-def _same(winner: str) -> str:
-    """"tie" and "tie (bothbad)" are the same verdict here: neither answer is better."""
-    return "tie" if winner.startswith("tie") else winner
-
-
-def agreement(pairs: Sequence[tuple[str, str]]) -> tuple[int, int]:
-    """(rounds where judge and human agree, rounds with both) from (judge winner, human winner) pairs."""
-    return sum(1 for judge, human in pairs if _same(judge) == _same(human)), len(pairs)
-
-
-def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float | None:
-    """Cohen's kappa of two raters' labels: (observed - chance agreement) / (1 - chance), chance from each
-    rater's own label frequencies. None without pairs or when chance agreement is 1 (one label only)."""
-    if not pairs:
-        return None
-    n = len(pairs)
-    observed = sum(1 for x, y in pairs if x == y) / n
-    labels = {label for pair in pairs for label in pair}
-    chance = sum((sum(1 for x, _ in pairs if x == k) / n) * (sum(1 for _, y in pairs if y == k) / n) for k in labels)
-    return None if chance >= 1 else (observed - chance) / (1 - chance)
-
-
-def agreement_stats(pairs: Sequence[tuple[str, str]]) -> dict:
-    """Judge against people, the MT-Bench way (FastChat's compute_agreement.py): agreement with ties (a tie
-    is a verdict of its own) and without them (only rounds where neither said tie), each with Cohen's kappa.
-    -> {"with_ties": {"n", "agree", "rate", "kappa"}, "without_ties": {...}}."""
-    labelled = [(_same(j), _same(h)) for j, h in pairs]
-    out = {}
-    for key, chosen in (("with_ties", labelled), ("without_ties", [p for p in labelled if "tie" not in p])):
-        agree = sum(1 for x, y in chosen if x == y)
-        kappa = cohen_kappa(chosen)
-        out[key] = {"n": len(chosen), "agree": agree, "rate": round(agree / len(chosen), 4) if chosen else None,
-                    "kappa": None if kappa is None else round(kappa, 4)}
-    return out
-
-
 class EvaluationBusy(RuntimeError):
     """Another evaluation is running in this app."""
 

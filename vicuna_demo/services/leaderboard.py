@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import threading
 
+from ..data.agreement import agreement_stats
 from ..data.ratings import (MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates,
                             win_rate_table)
 from ..data.storage import NullStore
 from .arena import Arena
 from .chat import ChatService
-from .judge import NO_JUDGE, agreement_stats
+from .judge import NO_JUDGE
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 ALL_CATEGORIES = "all"
