@@ -17,6 +17,7 @@ import threading
 
 from ..data.ratings import (MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates,
                             win_rate_table)
+from ..data.outliers import REASON as OUTLIER_REASON
 from ..data.storage import NullStore
 from .arena import Arena
 from .chat import ChatService
@@ -24,7 +25,8 @@ from .judge import NO_JUDGE, agreement_stats
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 ALL_CATEGORIES = "all"
-CATEGORY_CHOICES = (ALL_CATEGORIES, "code", "multi_turn", "long_query", "lang:en")  # others may be typed
+CATEGORY_CHOICES = (ALL_CATEGORIES, "code", "multi_turn", "long_query", "lang:en", "math", "creative_writing",
+                    "instruction_following", "hard_prompt")  # others may be typed
 PROVISIONAL = "provisional"
 NOT_KEPT = "Votes are not being kept on this demo, so there is no leaderboard."
 
@@ -110,7 +112,8 @@ def empty_message(service: ChatService, settings, include_named: bool) -> str:
 
 class StyleBattles:
     """The battles with their style counts and category labels, read once and then only the votes stored
-    since (votes are append-only), so a refresh of 100k battles does not decode 100k rows of JSON again."""
+    since (votes are append-only), so a refresh of 100k battles does not decode 100k rows of JSON again.
+    Labels given after a vote (the judge's, ``Store.later_labels``) are added to the battles kept."""
 
     def __init__(self, store):
         self.store, self.lock, self.kept = store, threading.Lock(), {}
@@ -121,10 +124,15 @@ class StyleBattles:
             flagged = len(self.store.vote_flags())  # a vote flagged later leaves the board: read afresh
             if flagged != self.kept.get("flagged", 0):
                 self.kept = {"flagged": flagged}
-            battles, styles, labels, last = self.kept.get(anony_only, ([], [], [], 0))
-            new = self.store.style_battles(anony_only=anony_only, after_id=last)
+            battles, styles, labels, ids, last, last_label = self.kept.get(anony_only, ([], [], [], [], 0, 0))
+            later, last_label = self.store.later_labels(after_id=last_label)
+            if later:
+                labels = [have + [x for x in later.get(battle_id, ()) if x not in have] if battle_id in later else have
+                          for have, battle_id in zip(labels, ids)]
+            new_ids: list = []
+            new = self.store.style_battles(anony_only=anony_only, after_id=last, battle_ids=new_ids)
             battles, styles, labels, last = battles + new[0], styles + new[1], labels + new[2], new[3]
-            self.kept[anony_only] = (battles, styles, labels, last)
+            self.kept[anony_only] = (battles, styles, labels, ids + new_ids, last, last_label)
             return battles, styles, labels
 
 
@@ -153,10 +161,19 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
                         min_battles=getattr(settings, "min_battles", MIN_BATTLES),
                         empty=empty_message(service, settings, include_named))
     if rows:
-        summary += sampling_text(store.sampling_history())
+        summary += sampling_text(store.sampling_history()) + outlier_text(store.vote_flags())
     if category:
         summary = f"Category **{category}**: " + summary
     return summary, rows, figure
+
+
+def outlier_text(flags: dict[str, str]) -> str:
+    """The summary's note on votes the outlier-voter check took off the board (``store.vote_flags()``)."""
+    n = sum(OUTLIER_REASON in reasons.split(",") for reasons in flags.values())
+    if not n:
+        return ""
+    return (f" {_count(n, 'vote')} of visitors who voted against the ratings far beyond chance "
+            f"{'is' if n == 1 else 'are'} left out (the outlier-voter check; kept in the store).")
 
 
 def sampling_changes(history: list[tuple[float, dict]]) -> list[str]:
