@@ -14,7 +14,8 @@ A round: the visitor's text is checked once (the session gate, limits, unknown m
 messages are built as a frozen snapshot, the text is moderated ONCE and that verdict goes to both
 sides' ``ChatService.reply``, so a flagged text reaches neither model. In an anonymous battle an error's
 own text (which may carry the model's name or its endpoint's address) goes to the operator's log, and the
-visitor sees ``ANONYMOUS_ERROR``. Both replies stream at once:
+visitor sees ``ANONYMOUS_ERROR``, or ``ANONYMOUS_TOO_LONG`` for a message that does not fit a side's context
+window (its token counts would tell the model apart). Both replies stream at once:
 each side runs in its own thread and feeds a queue; the round yields whenever either side moved.
 Each side has its own Stop, and one Stop halts both. Votes open when a round has finished and are stored as a ``VoteRecord``;
 ``arena.battle_counts`` decides whether the battle counts for the leaderboard (not after moderation,
@@ -55,6 +56,9 @@ MODELS_CHANGED = "The models changed, so a new comparison started."
 # can cause one on purpose), so the visitor gets this and the operator's log the detail
 ANONYMOUS_ERROR = ("⚠️ {side} could not answer this time (an error on its side). This battle will not count; "
                    "press 🎲 New round to try two models again.")
+# a message too long for one side: its token or character counts would tell the model's context window apart
+ANONYMOUS_TOO_LONG = ("⚠️ Your message is too long for {side} (it does not fit that model's context window). This "
+                      "battle will not count; press 🎲 New round and send a shorter message.")
 REASON_TEXT = {
     "moderated": "a message was stopped by content moderation",
     "error": "a reply failed",
@@ -322,10 +326,11 @@ class BattleService:
                     if update is None:
                         pending.discard(key)
                         continue
-                    if hidden and update.status == "error":  # the text may name the model, its address...
+                    if hidden and update.status in ERROR_STATUSES:  # the text may name the model, its address...
                         log.warning("anonymous battle %s, %s (%s): %s", battle_id, LABELS[key], sides[key].model,
                                     update.notice)
-                        update.notice = ANONYMOUS_ERROR.format(side=LABELS[key])
+                        notice = ANONYMOUS_TOO_LONG if update.status == "rejected" else ANONYMOUS_ERROR
+                        update.notice = notice.format(side=LABELS[key])
                     elif hidden:
                         update.notice = _hide_names(update.notice, hidden)
                     exchanges[key].apply(update)
