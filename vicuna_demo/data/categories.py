@@ -154,8 +154,11 @@ def judge_labels(answer: dict[str, bool]) -> list[str]:
     return labels
 
 
-def category_tag(answer: dict[str, bool]) -> dict:
-    """A parsed judge answer in FastChat/LMArena's clean-battle ``category_tag`` shape."""
+def category_tag(answer: dict | None) -> dict | None:
+    """A parsed judge answer in FastChat/LMArena's clean-battle ``category_tag`` shape (None for anything that is
+    not a whole answer, e.g. a row written by other code)."""
+    if not isinstance(answer, dict) or any(not isinstance(answer.get(key), bool) for key in JUDGE_KEYS):
+        return None
     return {"criteria_v0.1": {key: answer[key] for key in HARD_CRITERIA},
             "math_v0.1": {"math": answer["math"]},
             "creative_writing_v0.1": {"creative_writing": answer["creative_writing"],

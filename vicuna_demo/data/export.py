@@ -109,7 +109,7 @@ def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None, lat
         "categories": categories,
         "is_code": None if vote.get("categories") is None else "code" in vote["categories"],
         "language": next((c[5:] for c in vote.get("categories") or [] if c.startswith("lang:")), None),
-        "category_tag": category_tag(answer) if answer else None,
+        "category_tag": category_tag(answer),
     }
 
 

@@ -24,6 +24,7 @@ TURNS = _table("turns", TURN_COLUMNS)
 VOTES = _table("votes", VOTE_COLUMNS)
 JUDGE_VOTES = _table("judge_votes", JUDGE_COLUMNS)
 BATTLE_LABELS = _table("battle_labels", LABEL_COLUMNS)
+VOTE_FLAGS = _table("vote_flags", ("battle_id", "tstamp", "reason"))
 
 
 class StoreQueries:
