@@ -175,3 +175,20 @@ def test_the_app_settings_give_the_battles_a_judge_labeller_and_the_outlier_sche
     assert battles.labeller.labeller == "judge:Judge" and battles.outliers.every == 7
     assert BattleService.from_settings(chat, Settings()).labeller is None
     battles.close()
+
+
+def test_in_the_running_app_a_vote_gets_the_judges_labels_on_the_category_board(launch_app):
+    from gradio_client import Client
+
+    engines = {KOALA: RecordingEngine(KOALA, "Eighty-four.", 0.0), ALPACA: RecordingEngine(ALPACA, "It is 84.", 0.0),
+               JUDGE: RecordingEngine(JUDGE, json.dumps(MATH_AND_HARD), 0.0)}
+    url, runtime = launch_app(["--rate-limit", "0", "--judge", JUDGE, "--arena-weights", f"{JUDGE}=0",
+                               "--min-battles", "0"], engines=engines)
+    client = Client(url, verbose=False)
+    client.predict("What is 12 times 7?", 0.7, 1.0, 32, api_name="/arena_send")
+    assert "Thanks for voting" in client.predict("a", api_name="/arena_vote")[3]
+    assert runtime.battles.worker.wait_idle()
+    summary, table, _ = client.predict(False, False, "hard_prompt", api_name="/leaderboard_refresh")
+    assert summary.startswith("Category **hard_prompt**") and len(table["data"]) == 2
+    summary, table, _ = client.predict(False, False, "creative_writing", api_name="/leaderboard_refresh")
+    assert table["data"] == []
