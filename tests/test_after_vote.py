@@ -128,12 +128,17 @@ def test_the_vote_returns_before_the_judge_is_asked_and_a_full_queue_drops_the_j
     assert len(battles.chat.store.label_rows()) == 2
 
 
-def test_a_prompt_stopped_by_moderation_never_reaches_the_judge(tmp_path):
+def test_a_prompt_stopped_by_moderation_or_a_vote_that_does_not_count_never_reaches_the_judge(tmp_path):
     judge = RecordingEngine(JUDGE, json.dumps(MATH_AND_HARD), 0.001)
     battles = build(tmp_path, judge)
-    battle_and_vote(battles, "How is nitroglow made?")
+    battles.daily_vote_cap = 1
+    battle_and_vote(battles, "How is nitroglow made?")       # moderated: not counted, not sent
+    battle_and_vote(battles, "What is 2 + 2?")               # counted: labelled
+    battle_and_vote(battles, "What is 3 + 3?")               # over the daily cap: not counted, not sent
     assert battles.worker.wait_idle()
-    assert judge.received == [] and battles.chat.store.label_rows() == []
+    assert [v["counted"] for v in battles.chat.store.vote_rows()] == [False, True, False]
+    assert len(judge.received) == 1 and "2 + 2" in judge.texts()[-1]
+    assert "nitroglow" not in " ".join(judge.texts())
 
 
 def test_the_strict_reading_of_the_judges_answer():

@@ -20,8 +20,8 @@ each side runs in its own thread and feeds a queue; the round yields whenever ei
 Each side has its own Stop, and one Stop halts both. Votes open when a round has finished and are stored as a ``VoteRecord``;
 ``arena.battle_counts`` decides whether the battle counts for the leaderboard (not after moderation,
 an error, or, when anonymous, a reply that gave its model away). Once a vote is stored, the work that
-follows it runs on a background worker (services/after_vote.py): the judge's category labels of an
-anonymous battle's first prompt (with ``--judge``; never for a prompt moderation stopped) and, every
+follows it runs on a background worker (services/after_vote.py): the judge's category labels of a
+counted anonymous battle's first prompt (with ``--judge``; never for a prompt moderation stopped) and, every
 ``--outlier-check-every`` votes, the outlier-voter check.
 """
 
@@ -414,10 +414,12 @@ class BattleService:
 
     def _after_vote(self, battle: Battle) -> None:
         """Queue what follows a stored vote (never waited for): the judge's labels of an anonymous battle's first
-        prompt, unless moderation stopped a message of it (a flagged text reaches no model); the outlier check."""
+        prompt when the vote counts (the category boards read counted votes only, and a visitor past the daily
+        cap cannot keep the judge busy) and moderation stopped no message of it (a flagged text reaches no
+        model); the outlier check."""
         if battle.winner is None:
             return
-        if battle.anonymous and self.labeller is not None and not battle.moderated:
+        if battle.anonymous and battle.counted and self.labeller is not None and not battle.moderated:
             self.labeller.submit(battle.battle_id, battle.a.exchanges[0].user)
         self.outliers.vote_stored()
 
