@@ -76,12 +76,17 @@ def test_the_judges_json_labels_are_stored_after_the_vote_and_the_category_board
     assert len(judge.received) == 1
     # the page's board, through the cache that had read the vote before its labels came
     assert source.read(anony_only=True)[2] == [["lang:en", "math", "hard_prompt"]]
-    settings = Settings(min_battles=0)
+    settings = Settings(min_battles=0, judge=JUDGE)
     summary, rows, _ = leaderboard_view(battles.chat, settings, False, category="hard_prompt", style_source=source)
     assert summary.startswith("Category **hard_prompt**") and sum(r[-1] for r in rows) == 2   # one battle, 2 rows
     summary, rows, _ = leaderboard_view(battles.chat, settings, False, category="creative_writing",
                                         style_source=source)
-    assert rows == []
+    assert rows == [] and "No counted battles labelled creative_writing yet." in summary
+    summary, _, _ = leaderboard_view(battles.chat, Settings(), False, category="instruction_following",
+                                     style_source=source)
+    assert "comes from the judge model, and no judge is set up" in summary
+    summary, _, _ = leaderboard_view(battles.chat, Settings(judge=None), False, category="poetry", style_source=source)
+    assert "No counted battles labelled poetry yet." in summary
     # the export: the labels joined, the judge's answer in FastChat/LMArena's category_tag shape
     [vote] = store.vote_rows()
     record = battle_record(vote, later=later_labels(store.label_rows()).get(vote["battle_id"]))

@@ -17,6 +17,7 @@ import threading
 
 from ..data.ratings import (MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates,
                             win_rate_table)
+from ..data.categories import JUDGE_LABELS
 from ..data.outliers import REASON as OUTLIER_REASON
 from ..data.storage import NullStore
 from .arena import Arena
@@ -147,8 +148,11 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
         return NOT_KEPT, [], None
     category = None if category in (None, "", ALL_CATEGORIES) else category
     style = None
+    empty = empty_message(service, settings, include_named)
     if style_control or category:
         battles, style, labels = (style_source or StyleBattles(store)).read(anony_only=not include_named)
+        if category and battles:
+            empty = category_empty_message(category, settings)
         if category:
             keep = [k for k, found in enumerate(labels) if category in found]
             battles, style = [battles[k] for k in keep], [style[k] for k in keep]
@@ -158,13 +162,21 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
         battles = store.battles(anony_only=not include_named)
     summary, rows, figure = battles_view(battles, style=style,
                         kind="anonymous and named" if include_named else "anonymous",
-                        min_battles=getattr(settings, "min_battles", MIN_BATTLES),
-                        empty=empty_message(service, settings, include_named))
+                        min_battles=getattr(settings, "min_battles", MIN_BATTLES), empty=empty)
     if rows:
         summary += sampling_text(store.sampling_history()) + outlier_text(store.vote_flags())
     if category:
         summary = f"Category **{category}**: " + summary
     return summary, rows, figure
+
+
+def category_empty_message(category: str, settings) -> str:
+    """Why a category has no battles although others have some."""
+    if category in JUDGE_LABELS and not getattr(settings, "judge", None):
+        return (f"No battles labelled {category}: this label comes from the judge model, and no judge is set up "
+                "on this demo (the rules label code, multi_turn, long_query and lang:xx).")
+    later = " The judge labels each battle shortly after its vote." if category in JUDGE_LABELS else ""
+    return f"No counted battles labelled {category} yet.{later}"
 
 
 def outlier_text(flags: dict[str, str]) -> str:
