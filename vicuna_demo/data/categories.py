@@ -1,6 +1,6 @@
 """Category labels of an arena battle, from its first prompt: by deterministic rules (no I/O but the
 language model's one-time load), and what a judge model's classification of the prompt means (the
-question, the strict reading of its answer, the labels; services/labelling.py asks it).
+question, the strict reading of its answer, the labels; services/after_vote.py asks it).
 
 Labels by rules (a battle may have several):
 

@@ -27,7 +27,7 @@ append-only table calls ``append_only(db, name)``.
    client-hash salt of a PostgreSQL store), ``rate_hits`` (per-visitor rate limits) and ``slots``
    (leases such as "one evaluation at a time").
 8. ``battle_labels``: category labels given to a battle's first prompt after its vote (by the judge
-   model, services/labelling.py: ``labeller`` "judge:<name>", ``labels`` a JSON list, ``answer`` the
+   model, services/after_vote.py: ``labeller`` "judge:<name>", ``labels`` a JSON list, ``answer`` the
    judge's parsed JSON answer), append-only; read merged with ``votes.categories`` (the rules' labels).
 """
 

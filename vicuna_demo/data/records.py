@@ -4,8 +4,9 @@ and reads them, export.py and the ratings use the same facts).
 
 - ``WINNERS``: a human vote's winner (FastChat's clean-battle values); ``JUDGE_WINNERS``: a judge's, which
   adds "no_verdict"; ``SIDES``: a turn's side in a comparison (None outside one).
-- ``TURN_COLUMNS`` / ``VOTE_COLUMNS`` / ``JUDGE_COLUMNS`` / ``LABEL_COLUMNS``: the tables' columns in the records' field order
-  (see migrations.py for the schema); ``JSON_TURN_COLUMNS`` are stored as JSON text.
+- ``TURN_COLUMNS`` / ``VOTE_COLUMNS`` / ``JUDGE_COLUMNS`` / ``LABEL_COLUMNS``: the tables' columns in the records'
+  field order (see migrations.py for the schema); ``JSON_TURN_COLUMNS`` and ``JSON_LABEL_COLUMNS`` are stored
+  as JSON text.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class JudgeVoteRecord:
 
 @dataclass(frozen=True)
 class LabelRecord:
-    """Category labels a labeller gave a battle's first prompt after the vote (services/labelling.py)."""
+    """Category labels a labeller gave a battle's first prompt after the vote (services/after_vote.py)."""
 
     battle_id: str
     tstamp: float

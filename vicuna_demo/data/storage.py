@@ -437,6 +437,9 @@ class NullStore:
     def sampling_history(self) -> list[tuple[float, dict]]:
         return []
 
+    def counted_choices(self, *, anony_only: bool = True) -> list[dict]:
+        return []
+
     def vote_flags(self) -> dict[str, str]:
         return {}
 
