@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from tests.engines import RecordingEngine, WordModerator
+from tests.judge_server import JudgeServer
 from tests.test_outliers import fill
 from vicuna_demo.config import Settings
 from vicuna_demo.data.categories import HARD_CRITERIA, JUDGE_KEYS, judge_labels, parse_judge_answer
@@ -188,17 +189,22 @@ def test_the_app_settings_give_the_battles_a_judge_labeller_and_the_outlier_sche
     battles.close()
 
 
-def test_in_the_running_app_a_vote_gets_the_judges_labels_on_the_category_board(launch_app):
+def test_in_the_running_app_an_endpoint_judge_labels_votes_and_a_request_it_refuses_leaves_none(launch_app):
     from gradio_client import Client
 
-    engines = {KOALA: RecordingEngine(KOALA, "Eighty-four.", 0.0), ALPACA: RecordingEngine(ALPACA, "It is 84.", 0.0),
-               JUDGE: RecordingEngine(JUDGE, json.dumps(MATH_AND_HARD), 0.0)}
-    url, runtime = launch_app(["--rate-limit", "0", "--judge", JUDGE, "--arena-weights", f"{JUDGE}=0",
-                               "--min-battles", "0"], engines=engines)
-    client = Client(url, verbose=False)
-    client.predict("What is 12 times 7?", 0.7, 1.0, 32, api_name="/arena_send")
-    assert "Thanks for voting" in client.predict("a", api_name="/arena_vote")[3]
-    assert runtime.battles.worker.wait_idle()
+    engines = {KOALA: RecordingEngine(KOALA, "Eighty-four.", 0.0), ALPACA: RecordingEngine(ALPACA, "It is 84.", 0.0)}
+    refuse = lambda messages: "about rain" in messages[-1]["content"]   # noqa: E731 - a 500 to this one, always
+    with JudgeServer(lambda messages: json.dumps(MATH_AND_HARD), fail_when=refuse) as server:
+        url, runtime = launch_app(["--rate-limit", "0", "--endpoint", server.endpoint(JUDGE, retries=0), "--judge", JUDGE,
+                                   "--arena-weights", f"{JUDGE}=0", "--min-battles", "0"], engines=engines)
+        for prompt in ("What is 12 times 7?", "Write a poem about rain."):
+            client = Client(url, verbose=False)
+            client.predict(prompt, 0.7, 1.0, 32, api_name="/arena_send")
+            assert "Thanks for voting" in client.predict("a", api_name="/arena_vote")[3]
+        assert runtime.battles.worker.wait_idle(60)
+        assert server.refused[500] >= 1
+    [row] = runtime.store.label_rows()
+    assert row["labels"] == ["math", "hard_prompt"] and len(runtime.store.vote_rows()) == 2
     summary, table, _ = client.predict(False, False, "hard_prompt", api_name="/leaderboard_refresh")
     assert summary.startswith("Category **hard_prompt**") and len(table["data"]) == 2
     summary, table, _ = client.predict(False, False, "creative_writing", api_name="/leaderboard_refresh")
