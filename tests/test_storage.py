@@ -209,7 +209,7 @@ def test_rows_are_append_only(backend):
     assert backend.sql("SELECT COUNT(*) FROM votes") == [(1,)]
 
 
-def test_labels_given_after_the_vote_are_kept_append_only_and_join_the_rules_labels(backend):
+def test_labels_given_after_the_vote_are_kept_append_only_and_join_the_rules_labels(backend, monkeypatch):
     with backend.open() as store:
         assert store.log_vote(make_vote("b1", categories=["code", "lang:en"]))
         assert store.log_vote(make_vote("b2", categories=[]))
@@ -227,6 +227,9 @@ def test_labels_given_after_the_vote_are_kept_append_only_and_join_the_rules_lab
         assert store.log_vote(make_vote("b3", categories=["lang:fr"]))
         assert store.log_labels(LabelRecord("b3", 4.0, "judge:J", ["math"]))
         assert store.style_battles(after_id=last)[2] == [["lang:fr", "math"]]   # only the new vote, its labels joined
+        from vicuna_demo.data import queries
+        monkeypatch.setattr(queries, "MAX_IN_LIST", 0)                          # many new votes: every label row read
+        assert store.style_battles(after_id=last)[2] == [["lang:fr", "math"]]
     for attack in ("UPDATE battle_labels SET labels = '[]'", "DELETE FROM battle_labels"):
         with pytest.raises(sa.exc.DatabaseError, match="append-only"):
             backend.sql(attack)

@@ -25,6 +25,7 @@ VOTES = _table("votes", VOTE_COLUMNS)
 JUDGE_VOTES = _table("judge_votes", JUDGE_COLUMNS)
 BATTLE_LABELS = _table("battle_labels", LABEL_COLUMNS)
 VOTE_FLAGS = _table("vote_flags", ("battle_id", "tstamp", "reason"))
+MAX_IN_LIST = 500  # ids a query names in one IN (...): SQLite allows 32,766 bound values, PostgreSQL 65,535
 
 
 class StoreQueries:
@@ -141,7 +142,8 @@ class StoreQueries:
                 missing[len(styles)] = (r["conversation_a_id"], r["conversation_b_id"])
             styles.append(counts)
             last_id = r["id"]
-        later, _ = self.later_labels(battle_ids=None if not after_id else set(ids))
+        # a few new votes: their labels only; a first read or many new votes: every label row (no huge IN list)
+        later, _ = self.later_labels(battle_ids=set(ids) if after_id and len(ids) <= MAX_IN_LIST else None)
         if later:
             labels = [have + [label for label in later.get(battle_id, ()) if label not in have]
                       for have, battle_id in zip(labels, ids)]
