@@ -14,9 +14,9 @@ import pytest
 from tests.engines import RecordingEngine, WordModerator
 from vicuna_demo.config import Settings
 from vicuna_demo.data.storage import open_store
-from vicuna_demo.engines.protocol import EngineError
+from vicuna_demo.engines.protocol import EngineError, PromptTooLong
 from vicuna_demo.services.arena import Arena
-from vicuna_demo.services.battle import BUSY_NOTICE, MODELS_CHANGED, Battle, BattleService
+from vicuna_demo.services.battle import ANONYMOUS_TOO_LONG, BUSY_NOTICE, MODELS_CHANGED, Battle, BattleService
 from vicuna_demo.services.chat import ChatService, Limits
 
 KOALA, ALPACA = "Koala-13B", "Alpaca-7B"
@@ -146,6 +146,29 @@ def test_an_error_on_one_side_is_shown_there_without_names_and_the_battle_does_n
     assert any("Model A could not answer" in n or "Model B could not answer" in n for n in notices)
     assert not any(KOALA in n or "10.9.8.7" in n or "busy" in n for n in notices)
     assert any("10.9.8.7" in r.getMessage() and KOALA in r.getMessage() for r in caplog.records)  # the operator's
+    battles.vote(battle, "a")
+    assert battles.chat.store.vote_rows()[0]["not_counted_reason"] == "error"
+
+
+def test_a_message_too_long_for_one_side_of_an_anonymous_battle_names_neither_model_nor_its_window(tmp_path, caplog):
+    class Small(RecordingEngine):
+        def prepare(self, messages, params):
+            raise PromptTooLong(f"This message is too long for {self.name}: it needs 5123 tokens, and the model's "
+                                "context window leaves 1536 for the conversation. Please shorten it.")
+
+    battles, _ = build(tmp_path)
+    battles.chat.engines[KOALA] = Small(KOALA)
+    battle = Battle(anonymous=True)
+    with caplog.at_level("WARNING", logger="vicuna_demo.services.battle"):
+        list(battles.send(battle, "A long message"))
+    side = "a" if battle.a.model == KOALA else "b"
+    notice = battle.side(side).exchanges[-1].notice
+    assert notice == ANONYMOUS_TOO_LONG.format(side=f"Model {side.upper()}")
+    assert not any(word in notice for word in (KOALA, "Koala", "5123", "1536", "Model A:", "Model B:"))
+    assert any("5123" in r.getMessage() and KOALA in r.getMessage() for r in caplog.records)  # the operator's
+    named = Battle()
+    list(battles.send(named, "A long message", models=(KOALA, ALPACA)))
+    assert "5123 tokens" in named.a.exchanges[-1].notice    # named battles keep the detail
     battles.vote(battle, "a")
     assert battles.chat.store.vote_rows()[0]["not_counted_reason"] == "error"
 

@@ -53,3 +53,14 @@ def test_cli_rates_one_category(tmp_path):
     models = json.loads(result.stdout)["models"]
     assert [m["model"] for m in models] == ["a", "b"] and models[0]["battles"] == 30
     assert "30 not in category code" in result.stderr
+
+
+def test_fastchat_category_tags_give_the_judge_labels():
+    from vicuna_demo.data.categories import HARD_CRITERIA, category_tag
+
+    answer = {**{key: True for key in HARD_CRITERIA}, "math": True, "creative_writing": False,
+              "instruction_following": True}
+    assert labels_from_row({"category_tag": category_tag(answer), "is_code": False}) == {
+        "math", "instruction_following", "hard_prompt"}
+    five = {**answer, "specificity": False, "complexity": False}
+    assert "hard_prompt" not in labels_from_row({"category_tag": category_tag(five)})

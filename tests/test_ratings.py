@@ -260,3 +260,17 @@ def test_the_winners_a_rating_accepts_are_the_ones_the_store_keeps():
     assert ratings.WINNERS is records.WINNERS is storage.WINNERS
     with pytest.raises(ValueError, match="is not one of"):
         ratings.compute_leaderboard([("a", "b", "bothbad")])
+
+
+def test_the_heatmap_of_20_models_still_writes_every_value_compactly_and_40_says_it_does_not():
+    names = [f"model-{i}" for i in range(20)]
+    matrix = np.full((20, 20), 0.625)
+    np.fill_diagonal(matrix, np.nan)
+    games = np.full((20, 20), 40)
+    games[0, 1] = games[1, 0] = 3
+    fig = plot_win_rates(names, matrix, games)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert len(texts) == 20 * 19 and texts.count("62") == 20 * 19 - 2 and texts.count("3") == 2
+    assert "Win rate (%)" in fig.axes[0].get_title() and "the number is battles" in fig.axes[0].get_title()
+    many = plot_win_rates([f"m{i}" for i in range(40)], np.full((40, 40), 0.5))
+    assert len(many.axes[0].texts) == 0 and "40 models: colours only" in many.axes[0].get_title()

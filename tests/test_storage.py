@@ -27,6 +27,7 @@ from vicuna_demo.data.storage import (
     MIGRATIONS,
     SCHEMA_VERSION,
     JudgeVoteRecord,
+    LabelRecord,
     NullStore,
     Store,
     TurnRecord,
@@ -206,6 +207,33 @@ def test_rows_are_append_only(backend):
             backend.sql("TRUNCATE votes")
     assert backend.sql("SELECT reply FROM turns") == [("Hi there!",)]
     assert backend.sql("SELECT COUNT(*) FROM votes") == [(1,)]
+
+
+def test_labels_given_after_the_vote_are_kept_append_only_and_join_the_rules_labels(backend, monkeypatch):
+    with backend.open() as store:
+        assert store.log_vote(make_vote("b1", categories=["code", "lang:en"]))
+        assert store.log_vote(make_vote("b2", categories=[]))
+        _, _, labels, last = store.style_battles()
+        assert labels == [["code", "lang:en"], []]
+        answer = {"math": True}
+        assert store.log_labels(LabelRecord("b1", 1.0, "judge:J", ["math", "hard_prompt"], answer))
+        assert store.log_labels(LabelRecord("b2", 2.0, "judge:J", []))
+        assert store.log_labels(LabelRecord("b1", 3.0, "judge:K", ["math", "creative_writing"]))
+        assert store.later_labels() == ({"b1": ["math", "hard_prompt", "creative_writing"], "b2": []}, 3)
+        assert store.later_labels(after_id=1, battle_ids={"b2"}) == ({"b2": []}, 2)
+        assert store.style_battles()[2] == [["code", "lang:en", "math", "hard_prompt", "creative_writing"], []]
+        assert store.label_rows()[0] == {"battle_id": "b1", "tstamp": 1.0, "labeller": "judge:J",
+                                         "labels": ["math", "hard_prompt"], "answer": answer}
+        assert store.log_vote(make_vote("b3", categories=["lang:fr"]))
+        assert store.log_labels(LabelRecord("b3", 4.0, "judge:J", ["math"]))
+        assert store.style_battles(after_id=last)[2] == [["lang:fr", "math"]]   # only the new vote, its labels joined
+        from vicuna_demo.data import queries
+        monkeypatch.setattr(queries, "MAX_IN_LIST", 0)                          # many new votes: every label row read
+        assert store.style_battles(after_id=last)[2] == [["lang:fr", "math"]]
+    for attack in ("UPDATE battle_labels SET labels = '[]'", "DELETE FROM battle_labels"):
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"):
+            backend.sql(attack)
+    assert backend.sql("SELECT COUNT(*) FROM battle_labels") == [(4,)]
 
 
 def test_new_store_is_migrated_from_an_empty_file_in_wal_mode(tmp_path):

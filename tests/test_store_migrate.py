@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from vicuna_demo.data import migrate
-from vicuna_demo.data.storage import Store
+from vicuna_demo.data.categories import JUDGE_KEYS
+from vicuna_demo.data.storage import LabelRecord, Store
 
 REPO = Path(__file__).resolve().parents[1]
 SALT = b"a salt written by the SQLite-era app"
@@ -25,8 +26,11 @@ def logs(tmp_path) -> Path:
     folder.mkdir()
     (folder / "vicuna_demo.sqlite3").write_bytes((REPO / "tests/data/store_main_8db2ad4.sqlite3").read_bytes())
     (folder / "salt").write_bytes(SALT)
-    with Store(folder):  # the app's first start after the upgrade migrates the file
-        pass
+    with Store(folder) as store:  # the app's first start after the upgrade migrates the file, then works on
+        battle = store.vote_rows()[0]["battle_id"]
+        store.flag_votes([battle], "outlier_voter")
+        answer = {**{key: False for key in JUDGE_KEYS}, "math": True}
+        store.log_labels(LabelRecord(battle, 1.0, "judge:J", ["math"], answer))
     return folder
 
 
@@ -39,14 +43,17 @@ def run(module: str, *argv: str, uri: str) -> subprocess.CompletedProcess:
 def test_the_copy_moves_everything_in_order_keeps_client_hashes_and_a_rerun_copies_nothing(logs, postgres_uri):
     done = run("vicuna_demo.data.migrate", "--from", str(logs), uri=postgres_uri)
     assert done.returncode == 0, done.stderr
-    assert "7 turns, 2 votes, 1 judge_votes copied" in done.stderr and "salt" in done.stderr
+    assert "7 turns, 2 votes, 1 judge_votes, 1 vote_flags, 1 battle_labels copied" in done.stderr
+    assert "salt" in done.stderr
     with Store(logs, read_only=True) as old, Store(None, database=postgres_uri) as new:
         assert new.turns() == old.turns() and new.vote_rows(first_per_battle=False) == old.vote_rows(
             first_per_battle=False)
         assert new.judge_vote_rows() == old.judge_vote_rows() and new.battles() == old.battles()
+        assert new.vote_flags() == old.vote_flags() and new.label_rows() == old.label_rows() != []
         assert new.client_hash("203.0.113.7") == Store(logs).client_hash("203.0.113.7")
     again = run("vicuna_demo.data.migrate", "--from", str(logs), uri=postgres_uri)
-    assert again.returncode == 0 and "0 turns, 0 votes, 0 judge_votes copied" in again.stderr
+    assert again.returncode == 0
+    assert "0 turns, 0 votes, 0 judge_votes, 0 vote_flags, 0 battle_labels copied" in again.stderr
     with Store(None, database=postgres_uri) as new:
         assert new.count_turns() == 7 and new.count_votes() == 2
 

@@ -88,6 +88,7 @@ class Settings:
     identity_words: tuple[str, ...] = DEFAULT_IDENTITY_WORDS
     min_battles: int = MIN_BATTLES
     daily_vote_cap: int = 50
+    outlier_check_every: int = 100
     # the settings the user gave (flag or variable), by name: a default and a value given equal to it differ
     given: frozenset[str] = frozenset()
 
@@ -217,6 +218,9 @@ _OPTIONS: tuple[_Opt, ...] = (
          low=0),
     _Opt("arena", "--daily-vote-cap", "daily_vote_cap", "int",
          "Counted votes per visitor in 24 hours; later ones are kept but not counted (0 = no cap).", low=0),
+    _Opt("arena", "--outlier-check-every", "outlier_check_every", "int",
+         "Run the outlier-voter check in the background after every N votes: the votes of a visitor who votes "
+         "against the ratings far beyond chance are kept but no longer counted (0 = off).", low=0, metavar="N"),
 )
 
 

@@ -11,8 +11,10 @@
   with the vote, or counted from the stored replies for votes older than that; see data/style.py),
   ``shown`` (how much of each reply of the last round the visitor saw, or null for older votes),
   ``sampling`` (anonymous battles: the pair-sampling weights in force and the drawn pair's probability),
-  ``categories`` (the first prompt's labels, data/categories.py) with FastChat's ``is_code`` and
-  ``language`` (an ISO 639-1 code here) beside them.
+  ``categories`` (the first prompt's labels, data/categories.py: the rules' labels stored with the vote
+  and the judge's given after it) with FastChat's ``is_code`` and ``language`` (an ISO 639-1 code here)
+  beside them, and ``category_tag`` (the judge's latest classification in FastChat/LMArena's shape,
+  ``criteria_v0.1`` / ``math_v0.1`` / ``creative_writing_v0.1`` / ``if_v0.1``; null when no judge labelled it).
   Anonymous battles only, unless ``--include-named``. Uncounted votes are written with ``counted: false``
   (the leaderboard skips them unless asked not to).
 - Judge votes (``--judge-votes``): every verdict of the judge on a side-by-side round, oldest first,
@@ -47,6 +49,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vicuna_demo.data.backends import is_database_uri, uri_has_password
+from vicuna_demo.data.categories import category_tag
 from vicuna_demo.data.records import is_moderated
 from vicuna_demo.data.storage import Store, store_path
 from vicuna_demo.data.style import StyleCounts, conv_metadata
@@ -64,9 +67,26 @@ def sharegpt_record(conversation: dict) -> dict:
     return {"id": conversation["conversation_id"], "model": conversation["model"], "conversations": messages}
 
 
-def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None) -> dict:
+def later_labels(label_rows: list[dict]) -> dict[str, dict]:
+    """``Store.label_rows()`` -> battle_id -> {"labels": every label given after the vote, "answer": the
+    latest judge answer (or None)}."""
+    found: dict[str, dict] = {}
+    for row in label_rows:
+        entry = found.setdefault(row["battle_id"], {"labels": [], "answer": None})
+        entry["labels"] += [label for label in row["labels"] if label not in entry["labels"]]
+        if row["answer"] is not None and row["labeller"].startswith("judge:"):
+            entry["answer"] = row["answer"]
+    return found
+
+
+def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None, later: dict | None = None) -> dict:
     """One vote from ``Store.vote_rows()`` in FastChat's clean-battle shape. ``conv_metadata``: the style
-    counts stored with the vote, else counted from ``replies`` (conversation id -> counts), else None."""
+    counts stored with the vote, else counted from ``replies`` (conversation id -> counts), else None.
+    ``later``: this battle's entry of ``later_labels`` (labels given after the vote), if any."""
+    categories = vote.get("categories")
+    if later and later["labels"]:
+        categories = (categories or []) + [label for label in later["labels"] if label not in (categories or [])]
+    answer = later["answer"] if later else None
     meta = vote.get("conv_metadata")
     if meta is None and replies is not None:
         meta = conv_metadata(replies.get(vote["conversation_a_id"], StyleCounts()),
@@ -86,9 +106,10 @@ def battle_record(vote: dict, replies: dict[str, StyleCounts] | None = None) -> 
         "conv_metadata": meta,
         "shown": vote.get("shown"),
         "sampling": vote.get("sampling"),
-        "categories": vote.get("categories"),
+        "categories": categories,
         "is_code": None if vote.get("categories") is None else "code" in vote["categories"],
         "language": next((c[5:] for c in vote.get("categories") or [] if c.startswith("lang:")), None),
+        "category_tag": category_tag(answer),
     }
 
 
@@ -178,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         older = {c for v in votes if v["conv_metadata"] is None
                  for c in (v["conversation_a_id"], v["conversation_b_id"])}
         replies = store.reply_counts(older) if older else {}
+        labelled = later_labels(store.label_rows()) if args.battles else {}
         judged = []
         if args.judge_votes:
             moderated = {t.conversation_id for t in store.turns() if is_moderated(t)}
@@ -190,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             n = write_jsonl(args.conversations, (sharegpt_record(c) for c in conversations))
             print(f"wrote {n} conversations to {args.conversations}", file=sys.stderr)
         if args.battles:
-            n = write_jsonl(args.battles, (battle_record(v, replies) for v in votes))
+            n = write_jsonl(args.battles, (battle_record(v, replies, labelled.get(v["battle_id"])) for v in votes))
             print(f"wrote {n} battles to {args.battles}", file=sys.stderr)
         if args.judge_votes:
             n = write_jsonl(args.judge_votes, judged)

@@ -5,7 +5,8 @@ Run::
     PGPASSWORD=... python -m vicuna_demo.data.migrate --from logs --to postgresql://demo@db.internal/arena
 
 ``--to`` may be left out when ``VICUNA_DEMO_DATABASE`` holds the URI (a password is accepted only there,
-as for the app). Turns, votes and judge votes are copied in their original order, in batches; each
+as for the app). Turns, votes, judge votes, vote flags (the outlier check's) and the labels given after votes
+(the judge's) are copied in their original order, in batches; each
 batch and a note of how far it got (``store_meta``: ``copied:<table>:<source>``) commit together, so
 the copy can be stopped at any point and run again: it resumes where it stopped and never copies a
 row twice (run it again later and it copies only the rows added since). The SQLite store's client-hash
@@ -24,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .backends import describe, is_database_uri, uri_has_password
-from .queries import JUDGE_VOTES, TURNS, VOTES
+from .queries import BATTLE_LABELS, JUDGE_VOTES, TURNS, VOTES, VOTE_FLAGS
 from .storage import SALT_FILENAME, Store, store_path
 
 BATCH = 1000
@@ -34,7 +35,7 @@ META = sa.table("store_meta", sa.column("key"), sa.column("value"))
 def copy_store(source: Store, target: Store, *, source_name: str, batch: int = BATCH) -> dict[str, int]:
     """Copy what ``target`` lacks of ``source``'s rows -> rows copied per table. Raises on database errors."""
     copied = {}
-    for table in (TURNS, VOTES, JUDGE_VOTES):
+    for table in (TURNS, VOTES, JUDGE_VOTES, VOTE_FLAGS, BATTLE_LABELS):
         key = f"copied:{table.name}:{source_name}"
         copied[table.name] = 0
         while True:

@@ -26,6 +26,9 @@ append-only table calls ``append_only(db, name)``.
 7. state that replicas share (see shared.py), not records, so not append-only: ``store_meta`` (the
    client-hash salt of a PostgreSQL store), ``rate_hits`` (per-visitor rate limits) and ``slots``
    (leases such as "one evaluation at a time").
+8. ``battle_labels``: category labels given to a battle's first prompt after its vote (by the judge
+   model, services/after_vote.py: ``labeller`` "judge:<name>", ``labels`` a JSON list, ``answer`` the
+   judge's parsed JSON answer), append-only; read merged with ``votes.categories`` (the rules' labels).
 """
 
 from __future__ import annotations
@@ -170,6 +173,17 @@ def _m007_shared_state(db: sa.Connection) -> None:
              sa.Column("holder", sa.Text, nullable=False), sa.Column("expires", sa.Float, nullable=False)).create(db)
 
 
+def _m008_battle_labels(db: sa.Connection) -> None:
+    _create(db, "battle_labels",
+            sa.Column("battle_id", sa.Text, nullable=False),
+            sa.Column("tstamp", sa.Float, nullable=False),
+            sa.Column("labeller", sa.Text, nullable=False),
+            sa.Column("labels", sa.Text, nullable=False),
+            sa.Column("answer", sa.Text))
+    db.exec_driver_sql("CREATE INDEX battle_labels_by_battle ON battle_labels (battle_id)")
+    append_only(db, "battle_labels")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _m001_create_turns,
     _m002_create_votes,
@@ -178,6 +192,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _m005_create_judge_votes,
     _m006_vote_style_and_shown,
     _m007_shared_state,
+    _m008_battle_labels,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

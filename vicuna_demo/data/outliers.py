@@ -62,7 +62,7 @@ def outlier_voters(votes: list[dict], ratings: dict[str, float], *, min_votes: i
 def check(store, *, min_votes: int = MIN_VOTES, z: float = Z, apply: bool = False) -> dict[str, tuple[int, float]]:
     """Run the check on a store's counted anonymous votes -> client_hash -> (votes, z); with ``apply``,
     flag the outliers' votes."""
-    votes = store.vote_rows(anony_only=True, counted_only=True)
+    votes = store.counted_choices(anony_only=True)
     ratings = {r.model: r.rating for r in compute_leaderboard(
         [(v["model_a"], v["model_b"], v["winner"]) for v in votes], bootstrap_rounds=0)}
     found = outlier_voters(votes, ratings, min_votes=min_votes, z=z)

@@ -4,8 +4,9 @@ and reads them, export.py and the ratings use the same facts).
 
 - ``WINNERS``: a human vote's winner (FastChat's clean-battle values); ``JUDGE_WINNERS``: a judge's, which
   adds "no_verdict"; ``SIDES``: a turn's side in a comparison (None outside one).
-- ``TURN_COLUMNS`` / ``VOTE_COLUMNS`` / ``JUDGE_COLUMNS``: the tables' columns in the records' field order
-  (see migrations.py for the schema); ``JSON_TURN_COLUMNS`` are stored as JSON text.
+- ``TURN_COLUMNS`` / ``VOTE_COLUMNS`` / ``JUDGE_COLUMNS`` / ``LABEL_COLUMNS``: the tables' columns in the records'
+  field order (see migrations.py for the schema); ``JSON_TURN_COLUMNS`` and ``JSON_LABEL_COLUMNS`` are stored
+  as JSON text.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ class JudgeVoteRecord:
     conversation_b_id: str
 
 
+@dataclass(frozen=True)
+class LabelRecord:
+    """Category labels a labeller gave a battle's first prompt after the vote (services/after_vote.py)."""
+
+    battle_id: str
+    tstamp: float
+    labeller: str                # "judge:<model name>", or "rules"
+    labels: list                 # e.g. ["math", "hard_prompt"]; [] when the labeller found none
+    answer: dict | None = None   # the labeller's parsed answer (the judge's criteria), None for rules
+
+
 def is_moderated(turn: dict | TurnRecord) -> bool:
     """True when a turn's reply was withheld or flagged by moderation (export omits such replies)."""
     get = turn.get if isinstance(turn, dict) else lambda k: getattr(turn, k)
@@ -101,6 +113,8 @@ JUDGE_COLUMNS = tuple(
     "battle_id tstamp client_hash judge prompt model_a model_b winner g1_winner g2_winner g1_judgment "
     "g2_judgment error n_turns conversation_a_id conversation_b_id".split()
 )
+LABEL_COLUMNS = ("battle_id", "tstamp", "labeller", "labels", "answer")
+JSON_LABEL_COLUMNS = ("labels", "answer")
 JSON_TURN_COLUMNS = ("params", "messages", "moderation_categories")
 
 

@@ -1,9 +1,10 @@
 """The append-only log of chat turns and arena votes: ``<log_dir>/vicuna_demo.sqlite3`` by default, or a
 PostgreSQL database shared by several app replicas (``--database postgresql://...``; see backends.py).
 
-The app writes one row per model turn (``Store.log_turn``), one per human vote (``Store.log_vote``)
-and one per judge verdict on a side-by-side round (``Store.log_judge_vote``: its own table, never
-mixed with human votes); ratings read ``Store.battles()`` / ``Store.judge_battles()``,
+The app writes one row per model turn (``Store.log_turn``), one per human vote (``Store.log_vote``),
+one per judge verdict on a side-by-side round (``Store.log_judge_vote``: its own table, never
+mixed with human votes) and one per category labelling after a vote (``Store.log_labels``);
+ratings read ``Store.battles()`` / ``Store.judge_battles()``,
 ``python -m vicuna_demo.data.export`` reads the rest. Rows are never updated or deleted (triggers
 refuse it on both back ends); a regenerated reply is a new row for the same turn.
 
@@ -63,8 +64,9 @@ from .backends import describe, is_database_uri, is_disconnect, make_engine, sql
 from .migrations import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version  # noqa: F401 - MIGRATIONS for tests
 from .queries import StoreQueries
 # the records and their values live in records.py; importing them from here keeps working
-from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_TURN_COLUMNS, JSON_VOTE_COLUMNS,  # noqa: F401
-                      SIDES, TURN_COLUMNS, VOTE_COLUMNS, WINNERS, JudgeVoteRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
+from .records import (JUDGE_COLUMNS, JUDGE_WINNERS, JSON_LABEL_COLUMNS, JSON_TURN_COLUMNS,  # noqa: F401
+                      JSON_VOTE_COLUMNS, LABEL_COLUMNS, SIDES, TURN_COLUMNS, VOTE_COLUMNS, WINNERS, JudgeVoteRecord,
+                      LabelRecord, TurnRecord, VoteRecord, encode_json, is_moderated)
 
 LOGGER = logging.getLogger("vicuna_demo.data.storage")
 DB_FILENAME = "vicuna_demo.sqlite3"
@@ -290,6 +292,14 @@ class Store(StoreQueries):
             ok &= self._write("vote_flags", ("battle_id", "tstamp", "reason"), (battle_id, time.time(), reason))
         return ok
 
+    def log_labels(self, rec: LabelRecord) -> bool:
+        """Append the labels a labeller gave a battle after its vote (``battle_labels``, append-only)."""
+        if not rec.labeller or not isinstance(rec.labels, list):
+            raise ValueError(f"a label record needs a labeller and a list of labels, got {rec!r}")
+        values = tuple(None if getattr(rec, c) is None else encode_json(getattr(rec, c)) if c in JSON_LABEL_COLUMNS
+                       else getattr(rec, c) for c in LABEL_COLUMNS)
+        return self._write("battle_labels", LABEL_COLUMNS, values)
+
     def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
         """Append one judge verdict; False if it could not be stored (a warning is logged once)."""
         if rec.winner not in JUDGE_WINNERS:
@@ -380,6 +390,15 @@ class NullStore:
     def log_judge_vote(self, rec: JudgeVoteRecord) -> bool:
         return False
 
+    def log_labels(self, rec: LabelRecord) -> bool:
+        return False
+
+    def later_labels(self, *, after_id: int = 0, battle_ids: set[str] | None = None) -> tuple[dict[str, list], int]:
+        return {}, after_id
+
+    def label_rows(self) -> list[dict]:
+        return []
+
     def judge_vote_rows(self) -> list[dict]:
         return []
 
@@ -396,7 +415,8 @@ class NullStore:
                   first_per_battle: bool = True) -> list[dict]:
         return []
 
-    def style_battles(self, *, anony_only: bool = True, after_id: int = 0) -> tuple[list, list, list, int]:
+    def style_battles(self, *, anony_only: bool = True, after_id: int = 0,
+                      battle_ids: list | None = None) -> tuple[list, list, list, int]:
         return [], [], [], after_id
 
     def turns(self, conversation_id: str | None = None) -> list[TurnRecord]:
@@ -415,6 +435,9 @@ class NullStore:
         return 0
 
     def sampling_history(self) -> list[tuple[float, dict]]:
+        return []
+
+    def counted_choices(self, *, anony_only: bool = True) -> list[dict]:
         return []
 
     def vote_flags(self) -> dict[str, str]:

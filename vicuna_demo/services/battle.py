@@ -14,11 +14,15 @@ A round: the visitor's text is checked once (the session gate, limits, unknown m
 messages are built as a frozen snapshot, the text is moderated ONCE and that verdict goes to both
 sides' ``ChatService.reply``, so a flagged text reaches neither model. In an anonymous battle an error's
 own text (which may carry the model's name or its endpoint's address) goes to the operator's log, and the
-visitor sees ``ANONYMOUS_ERROR``. Both replies stream at once:
+visitor sees ``ANONYMOUS_ERROR``, or ``ANONYMOUS_TOO_LONG`` for a message that does not fit a side's context
+window (its token counts would tell the model apart). Both replies stream at once:
 each side runs in its own thread and feeds a queue; the round yields whenever either side moved.
 Each side has its own Stop, and one Stop halts both. Votes open when a round has finished and are stored as a ``VoteRecord``;
 ``arena.battle_counts`` decides whether the battle counts for the leaderboard (not after moderation,
-an error, or, when anonymous, a reply that gave its model away).
+an error, or, when anonymous, a reply that gave its model away). Once a vote is stored, the work that
+follows it runs on a background worker (services/after_vote.py): the judge's category labels of a
+counted anonymous battle's first prompt (with ``--judge``; never for a prompt moderation stopped) and, every
+``--outlier-check-every`` votes, the outlier-voter check.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Iterator, Mapping, Sequence
 from ..data.categories import rule_labels, warm
 from ..data.storage import StoreUnavailable, VoteRecord
 from ..data.style import StyleCounts, conv_metadata, count_replies
+from .after_vote import BackgroundWorker, JudgeLabeller, OutlierCheck
 from .arena import (MIN_SHOWN_TOKENS, REASON_DAILY_CAP, VOTES, Arena, NotEnoughModels, battle_counts,
                     find_identity_leak, winner_for)
 from .chat import NOTHING_TO_REGENERATE, ChatService, TurnContext, TurnUpdate, sanitize_input
@@ -51,6 +56,9 @@ MODELS_CHANGED = "The models changed, so a new comparison started."
 # can cause one on purpose), so the visitor gets this and the operator's log the detail
 ANONYMOUS_ERROR = ("⚠️ {side} could not answer this time (an error on its side). This battle will not count; "
                    "press 🎲 New round to try two models again.")
+# a message too long for one side: its token or character counts would tell the model's context window apart
+ANONYMOUS_TOO_LONG = ("⚠️ Your message is too long for {side} (it does not fit that model's context window). This "
+                      "battle will not count; press 🎲 New round and send a shorter message.")
 REASON_TEXT = {
     "moderated": "a message was stopped by content moderation",
     "error": "a reply failed",
@@ -179,20 +187,32 @@ def _side_params(params) -> dict[str, tuple]:
 class BattleService:
     """Battles for every visitor (thread-safe; the visitor's data lives in their ``Battle``)."""
 
-    def __init__(self, chat: ChatService, arena: Arena, rng: random.Random | None = None, daily_vote_cap: int = 0):
+    def __init__(self, chat: ChatService, arena: Arena, rng: random.Random | None = None, daily_vote_cap: int = 0,
+                 judge: str | None = None, outlier_check_every: int = 0):
         self.chat = chat
         self.arena = arena
         self.rng = rng or random.SystemRandom()
         self.daily_vote_cap = daily_vote_cap  # counted votes per visitor identity in 24 hours; 0 = no cap
         self._cap_lock = threading.Lock()     # one visitor's votes from several sessions: checked one at a time
+        # after a vote, off the visitor's path: the judge's category labels, the outlier-voter check
+        self.worker = BackgroundWorker("after-vote")
+        self.labeller = (JudgeLabeller(chat.engines[judge], judge, chat.store, self.worker)
+                         if judge and judge in chat.engines else None)
+        self.outliers = OutlierCheck(chat.store, self.worker, every=outlier_check_every)
         # the language model of the category labels loads in a few seconds: now, not at the first vote
         threading.Thread(target=warm, name="categories-warm", daemon=True).start()
 
     @classmethod
     def from_settings(cls, chat: ChatService, settings) -> "BattleService":
-        """Reads --arena-weights, --identity-words and --daily-vote-cap; raises ``arena.ArenaConfigError``."""
+        """Reads --arena-weights, --identity-words, --daily-vote-cap, --judge and --outlier-check-every; raises
+        ``arena.ArenaConfigError``."""
         return cls(chat, Arena.from_settings(chat.model_names(), settings),
-                   daily_vote_cap=getattr(settings, "daily_vote_cap", 0))
+                   daily_vote_cap=getattr(settings, "daily_vote_cap", 0), judge=getattr(settings, "judge", None),
+                   outlier_check_every=getattr(settings, "outlier_check_every", 0))
+
+    def close(self) -> None:
+        """Let the after-vote worker finish what is queued, then stop it."""
+        self.worker.close()
 
     # -- a round ------------------------------------------------------------------------------------
     def send(self, battle: Battle, text, *, models: Sequence[str] | None = None, params=(),
@@ -306,10 +326,11 @@ class BattleService:
                     if update is None:
                         pending.discard(key)
                         continue
-                    if hidden and update.status == "error":  # the text may name the model, its address...
+                    if hidden and update.status in ERROR_STATUSES:  # the text may name the model, its address...
                         log.warning("anonymous battle %s, %s (%s): %s", battle_id, LABELS[key], sides[key].model,
                                     update.notice)
-                        update.notice = ANONYMOUS_ERROR.format(side=LABELS[key])
+                        notice = ANONYMOUS_TOO_LONG if update.status == "rejected" else ANONYMOUS_ERROR
+                        update.notice = notice.format(side=LABELS[key])
                     elif hidden:
                         update.notice = _hide_names(update.notice, hidden)
                     exchanges[key].apply(update)
@@ -384,11 +405,23 @@ class BattleService:
             battle.winner, battle.counted, battle.not_counted_reason = winner, counted, reason
         finally:
             gate.end()
+        self._after_vote(battle)
         if reason and "identity_leak" in reason:
             log.info("battle %s not counted: identity word %r", battle.battle_id,
                      find_identity_leak(replies, self.arena.leak_words))
         again = "🎲 New round" if battle.anonymous else "🗑️ Clear"
         return f"Thanks for voting! {counted_text(counted, reason)} Press {again} to start another battle."
+
+    def _after_vote(self, battle: Battle) -> None:
+        """Queue what follows a stored vote (never waited for): the judge's labels of an anonymous battle's first
+        prompt when the vote counts (the category boards read counted votes only, and a visitor past the daily
+        cap cannot keep the judge busy) and moderation stopped no message of it (a flagged text reaches no
+        model); the outlier check."""
+        if battle.winner is None:
+            return
+        if battle.anonymous and battle.counted and self.labeller is not None and not battle.moderated:
+            self.labeller.submit(battle.battle_id, battle.a.exchanges[0].user)
+        self.outliers.vote_stored()
 
     def stop(self, battle: Battle, key: str | None = None) -> None:
         """Stop one side's reply (``key`` "a" or "b"), or both (None: the one Stop under the text box)."""

@@ -18,6 +18,8 @@ import threading
 from ..data.agreement import agreement_stats
 from ..data.ratings import (MIN_BATTLES, MIN_PAIR_BATTLES, Board, fit_board, interval_text, plot_win_rates,
                             win_rate_table)
+from ..data.categories import JUDGE_LABELS
+from ..data.outliers import REASON as OUTLIER_REASON
 from ..data.storage import NullStore
 from .arena import Arena
 from .chat import ChatService
@@ -25,7 +27,8 @@ from .judge import NO_JUDGE
 
 HEADERS = ["Rank", "Model", "Rating", "95% CI", "Battles"]
 ALL_CATEGORIES = "all"
-CATEGORY_CHOICES = (ALL_CATEGORIES, "code", "multi_turn", "long_query", "lang:en")  # others may be typed
+CATEGORY_CHOICES = (ALL_CATEGORIES, "code", "multi_turn", "long_query", "lang:en", "math", "creative_writing",
+                    "instruction_following", "hard_prompt")  # others may be typed
 PROVISIONAL = "provisional"
 NOT_KEPT = "Votes are not being kept on this demo, so there is no leaderboard."
 
@@ -111,7 +114,8 @@ def empty_message(service: ChatService, settings, include_named: bool) -> str:
 
 class StyleBattles:
     """The battles with their style counts and category labels, read once and then only the votes stored
-    since (votes are append-only), so a refresh of 100k battles does not decode 100k rows of JSON again."""
+    since (votes are append-only), so a refresh of 100k battles does not decode 100k rows of JSON again.
+    Labels given after a vote (the judge's, ``Store.later_labels``) are added to the battles kept."""
 
     def __init__(self, store):
         self.store, self.lock, self.kept = store, threading.Lock(), {}
@@ -122,10 +126,15 @@ class StyleBattles:
             flagged = len(self.store.vote_flags())  # a vote flagged later leaves the board: read afresh
             if flagged != self.kept.get("flagged", 0):
                 self.kept = {"flagged": flagged}
-            battles, styles, labels, last = self.kept.get(anony_only, ([], [], [], 0))
-            new = self.store.style_battles(anony_only=anony_only, after_id=last)
+            battles, styles, labels, ids, last, last_label = self.kept.get(anony_only, ([], [], [], [], 0, 0))
+            later, last_label = self.store.later_labels(after_id=last_label)
+            if later:
+                labels = [have + [x for x in later.get(battle_id, ()) if x not in have] if battle_id in later else have
+                          for have, battle_id in zip(labels, ids)]
+            new_ids: list = []
+            new = self.store.style_battles(anony_only=anony_only, after_id=last, battle_ids=new_ids)
             battles, styles, labels, last = battles + new[0], styles + new[1], labels + new[2], new[3]
-            self.kept[anony_only] = (battles, styles, labels, last)
+            self.kept[anony_only] = (battles, styles, labels, ids + new_ids, last, last_label)
             return battles, styles, labels
 
 
@@ -140,8 +149,11 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
         return NOT_KEPT, [], None
     category = None if category in (None, "", ALL_CATEGORIES) else category
     style = None
+    empty = empty_message(service, settings, include_named)
     if style_control or category:
         battles, style, labels = (style_source or StyleBattles(store)).read(anony_only=not include_named)
+        if category and battles:
+            empty = category_empty_message(category, settings)
         if category:
             keep = [k for k, found in enumerate(labels) if category in found]
             battles, style = [battles[k] for k in keep], [style[k] for k in keep]
@@ -151,13 +163,30 @@ def leaderboard_view(service: ChatService, settings, include_named: bool, style_
         battles = store.battles(anony_only=not include_named)
     summary, rows, figure = battles_view(battles, style=style,
                         kind="anonymous and named" if include_named else "anonymous",
-                        min_battles=getattr(settings, "min_battles", MIN_BATTLES),
-                        empty=empty_message(service, settings, include_named))
+                        min_battles=getattr(settings, "min_battles", MIN_BATTLES), empty=empty)
     if rows:
-        summary += sampling_text(store.sampling_history())
+        summary += sampling_text(store.sampling_history()) + outlier_text(store.vote_flags())
     if category:
         summary = f"Category **{category}**: " + summary
     return summary, rows, figure
+
+
+def category_empty_message(category: str, settings) -> str:
+    """Why a category has no battles although others have some."""
+    if category in JUDGE_LABELS and not getattr(settings, "judge", None):
+        return (f"No battles labelled {category}: this label comes from the judge model, and no judge is set up "
+                "on this demo (the rules label code, multi_turn, long_query and lang:xx).")
+    later = " The judge labels each battle shortly after its vote." if category in JUDGE_LABELS else ""
+    return f"No counted battles labelled {category} yet.{later}"
+
+
+def outlier_text(flags: dict[str, str]) -> str:
+    """The summary's note on votes the outlier-voter check took off the board (``store.vote_flags()``)."""
+    n = sum(OUTLIER_REASON in reasons.split(",") for reasons in flags.values())
+    if not n:
+        return ""
+    return (f" {_count(n, 'vote')} of visitors who voted against the ratings far beyond chance "
+            f"{'is' if n == 1 else 'are'} left out (the outlier-voter check; kept in the store).")
 
 
 def sampling_changes(history: list[tuple[float, dict]]) -> list[str]:

@@ -54,6 +54,8 @@ class Runtime:
     def close(self) -> None:
         if self.startup is not None:
             self.startup.close()
+        if self.battles is not None:
+            self.battles.close()
         for engine in self.engines.values():
             engine.close()
         if self.pusher is not None:

@@ -4,7 +4,8 @@ A radio picks visitors' votes or the judge's verdicts; a checkbox includes named
 another turns on style control (length and markdown fitted beside the ratings, coefficients in the summary).
 Each refresh asks the service for (summary, table, plot) and shows them. API names:
 ``/leaderboard_refresh(include_named, style_control=False, category="all") -> (summary, table, plot)``
-(human votes; category: code, multi_turn, long_query, lang:xx...) and
+(human votes; category: code, multi_turn, long_query, lang:xx, math, creative_writing, instruction_following,
+hard_prompt...) and
 ``/leaderboard_judge() -> (summary, table, plot)``.
 """
 
