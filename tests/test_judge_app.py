@@ -131,7 +131,10 @@ def test_without_a_judge_the_app_starts_and_says_there_is_none(launch_app, embed
     caplog.set_level(logging.INFO, logger="vicuna_demo")
     client, runtime = start(launch_app, embedded_engine, servers, judge=False)
     assert not runtime.judge.available
-    assert "/evaluate" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    # the Evaluate tab offers answers only: a crafted call for a judged mode is refused by the choices themselves
+    assert "/evaluate" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    with pytest.raises(AppError, match="is not in the list of choices"):
+        client.predict(SMALL, "Endpoint", "pairwise", None, 16, api_name="/evaluate")
     summary, table, plot = client.predict(api_name="/leaderboard_judge")
     assert "No judge model is set up on this demo" in summary and "--" not in summary and plot is None
     assert "Add one with --judge NAME" in caplog.text      # how to add one: the operator's start-up log
