@@ -51,7 +51,9 @@ def test_answers_only_needs_no_judge_and_offers_fastchat_answer_files(store):
     with pytest.raises(ValueError, match=NO_JUDGE):
         next(iter(judge.evaluate(QUESTIONS, "A", "B", mode="pairwise")))
     *progress, done = run_to_end(judge.evaluate(QUESTIONS, "A", "B", mode="answers", max_new_tokens=64))
-    assert [e.stage for e in progress] == ["answers"] * 5 and done.stage == "done"
+    # 0/4 at once (the page clears an earlier run's results), 0/4 again once moderation has passed, then each answer
+    assert [(e.stage, e.done, e.total) for e in progress] == [("answers", n, 4) for n in (0, 0, 1, 2, 3, 4)]
+    assert done.stage == "done"
     assert not done.result.cancelled and done.done_line() == "4 of 4 answers"
     headers, rows = done.table()
     assert headers[:3] == ["model", "answers", "missing"] and [r[:3] for r in rows] == [["A", 2, 0], ["B", 2, 0]]
