@@ -79,7 +79,7 @@ def test_the_estimate_is_questions_turns_and_tokens_over_measured_speed_with_the
     # 1800 / (5 x 2) = 180 s; no gain from the batch and taking turns: 1800 / 10 + 1800 / 5 = 540 s
     assert (estimate.seconds, estimate.most_s) == (180.0, 540.0)
     for words in ("About 3 to 9 minutes", "2 questions (3 turns) × at most 600 tokens", "2 answer(s) at once",
-                  "A: 10.0 tok/s per reply", "B: 5.0 tok/s per reply (median of its last 1 reply)",
+                  "A: 10.0 tok/s per reply", "B: 5.0 tok/s per reply (its last reply)",
                   "Then 6 judge requests (not in this estimate)"):
         assert words in estimate.text, (words, estimate.text)
     assert "judge request" not in judge.estimate(QUESTIONS, "A", None, mode="answers", max_new_tokens=600).text
@@ -88,7 +88,7 @@ def test_the_estimate_is_questions_turns_and_tokens_over_measured_speed_with_the
     judge.speeds.record_batch("B", tokens=1000, seconds=100.0, streams=2)
     measured = judge.estimate(QUESTIONS, "A", "B", mode="answers", max_new_tokens=600)
     assert measured.seconds == measured.most_s == 180.0
-    assert measured.text.startswith("⏱ About 3 minutes for the answers")
+    assert measured.text.startswith("⏱ **About 3 minutes** for the answers") and "shorter time" not in measured.text
     assert "A: 20.0 tok/s with 2 answer(s) at once, measured in 1 earlier evaluation here" in measured.text
 
 

@@ -376,8 +376,8 @@ class JudgeService:
                 measured_together = False
                 fastest.append(tokens / (reply.tok_s * streams))
                 slowest.append(tokens / reply.tok_s)
-                basis.append(f"{model}: {reply.tok_s:.1f} tok/s per reply (median of its last "
-                             f"{_count(reply.samples, 'reply', 'replies')})")
+                basis.append(f"{model}: {reply.tok_s:.1f} tok/s per reply (" + ("its last reply)" if reply.samples == 1
+                             else f"median of its last {reply.samples} replies)"))
             else:
                 missing.append(model)
         work = (f"{_count(len(questions), 'question')} ({_count(turns, 'turn')}) × at most {int(max_new_tokens):,} "
@@ -390,13 +390,12 @@ class JudgeService:
         # the models answer side by side (the likeliest figure: the slowest of them); at worst they take turns
         seconds = max(fastest)
         most = max(seconds, max(slowest) if measured_together else sum(slowest))
-        if most <= seconds * 1.2:
-            headline = _span(seconds, seconds)
-        else:
-            headline = (f"{_span(seconds, most)} (the first if {streams} answers at once each run as fast as one "
-                        "alone, as on a GPU; the second if running them together gains nothing, as on a busy CPU)")
-        return Estimate(seconds, most, f"⏱ {headline} for the answers: {work}; answers that stop before the limit "
-                                       f"take less. Based on {'; '.join(basis)}.{then}")
+        ranged = most > seconds * 1.2
+        why = (f" The shorter time if {streams} answers at once each run as fast as one alone (as on a GPU), the longer "
+               "if running them together gains nothing (as on a busy CPU)." if ranged else "")
+        return Estimate(seconds, most, f"⏱ **{_span(seconds, most if ranged else seconds)}** for the answers: {work}. "
+                                       f"Based on {'; '.join(basis)}.{why} Answers that stop before the limit take "
+                                       f"less.{then}")
 
     def evaluate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
                  max_new_tokens: int | None = None, owner: str | None = None) -> Iterator[EvaluationEvent]:
