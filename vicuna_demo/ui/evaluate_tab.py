@@ -116,7 +116,7 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings, tab:
     status = gr.Markdown(elem_id="evaluate-status")
     summary = gr.Markdown(elem_id="evaluate-summary")
     table = gr.Dataframe(interactive=False, elem_id="evaluate-table")
-    plot = gr.Plot(label="Per category", elem_id="evaluate-plot")
+    plot = gr.Plot(label="Per category", elem_id="evaluate-plot", visible=first[2] != "answers")  # judged runs
     archive = gr.File(label="Outputs (FastChat model_answer / model_judgment + summary.json)",
                       elem_id="evaluate-archive")
 
@@ -147,7 +147,8 @@ def build_evaluate_tab(service: ChatService, judge: JudgeService, settings, tab:
                 yield {status: "✅ Done." if not event.result.cancelled else f"⏹ Stopped: {event.done_line()}",
                        summary: summary_markdown(event.summary) + (f"\n\n> ⚠️ {note}" if note else ""),
                        table: {"headers": headers, "data": rows},
-                       plot: event.figure() if which != "answers" else None, archive: str(event.archive)}
+                       plot: gr.Plot(event.figure() if which != "answers" else None, visible=which != "answers"),
+                       archive: str(event.archive)}
         except (EvaluationBusy, ValueError) as exc:
             yield {status: str(exc), **nothing}
 
