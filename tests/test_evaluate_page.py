@@ -90,6 +90,11 @@ def test_the_estimate_is_questions_turns_and_tokens_over_measured_speed_with_the
     assert measured.seconds == measured.most_s == 180.0
     assert measured.text.startswith("⏱ **About 3 minutes** for the answers") and "shorter time" not in measured.text
     assert "A: 20.0 tok/s with 2 answer(s) at once, measured in 1 earlier evaluation here" in measured.text
+    # a run at another batch (one question: 1 answer at once per model) takes one stream's share of that figure
+    other = JudgeService({"A": RecordingEngine("A")}, store, judge=None, max_in_flight=4)
+    other.speeds.record_batch("A", tokens=2000, seconds=100.0, streams=2)
+    one = other.estimate(QUESTIONS[:1], "A", None, mode="answers", max_new_tokens=600)     # 1,200 tokens at 10 tok/s
+    assert one.seconds == one.most_s == 120.0 and "A: 10.0 tok/s per answer in 1 earlier evaluation" in one.text
 
 
 def test_an_evaluation_measures_the_speed_the_next_estimate_uses(store):

@@ -367,6 +367,7 @@ class JudgeService:
         measured_together = True      # every figure from an earlier evaluation: the models were side by side then
         for model in models:
             batch, reply = self.speeds.batch_speed(model, streams), self.speeds.reply_speed(model)
+            shared = self.speeds.stream_speed(model) if batch is None and reply is None else None
             if batch is not None:     # measured at this very batch: the figure to expect
                 fastest.append(tokens / batch.tok_s)
                 slowest.append(tokens / batch.tok_s)
@@ -378,6 +379,12 @@ class JudgeService:
                 slowest.append(tokens / reply.tok_s)
                 basis.append(f"{model}: {reply.tok_s:.1f} tok/s per reply (" + ("its last reply)" if reply.samples == 1
                              else f"median of its last {reply.samples} replies)"))
+            elif shared is not None:  # an evaluation at another batch: one stream's share of it, taken as above
+                measured_together = False
+                fastest.append(tokens / (shared.tok_s * streams))
+                slowest.append(tokens / shared.tok_s)
+                runs = _count(shared.samples, "earlier evaluation")
+                basis.append(f"{model}: {shared.tok_s:.1f} tok/s per answer in {runs} here at another batch")
             else:
                 missing.append(model)
         work = (f"{_count(len(questions), 'question')} ({_count(turns, 'turn')}) × at most {int(max_new_tokens):,} "
@@ -391,11 +398,11 @@ class JudgeService:
         seconds = max(fastest)
         most = max(seconds, max(slowest) if measured_together else sum(slowest))
         ranged = most > seconds * 1.2
-        why = (f" The shorter time if {streams} answers at once each run as fast as one alone (as on a GPU), the longer "
-               "if running them together gains nothing (as on a busy CPU)." if ranged else "")
-        return Estimate(seconds, most, f"⏱ **{_span(seconds, most if ranged else seconds)}** for the answers: {work}. "
-                                       f"Based on {'; '.join(basis)}.{why} Answers that stop before the limit take "
-                                       f"less.{then}")
+        why = (f" The shorter time if {streams} answers at once each run as fast as one alone (as on a GPU), the "
+               "longer if running them together gains nothing (as on a busy CPU)." if ranged else "")
+        headline = _span(seconds, most if ranged else seconds)
+        return Estimate(seconds, most, f"⏱ **{headline}** for the answers: {work}. Based on {'; '.join(basis)}.{why} "
+                                       f"Answers that stop before the limit take less.{then}")
 
     def evaluate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
                  max_new_tokens: int | None = None, owner: str | None = None) -> Iterator[EvaluationEvent]:

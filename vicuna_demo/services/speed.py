@@ -4,7 +4,8 @@
     speeds.record_reply("Vicuna-7B", reply.stats)                # a visitor's reply (ChatService logs each one)
     speeds.record_batch("Vicuna-7B", tokens=9000, seconds=60, streams=4)   # an evaluation's answers, all at once
     speeds.reply_speed("Vicuna-7B")     # -> Measured(tok_s=14.2, samples=5) per stream, or None
-    speeds.batch_speed("Vicuna-7B")     # -> Measured(tok_s=31.0, samples=1, streams=4) all streams together
+    speeds.batch_speed("Vicuna-7B", 4)  # -> Measured(tok_s=31.0, samples=1, streams=4) all streams together
+    speeds.stream_speed("Vicuna-7B")    # -> Measured(tok_s=7.75, samples=1) one stream's share of a batch
 
 Two kinds of figure, kept apart because they answer different questions: a reply's speed is one stream's
 (tokens after the first / decode time, ``ReplyStats.tok_s``), however many other visitors shared the
@@ -64,3 +65,10 @@ class SpeedBook:
         if not figures:
             return None
         return Measured(statistics.median(s for s, _ in figures), len(figures), figures[-1][1])
+
+    def stream_speed(self, model: str) -> Measured | None:
+        """One stream's share of the model's evaluation figures, whatever their batch (tok/s over streams), or None:
+        for an estimate at a batch no evaluation ran with yet."""
+        with self._lock:
+            figures = [s / n for s, n in self._batches.get(model, ())]
+        return Measured(statistics.median(figures), len(figures)) if figures else None
