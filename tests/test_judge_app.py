@@ -17,6 +17,7 @@ from gradio_client.exceptions import AppError
 from tests.fake_moderation_server import fake_moderation_server  # noqa: F401
 from tests.judge_server import JudgeServer, judged_answers
 from vicuna_demo.data.storage import JudgeVoteRecord, VoteRecord
+from vicuna_demo.engines.sampling_defaults import CPU_MAX_NEW_TOKENS
 
 ENDPOINT_ANSWER = "The endpoint's considered answer: 42."
 SMALL = "SmolLM2-135M (offline)"
@@ -59,6 +60,9 @@ def start(launch_app, embedded_engine, servers, *extra, judge=True):
 def test_the_evaluate_tab_runs_an_evaluation_and_offers_fastchat_outputs(launch_app, embedded_engine, servers,
                                                                         question_file):
     client, _ = start(launch_app, embedded_engine, servers)
+    # the embedded model runs on a CPU: the page's answers start from its own reply length, not 512
+    evaluate = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/evaluate"]
+    assert evaluate["parameters"][4]["parameter_default"] == CPU_MAX_NEW_TOKENS
     job = client.submit(SMALL, "Endpoint", "pairwise", handle_file(str(question_file)), 16, api_name="/evaluate")
     status, summary, table, plot, archive = job.result(timeout=240)
     statuses = [out[0] for out in job.outputs()]
