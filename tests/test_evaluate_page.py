@@ -1,6 +1,7 @@
 """The 📋 Evaluate tab's service side on a CPU, with scripted engines: answers only without a judge, the time
 estimate from measured speeds (and the batch the run uses), the answer length a CPU model starts from, and Stop
-keeping what was done; then the answers-only flow in a real browser, the app served as `python app.py` serves it."""
+keeping what was done; then the answers-only flow in a real browser (estimate, results, one progress bar, Stop),
+the app served as `python app.py` serves it."""
 
 from __future__ import annotations
 
@@ -196,6 +197,11 @@ def test_without_a_judge_the_page_answers_estimates_then_stops_showing_what_was_
         expect(page.locator("#evaluate-status")).to_contain_text("⏳ Answers")
         expect(page.locator("#evaluate-table")).not_to_contain_text("Koala")       # the last run's table is gone
         expect(zip_link).to_have_count(0)
+        expect(page.locator(".progress-text, .progress-level").first).to_be_visible()
+        drawn = page.evaluate("() => [...document.querySelectorAll('[data-testid=status-tracker]')].filter(t => "
+                              "t.getBoundingClientRect().height > 0 && t.innerText.trim()).map(t => "
+                              "(t.closest('[id]') || {}).id)")
+        assert drawn == ["evaluate-status"]                                   # one progress bar, over the status
         page.locator("#evaluate-stop").click()
         expect(page.locator("#evaluate-status")).to_contain_text(f"of {runtime.judge.builtin_size()} answers")
         assert "⏹ Stopped" in page.locator("#evaluate-status").inner_text()
