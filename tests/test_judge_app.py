@@ -17,6 +17,7 @@ from gradio_client.exceptions import AppError
 from tests.fake_moderation_server import fake_moderation_server  # noqa: F401
 from tests.judge_server import JudgeServer, judged_answers
 from vicuna_demo.data.storage import JudgeVoteRecord, VoteRecord
+from vicuna_demo.engines.sampling_defaults import CPU_MAX_NEW_TOKENS
 
 ENDPOINT_ANSWER = "The endpoint's considered answer: 42."
 SMALL = "SmolLM2-135M (offline)"
@@ -59,6 +60,9 @@ def start(launch_app, embedded_engine, servers, *extra, judge=True):
 def test_the_evaluate_tab_runs_an_evaluation_and_offers_fastchat_outputs(launch_app, embedded_engine, servers,
                                                                         question_file):
     client, _ = start(launch_app, embedded_engine, servers)
+    # the embedded model runs on a CPU: the page's answers start from its own reply length, not 512
+    evaluate = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/evaluate"]
+    assert evaluate["parameters"][4]["parameter_default"] == CPU_MAX_NEW_TOKENS
     job = client.submit(SMALL, "Endpoint", "pairwise", handle_file(str(question_file)), 16, api_name="/evaluate")
     status, summary, table, plot, archive = job.result(timeout=240)
     statuses = [out[0] for out in job.outputs()]
@@ -131,7 +135,10 @@ def test_without_a_judge_the_app_starts_and_says_there_is_none(launch_app, embed
     caplog.set_level(logging.INFO, logger="vicuna_demo")
     client, runtime = start(launch_app, embedded_engine, servers, judge=False)
     assert not runtime.judge.available
-    assert "/evaluate" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    # the Evaluate tab offers answers only: a crafted call for a judged mode is refused by the choices themselves
+    assert "/evaluate" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    with pytest.raises(AppError, match="is not in the list of choices"):
+        client.predict(SMALL, "Endpoint", "pairwise", None, 16, api_name="/evaluate")
     summary, table, plot = client.predict(api_name="/leaderboard_judge")
     assert "No judge model is set up on this demo" in summary and "--" not in summary and plot is None
     assert "Add one with --judge NAME" in caplog.text      # how to add one: the operator's start-up log

@@ -199,11 +199,12 @@ def test_the_evaluate_tab_takes_a_question_file_in_the_browser_and_draws_one_pro
         for _ in range(3):    # a fresh upload after the refused one (retried: the input may not listen yet)
             page.locator("#evaluate-questions input[type=file]").set_input_files(str(good))
             try:
-                expect(page.locator("#evaluate-questions").get_by_text("questions.jsonl")).to_be_visible(timeout=10_000)
+                expect(page.locator("#evaluate-questions").get_by_label("questions.jsonl")).to_be_visible(
+                    timeout=10_000)
                 break
             except AssertionError:
                 continue
-        expect(page.locator("#evaluate-questions").get_by_text("questions.jsonl")).to_be_visible()
+        expect(page.locator("#evaluate-questions").get_by_label("questions.jsonl")).to_be_visible()
         judge.delay_s = 0.3   # slow enough to see the run in progress
         page.locator("#evaluate-run").click()
         expect(page.locator(".progress-text, .progress-level").first).to_be_visible()

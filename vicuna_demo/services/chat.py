@@ -42,6 +42,7 @@ from ..data.shared import SharedRateLimiter
 from ..data.storage import StoreUnavailable, TurnRecord
 from .session import (BUSY_NOTICE, CancelToken, ChatSession, ConversationKeeper, Exchange,  # noqa: F401
                       messages_for, new_id)
+from .speed import SpeedBook
 
 log = logging.getLogger("vicuna_demo.services.chat")
 
@@ -163,6 +164,7 @@ class ChatService:
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
         self.rate_limiter = rate_limiter_for(store, "chat", limits.rate_limit_per_min)
         self.kept = ConversationKeeper()   # conversations a page reload finds again (``resume``)
+        self.speeds = SpeedBook()          # each model's measured speed, from the replies logged (``_log``)
 
     # -- checks -----------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -491,7 +493,9 @@ class ChatService:
         return applicable, ignored
 
     def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> bool:
-        """Store the turn; False only when a shared database could not take it (the visitor is told)."""
+        """Store the turn (and note its speed); False only when a shared database could not take it (the visitor is
+        told)."""
+        self.speeds.record_reply(model, stats)
         record = TurnRecord(
             conversation_id=ctx.conversation_id, turn_index=ctx.turn_index, tstamp=started,
             client_hash=ctx.client_hash, model=model, template=template, params=params.as_dict(),

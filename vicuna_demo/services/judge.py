@@ -12,8 +12,12 @@ Without one, ``available`` is False and ``unavailable_reason()`` says so.
   (``EvaluationBusy`` otherwise), at most ``max_in_flight`` requests at once so visitors' chats keep
   their share of each engine's batch, every question checked by the app's moderator first (an
   operator's file on the command line is trusted instead; see ``vicuna_demo.evaluate``). It
-  yields progress events and ends with the result, the summary, and a zip of the output files.
-  Closing the iterator (the visitor left) cancels the run.
+  yields progress events and ends with the result, the summary, and a zip of the output files
+  (after ``stop_evaluation``, of what was done). Closing the iterator (the visitor left) cancels the run.
+  Mode "answers" (generate the answers only) needs no judge: the one mode an app without one offers.
+- ``estimate(...)`` says before a run how long its answers will take, from the speeds measured in this
+  app (``speed.SpeedBook``: visitors' replies, earlier evaluations) and the batch the run uses;
+  ``answer_tokens(models)`` is the reply length its answers default to (shorter for a model on a CPU).
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from ..evaluation.outputs import category_table, plot_summary, summarize, write_
 from ..evaluation.prompts import pairwise_prompt
 from ..evaluation.questions import (MAX_UPLOAD_QUESTIONS, Question, QuestionFileError, builtin_questions,
                                    check_upload)
-from ..evaluation.runner import JUDGE_PARAMS, EvaluationResult, EvaluationRunner
+from ..evaluation.runner import JUDGE_PARAMS, MODES, EvaluationResult, EvaluationRunner
 from ..evaluation.verdicts import PairVerdict, combine, explain, parse_pair
 from .chat import rate_limiter_for
+from .speed import SpeedBook
 
 log = logging.getLogger("vicuna_demo.services.judge")
 
@@ -46,6 +51,7 @@ log = logging.getLogger("vicuna_demo.services.judge")
 NO_JUDGE = "No judge model is set up on this demo, so answers cannot be judged here."
 JUDGE_RATE_PER_MIN = 10          # judge requests a visitor may start per minute (each asks twice)
 GAMES = ("g1", "g2")             # g1: model A's answer first; g2: model B's answer first
+EVALUATION_TOKENS = 512          # an evaluation's answer length, unless a model's own default is shorter (a CPU)
 
 
 class EvaluationBusy(RuntimeError):
@@ -82,6 +88,61 @@ class EvaluationEvent:
         """The results as a matplotlib figure (once done)."""
         return plot_summary(self.summary or {})
 
+    def done_line(self) -> str:
+        """What the run did, once done: "12 of 64 answers, 0 of 80 judgments" (a stopped run's results are
+        these)."""
+        result = self.result
+        if result is None:
+            return ""
+        answers = [x for by_question in result.answers.values() for x in by_question.values()]
+        total = len(result.questions) * len(result.models)
+        line = f"{sum(1 for x in answers if x.complete)} of {total} answers"
+        if result.mode != "answers":
+            judged = sum(1 for j in result.judgments if not j.error)
+            line += f", {judged} of {len(result.judgments)} judgments" if result.judgments else ", no judgments"
+        return line
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How long an evaluation's answers will take (``JudgeService.estimate``), before it starts.
+
+    ``seconds``: the likely time, the models answering side by side, each at its measured speed with the
+    run's batch (a speed measured at that batch by an earlier evaluation; else one reply's speed times the
+    answers at once, as a GPU's batch nearly gives). ``most_s``: if running the answers together gains
+    nothing (a CPU's cores one stream already fills) and the models take turns. Both assume every answer runs
+    to the token limit. None when a model has no measured speed yet. ``text`` says it, and on what it rests."""
+
+    seconds: float | None
+    most_s: float | None
+    text: str
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
+def _duration(seconds: float) -> str:
+    """'under a minute', '7 minutes', '2.5 hours'."""
+    if seconds < 60:
+        return "under a minute"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return _count(minutes, "minute")
+    return f"{seconds / 3600:.1f} hours"
+
+
+def _span(low: float, high: float) -> str:
+    """'About 3 minutes', 'Under a minute', 'About 3 to 9 minutes', 'From under a minute to 2 minutes'."""
+    a, b = _duration(low), _duration(high)
+    if a == b:
+        text = a if a.startswith("under") else f"about {a}"
+    elif a.split()[-1].startswith("minute") and b.split()[-1].startswith("minute") and not a.startswith("under"):
+        text = f"about {a.split()[0]} to {b}"
+    else:
+        text = f"from {a} to {b}"
+    return text[0].upper() + text[1:]
+
 
 class JudgeService:
     """Shared by all visitors (thread-safe)."""
@@ -90,7 +151,7 @@ class JudgeService:
                  max_in_flight: int = 4, params: SamplingParams = JUDGE_PARAMS,
                  answer_params: SamplingParams = SamplingParams(), max_questions: int = MAX_UPLOAD_QUESTIONS,
                  max_input_chars: int = 12000, timeout_s: float = 600.0,
-                 answer_defaults: Callable[[str], SamplingParams] | None = None):
+                 answer_defaults: Callable[[str], SamplingParams] | None = None, speeds: SpeedBook | None = None):
         if judge and judge not in engines:
             raise KeyError(f"--judge {judge!r}: no such model")
         self.engines = engines
@@ -106,6 +167,7 @@ class JudgeService:
         self.max_input_chars = max_input_chars
         self.timeout_s = timeout_s
         self.rate_limiter = rate_limiter_for(store, "judge", JUDGE_RATE_PER_MIN)
+        self.speeds = speeds if speeds is not None else SpeedBook()   # the app's: ChatService.speeds
         # one evaluation at a time: in this process, or across the replicas sharing the store
         self._evaluation = SharedSlot(store, "evaluation") if getattr(store, "shared", False) else threading.Lock()
         self._running: tuple[str | None, EvaluationRunner] | None = None   # (owner, runner) of the evaluation
@@ -118,6 +180,7 @@ class JudgeService:
         batch = settings.max_batch_requests or (64 if cuda_available() else 8)
         judge = cls.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)
         judge.answer_defaults = service.defaults_for     # each model answers with its own recommended sampling
+        judge.speeds = service.speeds                    # the speeds visitors' replies measured, for estimates
         return judge
 
     @classmethod
@@ -137,6 +200,10 @@ class JudgeService:
 
     def unavailable_reason(self) -> str:
         return "" if self.available else NO_JUDGE
+
+    def modes(self) -> tuple[str, ...]:
+        """The evaluation modes this app offers: all of them with a judge, only "answers" without one."""
+        return MODES if self.available else ("answers",)
 
     def self_judging_note(self, *models: str) -> str:
         """A warning when the judge is one of the contestants (self-preference bias), else ''."""
@@ -272,12 +339,79 @@ class JudgeService:
                                 conversation_b_id=battle.b.conversation_id, client_hash=client_hash)
 
     # -- evaluations from the page -----------------------------------------------------------------
+    def streams(self, models: int, questions: int) -> int:
+        """How many answers an evaluation of ``models`` models on ``questions`` questions generates at once, per
+        model: its ``max_in_flight`` requests (half an engine's batch) shared among the models."""
+        at_once = min(self.max_in_flight, max(1, models * questions))
+        return max(1, at_once // max(1, models))
+
+    def answer_tokens(self, models: Sequence[str | None]) -> int:
+        """The reply length an evaluation's answers start from: EVALUATION_TOKENS, or a model's own default when
+        shorter (CPU_MAX_NEW_TOKENS for a model on a CPU, engines/sampling_defaults.py)."""
+        own = [self.answer_defaults(m) if self.answer_defaults is not None else self.answer_params
+               for m in models if m in self.engines]
+        return max(1, min([EVALUATION_TOKENS, *(p.max_new_tokens for p in own)]))
+
+    def estimate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
+                 max_new_tokens: int = EVALUATION_TOKENS) -> "Estimate":
+        """How long the answers of this evaluation take, from measured speeds: questions x turns x
+        max_new_tokens per model over its tok/s (see ``Estimate``)."""
+        models = list(dict.fromkeys(m for m in (a, b) if m))
+        unknown = [m for m in models if m not in self.engines]
+        if unknown or not models:
+            return Estimate(None, None, f"Unknown model {unknown[0]!r}." if unknown else "Pick a model.")
+        turns = sum(len(q.turns) for q in questions)
+        tokens = turns * int(max_new_tokens)
+        streams = self.streams(len(models), len(questions))
+        fastest, slowest, basis, missing = [], [], [], []
+        measured_together = True      # every figure from an earlier evaluation: the models were side by side then
+        for model in models:
+            batch, reply = self.speeds.batch_speed(model, streams), self.speeds.reply_speed(model)
+            shared = self.speeds.stream_speed(model) if batch is None and reply is None else None
+            if batch is not None:     # measured at this very batch: the figure to expect
+                fastest.append(tokens / batch.tok_s)
+                slowest.append(tokens / batch.tok_s)
+                basis.append(f"{model}: {batch.tok_s:.1f} tok/s with {streams} answer(s) at once, measured in "
+                             f"{_count(batch.samples, 'earlier evaluation')} here")
+            elif reply is not None:   # one stream's speed: the batch may multiply it by up to ``streams``, or not
+                measured_together = False
+                fastest.append(tokens / (reply.tok_s * streams))
+                slowest.append(tokens / reply.tok_s)
+                basis.append(f"{model}: {reply.tok_s:.1f} tok/s per reply (" + ("its last reply)" if reply.samples == 1
+                             else f"median of its last {reply.samples} replies)"))
+            elif shared is not None:  # an evaluation at another batch: one stream's share of it, taken as above
+                measured_together = False
+                fastest.append(tokens / (shared.tok_s * streams))
+                slowest.append(tokens / shared.tok_s)
+                runs = _count(shared.samples, "earlier evaluation")
+                basis.append(f"{model}: {shared.tok_s:.1f} tok/s per answer in {runs} here at another batch")
+            else:
+                missing.append(model)
+        work = (f"{_count(len(questions), 'question')} ({_count(turns, 'turn')}) × at most {int(max_new_tokens):,} "
+                f"tokens per answer × {_count(len(models), 'model')}, {streams} answer(s) at once per model")
+        judged = {"pairwise": 2 * turns, "single": len(models) * turns}.get(mode, 0)
+        then = f" Then {_count(judged, 'judge request')} (not in this estimate)." if judged else ""
+        if missing:
+            return Estimate(None, None, f"No time estimate yet: no speed measured for {', '.join(missing)} (a chat "
+                                        f"reply or an evaluation measures it). The answers: {work}.{then}")
+        # the models answer side by side (the likeliest figure: the slowest of them); at worst they take turns
+        seconds = max(fastest)
+        most = max(seconds, max(slowest) if measured_together else sum(slowest))
+        ranged = most > seconds * 1.2
+        why = (f" The shorter time if {streams} answers at once each run as fast as one alone (as on a GPU), the "
+               "longer if running them together gains nothing (as on a busy CPU)." if ranged else "")
+        headline = _span(seconds, most if ranged else seconds)
+        return Estimate(seconds, most, f"⏱ **{headline}** for the answers: {work}. Based on {'; '.join(basis)}.{why} "
+                                       f"Answers that stop before the limit take less.{then}")
+
     def evaluate(self, questions: Sequence[Question], a: str, b: str | None, *, mode: str = "pairwise",
                  max_new_tokens: int | None = None, owner: str | None = None) -> Iterator[EvaluationEvent]:
         """Run one evaluation (see the module docstring). Raises EvaluationBusy, ValueError (bad choice).
-        ``owner`` (the visitor's page session) may stop it with ``stop_evaluation``."""
-        if not self.available:
-            raise ValueError(NO_JUDGE)
+        ``owner`` (the visitor's page session) may stop it with ``stop_evaluation``; the last event then holds
+        what was done (``result.cancelled``)."""
+        if mode not in self.modes():
+            raise ValueError(NO_JUDGE + " Only the answers can be generated (mode \"answers\")."
+                             if mode in MODES else f"Unknown mode {mode!r}; choose one of: {', '.join(self.modes())}.")
         for name in (a, b):
             if name is not None and name not in self.engines:
                 raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(self.engines)}.")
@@ -295,6 +429,8 @@ class JudgeService:
                                       max_in_flight=self.max_in_flight, timeout_s=self.timeout_s, moderate=moderate)
             self._running = (owner, runner)
             events: queue.Queue = queue.Queue()
+            # at once, before moderation checks the questions: the page drops an earlier run's results now
+            events.put(EvaluationEvent("answers", 0, len(questions) * len({a, b} - {None})))
             outcome: dict = {}
 
             def work():
@@ -320,14 +456,28 @@ class JudgeService:
             if "error" in outcome:
                 raise outcome["error"]
             result = outcome["result"]
+            self._note_speeds(result, len(questions))
             summary = summarize(result)
             folder = Path(tempfile.mkdtemp(prefix="vicuna-eval-"))
             write_outputs(result, folder / "evaluation", summary)
             archive = Path(shutil.make_archive(str(folder / "evaluation"), "zip", folder, "evaluation"))
-            yield EvaluationEvent("done", result=result, summary=summary, archive=archive)
         finally:
             self._running = None
             self._evaluation.release()
+        # the slot is free before the page draws the results: the next visitor need not wait for a plot
+        yield EvaluationEvent("done", result=result, summary=summary, archive=archive)
+
+    def _note_speeds(self, result: EvaluationResult, questions: int) -> None:
+        """Each model's answer throughput in this run (its new answers' tokens over the answer time, the models
+        side by side at this batch): what the next estimate at the same batch starts from. A stopped run says
+        nothing reliable (the answers cut off are not counted, their time is)."""
+        if result.cancelled:
+            return
+        streams = self.streams(len(result.models), questions)
+        for model, answers in result.answers.items():
+            tokens = sum(x.n_tokens for x in answers.values() if not x.reused)
+            if result.answer_s >= 1.0:
+                self.speeds.record_batch(model, tokens=tokens, seconds=result.answer_s, streams=streams)
 
     def stop_evaluation(self, owner: str | None) -> bool:
         """Stop the evaluation ``owner`` started (another visitor's is left alone): every request in flight is

@@ -164,6 +164,7 @@ def operator_hints(settings: Settings, battles: BattleService, judge: JudgeServi
         hints.append("The anonymous arena is off: --arena-weights leaves fewer than two models with a weight above 0 "
                      f"({', '.join(f'{m}={w:g}' for m, w in zip(battles.arena.models, battles.arena.weights))}).")
     if not judge.available:
-        hints.append("No judge: \"Ask the judge\" is hidden and the Evaluate tab is off. Add one with --judge NAME, "
-                     "NAME being one of the models, best a strong one behind an --endpoint (docs/evaluation.md).")
+        hints.append("No judge: \"Ask the judge\" is hidden and the Evaluate tab only generates answers. Add one "
+                     "with --judge NAME, NAME being one of the models, best a strong one behind an --endpoint "
+                     "(docs/evaluation.md).")
     return hints

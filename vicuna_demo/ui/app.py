@@ -112,6 +112,6 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
                 build_compare_tab(battles, anonymous=False, judge=judge)
             with gr.Tab("🏆 Leaderboard", id="leaderboard") as leaderboard:
                 build_leaderboard_tab(service, settings, leaderboard)
-            with gr.Tab("📋 Evaluate", id="evaluate"):
-                build_evaluate_tab(service, judge, settings)
+            with gr.Tab("📋 Evaluate", id="evaluate") as evaluate:
+                build_evaluate_tab(service, judge, settings, evaluate)
     return demo
