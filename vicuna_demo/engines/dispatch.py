@@ -157,8 +157,9 @@ class Reply:
 
     def _iterate(self) -> Iterator[str]:
         first = not self._continuing
+        stream = iter(self._stream)
         try:
-            for delta in self._stream:
+            for delta in stream:
                 if first:
                     delta = delta.lstrip()   # "ASSISTANT:" leaves the model's first space in the reply
                     if not delta:
@@ -171,6 +172,11 @@ class Reply:
             self._unbind()
             if self.stats.finish_reason is None:        # the consumer went away (a closed page): end it there too
                 self._token.cancel()
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+                if self.stats.finish_reason is None:
+                    self.stats.finish_reason = "cancelled"
         if self.timed_out:
             message = f"no complete reply within {self.timeout_s:g} s (timed out)"
             self.stats.finish_reason, self.stats.error = "error", message
