@@ -149,3 +149,36 @@ def test_an_evaluation_whose_consumer_goes_away_ends_its_engine_requests_and_fre
     run.close()                                              # the page was closed: gradio closes the generator
     assert engine.all_ended(STOP_WITHIN_S) and not judge.evaluation_running
     assert time.monotonic() - stopped_at < STOP_WITHIN_S
+
+
+# -- endpoints: their engine retries, the path does not ----------------------------------------------
+def test_an_endpoint_is_retried_by_its_engine_only_and_stop_ends_a_retry_wait_within_2_s():
+    from tests.judge_server import JudgeServer
+    from vicuna_demo.config import EndpointSpec
+    from vicuna_demo.engines.remote import RemoteEngine
+    with JudgeServer(lambda m: "never", fail_when=lambda m: True) as failing:
+        engine = RemoteEngine(EndpointSpec.parse(failing.endpoint("Down", retries=2)))
+        try:
+            reply = Dispatcher({"Down": engine}).send("Down", [{"role": "user", "content": "x"}], SamplingParams())
+            with pytest.raises(EngineError, match="500"):
+                reply.text()
+            assert failing.received == 3 and failing.refused[500] == 3      # 1 + its 2 retries, no more
+        finally:
+            engine.close()
+    with JudgeServer(lambda m: "never", max_concurrent=0, retry_after=30) as busy:
+        engine = RemoteEngine(EndpointSpec.parse(busy.endpoint("Busy")))
+        try:
+            token = CancelToken()
+            reply = Dispatcher({"Busy": engine}).send("Busy", [{"role": "user", "content": "x"}], SamplingParams(),
+                                                      cancel=token)
+            done = threading.Event()
+            threading.Thread(target=lambda: (reply.text(), done.set()), daemon=True).start()
+            deadline = time.monotonic() + 10
+            while busy.received < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stopped_at = time.monotonic()
+            token.cancel()                                      # Stop, while the engine waits out Retry-After: 30
+            assert done.wait(STOP_WITHIN_S) and time.monotonic() - stopped_at < STOP_WITHIN_S
+            assert reply.stats.finish_reason == "cancelled" and busy.received == 1
+        finally:
+            engine.close()
