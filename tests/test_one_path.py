@@ -182,3 +182,15 @@ def test_an_endpoint_is_retried_by_its_engine_only_and_stop_ends_a_retry_wait_wi
             assert reply.stats.finish_reason == "cancelled" and busy.received == 1
         finally:
             engine.close()
+
+
+def test_the_apps_judge_and_evaluations_share_the_chats_path_and_its_moderation_rule():
+    from vicuna_demo.config import load_settings
+    moderator = WordModerator()
+    chat = ChatService({"Model": RecordingEngine("Model"), "Judge": RecordingEngine("Judge", "[[5]]")}, moderator,
+                       NullStore())
+    judge = JudgeService.from_settings(chat, load_settings(["--judge", "Judge", "--log-dir", ""], environ={}))
+    assert judge.dispatcher is chat.dispatcher and chat.dispatcher.moderate == moderator.check
+    flagged = Question(question_id=9, category="writing", turns=("Hi",), reference=("nitroglow",))
+    *_, done = judge.evaluate([flagged], "Model", None, mode="single")
+    assert "moderation" in done.result.answers["Model"][9].error and chat.engines["Model"].received == []

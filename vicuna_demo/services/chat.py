@@ -168,12 +168,6 @@ class ChatService:
     def model_names(self) -> list[str]:
         return list(self.engines)
 
-    def engine(self, name: str) -> Engine:
-        try:
-            return self.engines[name]
-        except KeyError:
-            raise KeyError(self.check_model(name)) from None
-
     def check_model(self, name) -> str:
         """'' when ``name`` is a loaded model, else the reason to show the user (the one "unknown model" check)."""
         if isinstance(name, str) and name in self.engines:
