@@ -23,7 +23,9 @@ Fair share: ``max_in_flight`` bounds the requests this run has in flight at once
 below the engines' batch size so visitors' chats keep room); None submits everything at once (the
 command line). ``moderate`` (the app's moderator, for question sets visitors upload) checks each
 question (its turns and its reference answers, which reach the judge) before any model sees it.
-``cancel()`` stops the run: requests in flight are cancelled.
+``cancel()`` stops the run: requests in flight are cancelled on their engines at once. Every request goes
+through the one path to the engines (``Dispatcher.send``, engines/dispatch.py), the app's own in the page
+(the chat's rules), with this run's cancel token and a timeout per request.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ The messages are built once, before the moderation check, and never read again f
 what reaches the model is exactly what was moderated, even when a second event of the same visitor
 arrives meanwhile (it is refused by the gate anyway). A flagged message is logged as flagged and never
 enters a later turn's context. ``ChatService.reply`` streams one reply for a snapshot already checked:
-``turn`` and the battle service (services/battle.py) use it; nothing else sends text to an engine.
+``turn`` and the battle service (services/battle.py) use it, and it hands the text to the engine through the one
+path the judge and evaluations use too (``Dispatcher.send``, engines/dispatch.py: sampling, cancel, timeout).
 
 The same event at another point of the conversation, through the same gate and checks: ``regenerate``
 (the last message again), ``edit`` (a changed earlier message; the conversation is cut after it) and
@@ -25,7 +26,6 @@ conversation again after a page reload by its key alone (``session.ConversationK
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -54,6 +54,8 @@ NOT_A_MESSAGE = "That message is no longer in this conversation."
 NOTHING_TO_CONTINUE = "There is no reply cut at the token limit to continue."
 CANNOT_CONTINUE = ("{model} cannot continue a reply (its server's chat API has no way to); press Regenerate "
                    "with a higher Max output tokens instead.")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_input_chars: int = 12000

@@ -18,6 +18,9 @@ Without one, ``available`` is False and ``unavailable_reason()`` says so.
 - ``estimate(...)`` says before a run how long its answers will take, from the speeds measured in this
   app (``speed.SpeedBook``: visitors' replies, earlier evaluations) and the batch the run uses;
   ``answer_tokens(models)`` is the reply length its answers default to (shorter for a model on a CPU).
+
+The judge and evaluations send their requests through the chat service's ``Dispatcher`` (engines/dispatch.py),
+so they follow the chat's rules for moderation, sampling and cancelling; each request has ``timeout_s``.
 """
 
 from __future__ import annotations
