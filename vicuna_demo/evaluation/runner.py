@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from ..engines.dispatch import CancelToken, Dispatcher, UnknownModel
+from ..engines.dispatch import DEFAULT_TIMEOUT_S, CancelToken, Dispatcher, UnknownModel
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
 from .prompts import fastchat_prompt, pairwise_prompt, single_prompt
 from .questions import Question
@@ -53,7 +53,6 @@ GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
 # the categories MT-Bench judges with a reference answer (FastChat's gen_judgment.py): only these
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding", "arena-hard-200"})
 JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=1024)
-DEFAULT_TIMEOUT_S = 600.0
 
 
 class Cancelled(Exception):

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from ..data.shared import SharedSlot
 from ..data.storage import JudgeVoteRecord
-from ..engines.dispatch import CancelToken, Dispatcher
+from ..engines.dispatch import DEFAULT_TIMEOUT_S, CancelToken, Dispatcher
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
 from ..evaluation.outputs import category_table, plot_summary, summarize, write_outputs
 from ..evaluation.prompts import pairwise_prompt
@@ -154,7 +154,7 @@ class JudgeService:
     def __init__(self, engines: Mapping[str, object], store, *, judge: str | None, moderator=None,
                  max_in_flight: int = 4, params: SamplingParams = JUDGE_PARAMS,
                  answer_params: SamplingParams = SamplingParams(), max_questions: int = MAX_UPLOAD_QUESTIONS,
-                 max_input_chars: int = 12000, timeout_s: float = 600.0,
+                 max_input_chars: int = 12000, timeout_s: float = DEFAULT_TIMEOUT_S,
                  answer_defaults: Callable[[str], SamplingParams] | None = None, speeds: SpeedBook | None = None,
                  dispatcher: Dispatcher | None = None):
         if judge and judge not in engines:
