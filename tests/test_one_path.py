@@ -194,3 +194,12 @@ def test_the_apps_judge_and_evaluations_share_the_chats_path_and_its_moderation_
     flagged = Question(question_id=9, category="writing", turns=("Hi",), reference=("nitroglow",))
     *_, done = judge.evaluate([flagged], "Model", None, mode="single")
     assert "moderation" in done.result.answers["Model"][9].error and chat.engines["Model"].received == []
+
+
+def test_a_request_closed_before_it_was_read_is_cancelled_and_lets_go_of_stop_and_its_timer():
+    engine, token = SlowEngine(delay_s=0.05), CancelToken()
+    reply = Dispatcher({"Slow": engine}, timeout_s=30).send("Slow", [{"role": "user", "content": "x"}],
+                                                            SamplingParams(), cancel=token)
+    reply.close()
+    assert engine.replies[0].cancelled_at is not None and reply.stats.finish_reason == "cancelled"
+    assert token._callbacks == [] and reply._timer.finished.is_set()      # the timer will not fire

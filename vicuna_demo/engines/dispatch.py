@@ -152,8 +152,21 @@ class Reply:
         """The consumer is done (e.g. it was closed itself): end the request if it still runs."""
         if self._deltas is not None:
             self._deltas.close()
-        if self.stats.finish_reason is None:
+        self._finish(None)
+
+    def _finish(self, stream) -> None:
+        """However the request ends (once is enough; again is harmless): no timer, no Stop bound to it, and a
+        request its consumer left is cancelled on the engine."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._unbind()
+        if self.stats.finish_reason is None:            # the consumer went away (a closed page): end it there too
             self._token.cancel()
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            if self.stats.finish_reason is None:
+                self.stats.finish_reason = "cancelled"
 
     def _iterate(self) -> Iterator[str]:
         first = not self._continuing
@@ -167,17 +180,8 @@ class Reply:
                     first = False
                 yield delta
         finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._unbind()
-            if self.stats.finish_reason is None:        # the consumer went away (a closed page): end it there too
-                self._token.cancel()
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
-                if self.stats.finish_reason is None:
-                    self.stats.finish_reason = "cancelled"
-        if self.timed_out:
+            self._finish(stream)
+        if self.timed_out and self.stats.finish_reason == "cancelled":
             message = f"no complete reply within {self.timeout_s:g} s (timed out)"
             self.stats.finish_reason, self.stats.error = "error", message
             raise EngineError(message)
