@@ -13,8 +13,8 @@ model's category labels of an anonymous battle's first prompt, and the outlier-v
 - ``JudgeLabeller``: one short classification request to the judge's engine (``_ask``: through the one path
   to an engine, engines/dispatch.py, as the judge's verdicts), the answer read strictly
   (categories.parse_judge_answer: one JSON object of booleans, anything else gives no label and a log
-  line), the labels appended to the store's ``battle_labels`` with labeller "judge:<name>". The rules' labels stored with the vote stay
-  whatever the judge does.
+  line), the labels appended to the store's ``battle_labels`` with labeller "judge:<name>". The rules'
+  labels stored with the vote stay whatever the judge does.
 - ``OutlierCheck``: data/outliers.check with ``apply``: the votes of a visitor whose votes the ratings find
   far less likely than chance allows are flagged as not counted (``vote_flags``, append-only, reason
   ``outlier_voter``), and the leaderboard leaves them out at its next refresh. Replicas sharing a store run
