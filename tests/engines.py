@@ -16,11 +16,21 @@ class ScriptedReply:
         self._chunks, self._delay, self._fail_after = list(chunks), delay_s, fail_after
         self._max_tokens = max_tokens
         self._cancelled = threading.Event()
+        self.cancelled_at: float | None = None     # time.monotonic() of the first cancel
+        self.ended = threading.Event()            # the request is over (however it ended)
 
     def cancel(self):
+        if self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
         self._cancelled.set()
 
     def __iter__(self):
+        try:
+            yield from self._words()
+        finally:
+            self.ended.set()
+
+    def _words(self):
         start = time.perf_counter()
         for i, chunk in enumerate(self._chunks):
             if self._max_tokens is not None and i >= self._max_tokens:
@@ -101,6 +111,29 @@ class TokenLimitEngine(RecordingEngine):
         last = prompt.payload[-1]
         done = len(last["content"].split()) if last["role"] == "assistant" else 0
         return ScriptedReply(chunks[done:], self.delay_s, self.fail_after, max_tokens=params.max_new_tokens)
+
+
+class SlowEngine(RecordingEngine):
+    """A recording engine whose replies take ``delay_s`` per word (a long reply, slowly) and that keeps every
+    request it was given (``replies``: each records when it was cancelled and sets ``ended`` when its work is
+    over), so a test can see that Stop really ended the work on the engine."""
+
+    def __init__(self, name="Slow", reply=" ".join(["word"] * 200), delay_s=0.5):
+        super().__init__(name, reply, delay_s)
+        self.replies: list[ScriptedReply] = []
+        self.started = threading.Event()
+
+    def stream(self, prompt, params):
+        reply = super().stream(prompt, params)
+        with self._lock:
+            self.replies.append(reply)
+        self.started.set()
+        return reply
+
+    def all_ended(self, timeout: float) -> bool:
+        """True when every request given so far has ended within ``timeout`` seconds from now."""
+        deadline = time.monotonic() + timeout
+        return all(r.ended.wait(max(0.0, deadline - time.monotonic())) for r in list(self.replies))
 
 
 class WordModerator:

@@ -5,7 +5,9 @@ package has a layer (``LAYERS``) and imports only those below it; no modules and
 themselves back through others. The UI renders and calls services only (so it can be replaced without
 losing behaviour), nothing below the UI imports gradio (the services run on the GPU machine, which has no
 gradio), and the engines know nothing of the services, the store or the page. Wrong imports are planted in
-each way Python allows (relative, importlib, package-level) to show that the rules see them.
+each way Python allows (relative, importlib, package-level) to show that the rules see them. Text reaches an
+engine by one path: ``Dispatcher.send`` (engines/dispatch.py) is the only caller of an engine's ``prepare`` /
+``stream`` (chat, the judge and evaluations all use it), so no route can have rules of its own.
 """
 
 from __future__ import annotations
@@ -256,3 +258,45 @@ def test_the_rules_see_real_imports():
     assert "vicuna_demo.engines.fastpath.model" in graph["vicuna_demo.engines.fastpath"]
     assert {"vicuna_demo", "vicuna_demo.ui", "moderation", "conversation_templates"} <= set(graph)
 
+
+ONE_PATH = "vicuna_demo.engines.dispatch"     # the one module that hands an engine its work
+
+
+def engine_calls(path: Path, source: str | None = None) -> list[str]:
+    """Where ``path`` calls an engine's ``prepare(messages, params)`` or ``stream(prompt, params)`` (a call of that
+    name with two arguments), as "line: text". Inside the engines, a call on ``self`` (or on what ``self`` wraps,
+    such as the start-up placeholder's engine) is an engine's own business and not counted."""
+    text = path.read_text() if source is None else source
+    inside_engines = module_name(path).startswith("vicuna_demo.engines")
+    found = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("prepare", "stream") and len(node.args) + len(node.keywords) == 2):
+            continue
+        receiver = node.func.value
+        while isinstance(receiver, (ast.Attribute, ast.Call)):
+            receiver = receiver.func if isinstance(receiver, ast.Call) else receiver.value
+        if inside_engines and isinstance(receiver, ast.Name) and receiver.id == "self":
+            continue
+        found.append(f"{node.lineno}: {ast.get_source_segment(text, node)}")
+    return found
+
+
+@pytest.mark.parametrize("path", [*all_modules().values(), ROOT / "app.py"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_one_path_hands_an_engine_its_work(path):
+    if module_name(path) == ONE_PATH:
+        assert engine_calls(path), "the rule no longer sees the one path's own calls"
+        return
+    calls = engine_calls(path)
+    assert not calls, f"{path.name} sends work to an engine itself; use Dispatcher.send (engines/dispatch.py): {calls}"
+
+
+@pytest.mark.parametrize("module, planted", [
+    ("services/chat.py", "def f(engine, p):\n    return engine.stream(engine.prepare([], p), p)"),
+    ("services/judge.py", "def f(self, p):\n    return self.engines['x'].stream(p, p)"),
+    ("evaluation/runner.py", "def f(engines, p):\n    return list(engines.get('x').stream(prompt=p, params=p))"),
+    ("engines/remote.py", "def f(other, m, p):\n    return other.prepare(m, p)"),
+])
+def test_a_fourth_path_to_an_engine_is_caught(module, planted):
+    path = PACKAGE / module
+    assert engine_calls(path, path.read_text() + "\n\n" + planted + "\n")

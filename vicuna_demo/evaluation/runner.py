@@ -23,7 +23,9 @@ Fair share: ``max_in_flight`` bounds the requests this run has in flight at once
 below the engines' batch size so visitors' chats keep room); None submits everything at once (the
 command line). ``moderate`` (the app's moderator, for question sets visitors upload) checks each
 question (its turns and its reference answers, which reach the judge) before any model sees it.
-``cancel()`` stops the run: requests in flight are cancelled.
+``cancel()`` stops the run: requests in flight are cancelled on their engines at once. Every request goes
+through the one path to the engines (``Dispatcher.send``, engines/dispatch.py), the app's own in the page
+(the chat's rules), with this run's cancel token and a timeout per request.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from ..engines.dispatch import DEFAULT_TIMEOUT_S, CancelToken, Dispatcher, UnknownModel
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
 from .prompts import fastchat_prompt, pairwise_prompt, single_prompt
 from .questions import Question
@@ -50,7 +53,6 @@ GREEDY_CATEGORIES = frozenset({"math", "reasoning", "coding", "extraction"})
 # the categories MT-Bench judges with a reference answer (FastChat's gen_judgment.py): only these
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding", "arena-hard-200"})
 JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=1024)
-DEFAULT_TIMEOUT_S = 600.0
 
 
 class Cancelled(Exception):
@@ -159,7 +161,8 @@ class EvaluationRunner:
                  answer_params: SamplingParams | Mapping[str, SamplingParams] = SamplingParams(),
                  judge_params: SamplingParams = JUDGE_PARAMS, max_in_flight: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, moderate: Callable[[str], object] | None = None,
-                 references: Mapping | None = None, judge_prompts: Mapping | None = None):
+                 references: Mapping | None = None, judge_prompts: Mapping | None = None,
+                 dispatcher: Dispatcher | None = None):
         self.engines = engines
         self.judge = judge
         self.answer_params = answer_params
@@ -169,72 +172,51 @@ class EvaluationRunner:
         self.moderate = moderate
         self.references = references     # question_id -> reference turns (--reference FILE); None: the questions'
         self.judge_prompts = judge_prompts   # FastChat's judge_prompts.jsonl by name (--judge-prompts); None: ours
+        # the one path to the engines (the app's, shared with the chat; else one over ``engines`` and ``moderate``)
+        self.dispatcher = dispatcher or Dispatcher(engines, moderate=moderate, timeout_s=timeout_s)
         self._cancel = threading.Event()
-        self._active: set = set()
-        self._lock = threading.Lock()
+        self._token = CancelToken()
 
     # -- control ------------------------------------------------------------------------------
     def cancel(self) -> None:
+        """Stop the run: every request in flight ends on its engine at once (they all hold this run's token)."""
         self._cancel.set()
-        with self._lock:
-            streams = list(self._active)
-        for stream in streams:
-            stream.cancel()
+        self._token.cancel()
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
     # -- one request --------------------------------------------------------------------------
-    def _generate(self, engine, messages: list[dict], params: SamplingParams, answer: Answer | None = None) -> str:
-        """The whole reply text (its token count and finish reason added to ``answer``); raises EngineError /
+    def _generate(self, model: str, messages: list[dict], params: SamplingParams, answer: Answer | None = None) -> str:
+        """The whole reply text (its token count and finish reason added to ``answer``), through the one path to
+        an engine (engines/dispatch.py) with this run's cancel token and timeout; raises EngineError /
         PromptTooLong / Cancelled."""
         if self._cancel.is_set():
             raise Cancelled
-        prompt = engine.prepare(messages, params)
-        stream = engine.stream(prompt, params)
-        expired = threading.Event()
-
-        def expire():
-            expired.set()
-            stream.cancel()
-
-        timer = threading.Timer(self.timeout_s, expire)
-        timer.daemon = True
-        with self._lock:
-            self._active.add(stream)
-        if self._cancel.is_set():
-            stream.cancel()
-        timer.start()
-        try:
-            text = "".join(stream)
-        finally:
-            timer.cancel()
-            with self._lock:
-                self._active.discard(stream)
-        if expired.is_set():
-            raise EngineError(f"no complete reply within {self.timeout_s:g} s (timed out)")
+        # the question was moderated once, before any model saw it (``_blocked``): nothing here is new text
+        reply = self.dispatcher.send(model, messages, params, cancel=self._token, timeout_s=self.timeout_s)
+        text = reply.text()
         if self._cancel.is_set():
             raise Cancelled
         if answer is not None:
-            answer.n_tokens += stream.stats.n_tokens
-            answer.finish_reasons.append(stream.stats.finish_reason or "")
+            answer.n_tokens += reply.stats.n_tokens
+            answer.finish_reasons.append(reply.stats.finish_reason or "")
         return text.strip()
 
-    def _attempt(self, engine_name: str, messages: list[dict], params: SamplingParams,
+    def _attempt(self, model: str, messages: list[dict], params: SamplingParams,
                  answer: Answer | None = None) -> tuple[str, str | None]:
         """(text, error): errors become a message, so one failure never takes the run with it."""
-        engine = self.engines.get(engine_name)
-        if engine is None:
-            return "", f"no model called {engine_name!r} is loaded"
         try:
-            return self._generate(engine, messages, params, answer), None
+            return self._generate(model, messages, params, answer), None
         except Cancelled:
             return "", "cancelled"
+        except UnknownModel:
+            return "", f"no model called {model!r} is loaded"
         except (EngineError, PromptTooLong) as exc:
             return "", str(exc)
         except Exception as exc:  # noqa: BLE001 - a bug in one request must not end the run
-            log.exception("evaluation request to %s failed", engine_name)
+            log.exception("evaluation request to %s failed", model)
             return "", f"{type(exc).__name__}: {exc}"
 
     # -- stages -------------------------------------------------------------------------------
@@ -269,10 +251,8 @@ class EvaluationRunner:
 
     def _blocked(self, question: Question) -> str | None:
         """Why moderation keeps this question from every model, or None."""
-        if self.moderate is None:
-            return None
-        verdict = self.moderate("\n\n".join((*question.turns, *question.reference)))
-        if getattr(verdict, "allowed", True):
+        verdict = self.dispatcher.check((*question.turns, *question.reference))
+        if verdict is None or getattr(verdict, "allowed", True):
             return None
         return f"stopped by content moderation ({getattr(verdict, 'status', 'flagged')})"
 

@@ -10,11 +10,11 @@ model's category labels of an anonymous battle's first prompt, and the outlier-v
 - ``BackgroundWorker``: a bounded queue and one daemon thread. A job that fails is logged and the next
   one runs; a job offered to a full queue is dropped and logged (the vote itself is stored already, so
   nothing but that job is lost).
-- ``JudgeLabeller``: one short classification request to the judge's engine (``_ask``: the same engine
-  calls as the judge's verdicts, services/judge.py), the answer read strictly (categories.parse_judge_answer:
-  one JSON object of booleans, anything else gives no label and a log line), the labels appended to the
-  store's ``battle_labels`` with labeller "judge:<name>". The rules' labels stored with the vote stay
-  whatever the judge does.
+- ``JudgeLabeller``: one short classification request to the judge's engine (``_ask``: through the one path
+  to an engine, engines/dispatch.py, as the judge's verdicts), the answer read strictly
+  (categories.parse_judge_answer: one JSON object of booleans, anything else gives no label and a log
+  line), the labels appended to the store's ``battle_labels`` with labeller "judge:<name>". The rules'
+  labels stored with the vote stay whatever the judge does.
 - ``OutlierCheck``: data/outliers.check with ``apply``: the votes of a visitor whose votes the ratings find
   far less likely than chance allows are flagged as not counted (``vote_flags``, append-only, reason
   ``outlier_voter``), and the leaderboard leaves them out at its next refresh. Replicas sharing a store run
@@ -33,7 +33,8 @@ from ..data.categories import judge_labels, judge_messages, parse_judge_answer
 from ..data.outliers import MIN_VOTES, Z, check
 from ..data.records import LabelRecord
 from ..data.shared import SharedSlot
-from ..engines.protocol import EngineError, SamplingParams
+from ..engines.dispatch import Dispatcher
+from ..engines.protocol import SamplingParams
 
 log = logging.getLogger("vicuna_demo.services.after_vote")
 
@@ -104,9 +105,10 @@ class JudgeLabeller:
     """Category labels of a battle's first prompt from the judge model (see the module docstring)."""
 
     def __init__(self, engine, judge: str, store, worker: BackgroundWorker, *, params: SamplingParams = LABEL_PARAMS,
-                 timeout_s: float = LABEL_TIMEOUT_S):
+                 timeout_s: float = LABEL_TIMEOUT_S, dispatcher: Dispatcher | None = None):
         self.engine, self.judge, self.store, self.worker = engine, judge, store, worker
         self.params, self.timeout_s = params, timeout_s
+        self.dispatcher = dispatcher or Dispatcher({judge: engine})    # the app's (ChatService.dispatcher) when given
 
     @property
     def labeller(self) -> str:
@@ -134,19 +136,10 @@ class JudgeLabeller:
         return labels
 
     def _ask(self, messages: list[dict]) -> str:
-        """The one request to the judge's engine -> its whole answer (cancelled after ``timeout_s``)."""
-        prompt = self.engine.prepare(messages, self.params)
-        stream = self.engine.stream(prompt, self.params)
-        timer = threading.Timer(self.timeout_s, stream.cancel)
-        timer.daemon = True
-        timer.start()
-        try:
-            text = "".join(stream)
-        finally:
-            timer.cancel()
-        if stream.stats.finish_reason == "cancelled":
-            raise EngineError(f"no complete answer within {self.timeout_s:g} s")
-        return text
+        """The one request to the judge's engine -> its whole answer, through the one path to an engine
+        (engines/dispatch.py; an EngineError when it has not ended after ``timeout_s``). The prompt is a visitor's
+        text that moderation has seen already."""
+        return self.dispatcher.send(self.judge, messages, self.params, timeout_s=self.timeout_s).text()
 
 
 class OutlierCheck:

@@ -10,7 +10,8 @@ The messages are built once, before the moderation check, and never read again f
 what reaches the model is exactly what was moderated, even when a second event of the same visitor
 arrives meanwhile (it is refused by the gate anyway). A flagged message is logged as flagged and never
 enters a later turn's context. ``ChatService.reply`` streams one reply for a snapshot already checked:
-``turn`` and the battle service (services/battle.py) use it; nothing else sends text to an engine.
+``turn`` and the battle service (services/battle.py) use it, and it hands the text to the engine through the one
+path the judge and evaluations use too (``Dispatcher.send``, engines/dispatch.py: sampling, cancel, timeout).
 
 The same event at another point of the conversation, through the same gate and checks: ``regenerate``
 (the last message again), ``edit`` (a changed earlier message; the conversation is cut after it) and
@@ -25,7 +26,6 @@ conversation again after a page reload by its key alone (``session.ConversationK
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from moderation import ModerationResult, Moderator
 
+from ..engines.dispatch import Dispatcher
 from ..engines.protocol import (MAX_NEW_TOKENS_RANGE, REPETITION_PENALTY_RANGE, SAMPLING_FIELDS,  # noqa: F401
                                 TEMPERATURE_RANGE, TOP_P_RANGE, Engine, EngineError, PromptTooLong, ReplyStats,
                                 SamplingParams)
@@ -53,10 +54,6 @@ NOT_A_MESSAGE = "That message is no longer in this conversation."
 NOTHING_TO_CONTINUE = "There is no reply cut at the token limit to continue."
 CANNOT_CONTINUE = ("{model} cannot continue a reply (its server's chat API has no way to); press Regenerate "
                    "with a higher Max output tokens instead.")
-UNSUPPORTED_NOTICE = ("{model} cannot apply a {what} (its back end has none); this reply was generated "
-                      "without it.")
-_FIELD_WORDS = {"repetition_penalty": "repetition penalty", "temperature": "temperature", "top_p": "top_p",
-                "max_new_tokens": "reply length"}
 
 
 @dataclass(frozen=True)
@@ -162,6 +159,9 @@ class ChatService:
         self.defaults = defaults or SamplingParams()
         # the sampling flags the user gave (Settings.sampling_flags): over every model's own defaults
         self.flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        # the one path from text to an engine, shared with the judge and evaluations (engines/dispatch.py)
+        self.dispatcher = Dispatcher(self.engines, moderate=moderator.check, flags=self.flags,
+                                     fallback=self.defaults, max_new_tokens_cap=limits.max_new_tokens_cap)
         self.rate_limiter = rate_limiter_for(store, "chat", limits.rate_limit_per_min)
         self.kept = ConversationKeeper()   # conversations a page reload finds again (``resume``)
         self.speeds = SpeedBook()          # each model's measured speed, from the replies logged (``_log``)
@@ -169,12 +169,6 @@ class ChatService:
     # -- checks -----------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
         return list(self.engines)
-
-    def engine(self, name: str) -> Engine:
-        try:
-            return self.engines[name]
-        except KeyError:
-            raise KeyError(self.check_model(name)) from None
 
     def check_model(self, name) -> str:
         """'' when ``name`` is a loaded model, else the reason to show the user (the one "unknown model" check)."""
@@ -226,15 +220,11 @@ class ChatService:
         """What ``model`` uses for a value a request leaves out: its engine's defaults (the model's recommended
         values, a reply length suited to its device) with the user's flags over them, the reply length capped.
         A field the engine cannot apply keeps the built-in value. An unknown model (or None): the service's."""
-        engine = self.engines.get(model) if isinstance(model, str) else None
-        params = (engine.defaults if engine is not None else self.defaults).overridden(self.flags)
-        params = params.without(self.unsupported(model))     # a flag the engine cannot apply is dropped too
-        return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, self.limits.max_new_tokens_cap))
+        return self.dispatcher.defaults_for(model)
 
     def unsupported(self, model: str | None) -> frozenset[str]:
         """SamplingParams fields ``model``'s engine cannot apply (the page greys their sliders out)."""
-        engine = self.engines.get(model) if isinstance(model, str) else None
-        return engine.unsupported_params if engine is not None else frozenset()
+        return self.dispatcher.unsupported(model)
 
     def params(self, temperature=None, top_p=None, max_new_tokens=None, repetition_penalty=None, *,
                model: str | None = None) -> SamplingParams:
@@ -408,6 +398,7 @@ class ChatService:
         messages = [{**m, "content": sanitize_input(m.get("content"))} for m in messages]
         sent_messages: Sequence[dict] = messages
         stats = ReplyStats()
+        sent = None
         if not moderation.allowed:
             update.status, update.notice, update.done = "moderated", moderation.notice, True
             log.info("turn blocked by moderation (%s) model=%s", moderation.status, model)
@@ -415,34 +406,17 @@ class ChatService:
             yield update
             return
         try:
-            engine = self.engine(model)
-            prompt = engine.prepare(messages, params)       # a model still loading is there after this
-            sent_messages = prompt.messages
-            notices = []
-            if prompt.dropped_turns:
-                notices.append(f"The conversation was longer than {model}'s context window: the oldest "
-                               f"{prompt.dropped_turns} exchange(s) were left out (the system prompt was kept).")
-            params, ignored = self._applicable(engine, params)
-            notices += [UNSUPPORTED_NOTICE.format(model=model, what=_FIELD_WORDS.get(f, f)) for f in ignored]
-            update.notice = " ".join(notices)
-            stream = engine.stream(prompt, params)
-            stats = stream.stats
-            if cancel is not None:
-                cancel.bind(stream.cancel)
+            sent = self.dispatcher.send(model, messages, params, verdict=moderation, cancel=cancel)
+            sent_messages, params, stats = sent.prompt.messages, sent.params, sent.stats
+            update.notice = " ".join(sent.notices)
             yield update
-            try:
-                for delta in stream:
-                    if not update.reply:
-                        delta = delta.lstrip()  # "ASSISTANT:" leaves the model's first space in the reply
-                        if not delta:
-                            continue
-                    update.reply += delta
-                    update.stats = stats
-                    yield update
-            finally:
-                if stats.finish_reason is None:
-                    stream.cancel()
+            for delta in sent:
+                update.reply += delta
+                update.stats = stats
+                yield update
         except GeneratorExit:  # the visitor went away mid-reply (tab closed, request cancelled): log what they saw
+            if sent is not None:
+                sent.close()                                # the engine's request ends too
             if stats.finish_reason is None:
                 stats.finish_reason = "cancelled"
             self._log(ctx, model, self._template_name(model), params,
@@ -450,7 +424,7 @@ class ChatService:
             raise
         except PromptTooLong as exc:
             update.status, update.notice = "rejected", str(exc)
-        except (EngineError, KeyError) as exc:
+        except EngineError as exc:
             update.status = "error"
             update.notice = f"⚠️ {exc.args[0] if exc.args else exc}"
             stats.finish_reason, stats.error = "error", update.notice
@@ -479,18 +453,6 @@ class ChatService:
     def _template_name(self, model: str) -> str:
         engine = self.engines.get(model)
         return engine.template_name if engine is not None else "-"
-
-    @staticmethod
-    def _applicable(engine, params: SamplingParams) -> tuple[SamplingParams, list[str]]:
-        """``params`` without what ``engine`` cannot apply (built-in values instead), and the fields a request
-        asked for in vain (e.g. a repetition penalty on continuous batching: logged, and said in the reply)."""
-        unsupported = sorted(engine.unsupported_params)
-        applicable = params.without(unsupported)
-        ignored = [f for f in unsupported if getattr(params, f) != getattr(applicable, f)]
-        if ignored:
-            log.info("%s cannot apply %s; ignored for this reply", engine.name,
-                     ", ".join(f"{f}={getattr(params, f)}" for f in ignored))
-        return applicable, ignored
 
     def _log(self, ctx, model, template, params, messages, reply, finish, stats, moderation, started) -> bool:
         """Store the turn (and note its speed); False only when a shared database could not take it (the visitor is

@@ -18,6 +18,9 @@ Without one, ``available`` is False and ``unavailable_reason()`` says so.
 - ``estimate(...)`` says before a run how long its answers will take, from the speeds measured in this
   app (``speed.SpeedBook``: visitors' replies, earlier evaluations) and the batch the run uses;
   ``answer_tokens(models)`` is the reply length its answers default to (shorter for a model on a CPU).
+
+The judge and evaluations send their requests through the chat service's ``Dispatcher`` (engines/dispatch.py),
+so they follow the chat's rules for moderation, sampling and cancelling; each request has ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from ..data.shared import SharedSlot
 from ..data.storage import JudgeVoteRecord
+from ..engines.dispatch import DEFAULT_TIMEOUT_S, CancelToken, Dispatcher
 from ..engines.protocol import EngineError, PromptTooLong, SamplingParams
 from ..evaluation.outputs import category_table, plot_summary, summarize, write_outputs
 from ..evaluation.prompts import pairwise_prompt
@@ -150,8 +154,9 @@ class JudgeService:
     def __init__(self, engines: Mapping[str, object], store, *, judge: str | None, moderator=None,
                  max_in_flight: int = 4, params: SamplingParams = JUDGE_PARAMS,
                  answer_params: SamplingParams = SamplingParams(), max_questions: int = MAX_UPLOAD_QUESTIONS,
-                 max_input_chars: int = 12000, timeout_s: float = 600.0,
-                 answer_defaults: Callable[[str], SamplingParams] | None = None, speeds: SpeedBook | None = None):
+                 max_input_chars: int = 12000, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 answer_defaults: Callable[[str], SamplingParams] | None = None, speeds: SpeedBook | None = None,
+                 dispatcher: Dispatcher | None = None):
         if judge and judge not in engines:
             raise KeyError(f"--judge {judge!r}: no such model")
         self.engines = engines
@@ -166,6 +171,10 @@ class JudgeService:
         self.max_questions = max_questions
         self.max_input_chars = max_input_chars
         self.timeout_s = timeout_s
+        # the one path from text to an engine: the chat service's in the app (``from_settings``), so the judge and
+        # evaluations follow the chat's rules (moderation, sampling, cancel); each request here has ``timeout_s``
+        self.dispatcher = dispatcher or Dispatcher(engines, moderate=moderator.check if moderator is not None
+                                                   else None, timeout_s=timeout_s)
         self.rate_limiter = rate_limiter_for(store, "judge", JUDGE_RATE_PER_MIN)
         self.speeds = speeds if speeds is not None else SpeedBook()   # the app's: ChatService.speeds
         # one evaluation at a time: in this process, or across the replicas sharing the store
@@ -181,6 +190,7 @@ class JudgeService:
         judge = cls.for_app(service.engines, service.store, service.moderator, settings, batch_size=batch)
         judge.answer_defaults = service.defaults_for     # each model answers with its own recommended sampling
         judge.speeds = service.speeds                    # the speeds visitors' replies measured, for estimates
+        judge.dispatcher = service.dispatcher            # one path (and one moderation rule) for every route
         return judge
 
     @classmethod
@@ -231,24 +241,12 @@ class JudgeService:
         return check_upload(Path(path).name, data, max_questions=self.max_questions, max_chars=self.max_input_chars)
 
     # -- a side-by-side round ---------------------------------------------------------------------
-    def _stream_game(self, game: str, messages: list[dict], inbox: queue.Queue, cancel: threading.Event) -> None:
-        engine = self.engines[self.judge]
+    def _stream_game(self, game: str, messages: list[dict], inbox: queue.Queue, cancel: CancelToken) -> None:
         try:
-            prompt = engine.prepare(messages, self.params)
-            stream = engine.stream(prompt, self.params)
-            timer = threading.Timer(self.timeout_s, stream.cancel)
-            timer.daemon = True
-            timer.start()
-            try:
-                for delta in stream:
-                    if cancel.is_set():
-                        stream.cancel()
-                        break
-                    inbox.put((game, "delta", delta))
-            finally:
-                timer.cancel()
-            if stream.stats.finish_reason == "cancelled" and not cancel.is_set():
-                raise EngineError(f"the judge gave no complete answer within {self.timeout_s:g} s")
+            # the round's text was moderated when the visitor sent it: nothing in the prompt is new to a model
+            reply = self.dispatcher.send(self.judge, messages, self.params, cancel=cancel, timeout_s=self.timeout_s)
+            for delta in reply:
+                inbox.put((game, "delta", delta))
         except PromptTooLong:
             inbox.put((game, "error", f"The round is too long for the judge {self.judge}'s context window."))
         except EngineError as exc:
@@ -282,7 +280,7 @@ class JudgeService:
         games = {"g1": pairwise_prompt(questions, answers_a, answers_b),
                  "g2": pairwise_prompt(questions, answers_b, answers_a)}
         inbox: queue.Queue = queue.Queue()
-        cancel = threading.Event()
+        cancel = CancelToken()            # the visitor left: both games end on the judge's engine at once
         errors: dict[str, str] = {}
         for game, prompt in games.items():
             threading.Thread(target=self._stream_game, args=(game, prompt.messages(), inbox, cancel),
@@ -304,7 +302,7 @@ class JudgeService:
                     yield dataclasses.replace(update, texts=dict(update.texts))
         finally:
             if pending:  # the visitor went away: stop both games
-                cancel.set()
+                cancel.cancel()
         error = next(iter(errors.values()), "")
         update.verdict = combine(None if "g1" in errors else parse_pair(update.texts["g1"]),
                                  None if "g2" in errors else parse_pair(update.texts["g2"]))
@@ -424,9 +422,9 @@ class JudgeService:
             if max_new_tokens:
                 params = ({m: dataclasses.replace(p, max_new_tokens=int(max_new_tokens)) for m, p in params.items()}
                           if isinstance(params, dict) else dataclasses.replace(params, max_new_tokens=int(max_new_tokens)))
-            moderate = self.moderator.check if self.moderator is not None else None
             runner = EvaluationRunner(self.engines, judge=self.judge, answer_params=params, judge_params=self.params,
-                                      max_in_flight=self.max_in_flight, timeout_s=self.timeout_s, moderate=moderate)
+                                      max_in_flight=self.max_in_flight, timeout_s=self.timeout_s,
+                                      dispatcher=self.dispatcher)     # its moderation rule checks every question
             self._running = (owner, runner)
             events: queue.Queue = queue.Queue()
             # at once, before moderation checks the questions: the page drops an earlier run's results now

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..engines.dispatch import CancelToken  # noqa: F401 - the one token Stop trips (engines/dispatch.py)
 from ..engines.protocol import ReplyStats
 
 BUSY_NOTICE = "Please wait for the current reply (or press Stop) before sending another message."
@@ -31,39 +32,6 @@ BUSY_NOTICE = "Please wait for the current reply (or press Stop) before sending 
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-class CancelToken:
-    """Lets Stop (another event of the same visitor) stop the reply being generated."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-        self._cancelled = False
-
-    def __deepcopy__(self, memo):  # gradio deep-copies a session's initial state: give it its own token
-        return CancelToken()
-
-    def arm(self) -> None:
-        with self._lock:
-            self._cancelled, self._callbacks = False, []
-
-    def bind(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._cancelled:
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled, callbacks, self._callbacks = True, self._callbacks, []
-        for callback in callbacks:
-            callback()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
 
 class Gate:

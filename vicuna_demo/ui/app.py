@@ -114,4 +114,16 @@ def build_ui(service: ChatService, settings, banners: list[str] | tuple[str, ...
                 build_leaderboard_tab(service, settings, leaderboard)
             with gr.Tab("📋 Evaluate", id="evaluate") as evaluate:
                 build_evaluate_tab(service, judge, settings, evaluate)
+        _stop_work_of_closed_pages(demo, judge)
     return demo
+
+
+def _stop_work_of_closed_pages(demo: gr.Blocks, judge: JudgeService) -> None:
+    """A closed (or reloaded) page stops its evaluation at once. gradio closes an event's generator only when it
+    next yields, which a slow model's evaluation may not do for minutes; the page's heartbeat stream, though,
+    ends with the page, and gradio then runs the ``unload`` listeners with that page's session."""
+
+    def page_closed(request: gr.Request):
+        judge.stop_evaluation(getattr(request, "session_hash", None))
+
+    demo.unload(page_closed)
