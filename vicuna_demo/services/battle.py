@@ -196,8 +196,8 @@ class BattleService:
         self._cap_lock = threading.Lock()     # one visitor's votes from several sessions: checked one at a time
         # after a vote, off the visitor's path: the judge's category labels, the outlier-voter check
         self.worker = BackgroundWorker("after-vote")
-        self.labeller = (JudgeLabeller(chat.engines[judge], judge, chat.store, self.worker)
-                         if judge and judge in chat.engines else None)
+        self.labeller = (JudgeLabeller(chat.engines[judge], judge, chat.store, self.worker, dispatcher=chat.dispatcher)
+                         if judge and judge in chat.engines else None)     # the chat's one path to the engines
         self.outliers = OutlierCheck(chat.store, self.worker, every=outlier_check_every)
         # the language model of the category labels loads in a few seconds: now, not at the first vote
         threading.Thread(target=warm, name="categories-warm", daemon=True).start()
