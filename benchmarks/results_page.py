@@ -48,6 +48,12 @@ CLAIMS = (
           "NF4 (bitsandbytes, double-quantized) and fp16 fast path, 512-token prompts, 256 new tokens; fp16 and "
           "plain generate on the 4-bit model are the baselines; teacher-forced agreement with the de-quantized "
           "model."),
+    Claim("Vicuna-7B fp16, 8-bit and NF4 in one run, with every kernel candidate timed", "2026-12-07e_h200_quant.jsonl",
+          "NVIDIA H200", "2026-12-07", "python3 benchmarks/quant_bench.py --stages fp16,nf4,int8 --streams 1,8,64",
+          "fp16, LLM.int8 and NF4 fast path at 1/8/64 streams (512-token prompts, 256 new tokens), teacher-forced "
+          "agreement with the (de-quantized) model; the warm-up's time for every matmul candidate at every batch "
+          "size is in the raw file (`*_tuning` records): the evidence for which kernel variants were kept. "
+          "Code: 955eb6c, before the variants that never won were deleted."),
     Claim("13B and 33B 4-bit on simulated cards", "2026-12-07_h100_quant_cards.jsonl", "NVIDIA H100 80GB HBM3",
           "2026-12-07", "python3 benchmarks/quant_bench.py --stages card13,card33 --budget-s 100",
           "The app's start-up on a card of the stated size (memory capped), then streams."),
