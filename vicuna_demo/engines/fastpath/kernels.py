@@ -143,7 +143,7 @@ def rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache, n_heads: int
 def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scale,
                         stride_qr, stride_qh, stride_cb, stride_ch, stride_ct, stride_tr, SPLITS,
                         WINDOW, HQ: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                        DIRECT: tl.constexpr, SOFTCAP: tl.constexpr):
+                        DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     rh = tl.program_id(0)
     split = tl.program_id(1)
     row = rh // HQ
@@ -151,7 +151,10 @@ def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr
     kvh = head // GROUP
     seq_len = tl.load(lens_ptr + row)
     n_blocks = tl.cdiv(seq_len, BLOCK)
-    first = tl.maximum(seq_len - WINDOW, 0)      # the window's first key (WINDOW 2**30: every key)
+    if HAS_WINDOW:      # the window's first key; without one the loop is the plain kernel's, no extra mask
+        first = tl.maximum(seq_len - WINDOW, 0)
+    else:
+        first = 0
     lo = first // BLOCK
     per = tl.cdiv(n_blocks - lo, SPLITS)
     start = lo + split * per
@@ -165,7 +168,9 @@ def _paged_attn_partial(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, m_ptr, l_ptr
     for blk in range(start, end):
         phys = tl.load(table_ptr + row * stride_tr + blk).to(tl.int64)
         base = phys * stride_cb + kvh * stride_ch + t[:, None] * stride_ct + d[None, :]
-        valid = ((blk * BLOCK + t) < seq_len) & ((blk * BLOCK + t) >= first)
+        valid = (blk * BLOCK + t) < seq_len
+        if HAS_WINDOW:
+            valid = valid & ((blk * BLOCK + t) >= first)
         k = tl.load(kc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
         if SOFTCAP > 0:       # cap * tanh(s / cap), tanh written with exp (2 / (1 + e^-2x) - 1)
@@ -223,7 +228,7 @@ def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: 
         q, k_cache, v_cache, table, seq_lens, m, l, acc, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0), n_splits,
         int(window or 2**30), HQ=n_heads, GROUP=group, BLOCK=block, D=head_dim, DIRECT=direct,
-        SOFTCAP=float(softcap or 0.0), num_warps=num_warps, num_stages=num_stages)
+        SOFTCAP=float(softcap or 0.0), HAS_WINDOW=bool(window), num_warps=num_warps, num_stages=num_stages)
     if not direct:
         _paged_attn_combine[(rows * n_heads,)](m, l, acc, out, n_splits, SPLITS_P2=_pow2(n_splits), D=head_dim,
                                                num_warps=4)
