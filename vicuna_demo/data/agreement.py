@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -123,7 +122,7 @@ def format_stats(stats: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backends import is_database_uri, uri_has_password
+    from .backends import database_flag
     parser = argparse.ArgumentParser(prog="python -m vicuna_demo.data.agreement",
                                      description="How often the judge agrees with the visitors' votes, with Cohen's "
                                                  "kappa, with and without ties (FastChat's compute_agreement.py).")
@@ -137,12 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.battles) != bool(args.judge_votes):
         parser.error("--battles FILE and --judge-votes FILE go together")
-    database = os.environ.get("VICUNA_DEMO_DATABASE", "") if args.database == "env" else args.database
-    if args.database is not None and not is_database_uri(database):
-        parser.error("--database: give a postgresql:// URI, or 'env' with VICUNA_DEMO_DATABASE set")
-    if args.database not in (None, "env") and uri_has_password(args.database):
-        parser.error("--database: the URI holds a password, which the process list shows to everyone: "
-                     "set PGPASSWORD, or pass 'env' with the URI in VICUNA_DEMO_DATABASE")
+    database = database_flag(args.database, parser.error)
     try:
         if args.battles:
             pairs, source = pairs_from_files(args.battles, args.judge_votes), f"{args.battles} + {args.judge_votes}"

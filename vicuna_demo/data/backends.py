@@ -17,6 +17,8 @@ a URI with one must come from the environment (``VICUNA_DEMO_DATABASE``), never 
 
 from __future__ import annotations
 
+import os
+
 import sqlite3
 import urllib.parse
 import zlib
@@ -42,6 +44,19 @@ def uri_has_password(uri: str) -> bool:
         return sa.engine.make_url(sa_uri(uri)).password not in (None, "")
     except sa.exc.ArgumentError:
         return False
+
+
+def database_flag(value: str | None, error) -> str | None:
+    """A command's ``--database`` value (None, a postgresql:// URI, or "env": the URI in VICUNA_DEMO_DATABASE)
+    -> the URI to open, or None for the SQLite store; ``error(message)`` (argparse's ``parser.error``) for a
+    value that is not a URI or that holds a password (the process list shows it to everyone)."""
+    database = os.environ.get("VICUNA_DEMO_DATABASE", "") if value == "env" else value
+    if value is not None and not is_database_uri(database):
+        error("--database: give a postgresql:// URI, or 'env' with VICUNA_DEMO_DATABASE set")
+    if value not in (None, "env") and uri_has_password(value):
+        error("--database: the URI holds a password, which the process list shows to everyone: "
+              "set PGPASSWORD, or pass 'env' with the URI in VICUNA_DEMO_DATABASE")
+    return database
 
 
 def sa_uri(uri: str) -> str:

@@ -48,7 +48,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from vicuna_demo.data.backends import is_database_uri, uri_has_password
+from vicuna_demo.data.backends import database_flag
 from vicuna_demo.data.categories import category_tag
 from vicuna_demo.data.records import is_moderated
 from vicuna_demo.data.storage import Store, store_path
@@ -181,12 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to do: give --conversations PATH, --battles PATH and/or --judge-votes PATH")
 
     logging.basicConfig(level=logging.ERROR)  # the store's problems are reported below, once
-    database = os.environ.get("VICUNA_DEMO_DATABASE", "") if args.database == "env" else args.database
-    if args.database is not None and not is_database_uri(database):
-        parser.error("--database: give a postgresql:// URI, or 'env' with VICUNA_DEMO_DATABASE set")
-    if args.database not in (None, "env") and uri_has_password(args.database):
-        parser.error("--database: the URI holds a password, which the process list shows to everyone: "
-                     "set PGPASSWORD, or pass 'env' with the URI in VICUNA_DEMO_DATABASE")
+    database = database_flag(args.database, parser.error)
     if database is None and not store_path(args.log_dir).is_file():
         print(f"error: no store in {args.log_dir!r} (expected {store_path(args.log_dir)})", file=sys.stderr)
         return 1
