@@ -313,6 +313,10 @@ KERNEL_CHECK = textwrap.dedent("""
             ref = x @ (cb.float() * absmax[:, None] / 127).T
             got = fk.gemv(x, cb, absmax / 127)
             worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+        g, u, wd = torch.randn(1, 600), torch.randn(1, 600), torch.randn(37, 600)    # Gemma's down projection
+        ref = (torch.nn.functional.gelu(g, approximate="tanh") * u) @ wd.T
+        got = fk.gemv(g, wd, None, up=u, activation="gelu_tanh")
+        worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
     print("WORST", worst)
 """)
 

@@ -17,13 +17,12 @@ from torch.nn.attention.bias import CausalBias
 class EagerOps:
     """The HF modules themselves: on a CPU a reply equals ``generate`` token for token."""
 
-    def add_norm(self, x, residual, norm):
-        """-> (norm(residual + x), residual + x); without ``residual``, x is the residual."""
+    def add_norm(self, x, residual, norm, pre=None):
+        """-> (norm(residual + x), residual + x); without ``residual``, x is the residual; ``pre`` norms x first
+        (Gemma's norms after attention and the MLP)."""
+        x = x if pre is None else pre.module(x)
         residual = x if residual is None else residual + x
         return norm.module(residual), residual
-
-    def norm(self, x, norm):
-        return norm.module(x)
 
     def head_norm(self, x, norm, heads: int):
         return norm.module(x.reshape(x.shape[0], heads, -1)).reshape(x.shape[0], -1)
@@ -33,24 +32,23 @@ class EagerOps:
 
 
 class KernelOps:
-    """Triton kernels: norms with the residual add fused in, the activation fused into the down GEMV."""
+    """Triton kernels: norms with the residual add (and Gemma's output norm) fused in, the activation fused into
+    the down GEMV."""
 
     def __init__(self):
         from . import kernels
         self.fk = kernels
 
-    def add_norm(self, x, residual, norm):
-        return self.fk.add_rmsnorm(x, residual, norm.weight, norm.eps, gemma=norm.gemma)
-
-    def norm(self, x, norm):
-        return self.fk.rmsnorm(x, norm.weight, norm.eps, gemma=norm.gemma)
+    def add_norm(self, x, residual, norm, pre=None):
+        return self.fk.add_rmsnorm(x, residual, norm.weight, norm.eps, gemma=norm.gemma,
+                                   pre=None if pre is None else (pre.weight, pre.eps))
 
     def head_norm(self, x, norm, heads: int):
         rows = x.shape[0]
         return self.fk.rmsnorm(x.reshape(rows * heads, -1), norm.weight, norm.eps, gemma=norm.gemma).view(rows, -1)
 
     def mlp_down(self, layer, g, u):
-        out = layer.down.gated(g, u) if layer.activation == "silu" else None
+        out = layer.down.gated(g, u, layer.activation)
         return out if out is not None else layer.down(self.fk.act_mul(g, u, layer.activation))
 
 
@@ -61,21 +59,18 @@ def decoder(runner, x: torch.Tensor, attend: Attend, ops) -> torch.Tensor:
     """x [tokens, hidden] (embedded) -> the final norm's output [tokens, hidden]. ``attend(layer, q, k, v)`` takes
     q [tokens, Hq*D] and k, v [tokens, Hkv*D] before rotary embedding and returns [tokens, Hq*D]."""
     spec = runner.spec
-    residual = None
+    residual = after = None                  # ``after``: the previous block's output norm, fused into the next add
     for li, layer in enumerate(runner.layers):
-        h, residual = ops.add_norm(x, residual, layer.attn_norm)
+        h, residual = ops.add_norm(x, residual, layer.attn_norm, after)
         q, k, v = layer.project_qkv(h)
         if layer.q_norm is not None:
             q, k = ops.head_norm(q, layer.q_norm, spec.n_heads), ops.head_norm(k, layer.k_norm, spec.n_kv)
         x = layer.o(attend(li, q, k, v))
-        if layer.attn_out_norm is not None:
-            x = ops.norm(x, layer.attn_out_norm)
-        h, residual = ops.add_norm(x, residual, layer.mlp_norm)
+        h, residual = ops.add_norm(x, residual, layer.mlp_norm, layer.attn_out_norm)
         g, u = layer.project_gate_up(h)
         x = ops.mlp_down(layer, g, u)
-        if layer.mlp_out_norm is not None:
-            x = ops.norm(x, layer.mlp_out_norm)
-    h, _ = ops.add_norm(x, residual, runner.final_norm)
+        after = layer.mlp_out_norm
+    h, _ = ops.add_norm(x, residual, runner.final_norm, after)
     return h
 
 

@@ -3,14 +3,15 @@
 Imported only where Triton and a CUDA GPU exist. Each function takes and returns torch tensors and
 is safe inside CUDA-graph capture (no host synchronisation, shapes fixed by the caller):
 
-- ``add_rmsnorm(x, residual, weight, eps)``: residual += x, then RMSNorm of it (one pass).
+- ``add_rmsnorm(x, residual, weight, eps, pre=None)``: residual += x (first normed by ``pre``: Gemma's norms
+  after attention and the MLP), then RMSNorm of it (one pass).
 - ``rope_store(q, k, v, cos, sin, pos, phys, off, k_cache, v_cache)``: rotary embedding of q and k,
   k and v written into the paged cache at (block ``phys``, offset ``off``); returns rotated q.
 - ``paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits)``: one query token per row
   against that row's cached tokens, split over the sequence and combined (flash-decoding).
-- ``act_mul(g, u, activation)``: SiLU(g) * u or GELU(g) * u (``silu_mul``: the first).
-- ``rmsnorm(x, weight, eps)``: RMSNorm alone (q/k norms, Gemma's norms after attention and MLP).
-- ``gemv(x, w, scale)``: x @ (w * scale).T for one row (decode), over int8 weights stored
+- ``act_mul(g, u, activation)``: SiLU(g) * u or GELU(g) * u.
+- ``rmsnorm(x, weight, eps)``: RMSNorm alone (q/k norms).
+- ``gemv(x, w, scale, up=None)``: x @ (w * scale).T for one row (decode; act(x) * up with ``up``), over int8 weights stored
   the way bitsandbytes' LLM.int8 stores them (row-wise absmax / 127) or over 16-bit weights (used where
   it beats cuBLAS for a shape). Batches of int8 rows and 4-bit weights: ``kernels_quant.py``.
 
@@ -31,37 +32,49 @@ def _pow2(n: int) -> int:
 
 # -- RMSNorm with the residual add fused in ---------------------------------------------------------
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                        HAS_RES: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
+def _normed(xf, w_ptr, cols, mask, n_cols, eps, dt, GEMMA: tl.constexpr):
+    """RMSNorm of the fp32 row ``xf`` in dtype ``dt``, rounded as transformers rounds it."""
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:    # x * (1 + w), all in fp32, rounded once (transformers' Gemma RMSNorm)
+        return (xf * (1.0 / tl.sqrt(var + eps)) * (1.0 + w)).to(dt)
+    else:        # (x normalised, in the model's dtype) * w (Llama's)
+        return ((xf * (1.0 / tl.sqrt(var + eps))).to(dt).to(tl.float32) * w).to(dt)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, pre_ptr, out_ptr, n_cols, eps, pre_eps, stride_x, stride_r, stride_o,
+                        HAS_RES: tl.constexpr, PRE: tl.constexpr, GEMMA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if PRE:      # Gemma's norm of the attention / MLP output, before the residual add
+        x = _normed(x.to(tl.float32), pre_ptr, cols, mask, n_cols, pre_eps, x.dtype, GEMMA)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)   # the sum is stored in the model's dtype
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if GEMMA:    # x * (1 + w), all in fp32, rounded once (transformers' Gemma RMSNorm)
-        out = xf * (1.0 / tl.sqrt(var + eps)) * (1.0 + w)
-    else:        # (x normalised, in the model's dtype) * w (Llama's)
-        out = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype).to(tl.float32) * w
-    tl.store(out_ptr + row * stride_o + cols, out.to(x.dtype), mask=mask)
+    elif PRE:
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, _normed(x.to(tl.float32), w_ptr, cols, mask, n_cols, eps, x.dtype,
+                                                      GEMMA), mask=mask)
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                gemma: bool = False):
+                gemma: bool = False, pre: tuple[torch.Tensor, float] | None = None):
     """-> (normed, residual): residual += x, then RMSNorm of it. Without ``residual``, x itself becomes the
-    residual (a copy). ``gemma``: the norm multiplies by (1 + weight)."""
+    residual (a copy). ``gemma``: the norm multiplies by (1 + weight). ``pre`` (weight, eps): x is first
+    normed by it (Gemma's norms after attention and the MLP), in the same launch."""
     rows, n = x.shape
     out = torch.empty_like(x)
     has_res = residual is not None
     if not has_res:
-        residual = x.clone()
-    _add_rmsnorm_kernel[(rows,)](x, residual, weight, out, n, eps, x.stride(0), residual.stride(0), out.stride(0),
-                                 HAS_RES=has_res, GEMMA=gemma, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+        residual = torch.empty_like(x) if pre is not None else x.clone()
+    pre_w, pre_eps = pre if pre is not None else (weight, eps)
+    _add_rmsnorm_kernel[(rows,)](x, residual, weight, pre_w, out, n, eps, pre_eps, x.stride(0), residual.stride(0),
+                                 out.stride(0), HAS_RES=has_res, PRE=pre is not None, GEMMA=gemma, BLOCK=_pow2(n),
+                                 num_warps=4 if n <= 4096 else 8)
     return out, residual
 
 
@@ -69,8 +82,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = Fal
     """RMSNorm of each row of x [rows, n] (no residual)."""
     rows, n = x.shape
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    _add_rmsnorm_kernel[(rows,)](x, x, weight, out, n, eps, x.stride(0), x.stride(0), out.stride(0),
-                                 HAS_RES=False, GEMMA=gemma, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+    _add_rmsnorm_kernel[(rows,)](x, x, weight, weight, out, n, eps, eps, x.stride(0), x.stride(0), out.stride(0),
+                                 HAS_RES=False, PRE=False, GEMMA=gemma, BLOCK=_pow2(n),
+                                 num_warps=4 if n <= 4096 else 8)
     return out
 
 
@@ -237,6 +251,17 @@ def paged_attention(q, k_cache, v_cache, table, seq_lens, n_splits: int, scale: 
 
 # -- act(gate) * up --------------------------------------------------------------------------------------
 @triton.jit
+def _act(g, GELU: tl.constexpr):
+    """act(g) for g in the model's dtype, computed in fp32 and rounded back like the eager op."""
+    gf = g.to(tl.float32)
+    if GELU:     # tanh approximation (gelu_pytorch_tanh), tanh(y) = 2 / (1 + e^-2y) - 1
+        y = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        return (0.5 * gf * (2.0 / (1.0 + tl.exp(-2.0 * y)))).to(g.dtype)
+    else:
+        return (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+
+
+@triton.jit
 def _act_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_o, GELU: tl.constexpr,
                     BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -244,13 +269,8 @@ def _act_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, stride_o,
     mask = cols < n_cols
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    if GELU:     # tanh approximation (gelu_pytorch_tanh), tanh(y) = 2 / (1 + e^-2y) - 1
-        y = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
-        act = (0.5 * gf * (2.0 / (1.0 + tl.exp(-2.0 * y)))).to(g.dtype)
-    else:
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, (_act(g, GELU).to(tl.float32) * u.to(tl.float32)).to(g.dtype),
+             mask=mask)
 
 
 def act_mul(g: torch.Tensor, u: torch.Tensor, activation: str = "silu") -> torch.Tensor:
@@ -263,14 +283,10 @@ def act_mul(g: torch.Tensor, u: torch.Tensor, activation: str = "silu") -> torch
     return out
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return act_mul(g, u, "silu")
-
-
 # -- GEMV for one row: int8 weights (bitsandbytes' LLM.int8 storage) or fp16/bf16 weights ----------------------
 @triton.jit
 def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_wn, HAS_SCALE: tl.constexpr,
-                 GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GATED: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Accumulates elementwise and reduces once at the end (no cross-lane sums in the loop)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -280,10 +296,9 @@ def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_wn, HAS_SCALE
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < K
         w = tl.load(w_rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
-        if GATED:   # x = SiLU(gate) * up, rounded like the separate kernel (the down projection)
+        if GATED:   # x = act(gate) * up, rounded like the separate kernel (the down projection)
             g = tl.load(x_ptr + k, mask=kmask, other=0.0)
-            gf = g.to(tl.float32)
-            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+            act = _act(g, GELU).to(tl.float32)
             x = (act * tl.load(u_ptr + k, mask=kmask, other=0.0).to(tl.float32)).to(g.dtype).to(tl.float32)
         else:
             x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
@@ -295,15 +310,17 @@ def _gemv_kernel(x_ptr, u_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_wn, HAS_SCALE
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, block_n: int = 8,
-         block_k: int = 512, num_warps: int = 4, up: torch.Tensor | None = None) -> torch.Tensor:
+         block_k: int = 512, num_warps: int = 4, up: torch.Tensor | None = None,
+         activation: str = "silu") -> torch.Tensor:
     """x [1, K] @ w[N, K].T (* scale[N]) for int8 or 16-bit weights; fp32 accumulation, x's dtype out.
-    With ``up``, the input is SiLU(x) * up, computed on the fly."""
+    With ``up``, the input is act(x) * up ("silu" or "gelu_tanh"), computed on the fly."""
     if x.shape[0] != 1:
         raise ValueError(f"gemv takes one row, not {x.shape[0]} (cuBLAS or the tiled kernel serve more)")
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, up if up is not None else x, w, scale if scale is not None else w,
                                              out, n, k, w.stride(0), HAS_SCALE=scale is not None,
-                                             GATED=up is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                             GATED=up is not None, GELU=activation == "gelu_tanh",
+                                             BLOCK_N=block_n, BLOCK_K=block_k,
                                              num_warps=num_warps)
     return out

@@ -27,7 +27,7 @@ class Matmul:
     rows: tuple[int, int] = ()                # the row counts served, inclusive (empty: the class's ROWS)
     KINDS: ClassVar[tuple[str, ...]] = ("dense",)
     ROWS: ClassVar[tuple[int, int]] = ANY
-    fuses_gate: ClassVar[bool] = False        # can take SiLU(g) * u as its input at one row (the down projection)
+    fuses_gate: ClassVar[tuple[str, ...]] = ()   # activations whose act(g) * u it takes as input at one row (down)
 
     def skip_reason(self, p, rows: int) -> str | None:
         """None if this config serves projection ``p`` at ``rows`` rows, else why not."""
@@ -50,7 +50,7 @@ class Matmul:
 class Cublas(Matmul):
     """F.linear over the 16-bit weight: the eager route (CPU, or a GPU without Triton) imports no Triton."""
 
-    def run(self, p, x, up=None):
+    def run(self, p, x, up=None, activation="silu"):
         return F.linear(x, p.weight)
 
 
@@ -62,13 +62,12 @@ class Gemv(Matmul):
     block_k: int = 512
     warps: int = 4
     ROWS: ClassVar = (1, 1)
-    fuses_gate: ClassVar = True
+    fuses_gate: ClassVar = ("silu", "gelu_tanh")
 
-    def run(self, p, x, up=None):
+    def run(self, p, x, up=None, activation="silu"):
         from . import kernels as fk
-        if p.quant is None:
-            return fk.gemv(x, p.weight, None, self.block_n, self.block_k, self.warps, up=up)
-        return fk.gemv(x, p.quant.data, p.quant.scale, self.block_n, self.block_k, self.warps, up=up)
+        w, scale = (p.weight, None) if p.quant is None else (p.quant.data, p.quant.scale)
+        return fk.gemv(x, w, scale, self.block_n, self.block_k, self.warps, up=up, activation=activation)
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class Tiled(Matmul):
     KINDS: ClassVar = ("int8",)
     ROWS: ClassVar = (2, 64)
 
-    def run(self, p, x, up=None):
+    def run(self, p, x, up=None, activation="silu"):
         from . import kernels_quant as kq
         rows = x.shape[0]
         bm = self.block_m or (16 if rows <= 16 else 32 if rows <= 32 else 64)
@@ -106,7 +105,7 @@ class Nf4Cuda(Matmul):
     prefetch: int = 0
     KINDS: ClassVar = ("nf4",)
     ROWS: ClassVar = (1, 1)
-    fuses_gate: ClassVar = True
+    fuses_gate: ClassVar = ("silu",)
 
     def skip_reason(self, p, rows):
         from . import nf4_cuda
@@ -115,7 +114,7 @@ class Nf4Cuda(Matmul):
             return nf4_cuda.unavailable_reason(p.quant.data.device) or "NVRTC unavailable"
         return reason
 
-    def run(self, p, x, up=None):
+    def run(self, p, x, up=None, activation="silu"):
         from . import nf4_cuda
         return nf4_cuda.gemv(x, p.quant, self.warps, self.rows_per_warp, self.unroll, self.ctas, self.decode,
                              self.prefetch, up=up)
@@ -126,7 +125,7 @@ class Dequant(Matmul):
     """A 16-bit copy of the quantized weight, then cuBLAS (many rows: prefill)."""
     KINDS: ClassVar = ("int8", "nf4", "nf4_bytes")
 
-    def run(self, p, x, up=None):
+    def run(self, p, x, up=None, activation="silu"):
         from . import kernels_quant as kq
         return F.linear(x, kq.dequantize(p.quant, x.dtype))
 
@@ -136,7 +135,7 @@ class Module(Matmul):
     """bitsandbytes' own matmul (the modules themselves)."""
     KINDS: ClassVar = ("nf4", "nf4_bytes")
 
-    def run(self, p, x, up=None):
+    def run(self, p, x, up=None, activation="silu"):
         return p.modules_forward(x)
 
 

@@ -172,18 +172,19 @@ class Projection:
     def modules_forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m(x) for m in self.modules], dim=-1) if len(self.modules) > 1 else self.modules[0](x)
 
-    def run(self, x: torch.Tensor, config: Matmul, up: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T + bias the way ``config`` says; with ``up``, of SiLU(x) * up (fused where the config can)."""
-        if up is not None and not (config.fuses_gate and x.shape[0] == 1):
+    def run(self, x: torch.Tensor, config: Matmul, up: torch.Tensor | None = None,
+            activation: str = "silu") -> torch.Tensor:
+        """x @ W.T + bias the way ``config`` says; with ``up``, of act(x) * up (fused where the config can)."""
+        if up is not None and not (activation in config.fuses_gate and x.shape[0] == 1):
             from . import kernels as fk
-            x, up = fk.silu_mul(x, up), None
-        out = config.run(self, x, up)
+            x, up = fk.act_mul(x, up, activation), None
+        out = config.run(self, x, up, activation)
         return out + self.bias if self.bias is not None and not isinstance(config, matmuls.Module) else out
 
-    def gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-        """down(SiLU(g) * u) in one kernel when a GEMV serves this row count; None otherwise."""
+    def gated(self, g: torch.Tensor, u: torch.Tensor, activation: str = "silu") -> torch.Tensor | None:
+        """down(act(g) * u) in one kernel when a GEMV fusing that activation serves this row count; else None."""
         config = self.chosen(g.shape[0])
-        return self.run(g, config, up=u) if g.shape[0] == 1 and config.fuses_gate else None
+        return self.run(g, config, u, activation) if g.shape[0] == 1 and activation in config.fuses_gate else None
 
     def capturable(self, rows: int) -> bool:
         """Can a CUDA graph hold this projection for ``rows`` rows? (bitsandbytes' outlier path synchronises.)"""
