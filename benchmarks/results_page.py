@@ -196,7 +196,8 @@ def summary_table(rows: list[dict]) -> list[str]:
     summaries = [r for r in rows if r.get("stage") == "summary"]
     if not summaries:
         return []
-    keys = ["arch", "argmax_agree", "fast_tok_s", "cb_tok_s", "floor_tok_s", "one_stream_of_floor", "x_cb_at_64",
+    keys = ["arch", "argmax_agree", "fast_tok_s", "cb_tok_s", "floor_tok_s", "one_stream_of_floor",
+            "one_stream_decode_of_floor", "x_cb_at_64",
             "kv_vs_vicuna_7b", "backend", "unsupported_reason"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in summaries:
