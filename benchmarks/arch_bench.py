@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-from vicuna_demo.engines.memory import ALLOC_CONF  # noqa: E402
+from vicuna_demo.engines.memory import ALLOC_CONF, kv_bytes_per_token  # noqa: E402
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)    # before CUDA starts, as the app's start-up sets it
 
@@ -160,9 +160,8 @@ def dtype() -> torch.dtype:
     return torch.float16 if DEVICE == "cuda" else torch.float32
 
 
-def build(arch: str):
-    """The architecture's model with random weights (fp16 on the GPU; ``--tiny``: a 2-layer fp32 twin on CPU)."""
-    torch.manual_seed(0)
+def config_of(arch: str):
+    """The architecture's config: its real shape on the GPU; ``--tiny``: a 2-layer twin."""
     config = ARCHS[arch]()
     if DEVICE != "cuda":
         for key, value in TINY.items():
@@ -173,6 +172,13 @@ def build(arch: str):
             config.sliding_window = 48
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:2]
+    return config
+
+
+def build(arch: str):
+    """The architecture's model with random weights (fp16 on the GPU; ``--tiny``: a 2-layer fp32 twin on CPU)."""
+    torch.manual_seed(0)
+    config = config_of(arch)
     with torch.device(DEVICE):
         return tf.AutoModelForCausalLM.from_config(config, dtype=dtype()).eval()
 
@@ -288,14 +294,16 @@ def start(loaded: LoadedModel, options: EngineOptions, label: str, arch: str) ->
     return engine
 
 
-def tokens_in(engine, kv_bytes: int) -> int | None:
+def tokens_in(engine, kv_bytes: int, kv_per_token: int | None = None) -> int | None:
     """Tokens the started engine's fast-path KV pool holds when given ``kv_bytes``: the scheduler's rule
-    (``kv_bytes // bytes per block`` blocks, at least one whole context, block 0 the trash block)."""
+    (``kv_bytes // bytes per block`` blocks, at least one whole context, block 0 the trash block); with
+    ``kv_per_token``, what the same pool would hold for a model of that many KV bytes per token."""
     fast = engine.fast_path
     if fast is None:
         return None
     runner = fast.runner
-    blocks = max(max(1, kv_bytes // runner.kv_bytes_per_block()), runner.blocks_per_row + 1)
+    per_block = runner.kv_bytes_per_block() if kv_per_token is None else kv_per_token * runner.block
+    blocks = max(max(1, kv_bytes // per_block), runner.blocks_per_row + 1)
     return (blocks - 1) * runner.block
 
 
@@ -337,14 +345,15 @@ def copy_bandwidth() -> float:
     return bw
 
 
-def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None, vicuna_kv: list) -> None:
+def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None) -> None:
     left = lambda: deadline - time.monotonic()  # noqa: E731
     summary: dict = {"stage": "summary", "arch": arch}
     counts = [int(c) for c in args.streams.split(",")]
     folder = Path(tempfile.mkdtemp(prefix=f"{arch}-", dir=args.models_dir))
+    SAVED[:] = [folder]
     vocab = None
     try:
-        with Stage("build", arch, min(args.stage_s, left())):
+        with Stage("build", arch, min(120, left())):          # build and save
             started = time.perf_counter()
             model = build(arch)
             summary["unsupported_reason"] = unsupported_reason(model)
@@ -368,9 +377,12 @@ def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None, vicuna_kv
                 runtime, engine = start_app(folder, arch, summary, min(args.stage_s, left()))
                 try:
                     summary["kv_tokens_app"] = engine.kv_tokens
-                    summary["kv_tokens_same_memory"] = tokens_in(engine, int(args.kv_gib * 2**30))
-                    if arch == "vicuna-7b":
-                        vicuna_kv[:] = [summary["kv_tokens_same_memory"]]
+                    kv_bytes = int(args.kv_gib * 2**30)
+                    summary["kv_tokens_same_memory"] = tokens_in(engine, kv_bytes)
+                    vicuna = tokens_in(engine, kv_bytes, kv_bytes_per_token(config_of("vicuna-7b"),
+                                                                            dtype().itemsize))
+                    if summary["kv_tokens_same_memory"] and vicuna:    # Vicuna-7B by the same rule: any process
+                        summary["kv_vs_vicuna_7b"] = round(summary["kv_tokens_same_memory"] / vicuna, 2)
                     summary["fast_tok_s"] = streams(engine, "fast", arch, counts, args.prompt_len, args.new_tokens,
                                                     prompt_vocab)
                 finally:
@@ -409,9 +421,18 @@ def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None, vicuna_kv
             summary["one_stream_decode_of_floor"] = round(fast[f"{one}_decode"] / summary["floor_tok_s"], 3)
     if fast.get(many) and cb.get(many):
         summary[f"x_cb_at_{many}"] = round(fast[many] / cb[many], 2)
-    if vicuna_kv and vicuna_kv[0] and summary.get("kv_tokens_same_memory"):
-        summary["kv_vs_vicuna_7b"] = round(summary["kv_tokens_same_memory"] / vicuna_kv[0], 2)
     say(**summary)
+
+
+SAVED: list[Path] = []     # the checkpoint folder of the architecture being measured
+
+
+def abort() -> None:
+    """The last resort when something hangs: delete the checkpoint (the disk holds few) and end the process."""
+    say(stage="abort", reason="budget exceeded")
+    for folder in SAVED:
+        shutil.rmtree(folder, ignore_errors=True)
+    os._exit(3)
 
 
 def main(argv=None) -> int:
@@ -425,7 +446,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cb-new-tokens", type=int, default=48)
     parser.add_argument("--kv-gib", type=float, default=16.0,
-                        help="the KV memory in which every architecture's tokens are compared (16: 32,704 Vicuna-7B tokens)")
+                        help="the KV memory in which architectures' tokens are compared (16: 32,704 Vicuna-7B tokens)")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="each architecture's checkpoint is saved in a folder here, then deleted (a 12B: 24 GB)")
     parser.add_argument("--tiny", action="store_true", help="a smoke run of this script on CPU with 2-layer twins")
@@ -446,19 +467,18 @@ def main(argv=None) -> int:
     eb.DEVICE_NAME = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     deadline = time.monotonic() + args.budget_s
     # the last resort: whatever hangs, the process ends soon after its budget
-    threading.Timer(args.budget_s + 45, lambda: (say(stage="abort", reason="budget exceeded"), os._exit(3))).start()
+    threading.Timer(args.budget_s + 45, abort).start()
     say(stage="start", torch=torch.__version__, transformers=tf.__version__, archs=args.archs,
         budget_s=args.budget_s, command=" ".join(sys.argv))
     bw = None
     if DEVICE == "cuda":
         with Stage("bandwidth", "-", 60):
             bw = copy_bandwidth()
-    vicuna_kv: list = []
     for arch in args.archs.split(","):
         if deadline - time.monotonic() < 45:
             say(stage="skipped", arch=arch, reason="out of budget")
             continue
-        bench_arch(arch, args, deadline, bw, vicuna_kv)
+        bench_arch(arch, args, deadline, bw)
     say(stage="done", seconds=round(time.time() - eb.STARTED, 1))
     os._exit(0)        # the timer thread and any stuck engine thread end with the process
 

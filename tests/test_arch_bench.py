@@ -30,4 +30,5 @@ def test_tiny_run_serves_the_architecture_through_the_app_start_up_and_deletes_i
     assert summary["backend"] == "fast" and summary["startup_s"] >= 0
     assert summary["fast_tok_s"]["1"] > 0 and summary["fast_tok_s"]["4"] > 0
     assert summary["kv_tokens_same_memory"] > 0 and summary["kv_tokens_app"] > 0
+    assert summary["kv_vs_vicuna_7b"] == 1.0, "the 2-layer twins share one KV shape"
     assert list(tmp_path.iterdir()) == [], "the checkpoint folder is deleted"
