@@ -26,9 +26,10 @@ bounds), 64 streams / continuous batching, KV tokens relative to Vicuna-7B and t
 stage has a time limit and the whole run a budget, so it always ends and writes what it measured (JSON
 lines, printed and appended to ``--out``). Needs torch and transformers, not gradio.
 
-    for a in vicuna-7b llama3-8b qwen3-8b gemma2-9b gemma3-12b mistral-7b-v0.1 qwen2.5-7b; do   # ~1 min each
-        timeout 150 python3 benchmarks/arch_bench.py --archs $a --budget-s 120 --stage-s 60 \
-            --out benchmarks/results/DATE_h100_arch_bench.jsonl; done
+    # each architecture in its own process (an H100: ~1-1.5 min each, saving 13-24 GB included)
+    for a in vicuna-7b llama3-8b qwen3-8b mistral-7b-v0.1 qwen2.5-7b gemma2-9b gemma3-12b; do
+        rm -rf /tmp/arch-ckpt; timeout 190 python3 benchmarks/arch_bench.py --archs $a --budget-s 140 \
+            --stage-s 90 --models-dir /tmp/arch-ckpt --out benchmarks/results/DATE_h100_arch_bench.jsonl; done
     python3 benchmarks/arch_bench.py --tiny        # every architecture's 2-layer twin on CPU: checks the script
 """
 
