@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,10 @@ def load_back(arch: str, folder: Path) -> LoadedModel:
 
 
 def free_gpu() -> float | None:
-    """Collect garbage and return the allocator's cache; GiB still allocated on the GPU (None on CPU)."""
+    """Collect garbage and return the allocator's cache; GiB still allocated on the GPU (None on CPU). A warm
+    engine froze everything alive then (``gc.freeze`` in ``LocalEngine.warmup``), so a stopped engine's
+    reference cycles, and the weights they hold, are collectable only after ``gc.unfreeze``."""
+    gc.unfreeze()
     gc.collect()
     if DEVICE != "cuda":
         return None
@@ -373,9 +377,11 @@ def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None) -> None:
         if vocab is None:
             return
         prompt_vocab = min(vocab, len(tf.AutoTokenizer.from_pretrained(folder)))   # ids the tokenizer knows
+        served = lambda: None  # noqa: E731 - the app's model, once started (weakly held)
         if "fast" in args.stages and left() > 30:
             with Stage("fast", arch, min(args.stage_s, left())):
                 runtime, engine = start_app(folder, arch, summary, min(args.stage_s, left()))
+                served = weakref.ref(engine.model)
                 try:
                     summary["kv_tokens_app"] = engine.kv_tokens
                     kv_bytes = int(args.kv_gib * 2**30)
@@ -389,7 +395,7 @@ def bench_arch(arch: str, args, deadline: float, bw_gbs: float | None) -> None:
                 finally:
                     runtime.close()
                     runtime = engine = None
-            say(stage="fast_stopped", arch=arch, gpu_allocated_gib=free_gpu())
+            say(stage="fast_stopped", arch=arch, gpu_allocated_gib=free_gpu(), model_freed=served() is None)
         loaded = None
         if {"agreement", "cb"} & args.stages and left() > 30:
             with Stage("load_back", arch, min(args.stage_s, left())):

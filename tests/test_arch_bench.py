@@ -26,6 +26,8 @@ def test_tiny_run_serves_the_architecture_through_the_app_start_up_and_deletes_i
     startup = next(r for r in records if r["stage"] == "fast_startup")
     assert startup["backend"] == "fast"
     assert startup["argv"][:2] == ["--model", startup["argv"][1]] and ",name=gemma3-12b," in startup["argv"][1]
+    stopped = next(r for r in records if r["stage"] == "fast_stopped")
+    assert stopped["model_freed"], "the app's weights are gone before the baselines load theirs"
     summary = next(r for r in records if r["stage"] == "summary")
     assert summary["backend"] == "fast" and summary["startup_s"] >= 0
     assert summary["fast_tok_s"]["1"] > 0 and summary["fast_tok_s"]["4"] > 0
