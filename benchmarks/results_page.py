@@ -112,7 +112,8 @@ CLAIMS = (
           "Tokens/s and TTFT at the client against the engine's own count."),
 )
 
-SKIP_STAGES = ("build", "env", "start", "done", "tuning", "quantize", "warmup", "profile", "step", "ready", "end")
+SKIP_STAGES = ("build", "env", "start", "done", "tuning", "quantize", "warmup", "profile", "step", "ready", "end",
+               "stopped", "load_back")
 RATE = ("aggregate_tok_s", "overall_tok_s", "client_tok_s")
 DECODE = ("per_stream_decode_tok_s_median", "decode_tok_s", "engine_tok_s")
 TTFT = ("ttft_median_s", "ttft_s", "client_ttft_s")
@@ -198,7 +199,7 @@ def summary_table(rows: list[dict]) -> list[str]:
         return []
     keys = ["arch", "argmax_agree", "fast_tok_s", "cb_tok_s", "floor_tok_s", "one_stream_of_floor",
             "one_stream_decode_of_floor", "x_cb_at_64",
-            "kv_vs_vicuna_7b", "backend", "unsupported_reason"]
+            "kv_vs_vicuna_7b", "backend", "startup_s", "unsupported_reason"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in summaries:
         lines.append("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |")
