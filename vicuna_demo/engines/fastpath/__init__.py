@@ -22,10 +22,9 @@ blocks as a prefix cache that the next turn of the same conversation takes over.
 """
 
 from .model import FastModel
-from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, describe, unsupported_reason
+from .arch import describe, unsupported_reason
 from .options import FastOptions
-from .sampling import sample, sampling_mode
+from .sampling import sample
 from .scheduler import FastScheduler, Job
 
-__all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "ArchSpec", "SUPPORTED_MODEL_TYPES", "describe",
-           "sample", "sampling_mode", "unsupported_reason"]
+__all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "describe", "sample", "unsupported_reason"]

@@ -8,16 +8,14 @@ import logging
 import math
 import time
 
-import torch
-
 from .jobs import Slot, describe, safe_emit
-from .sampling import sample, sampling_mode, seen_mask
+from .sampling import row_parameters, sample, sampling_mode, seen_mask
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
 
 class AdmissionMixin:
-    """Needs FastScheduler's runner, _pool, _waiting, _slots, _admit_blocked, prefills, prefill_log, _accept."""
+    """Needs FastScheduler's runner, _pool, _waiting, _slots, _admit_blocked, prefill_log, _accept."""
 
     def _admit(self) -> bool:
         """Admit waiting jobs while rows and blocks allow, prefilling them in batches of up to
@@ -76,20 +74,17 @@ class AdmissionMixin:
         started = time.perf_counter()
         try:
             logits = runner.prefill([(s.job.ids, s.blocks, s.start) for s in batch])
+            jobs = [s.job for s in batch]
             dev = runner.device
-            temperature = torch.tensor([1.0 if s.greedy else max(s.temperature, 1e-5) for s in batch], device=dev)
-            top_p = torch.tensor([s.top_p for s in batch], device=dev, dtype=torch.float32)
-            greedy = torch.tensor([s.greedy for s in batch], device=dev)
-            penalty = torch.tensor([s.repetition_penalty for s in batch], device=dev, dtype=torch.float32)
-            seen = seen_mask([s.job.ids for s in batch], [s.repetition_penalty for s in batch], logits.shape[-1], dev)
-            first = sample(logits, temperature, top_p, greedy, sampling_mode(batch), penalty, seen).tolist()
+            temperature, top_p, greedy, penalty = row_parameters(jobs, len(jobs), dev)
+            seen = seen_mask([j.ids for j in jobs], [j.repetition_penalty for j in jobs], logits.shape[-1], dev)
+            first = sample(logits, temperature, top_p, greedy, sampling_mode(jobs), penalty, seen).tolist()
         except Exception as exc:  # noqa: BLE001 - these requests fail; the others go on
             log.exception("%s: prefill failed", self.name)
             for slot in batch:
                 self._pool.release(slot.blocks)
                 safe_emit(slot.job, [], True, describe(exc))
             return
-        self.prefills += 1
         done = time.perf_counter()
         self.prefill_log.append(dict(rows=len(batch), tokens=sum(len(s.job.ids) - s.start for s in batch),
                                      reused=sum(s.start for s in batch), seconds=round(done - started, 4),

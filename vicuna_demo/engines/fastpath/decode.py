@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .forward import decoder
-from .sampling import mark_seen, sample, seen_mask
+from .sampling import mark_seen, row_parameters, sample, seen_mask
 from .weights import Projection
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
@@ -45,9 +45,6 @@ class DecodeMixin:
     def linears(self) -> list[Projection]:
         return [p for layer in self.layers for p in layer.projections()] + [self.lm_head]
 
-    def capturable(self, rows: int) -> bool:
-        return all(p.capturable(rows) for p in self.linears())
-
     def _step(self, rows: int, mode: str) -> torch.Tensor:
         logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows)
         nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode,
@@ -59,10 +56,8 @@ class DecodeMixin:
         return self.next_tokens[:rows]
 
     def bucket(self, n_active: int) -> int:
-        for b in self.buckets:
-            if b >= n_active:
-                return b
-        return self.buckets[-1]
+        """The batch size the step runs for ``n_active`` rows (the last bucket is ``max_rows``)."""
+        return next(b for b in self.buckets if b >= n_active)
 
     def decode(self, n_active: int, mode: str) -> tuple[int, torch.Tensor]:
         """Launch one decode step for rows [0, n_active). -> (rows computed, next-token tensor on the device)."""
@@ -77,8 +72,6 @@ class DecodeMixin:
 
     def capture(self, progress: Callable[[str], None] = lambda m: None) -> None:
         """Capture one CUDA graph per (batch bucket, sampling mode). Runs on the scheduler's thread."""
-        if not self.use_graphs:
-            return
         self.active.zero_()
         self.table.zero_()
         self.pos.zero_()
@@ -91,7 +84,7 @@ class DecodeMixin:
         done = 0
         try:
             for rows in reversed(self.buckets):   # largest first: later graphs reuse its pool memory
-                if not self.capturable(rows):
+                if not all(p.capturable(rows) for p in self.linears()):
                     continue                      # decoded eagerly (e.g. bitsandbytes' outlier matmul)
                 for mode in modes:
                     graph = torch.cuda.CUDAGraph()
@@ -117,29 +110,20 @@ class DecodeMixin:
 
     def load_rows(self, rows: list["Slot"]) -> None:
         """Write the host-side state of rows [0, len(rows)) to the device buffers; clear the rest."""
-        n = len(rows)
         size = self.max_rows
         tokens = torch.zeros(size, dtype=torch.long)
         pos = torch.zeros(size, dtype=torch.long)
         active = torch.zeros(size, dtype=torch.long)
         table = torch.zeros(size, self.blocks_per_row, dtype=torch.int32)
-        temperature = torch.ones(size)
-        top_p = torch.ones(size)
-        greedy = torch.ones(size, dtype=torch.bool)
-        penalty = torch.ones(size)
         for i, slot in enumerate(rows):
-            tokens[i], pos[i], active[i] = slot.last_token, slot.n_written, 1
+            tokens[i], pos[i], active[i] = slot.generated[-1], slot.n_written, 1
             table[i, :len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
-            temperature[i] = 1.0 if slot.greedy else max(slot.temperature, 1e-5)
-            top_p[i] = slot.top_p
-            greedy[i] = slot.greedy
-            penalty[i] = slot.repetition_penalty
-        for dst, src in ((self.tokens, tokens), (self.pos, pos), (self.active, active), (self.table, table),
-                         (self.temperature, temperature), (self.top_p, top_p), (self.greedy, greedy),
-                         (self.penalty, penalty)):
+        jobs = [slot.job for slot in rows]
+        for dst, src in zip((self.tokens, self.pos, self.active, self.table, self.temperature, self.top_p, self.greedy,
+                             self.penalty), (tokens, pos, active, table, *row_parameters(jobs, size, "cpu"))):
             dst.copy_(src)
         # each penalised row's seen tokens (prompt + reply so far); the step adds every new token itself
         self.seen.zero_()
-        if any(slot.repetition_penalty != 1.0 for slot in rows):
-            self.seen[:n].copy_(seen_mask([s.seen_ids() for s in rows], [s.repetition_penalty for s in rows],
-                                          self.vocab, self.device))
+        if any(job.repetition_penalty != 1.0 for job in jobs):
+            self.seen[:len(rows)].copy_(seen_mask([s.job.ids + s.generated for s in rows],
+                                                  [job.repetition_penalty for job in jobs], self.vocab, self.device))

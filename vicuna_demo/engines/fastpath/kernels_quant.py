@@ -33,8 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-QBLOCK = 64      # bitsandbytes' default 4-bit block size (the only one our kernels take)
-
 
 @triton.jit
 def _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB: tl.constexpr, NESTED: tl.constexpr,
@@ -117,8 +115,6 @@ def _by_position(xv):
 def _word_args(q, half: bool = False) -> tuple[tuple, dict]:
     """The word-decoding kernels' tensors (words, scales, tables) and constants for weight ``q`` (``half``:
     the program with fp16 outputs)."""
-    if q.words is None or q.lut is None:
-        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
     tensors, nested = _nf4_args(q)
     # Triton's interpreter runs no PTX: there the same values come from table loads
     return (q.words, *tensors[1:]), dict(LUT=q.lut16 if half else q.lut, HALF=half, NESTED=nested, GROUP=q.group,

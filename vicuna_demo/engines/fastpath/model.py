@@ -66,7 +66,7 @@ class FastModel(DecodeMixin, TuningMixin):
         self.use_kernels = bool(self.cuda and options.kernels and self.kernel_problem is None)
         self.use_graphs = bool(self.cuda and options.cuda_graphs and self.use_kernels)
         self.max_rows = int(options.max_rows or (64 if self.cuda else 8))
-        self.block = int(options.block_size or (64 if self.cuda else _round_up(self.max_len, 16)))
+        self.block = int(options.block_size or (64 if self.cuda else math.ceil(self.max_len / 16) * 16))
         self.blocks_per_row = math.ceil(self.max_len / self.block)
         fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
         self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
@@ -296,9 +296,7 @@ class FastModel(DecodeMixin, TuningMixin):
     @property
     def ops(self):
         """The ops of prefill and decode: Triton kernels on CUDA, the HF modules otherwise."""
-        if getattr(self, "_ops", None) is None or isinstance(self._ops, KernelOps) != self.use_kernels:
-            self._ops = KernelOps() if self.use_kernels else EagerOps()
-        return self._ops
+        return KernelOps() if self.use_kernels else EagerOps()
 
     # -- decode --------------------------------------------------------------------------------------
     def _decode_torch(self, rows: int) -> torch.Tensor:
@@ -361,10 +359,6 @@ class FastModel(DecodeMixin, TuningMixin):
             return out.transpose(1, 2).reshape(rows, -1)
 
         return self.logits(decoder(self, self.embed(tokens), attend, EagerOps()))
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def _triton_problem() -> str | None:

@@ -299,8 +299,6 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
         raise ValueError("the CUDA NF4 GEMV needs 16-byte aligned packed weights")
     x = _aligned(x)
     up = _aligned(up) if up is not None else x
-    if q.pairs is None or q.table_ints is None:
-        raise ValueError("this 4-bit weight has no pair table (see weights.QuantWeight.add_word_decoding)")
     pairs, t = q.pairs, q.table_ints
     out = torch.empty((1, n), dtype=torch.float16, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count

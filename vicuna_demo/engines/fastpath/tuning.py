@@ -109,8 +109,6 @@ class TuningMixin:
         """Per batch bucket, time the paged-attention kernel over ``context`` cached tokens per row with several
         (splits, warps, stages) and keep the fastest for the graphs. Runs once at warm-up, before capture."""
         from . import kernels as fk
-        if not (self.cuda and self.use_kernels):
-            return {}
         per_row = math.ceil((context + 1) / self.block)
         rows_max = min(self.max_rows, (self.n_blocks - 1) // per_row)
         if rows_max < 1:
