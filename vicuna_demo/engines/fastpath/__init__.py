@@ -21,10 +21,11 @@ its token budget when it is admitted (no mid-reply eviction); finished requests 
 blocks as a prefix cache that the next turn of the same conversation takes over.
 """
 
-from .model import FastModel
 from .arch import describe, unsupported_reason
+from .jobs import Job
+from .model import FastModel
 from .options import FastOptions
 from .sampling import sample
-from .scheduler import FastScheduler, Job
+from .scheduler import FastScheduler
 
 __all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "describe", "sample", "unsupported_reason"]
