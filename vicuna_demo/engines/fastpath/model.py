@@ -52,7 +52,6 @@ class FastModel(TuningMixin):
             raise ValueError(f"fast path unsupported: {exc}") from None
         self.options = options = options or FastOptions()
         self.model = model
-        self.config = model.config.get_text_config()
         self.device = model.model.embed_tokens.weight.device
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -81,7 +80,7 @@ class FastModel(TuningMixin):
         self.final_norm = Norm(model.model.norm, spec.arch.gemma_norm)
         self.lm_head = Projection(model.lm_head)
         self.vocab = int(model.lm_head.weight.shape[0]) if getattr(model.lm_head, "weight", None) is not None \
-            else int(self.config.vocab_size)
+            else int(model.config.get_text_config().vocab_size)
         self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}   # rotary tables [max_len, head_dim]
         with torch.inference_mode():
             positions = torch.arange(self.max_len, device=self.device)[None]
@@ -183,16 +182,25 @@ class FastModel(TuningMixin):
         """The largest prefill the scheduler runs: ``prefill_tokens`` tokens, in as many sequences as the
         context needs (a 2,048-token model prefills 8 x 512 at once; one 2,045-token sequence measured half)."""
         length = max(16, min(self.options.prefill_tokens, self.max_len - 3))
-        n = max(1, self.options.prefill_tokens // length)
-        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), 0)] * n)
-        ones = torch.ones(n, device=self.device)
-        sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), "top_p")
+        self.trial_prefill(max(1, self.options.prefill_tokens // length), length, modes=("top_p",))
 
     def _peak_decode(self) -> None:
+        self._idle_rows()
+        self._step(self.max_rows, "top_p")
+        self.pos.zero_()
+
+    def trial_prefill(self, n: int, length: int, start: int = 0, modes: tuple[str, ...] = ()) -> None:
+        """Prefill ``n`` prompts of ``length`` tokens (``start`` of them taken as cached) into the trash block 0,
+        then sample their logits in each of ``modes``: warm-up's loads and measurements."""
+        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), start)] * n)
+        ones = torch.ones(n, device=self.device)
+        for mode in modes:
+            sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), mode)
+
+    def _idle_rows(self) -> None:
+        """Every row of the step's buffers idle: length 0, writing to the trash block 0."""
         self.active.zero_()
         self.table.zero_()
-        self.pos.zero_()
-        self._step(self.max_rows, "top_p")
         self.pos.zero_()
 
     # -- prefill -----------------------------------------------------------------------------------
@@ -413,9 +421,7 @@ class FastModel(TuningMixin):
 
     def capture(self, progress: Callable[[str], None] = lambda m: None) -> None:
         """Capture one CUDA graph per (batch bucket, sampling mode). Runs on the scheduler's thread."""
-        self.active.zero_()
-        self.table.zero_()
-        self.pos.zero_()
+        self._idle_rows()
         modes = ("greedy", "sample", "top_p")
         for rows in self.buckets:          # compile the Triton kernels and warm cuBLAS outside capture
             for mode in modes:

@@ -53,7 +53,6 @@ class FastScheduler:
         self._slots: list[Slot] = []
         self._closed = threading.Event()
         self._ready = threading.Event()
-        self._fatal: str | None = None
         self._thread: threading.Thread | None = None
         self._pool: BlockPool | None = None
         self.warm_error: BaseException | None = None     # why the warm-up failed (the thread has ended), or None
