@@ -208,42 +208,31 @@ class FastModel(TuningMixin):
         """rows: (all token ids, KV block list, start) per request; tokens [start:] are computed and their K/V
         stored; tokens before ``start`` must already be in the request's blocks. -> last-token logits [n, vocab] fp32."""
         n = len(rows)
-        news = [ids[start:] for ids, _, start in rows]
-        length = max(len(t) for t in news)
+        starts = torch.tensor([start for _, _, start in rows])
+        lens = torch.tensor([len(ids) - start for ids, _, start in rows])
+        length = int(lens.max())
         dev = self.device
         ids = torch.zeros(n, length, dtype=torch.long)
-        positions = torch.zeros(n, length, dtype=torch.long)
-        lens = torch.tensor([len(t) for t in news])
-        starts = torch.tensor([start for _, _, start in rows])
-        write_rows, write_t, write_phys, write_off = [], [], [], []
-        for i, (new, (_, blocks, start)) in enumerate(zip(news, rows)):
-            ids[i, :len(new)] = torch.tensor(new)
-            positions[i] = torch.clamp(torch.arange(length) + start, max=self.max_len - 1)
-            p = torch.arange(start, start + len(new))
-            write_rows.append(torch.full((len(new),), i))
-            write_t.append(torch.arange(len(new)))
-            block_ids = torch.tensor(blocks, dtype=torch.long)
-            write_phys.append(block_ids[p // self.block])
-            write_off.append(p % self.block)
-        w_rows, w_t = torch.cat(write_rows).to(dev), torch.cat(write_t).to(dev)
-        w_phys, w_off = torch.cat(write_phys).to(dev), torch.cat(write_off).to(dev)
+        block_table = torch.zeros(n, max(len(blocks) for _, blocks, _ in rows), dtype=torch.long)
+        for i, (tokens, blocks, start) in enumerate(rows):
+            ids[i, :len(tokens) - start] = torch.tensor(tokens[start:])
+            block_table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        positions = torch.clamp(torch.arange(length)[None, :] + starts[:, None], max=self.max_len - 1)
+        w_rows, w_t = (torch.arange(length)[None, :] < lens[:, None]).nonzero(as_tuple=True)   # the new tokens
+        written = positions[w_rows, w_t]
+        w_phys, w_off = block_table[w_rows, written // self.block], written % self.block
         if self.use_kernels:   # every (row, t) slot, padding included: padding writes go to trash block 0
             tok_phys = torch.zeros(n, length, dtype=torch.long)
-            tok_phys[torch.cat(write_rows), torch.cat(write_t)] = torch.cat(write_phys)
-            tok_off = positions % self.block
-            tok_phys, tok_off = tok_phys.view(-1).to(dev), tok_off.view(-1).to(dev)
+            tok_phys[w_rows, w_t] = w_phys
+            tok_phys, tok_off = tok_phys.view(-1).to(dev), (positions % self.block).view(-1).to(dev)
+        w_rows, w_t, w_phys, w_off = w_rows.to(dev), w_t.to(dev), w_phys.to(dev), w_off.to(dev)
         ids, positions = ids.to(dev), positions.to(dev)
         with_prefix = bool((starts > 0).any())
         totals = starts + lens
         kv_len = int(totals.max()) if with_prefix else length
         spec, hd = self.spec, self.head_dim
         if with_prefix:
-            n_blk = math.ceil(kv_len / self.block)
-            gather = torch.zeros(n, n_blk, dtype=torch.long)
-            for i, (_, blocks, _) in enumerate(rows):
-                used = blocks[:n_blk]
-                gather[i, :len(used)] = torch.tensor(used, dtype=torch.long)
-            gather = gather.to(dev)
+            gather = block_table[:, :math.ceil(kv_len / self.block)].to(dev)
         masks: dict = {}
 
         def mask_for(window):
