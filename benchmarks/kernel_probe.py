@@ -36,8 +36,8 @@ def configs(rows: int) -> list:
     nf4 = ("nf4",)
     if rows == 1:
         return [MODULE, Tiled(16, 64, 256, 4, 3, "thc", 2, kinds=nf4, rows=(1, 64))] \
-            + [Nf4Cuda(w, r, u, c, 1, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
-               for f in (0, 1) if w * c <= 32] + [Nf4Cuda(16, 1, u, 2, 0, 1) for u in (2, 4)]
+            + [Nf4Cuda(w, r, u, c, f) for w in (8, 16) for r in (1, 2) for u in (2, 4) for c in (1, 2, 4)
+               for f in (0, 1) if w * c <= 32]
     if rows <= 8:
         return [MODULE] + [Tiled(16, bn, bk, w, st, v, s, kinds=nf4) for v in ("t", "th", "tc", "thc")
                            for bn, bk, w, st, s in ((64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4))]

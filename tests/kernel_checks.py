@@ -19,7 +19,7 @@ def compare_decode(eager, kernels, prompts: list[list[int]], tables: list[list[i
             slots = []
             for ids, table, logits in list(zip(prompts, tables, reference))[:rows]:
                 slot = Slot(job=Job("x", ids, 8, 0.0, 1.0, frozenset(), lambda *x: None), blocks=table, start=0)
-                slot.n_written, slot.last_token = len(ids), int(logits.argmax())
+                slot.n_written, slot.generated = len(ids), [int(logits.argmax())]
                 slots.append(slot)
             for runner in (eager, kernels):
                 runner.load_rows(slots)

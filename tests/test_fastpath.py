@@ -215,7 +215,7 @@ def test_cancelled_job_ends_and_frees_its_blocks(embedded_scheduler, embedded_lo
         time.sleep(0.01)
     embedded_scheduler.cancel("to-cancel")
     assert c.done.wait(30) and c.error is None and len(c.tokens) < 100
-    assert "to-cancel" not in embedded_scheduler.request_ids()
+    assert "to-cancel" not in embedded_scheduler.held_request_ids()
 
 
 # -- pieces ------------------------------------------------------------------------------------------------

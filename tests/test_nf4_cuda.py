@@ -1,4 +1,4 @@
-"""The CUDA C++ NF4 GEMV (vicuna_demo/engines/fastpath/nf4_cuda.py) without a GPU: its two ways of decoding a
+"""The CUDA C++ NF4 GEMV (vicuna_demo/engines/fastpath/nf4_cuda.py) without a GPU: its table decoding of a
 packed word, run in NumPy on bitsandbytes' own packing; the shared-memory swizzle of its inputs; and its source
 compiled by NVRTC for the GPUs people serve on, every warm-up candidate, without register spills. What it
 computes on a GPU is checked at every warm-up against the de-quantized weight (tuning.py, matmuls.py) and in
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vicuna_demo.engines.fastpath import nf4_cuda, nf4_lut, rtc
+from vicuna_demo.engines.fastpath import nf4_cuda, rtc
 
 
 def _bitsandbytes_words(n: int = 64, k: int = 4096):
@@ -36,26 +36,13 @@ def _pairs_expected(index, code) -> np.ndarray:
     return (half[:, 0::2] | half[:, 1::2] << 16).astype(np.uint32)
 
 
-def test_both_decoders_give_bitsandbytes_packed_bytes_their_table_values_in_element_order():
+def test_the_pair_table_gives_bitsandbytes_packed_bytes_their_table_values_in_element_order():
     words, index, code = _bitsandbytes_words()
     expected = _pairs_expected(index, code)                                 # [n, k / 2] fp16 pairs as uint32
     flat = words.reshape(-1)
-    # DECODE 1: one lookup per byte in the 256-entry pair table
-    table = nf4_cuda.pair_table(code)
+    table = nf4_cuda.pair_table(code)                                       # one lookup per byte
     by_table = np.stack([table[(flat >> (8 * b)) & 0xFF] for b in range(4)], axis=1)
     assert np.array_equal(by_table.reshape(expected.shape), expected)
-    # DECODE 0: the byte-permute program of the kernel's decode(), with the table words it is passed
-    t = [np.full(flat.shape, w & 0xFFFFFFFF, dtype=np.uint32) for w in nf4_cuda.table_ints(code)]
-    out = []
-    for half in (0, 1):
-        v = flat >> np.uint32(16 * half)
-        c = v & np.uint32(0x7777)
-        s = ((v >> np.uint32(1)) & np.uint32(0x4444)) | np.uint32(0x3210)
-        lo = nf4_lut._prmt(nf4_lut._prmt(t[0], t[1], c), nf4_lut._prmt(t[2], t[3], c), s)
-        hi = nf4_lut._prmt(nf4_lut._prmt(t[4], t[5], c), nf4_lut._prmt(t[6], t[7], c), s)
-        out += [nf4_lut._prmt(lo, hi, sel) for sel in nf4_cuda.PAIR_SELECTORS]
-    by_permutes = np.stack(out, axis=1)
-    assert np.array_equal(by_permutes.reshape(expected.shape), expected)
 
 
 def test_the_pair_table_decodes_fp4_too_and_a_word_to_its_dot_product():
@@ -105,7 +92,7 @@ def test_every_warm_up_candidate_compiles_for_the_gpus_people_serve_on_without_s
     _nvrtc_or_skip()
     from vicuna_demo.engines.fastpath.matmuls import CANDIDATES, Nf4Cuda
     for c, nested, gated in itertools.product([c for c in CANDIDATES if isinstance(c, Nf4Cuda)], (0, 1), (0, 1)):
-        defines = nf4_cuda.defines(c.warps, c.rows_per_warp, c.unroll, c.decode, nested, gated, c.prefetch)
+        defines = nf4_cuda.defines(c.warps, c.rows_per_warp, c.unroll, nested, gated, c.prefetch)
         cubin, log = rtc.compile_source(nf4_cuda.SOURCE, "nf4_gemv", arch, defines, ptxas_verbose=True)
         assert cubin and "nf4_gemv" in log, defines
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (defines, log)
@@ -115,7 +102,7 @@ def test_a_source_error_is_reported_as_unavailable_with_nvrtcs_message():
     _nvrtc_or_skip()
     with pytest.raises(rtc.RtcUnavailable, match="nf4_gemv"):
         rtc.compile_source(nf4_cuda.SOURCE.replace("u32 out = 0;", "u32 out = ;"), "nf4_gemv", "sm_90",
-                           nf4_cuda.defines(4, 1, 1, 0, True, True))
+                           nf4_cuda.defines(4, 1, 1, True, True))
 
 
 def test_without_a_gpu_the_kernel_is_not_offered_and_the_other_candidates_remain():
@@ -147,7 +134,7 @@ def test_warm_up_offers_the_cuda_candidates_at_one_row_only_where_the_kernel_bui
     linear = weights.Projection(quant=SimpleNamespace(kind="nf4"))
     x, up = torch.ones(1, 8), torch.full((1, 8), 2.0)
     linear.config[1] = every[0]
-    assert linear.gated(x, up) is x and calls == [((16, 1, 4, 2, 1, 0), up)]
+    assert linear.gated(x, up) is x and calls == [((16, 1, 4, 2, 0), up)]
 
 
 def test_why_the_kernel_is_not_offered_is_kept_once_with_its_first_line(monkeypatch):

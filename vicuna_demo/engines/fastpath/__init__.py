@@ -21,11 +21,11 @@ its token budget when it is admitted (no mid-reply eviction); finished requests 
 blocks as a prefix cache that the next turn of the same conversation takes over.
 """
 
+from .arch import describe, unsupported_reason
+from .jobs import Job
 from .model import FastModel
-from .arch import SUPPORTED_MODEL_TYPES, ArchSpec, describe, unsupported_reason
 from .options import FastOptions
-from .sampling import sample, sampling_mode
-from .scheduler import FastScheduler, Job
+from .sampling import sample
+from .scheduler import FastScheduler
 
-__all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "ArchSpec", "SUPPORTED_MODEL_TYPES", "describe",
-           "sample", "sampling_mode", "unsupported_reason"]
+__all__ = ["FastModel", "FastOptions", "FastScheduler", "Job", "describe", "sample", "unsupported_reason"]

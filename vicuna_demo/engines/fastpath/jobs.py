@@ -39,28 +39,7 @@ class Slot:
     start: int                         # tokens already cached (prefix reuse)
     generated: list[int] = field(default_factory=list)
     n_written: int = 0                 # positions whose K/V are in the cache
-    last_token: int = 0
     done: bool = False
-
-    @property
-    def greedy(self):
-        return self.job.greedy
-
-    @property
-    def temperature(self):
-        return self.job.temperature
-
-    @property
-    def top_p(self):
-        return self.job.top_p
-
-    @property
-    def repetition_penalty(self):
-        return self.job.repetition_penalty
-
-    def seen_ids(self) -> list[int]:
-        """Every token of the sequence so far (prompt and reply): what the repetition penalty applies to."""
-        return self.job.ids + self.generated
 
 
 def safe_emit(job: Job, tokens: list[int], finished: bool, error: str | None) -> None:

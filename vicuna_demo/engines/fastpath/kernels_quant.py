@@ -33,8 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-QBLOCK = 64      # bitsandbytes' default 4-bit block size (the only one our kernels take)
-
 
 @triton.jit
 def _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB: tl.constexpr, NESTED: tl.constexpr,
@@ -51,23 +49,6 @@ def _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, kb0, KB, NB: tl.con
     else:
         scale = tl.load(a_ptr + idx, mask=mask, other=0.0)
     return scale.to(tl.float32)
-
-
-@triton.jit
-def _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, K,
-              BN: tl.constexpr, BK: tl.constexpr, NESTED: tl.constexpr, GROUP: tl.constexpr):
-    """Weights [n, k0:k0+BK] de-quantized to fp32, split by parity: (even columns, odd columns), [BN, BK/2] each."""
-    HALF: tl.constexpr = BK // 2
-    NB: tl.constexpr = BK // 64
-    j = tl.arange(0, HALF)
-    byte = k0 // 2 + j
-    mask = nmask[:, None] & (byte < K // 2)[None, :]
-    packed = tl.load(w_ptr + n[:, None].to(tl.int64) * (K // 2) + byte[None, :], mask=mask, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (packed >> 4))
-    lo = tl.load(code_ptr + (packed & 15))
-    scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, k0 // 64, K // 64, NB, NESTED, GROUP)
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, NB, 32)), (BN, HALF))   # one per 32 bytes
-    return hi * scale, lo * scale
 
 
 @triton.jit
@@ -117,8 +98,6 @@ def _by_position(xv):
 def _word_args(q, half: bool = False) -> tuple[tuple, dict]:
     """The word-decoding kernels' tensors (words, scales, tables) and constants for weight ``q`` (``half``:
     the program with fp16 outputs)."""
-    if q.words is None or q.lut is None:
-        raise ValueError("this 4-bit weight has no word view or table program (see weights._nf4_parts)")
     tensors, nested = _nf4_args(q)
     # Triton's interpreter runs no PTX: there the same values come from table loads
     return (q.words, *tensors[1:]), dict(LUT=q.lut16 if half else q.lut, HALF=half, NESTED=nested, GROUP=q.group,
@@ -288,12 +267,20 @@ def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, K, BLOCK: tl.constexpr):
 @triton.jit
 def _nf4_dequant_kernel(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, out_ptr, N, K,
                         NESTED: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weights [n, k0:k0+BLOCK_K] de-quantized, written as even and odd columns (a byte's high and low nibble)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    NB: tl.constexpr = BLOCK_K // 64
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     nmask = n < N
-    even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    we, wo = _nf4_tile(w_ptr, a_ptr, a2_ptr, off_ptr, code_ptr, code2_ptr, n, nmask, k0, K,
-                       BLOCK_N, BLOCK_K, NESTED, GROUP)
+    byte = k0 // 2 + tl.arange(0, HALF)
+    packed = tl.load(w_ptr + n[:, None].to(tl.int64) * (K // 2) + byte[None, :],
+                     mask=nmask[:, None] & (byte < K // 2)[None, :], other=0).to(tl.int32)
+    scale = _nf4_scales(a_ptr, a2_ptr, off_ptr, code2_ptr, n, nmask, k0 // 64, K // 64, NB, NESTED, GROUP)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, 32)), (BLOCK_N, HALF))   # one per 32 bytes
+    we = tl.load(code_ptr + (packed >> 4)) * scale
+    wo = tl.load(code_ptr + (packed & 15)) * scale
+    even = k0 + 2 * tl.arange(0, HALF)
     dest = out_ptr + n[:, None].to(tl.int64) * K + even[None, :]
     mask = nmask[:, None] & (even < K)[None, :]
     tl.store(dest, we.to(out_ptr.dtype.element_ty), mask=mask)

@@ -31,10 +31,6 @@ class BlockPool:
         self.cached: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
         self.keep_cache = keep_cache
         self._keys = 0
-        self.total = n_blocks - 1
-
-    def available(self) -> int:
-        return len(self.free) + sum(len(b) for _, b in self.cached.values())
 
     def take(self, n: int) -> list[int] | None:
         while len(self.free) < n and self.cached:

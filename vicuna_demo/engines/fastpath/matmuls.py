@@ -96,12 +96,11 @@ class Tiled(Matmul):
 @dataclass(frozen=True)
 class Nf4Cuda(Matmul):
     """nf4_cuda.gemv (CUDA C++ built by NVRTC), one row: warps, rows per warp, loads in flight, blocks per
-    multiprocessor, decode 1 = the shared-memory pair table, scale parts loaded with the weights."""
+    multiprocessor, scale parts loaded with the weights."""
     warps: int = 16
     rows_per_warp: int = 1
     unroll: int = 4
     ctas: int = 2
-    decode: int = 1
     prefetch: int = 0
     KINDS: ClassVar = ("nf4",)
     ROWS: ClassVar = (1, 1)
@@ -116,8 +115,8 @@ class Nf4Cuda(Matmul):
 
     def run(self, p, x, up=None, activation="silu"):
         from . import nf4_cuda
-        return nf4_cuda.gemv(x, p.quant, self.warps, self.rows_per_warp, self.unroll, self.ctas, self.decode,
-                             self.prefetch, up=up)
+        return nf4_cuda.gemv(x, p.quant, self.warps, self.rows_per_warp, self.unroll, self.ctas, self.prefetch,
+                             up=up)
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ CANDIDATES: tuple[Matmul, ...] = (
     Tiled(None, 64, 128, 4, 3, kinds=("int8",)),
     *(Tiled(None, 64, 128, 4, 4, "t", s, kinds=("int8",)) for s in (1, 2, 4)),
     # NF4, one row: the CUDA C++ GEMV where NVRTC works
-    *(Nf4Cuda(*c) for c in ((16, 1, 4, 2, 1, 0), (16, 1, 2, 2, 1, 1), (16, 1, 4, 2, 1, 1), (8, 2, 2, 4, 1, 0))),
+    *(Nf4Cuda(*c) for c in ((16, 1, 4, 2, 0), (16, 1, 2, 2, 1), (16, 1, 4, 2, 1), (8, 2, 2, 4, 0))),
     # NF4 batches (and one row without NVRTC): fp16 decoding, inputs loaded as one run
     *(Tiled(None, bn, bk, w, st, v, s, kinds=("nf4",), rows=(1, 64)) for v, bn, bk, w, st, s in
       (("thc", 128, 256, 8, 3, 4), ("thc", 128, 256, 8, 3, 2), ("thc", 128, 128, 8, 3, 4), ("thc", 64, 256, 4, 3, 4),

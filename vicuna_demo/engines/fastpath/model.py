@@ -1,19 +1,22 @@
-"""``FastModel``: the model's math over its own weights with a paged KV cache: prefill and the eager decode
-step (CPU); the kernel decode step and its CUDA graphs are in ``decode.py``, warm-up timing in ``tuning.py``."""
+"""``FastModel``: the model's math over its own weights with a paged KV cache: prefill, the decode step (eager
+ops on a CPU, fused Triton kernels on CUDA), one CUDA graph per (batch bucket, sampling mode) captured at
+warm-up and replayed per step, and the host-side rows loaded into the step's fixed device buffers. Warm-up
+timing is ``tuning.py``'s."""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from .arch import Unsupported, describe
-from .decode import DecodeMixin
 from .forward import EagerOps, KernelOps, attention, decoder, key_mask, rotate
+from .jobs import Slot
 from .options import FastOptions
-from .sampling import sample
+from .sampling import mark_seen, row_parameters, sample, seen_mask
 from .tuning import TuningMixin
 from .weights import Norm, LayerWeights, Projection
 
@@ -38,7 +41,7 @@ def _pow2_buckets(limit: int) -> list[int]:
     return sorted(set(buckets))
 
 
-class FastModel(DecodeMixin, TuningMixin):
+class FastModel(TuningMixin):
     """The model's math over its own weights, with a paged KV cache. Single-threaded: the scheduler's thread
     is the only caller once warm-up starts."""
 
@@ -49,7 +52,6 @@ class FastModel(DecodeMixin, TuningMixin):
             raise ValueError(f"fast path unsupported: {exc}") from None
         self.options = options = options or FastOptions()
         self.model = model
-        self.config = model.config.get_text_config()
         self.device = model.model.embed_tokens.weight.device
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -66,7 +68,7 @@ class FastModel(DecodeMixin, TuningMixin):
         self.use_kernels = bool(self.cuda and options.kernels and self.kernel_problem is None)
         self.use_graphs = bool(self.cuda and options.cuda_graphs and self.use_kernels)
         self.max_rows = int(options.max_rows or (64 if self.cuda else 8))
-        self.block = int(options.block_size or (64 if self.cuda else _round_up(self.max_len, 16)))
+        self.block = int(options.block_size or (64 if self.cuda else math.ceil(self.max_len / 16) * 16))
         self.blocks_per_row = math.ceil(self.max_len / self.block)
         fuse = True if options.fuse_projections is None else bool(options.fuse_projections)
         self.pipelined = self.cuda if options.pipeline is None else bool(options.pipeline)
@@ -78,7 +80,7 @@ class FastModel(DecodeMixin, TuningMixin):
         self.final_norm = Norm(model.model.norm, spec.arch.gemma_norm)
         self.lm_head = Projection(model.lm_head)
         self.vocab = int(model.lm_head.weight.shape[0]) if getattr(model.lm_head, "weight", None) is not None \
-            else int(self.config.vocab_size)
+            else int(model.config.get_text_config().vocab_size)
         self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}   # rotary tables [max_len, head_dim]
         with torch.inference_mode():
             positions = torch.arange(self.max_len, device=self.device)[None]
@@ -180,16 +182,25 @@ class FastModel(DecodeMixin, TuningMixin):
         """The largest prefill the scheduler runs: ``prefill_tokens`` tokens, in as many sequences as the
         context needs (a 2,048-token model prefills 8 x 512 at once; one 2,045-token sequence measured half)."""
         length = max(16, min(self.options.prefill_tokens, self.max_len - 3))
-        n = max(1, self.options.prefill_tokens // length)
-        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), 0)] * n)
-        ones = torch.ones(n, device=self.device)
-        sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), "top_p")
+        self.trial_prefill(max(1, self.options.prefill_tokens // length), length, modes=("top_p",))
 
     def _peak_decode(self) -> None:
+        self._idle_rows()
+        self._step(self.max_rows, "top_p")
+        self.pos.zero_()
+
+    def trial_prefill(self, n: int, length: int, start: int = 0, modes: tuple[str, ...] = ()) -> None:
+        """Prefill ``n`` prompts of ``length`` tokens (``start`` of them taken as cached) into the trash block 0,
+        then sample their logits in each of ``modes``: warm-up's loads and measurements."""
+        logits = self.prefill([([1] * length, [0] * math.ceil(length / self.block), start)] * n)
+        ones = torch.ones(n, device=self.device)
+        for mode in modes:
+            sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), mode)
+
+    def _idle_rows(self) -> None:
+        """Every row of the step's buffers idle: length 0, writing to the trash block 0."""
         self.active.zero_()
         self.table.zero_()
-        self.pos.zero_()
-        self._step(self.max_rows, "top_p")
         self.pos.zero_()
 
     # -- prefill -----------------------------------------------------------------------------------
@@ -197,42 +208,31 @@ class FastModel(DecodeMixin, TuningMixin):
         """rows: (all token ids, KV block list, start) per request; tokens [start:] are computed and their K/V
         stored; tokens before ``start`` must already be in the request's blocks. -> last-token logits [n, vocab] fp32."""
         n = len(rows)
-        news = [ids[start:] for ids, _, start in rows]
-        length = max(len(t) for t in news)
+        starts = torch.tensor([start for _, _, start in rows])
+        lens = torch.tensor([len(ids) - start for ids, _, start in rows])
+        length = int(lens.max())
         dev = self.device
         ids = torch.zeros(n, length, dtype=torch.long)
-        positions = torch.zeros(n, length, dtype=torch.long)
-        lens = torch.tensor([len(t) for t in news])
-        starts = torch.tensor([start for _, _, start in rows])
-        write_rows, write_t, write_phys, write_off = [], [], [], []
-        for i, (new, (_, blocks, start)) in enumerate(zip(news, rows)):
-            ids[i, :len(new)] = torch.tensor(new)
-            positions[i] = torch.clamp(torch.arange(length) + start, max=self.max_len - 1)
-            p = torch.arange(start, start + len(new))
-            write_rows.append(torch.full((len(new),), i))
-            write_t.append(torch.arange(len(new)))
-            block_ids = torch.tensor(blocks, dtype=torch.long)
-            write_phys.append(block_ids[p // self.block])
-            write_off.append(p % self.block)
-        w_rows, w_t = torch.cat(write_rows).to(dev), torch.cat(write_t).to(dev)
-        w_phys, w_off = torch.cat(write_phys).to(dev), torch.cat(write_off).to(dev)
+        block_table = torch.zeros(n, max(len(blocks) for _, blocks, _ in rows), dtype=torch.long)
+        for i, (tokens, blocks, start) in enumerate(rows):
+            ids[i, :len(tokens) - start] = torch.tensor(tokens[start:])
+            block_table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        positions = torch.clamp(torch.arange(length)[None, :] + starts[:, None], max=self.max_len - 1)
+        w_rows, w_t = (torch.arange(length)[None, :] < lens[:, None]).nonzero(as_tuple=True)   # the new tokens
+        written = positions[w_rows, w_t]
+        w_phys, w_off = block_table[w_rows, written // self.block], written % self.block
         if self.use_kernels:   # every (row, t) slot, padding included: padding writes go to trash block 0
             tok_phys = torch.zeros(n, length, dtype=torch.long)
-            tok_phys[torch.cat(write_rows), torch.cat(write_t)] = torch.cat(write_phys)
-            tok_off = positions % self.block
-            tok_phys, tok_off = tok_phys.view(-1).to(dev), tok_off.view(-1).to(dev)
+            tok_phys[w_rows, w_t] = w_phys
+            tok_phys, tok_off = tok_phys.view(-1).to(dev), (positions % self.block).view(-1).to(dev)
+        w_rows, w_t, w_phys, w_off = w_rows.to(dev), w_t.to(dev), w_phys.to(dev), w_off.to(dev)
         ids, positions = ids.to(dev), positions.to(dev)
         with_prefix = bool((starts > 0).any())
         totals = starts + lens
         kv_len = int(totals.max()) if with_prefix else length
         spec, hd = self.spec, self.head_dim
         if with_prefix:
-            n_blk = math.ceil(kv_len / self.block)
-            gather = torch.zeros(n, n_blk, dtype=torch.long)
-            for i, (_, blocks, _) in enumerate(rows):
-                used = blocks[:n_blk]
-                gather[i, :len(used)] = torch.tensor(used, dtype=torch.long)
-            gather = gather.to(dev)
+            gather = block_table[:, :math.ceil(kv_len / self.block)].to(dev)
         masks: dict = {}
 
         def mask_for(window):
@@ -296,9 +296,7 @@ class FastModel(DecodeMixin, TuningMixin):
     @property
     def ops(self):
         """The ops of prefill and decode: Triton kernels on CUDA, the HF modules otherwise."""
-        if getattr(self, "_ops", None) is None or isinstance(self._ops, KernelOps) != self.use_kernels:
-            self._ops = KernelOps() if self.use_kernels else EagerOps()
-        return self._ops
+        return KernelOps() if self.use_kernels else EagerOps()
 
     # -- decode --------------------------------------------------------------------------------------
     def _decode_torch(self, rows: int) -> torch.Tensor:
@@ -362,9 +360,109 @@ class FastModel(DecodeMixin, TuningMixin):
 
         return self.logits(decoder(self, self.embed(tokens), attend, EagerOps()))
 
+    def _decode_kernels(self, rows: int) -> torch.Tensor:
+        """One decode step with the fused Triton kernels; shapes depend only on ``rows`` (graph-safe)."""
+        from . import kernels as fk
+        tokens, pos, table = self.tokens[:rows], self.pos[:rows], self.table[:rows]
+        seq_lens = ((pos + 1) * self.active[:rows]).to(torch.int32)
+        phys = table.gather(1, (pos // self.block)[:, None].to(torch.int64).clamp(max=self.blocks_per_row - 1)
+                            .to(torch.int64))[:, 0]
+        off = pos % self.block
+        splits, warps, stages = self._splits.get(rows) or self._choose_splits(rows)
+        spec = self.spec
 
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
+        def attend(li, q, k, v):
+            cos, sin = self.rope[spec.rope_keys[li]]
+            q = fk.rope_store(q, k, v, cos, sin, pos, phys, off, self.k_cache[li], self.v_cache[li],
+                              self.n_heads, self.n_kv)
+            return fk.paged_attention(q, self.k_cache[li], self.v_cache[li], table, seq_lens, splits, self.scale,
+                                      warps, stages, window=spec.windows[li], softcap=spec.attn_softcap)
+
+        return self.logits(decoder(self, self.embed(tokens), attend, self.ops))
+
+    def linears(self) -> list[Projection]:
+        return [p for layer in self.layers for p in layer.projections()] + [self.lm_head]
+
+    def _step(self, rows: int, mode: str) -> torch.Tensor:
+        logits = self._decode_kernels(rows) if self.use_kernels else self._decode_torch(rows)
+        nxt = sample(logits, self.temperature[:rows], self.top_p[:rows], self.greedy[:rows], mode,
+                     self.penalty[:rows], self.seen[:rows])
+        mark_seen(self.seen[:rows], nxt)
+        self.next_tokens[:rows].copy_(nxt)
+        self.tokens[:rows].copy_(nxt)
+        self.pos[:rows] += self.active[:rows]
+        return self.next_tokens[:rows]
+
+    def bucket(self, n_active: int) -> int:
+        """The batch size the step runs for ``n_active`` rows (the last bucket is ``max_rows``)."""
+        return next(b for b in self.buckets if b >= n_active)
+
+    def decode(self, n_active: int, mode: str) -> tuple[int, torch.Tensor]:
+        """Launch one decode step for rows [0, n_active). -> (rows computed, next-token tensor on the device)."""
+        if not self.use_kernels:
+            return n_active, self._step(n_active, mode)
+        rows = self.bucket(n_active)
+        graph = self.graphs.get((rows, mode))
+        if graph is None:
+            return rows, self._step(rows, mode)
+        graph.replay()
+        return rows, self.next_tokens[:rows]
+
+    def capture(self, progress: Callable[[str], None] = lambda m: None) -> None:
+        """Capture one CUDA graph per (batch bucket, sampling mode). Runs on the scheduler's thread."""
+        self._idle_rows()
+        modes = ("greedy", "sample", "top_p")
+        for rows in self.buckets:          # compile the Triton kernels and warm cuBLAS outside capture
+            for mode in modes:
+                self._step(rows, mode)
+        torch.cuda.synchronize(self.device)
+        self._graph_pool = torch.cuda.graph_pool_handle()
+        done = 0
+        try:
+            for rows in reversed(self.buckets):   # largest first: later graphs reuse its pool memory
+                if not all(p.capturable(rows) for p in self.linears()):
+                    continue                      # decoded eagerly (e.g. bitsandbytes' outlier matmul)
+                for mode in modes:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream):
+                        self._step(rows, mode)
+                    self.graphs[(rows, mode)] = graph
+                    done += 1
+                progress(f"captured CUDA graphs for up to {rows} requests ({done}/{len(self.buckets) * len(modes)})")
+        except Exception as exc:  # noqa: BLE001 - e.g. a layer that synchronises: run the steps eagerly
+            log.warning("CUDA-graph capture failed (%s: %s); decoding without graphs",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.graphs.clear()
+            self.use_graphs = False
+            progress("CUDA graphs unavailable for this model; decoding without them")
+        torch.cuda.synchronize(self.device)
+        self.pos.zero_()
+
+    def release(self) -> None:
+        """Drop the graphs and the KV cache (the model's weights stay with the caller)."""
+        self.graphs.clear()
+        self.k_cache, self.v_cache = [], []
+        self._graph_pool = None
+
+    def load_rows(self, rows: list[Slot]) -> None:
+        """Write the host-side state of rows [0, len(rows)) to the device buffers; clear the rest."""
+        size = self.max_rows
+        tokens = torch.zeros(size, dtype=torch.long)
+        pos = torch.zeros(size, dtype=torch.long)
+        active = torch.zeros(size, dtype=torch.long)
+        table = torch.zeros(size, self.blocks_per_row, dtype=torch.int32)
+        for i, slot in enumerate(rows):
+            tokens[i], pos[i], active[i] = slot.generated[-1], slot.n_written, 1
+            table[i, :len(slot.blocks)] = torch.tensor(slot.blocks, dtype=torch.int32)
+        jobs = [slot.job for slot in rows]
+        for dst, src in zip((self.tokens, self.pos, self.active, self.table, self.temperature, self.top_p, self.greedy,
+                             self.penalty), (tokens, pos, active, table, *row_parameters(jobs, size, "cpu"))):
+            dst.copy_(src)
+        # each penalised row's seen tokens (prompt + reply so far); the step adds every new token itself
+        self.seen.zero_()
+        if any(job.repetition_penalty != 1.0 for job in jobs):
+            self.seen[:len(rows)].copy_(seen_mask([s.job.ids + s.generated for s in rows],
+                                                  [job.repetition_penalty for job in jobs], self.vocab, self.device))
 
 
 def _triton_problem() -> str | None:

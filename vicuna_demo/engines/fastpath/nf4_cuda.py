@@ -13,14 +13,13 @@ never beat this kernel on a shape timed since, so it was deleted. Here each step
 - Each lane reads 16 bytes (32 values) of a row per load, a warp 512 contiguous bytes; ``UNROLL`` loads per row
   (with ``PREFETCH``, the parts of their blocks' scales too) are in flight before any is used.
 - Decoding a 32-bit word (8 indices; bitsandbytes puts the first of two in a byte's high nibble) into four
-  fp16 pairs: ``DECODE`` 0 with byte permutes over the 16-value table held in 8 registers (the program of
-  ``nf4_lut.py``, interleaved straight into fp16 pairs in element order); ``DECODE`` 1 with one shared-memory
-  load per byte from a 256-entry table of fp16 pairs, one copy per lane so a warp's 32 loads never share a bank
-  (the table won every 7B shape on an H100; warm-up times only it, the probe both).
+  fp16 pairs: one shared-memory load per byte from a 256-entry table of fp16 pairs, one copy per lane so a
+  warp's 32 loads never share a bank. (Byte permutes over the table held in registers, as the Triton kernels
+  decode, lost every 7B and 13B shape on an H100 to this table: results/2026-12-0[67]_h100_kernel_probe*.)
 - A word's 8 products are summed in fp16 (as the Triton "luth" variants do), each 32 values in fp32, times the
   block's absmax (double-quantized: ``code2[a8] * absmax2 + offset``); lanes are summed with shuffles.
 
-``gemv(x, q, warps, rows, unroll, ctas, decode, prefetch, up=None)`` is the entry point (the
+``gemv(x, q, warps, rows, unroll, ctas, prefetch, up=None)`` is the entry point (the
 ``matmuls.Nf4Cuda`` config); ``available(device)`` says whether
 NVRTC works here. Every configuration is checked at warm-up against the de-quantized weight before it can be
 chosen (``tuning.py``).
@@ -37,18 +36,11 @@ from .rtc import compile_kernel, ensure_context
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
-# selectors that interleave a half-word's low and high table bytes into fp16 pairs (element 2j low, 2j+1 high):
-# the low bytes of nibbles 0-3 are bytes 0-3, their high bytes 4-7; nibble 1 is element 0 (high nibble first)
-PAIR_SELECTORS = (0x4051, 0x6273)
-
 SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct alignas(16) U4 { u32 x, y, z, w; };
 
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 c) {
-    u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
 }
@@ -84,38 +76,23 @@ __device__ __forceinline__ u32 silu_mul(u32 g, u32 u) {
 }
 #endif
 
-#if DECODE == 0
-// 8 indices -> 4 fp16 pairs (elements 0,1 | 2,3 | 4,5 | 6,7), the table's low / high bytes in t[0..3] / t[4..7]
-__device__ __forceinline__ void decode(u32 w, const u32 (&t)[8], u32 (&d)[4], const u32* tab) {
-    #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        u32 v = half ? (w >> 16) : w;
-        u32 c = v & 0x7777u, s = ((v >> 1) & 0x4444u) | 0x3210u;
-        u32 lo = prmt(prmt(t[0], t[1], c), prmt(t[2], t[3], c), s);
-        u32 hi = prmt(prmt(t[4], t[5], c), prmt(t[6], t[7], c), s);
-        d[2 * half] = prmt(lo, hi, SEL0);
-        d[2 * half + 1] = prmt(lo, hi, SEL1);
-    }
-}
-#else
-// one shared-memory load per byte: tab is this lane's column of the 256-entry pair table (stride 32 words)
-__device__ __forceinline__ void decode(u32 w, const u32 (&t)[8], u32 (&d)[4], const u32* tab) {
+// 8 indices -> 4 fp16 pairs (elements 0,1 | 2,3 | 4,5 | 6,7), one shared-memory load per byte: tab is this
+// lane's column of the 256-entry pair table (stride 32 words)
+__device__ __forceinline__ void decode(u32 w, u32 (&d)[4], const u32* tab) {
     #pragma unroll
     for (int b = 0; b < 4; b++) d[b] = tab[((w >> (8 * b)) & 0xffu) << 5];
 }
-#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const float* __restrict__ absmax,
          const float* __restrict__ absmax2, const float* __restrict__ offset2, const float* __restrict__ code2,
          const u32* __restrict__ pairs, const U4* __restrict__ x, const U4* __restrict__ up,
-         u16* __restrict__ out, int N, int K, int group_shift,
-         u32 t0, u32 t1, u32 t2, u32 t3, u32 t4, u32 t5, u32 t6, u32 t7)
+         u16* __restrict__ out, int N, int K, int group_shift)
 {
     extern __shared__ U4 smem[];
     U4* xs = smem;                                          // K / 8 units of 8 inputs
     float* c2 = (float*)(smem + (K >> 3));                  // 256: the absmax code (NESTED)
-    u32* tab = (u32*)(c2 + 256);                            // 256 x 32: pair table, a column per lane (DECODE 1)
+    u32* tab = (u32*)(c2 + 256);                            // 256 x 32: pair table, a column per lane
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int units = K >> 3, chunks = K >> 5, blocks = K >> 6;
     for (int u = tid; u < units; u += WARPS * 32) {
@@ -130,11 +107,8 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
 #if NESTED
     for (int i = tid; i < 256; i += WARPS * 32) c2[i] = code2[i];
 #endif
-#if DECODE == 1
     for (int i = tid; i < 256 * 32; i += WARPS * 32) tab[i] = pairs[i >> 5];
-#endif
     __syncthreads();
-    const u32 t[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
     const u32* mytab = tab + lane;
     const int groups = (N + ROWS - 1) / ROWS;
     for (int g = blockIdx.x * WARPS + warp; g < groups; g += gridDim.x * WARPS) {
@@ -198,7 +172,7 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
                     #pragma unroll
                     for (int p = 0; p < 4; p++) {
                         u32 d[4];
-                        decode(words[p], t, d, mytab);
+                        decode(words[p], d, mytab);
                         u32 h = hmul2(d[0], xv[p].x);
                         h = hfma2(d[1], xv[p].y, h);
                         h = hfma2(d[2], xv[p].z, h);
@@ -222,21 +196,15 @@ nf4_gemv(const U4* __restrict__ wq, const unsigned char* __restrict__ a8, const 
 
 
 def pair_table(code) -> np.ndarray:
-    """The 256 fp16 pairs of ``DECODE`` 1 as uint32: entry b = (code[b >> 4] low, code[b & 15] high), i.e. the
+    """The kernel's 256 fp16 pairs as uint32: entry b = (code[b >> 4] low, code[b & 15] high), i.e. the
     values of the two elements that a packed byte b holds, in element order."""
     half = np.asarray(code, dtype=np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
     b = np.arange(256)
     return (half[b >> 4] | (half[b & 15] << 16)).astype(np.uint32)
 
 
-def table_ints(code) -> list[int]:
-    """``nf4_lut.table_words`` as C ints (the kernel's arguments t0..t7)."""
-    from .nf4_lut import table_words
-    return [w if w < 2 ** 31 else w - 2 ** 32 for w in table_words(code)]
-
-
-def _smem_bytes(k: int, decode: int) -> int:
-    return k * 2 + 256 * 4 + (256 * 32 * 4 if decode == 1 else 0)
+def _smem_bytes(k: int) -> int:
+    return k * 2 + 256 * 4 + 256 * 32 * 4
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -256,7 +224,7 @@ def available(device: torch.device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _unavailable:
         try:
-            _kernel(torch.device("cuda", index), 16, 1, 4, 1, True, False, 4096, 0)   # a candidate's build
+            _kernel(torch.device("cuda", index), 16, 1, 4, True, False, 4096, 0)   # a candidate's build
             _unavailable[index] = ""
         except Exception as exc:  # noqa: BLE001 - RtcUnavailable, or the driver refusing the module
             log.info("the CUDA NF4 GEMV is not available here (%s): Triton's and bitsandbytes' kernels serve", exc)
@@ -270,22 +238,22 @@ def unavailable_reason(device: torch.device) -> str:
     return _unavailable.get(index, "")
 
 
-def defines(warps, rows, unroll, decode, nested, gated, prefetch=1) -> dict[str, int]:
+def defines(warps, rows, unroll, nested, gated, prefetch=1) -> dict[str, int]:
     """The kernel's compile-time macros for one configuration."""
-    return dict(WARPS=warps, ROWS=rows, UNROLL=unroll, DECODE=decode, NESTED=int(nested), GATED=int(gated),
-                PREFETCH=int(bool(prefetch)), SEL0=PAIR_SELECTORS[0], SEL1=PAIR_SELECTORS[1])
+    return dict(WARPS=warps, ROWS=rows, UNROLL=unroll, NESTED=int(nested), GATED=int(gated),
+                PREFETCH=int(bool(prefetch)))
 
 
-def _kernel(device, warps, rows, unroll, decode, nested, gated, k, prefetch=1):
-    kernel = compile_kernel(SOURCE, "nf4_gemv", device, defines(warps, rows, unroll, decode, nested, gated, prefetch))
-    smem = _smem_bytes(k, decode)
+def _kernel(device, warps, rows, unroll, nested, gated, k, prefetch=1):
+    kernel = compile_kernel(SOURCE, "nf4_gemv", device, defines(warps, rows, unroll, nested, gated, prefetch))
+    smem = _smem_bytes(k)
     if smem > kernel._max_shared_mem_bytes:
         kernel.set_shared_memory_config(smem)
     return kernel
 
 
-def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ctas: int = 2, decode: int = 1,
-         prefetch: int = 1, up: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ctas: int = 2, prefetch: int = 1,
+         up: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (fp16) @ W.T for an NF4 ``QuantWeight`` -> [1, N] fp16; with ``up``, of SiLU(x) * up.
     ``ctas`` blocks per multiprocessor (persistent: each loops over row groups); ``prefetch``: each chunk's
     scale parts are loaded with its weights (else when used)."""
@@ -299,9 +267,6 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
         raise ValueError("the CUDA NF4 GEMV needs 16-byte aligned packed weights")
     x = _aligned(x)
     up = _aligned(up) if up is not None else x
-    if q.pairs is None or q.table_ints is None:
-        raise ValueError("this 4-bit weight has no pair table (see weights.QuantWeight.add_word_decoding)")
-    pairs, t = q.pairs, q.table_ints
     out = torch.empty((1, n), dtype=torch.float16, device=x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     groups = -(-n // rows)
@@ -309,10 +274,10 @@ def gemv(x: torch.Tensor, q, warps: int = 16, rows: int = 1, unroll: int = 4, ct
     absmax = q.absmax
     with torch.cuda.device(x.device):        # the launch goes to the current context: the weights' GPU's
         ensure_context(out.device.index)
-        kernel = _kernel(x.device, warps, rows, unroll, decode, nested, up is not x, k, prefetch)
-        kernel(grid=(grid, 1, 1), block=(warps * 32, 1, 1), shared_mem=_smem_bytes(k, decode),
+        kernel = _kernel(x.device, warps, rows, unroll, nested, up is not x, k, prefetch)
+        kernel(grid=(grid, 1, 1), block=(warps * 32, 1, 1), shared_mem=_smem_bytes(k),
                stream=torch.cuda.current_stream(x.device),
                args=[q.data, absmax, absmax, q.absmax2 if nested else absmax, q.offset2 if nested else absmax,
-                     q.code2 if nested else absmax, pairs, x, up, out, n, k,
-                     (q.group.bit_length() - 1) if nested else 0, *t])
+                     q.code2 if nested else absmax, q.pairs, x, up, out, n, k,
+                     (q.group.bit_length() - 1) if nested else 0])
     return out

@@ -56,7 +56,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     return torch.where(greedy, best, drawn)
 
 
-def sampling_mode(rows) -> str:
-    if all(r.greedy for r in rows):
+def row_parameters(jobs, rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature, top_p, greedy, penalty) [rows] of ``jobs`` (``Job``), the rows beyond them greedy without a
+    penalty; a greedy row's temperature is 1.0 (``sample`` divides every row by its own)."""
+    temperature, top_p, penalty = torch.ones(rows), torch.ones(rows), torch.ones(rows)
+    greedy = torch.ones(rows, dtype=torch.bool)
+    for i, job in enumerate(jobs):
+        temperature[i] = 1.0 if job.greedy else max(job.temperature, 1e-5)
+        top_p[i], greedy[i], penalty[i] = job.top_p, job.greedy, job.repetition_penalty
+    return temperature.to(device), top_p.to(device), greedy.to(device), penalty.to(device)
+
+
+def sampling_mode(jobs) -> str:
+    if all(j.greedy for j in jobs):
         return "greedy"
-    return "top_p" if any((not r.greedy) and r.top_p < 1.0 for r in rows) else "sample"
+    return "top_p" if any((not j.greedy) and j.top_p < 1.0 for j in jobs) else "sample"

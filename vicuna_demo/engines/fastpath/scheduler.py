@@ -1,10 +1,15 @@
 """``FastScheduler``: the one thread that owns a ``FastModel``: admits jobs, prefills, decodes every active
-request in one step, streams tokens through ``Job.emit``, cancels, and fails requests cleanly."""
+request in one step, streams tokens through ``Job.emit``, cancels, and fails requests cleanly.
+
+Admission: waiting requests are prefilled together while rows and KV blocks allow and the batch's padded size
+stays within ``prefill_tokens``; a request that reuses a cached prefix is prefilled on its own; each one's
+first token comes from its prefill."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -14,18 +19,15 @@ from typing import Callable
 import torch
 
 from ..gpugate import GPU_GATE
-from .admission import AdmissionMixin
 from .jobs import Job, Slot, describe, safe_emit
 from .kvpool import BlockPool
 from .model import FastModel
-from .sampling import sampling_mode
-
-__all__ = ["FastScheduler", "Job", "Slot"]
+from .sampling import row_parameters, sample, sampling_mode, seen_mask
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
 
 
-class FastScheduler(AdmissionMixin):
+class FastScheduler:
     """Owns a FastModel and a thread that admits, prefills and decodes every request (the ``fast`` back end
     of engines/backends.py: start, wait_ready, submit, cancel, alive, close, held_request_ids).
 
@@ -51,10 +53,9 @@ class FastScheduler(AdmissionMixin):
         self._slots: list[Slot] = []
         self._closed = threading.Event()
         self._ready = threading.Event()
-        self._fatal: str | None = None
         self._thread: threading.Thread | None = None
         self._pool: BlockPool | None = None
-        self._warm_error: BaseException | None = None
+        self.warm_error: BaseException | None = None     # why the warm-up failed (the thread has ended), or None
         self.status = "starting"
         self._admit_blocked = False
         self.tuning: dict = {}
@@ -64,7 +65,6 @@ class FastScheduler(AdmissionMixin):
         self.launch_times: deque = deque(maxlen=4096)   # when recent decode steps were launched
         self._host: list[torch.Tensor] = []
         self.steps = 0
-        self.prefills = 0
 
     # -- public ---------------------------------------------------------------------------------------
     def start(self, progress: Callable[[str], None] = lambda m: None) -> None:
@@ -75,17 +75,12 @@ class FastScheduler(AdmissionMixin):
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
-        if self._warm_error is not None:
-            raise self._warm_error
+        if self.warm_error is not None:
+            raise self.warm_error
         return self._ready.is_set()
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
-
-    @property
-    def warm_error(self) -> BaseException | None:
-        """Why the warm-up failed (the thread has ended), or None."""
-        return self._warm_error
 
     def submit(self, job: Job) -> None:
         if self._closed.is_set():
@@ -109,84 +104,68 @@ class FastScheduler(AdmissionMixin):
         runner = self.runner
         return (runner.n_blocks - 1) * runner.block if runner.n_blocks and self._ready.is_set() else None
 
-    def held_request_ids(self) -> set[str]:
-        return self.request_ids()
-
     def free_block_ids(self) -> list[int]:
         """KV blocks no request holds (benchmarks time attention over them while the engine is idle)."""
         return list(self._pool.free) if self._pool is not None else []
 
-    def request_ids(self) -> set[str]:
+    def held_request_ids(self) -> set[str]:
         """The requests this scheduler still holds: submitted, waiting, or being decoded."""
         held = {job.request_id for job in list(self._inbox.queue) if job is not None}
         held |= {job.request_id for job in list(self._waiting)}
         held |= {slot.job.request_id for slot in list(self._slots) if not slot.done}
         return held
 
-    def stats(self) -> dict:
-        pool = self._pool
-        return {"active": len(self._slots), "waiting": len(self._waiting) + self._inbox.qsize(),
-                "steps": self.steps, "prefills": self.prefills,
-                "free_blocks": len(pool.free) if pool else None,
-                "cached_prefixes": len(pool.cached) if pool else None}
-
     # -- thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         runner = self.runner
         if not runner.cuda and runner.options.cpu_threads:
             torch.set_num_threads(runner.options.cpu_threads)   # per thread: the rest of the process keeps its own
-        stream = torch.cuda.stream(runner.stream) if runner.cuda else contextlib.nullcontext()
-        with stream:
-            self._run_on_stream()
-
-    def _run_on_stream(self) -> None:
-        runner = self.runner
-        try:
-            with torch.inference_mode(), (GPU_GATE.exclusive() if runner.cuda else contextlib.nullcontext()):
-                self._prepare()
-        except BaseException as exc:  # noqa: BLE001 - reported to whoever waits for readiness
-            self._start_failed(exc)
-            return
-        self._ready.set()
-        with torch.inference_mode():
+        with torch.cuda.stream(runner.stream) if runner.cuda else contextlib.nullcontext(), torch.inference_mode():
+            try:
+                with GPU_GATE.exclusive() if runner.cuda else contextlib.nullcontext():
+                    self._prepare()
+            except BaseException as exc:  # noqa: BLE001 - reported to whoever waits for readiness
+                self._start_failed(exc)
+                return
+            self._ready.set()
             self._loop()
 
     def _prepare(self) -> None:
         """Allocate the KV cache, tune kernels, capture graphs, warm prefill (the thread's first work)."""
         runner = self.runner
         started = time.perf_counter()
+        progress = lambda message: self._progress(f"{self.name}: {message}")   # noqa: E731
         self.status = "allocating the KV cache"
-        self._progress(f"{self.name}: allocating the KV cache")
+        progress("allocating the KV cache")
         blocks = None if self.kv_bytes is None else max(1, self.kv_bytes // runner.kv_bytes_per_block())
         runner.allocate_cache(blocks)
         self._note_free("kv cache allocated")
         if runner.use_kernels:
             self.status = "tuning kernels"
-            self.tuning = runner.tune_gemv(lambda m: self._progress(f"{self.name}: {m}"))
-            self.attention_tuning = runner.tune_attention(progress=lambda m: self._progress(f"{self.name}: {m}"))
+            self.tuning = runner.tune_gemv(progress)
+            self.attention_tuning = runner.tune_attention(progress=progress)
             self._note_free("kernels tuned")
         if runner.use_graphs:
             self.status = "capturing CUDA graphs"
-            runner.capture(lambda m: self._progress(f"{self.name}: {m}"))
+            runner.capture(progress)
             self._note_free("graphs captured")
         if runner.cuda:
             self.status = "warming up prefill"
-            self._progress(f"{self.name}: warming up prefill")
+            progress("warming up prefill")
             runner.warm_prefill()
             self._note_free("prefill warmed")
-        self._pool = BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
-        if runner.cuda:
             self._host = [torch.empty(runner.max_rows, dtype=torch.long, pin_memory=True) for _ in range(4)]
-        self._progress(f"{self.name}: fast path ready in {time.perf_counter() - started:.1f} s "
-                       f"({runner.n_blocks - 1} KV blocks of {runner.block} tokens, "
-                       f"{'CUDA graphs' if runner.graphs else 'no CUDA graphs'}, "
-                       f"{'Triton kernels' if runner.use_kernels else 'eager ops'}"
-                       f"{': ' + runner.kernel_problem if runner.kernel_problem else ''})")
+        self._pool = BlockPool(runner.n_blocks, runner.block, runner.options.prefix_cache)
+        progress(f"fast path ready in {time.perf_counter() - started:.1f} s "
+                 f"({runner.n_blocks - 1} KV blocks of {runner.block} tokens, "
+                 f"{'CUDA graphs' if runner.graphs else 'no CUDA graphs'}, "
+                 f"{'Triton kernels' if runner.use_kernels else 'eager ops'}"
+                 f"{': ' + runner.kernel_problem if runner.kernel_problem else ''})")
         self.status = "ready"
 
     def _note_free(self, phase: str) -> None:
-        """Record the GPU memory free (MiB) after a warm-up phase: where a card's memory went, in the stats
-        and in the log of a failed start."""
+        """Record the GPU memory free (MiB) after a warm-up phase: where a card's memory went, in the
+        benchmarks' records and in the log of a failed start."""
         if self.runner.cuda:
             self.free_mib[phase] = torch.cuda.mem_get_info(self.runner.device)[0] // 2**20
 
@@ -196,7 +175,7 @@ class FastScheduler(AdmissionMixin):
         runner.release()
         if runner.cuda:
             torch.cuda.empty_cache()   # give the KV pool back: a fallback back end needs the memory
-        self._warm_error = exc
+        self.warm_error = exc
         self.status = f"failed: {exc}"
         self._ready.set()
         self._closed.set()
@@ -273,18 +252,92 @@ class FastScheduler(AdmissionMixin):
                 if slot.job.request_id in cancelled and not slot.done:
                     slot.done = True
                     changed = True
-            kept = deque(j for j in self._waiting if j.request_id not in cancelled)
-            if len(kept) != len(self._waiting):
-                for job in self._waiting:
-                    if job.request_id in cancelled:
-                        safe_emit(job, [], True, None)
-                self._waiting = kept
+            for job in [j for j in self._waiting if j.request_id in cancelled]:
+                self._waiting.remove(job)
+                safe_emit(job, [], True, None)
                 changed = True
         return changed
 
+    def _admit(self) -> bool:
+        """Admit waiting jobs while rows and blocks allow, prefilling them in batches of up to
+        ``prefill_tokens`` prompt tokens; the first token of each comes from its prefill. A burst of
+        arrivals is prefilled back to back for up to ``burst_prefill_s`` before decoding resumes."""
+        deadline = time.perf_counter() + self.runner.options.burst_prefill_s
+        admitted = False
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return admitted
+            self._prefill(batch)
+            admitted = True
+            if not self._waiting or time.perf_counter() > deadline:
+                return admitted
+
+    def _next_batch(self) -> list["Slot"]:
+        runner, pool = self.runner, self._pool
+        budget = runner.options.prefill_tokens
+        batch: list[Slot] = []
+        longest = 0
+        while self._waiting and len(self._slots) + len(batch) < runner.max_rows:
+            job = self._waiting[0]
+            if len(job.ids) + job.max_new + 1 > runner.max_len:
+                self._waiting.popleft()
+                safe_emit(job, [], True, "the prompt and reply do not fit the model's context window")
+                continue
+            if not job.ids or min(job.ids) < 0 or max(job.ids) >= runner.n_embeddings:
+                self._waiting.popleft()   # an out-of-range id would fault the GPU for every request
+                safe_emit(job, [], True, "the prompt has a token id outside the model's vocabulary")
+                continue
+            reused, start = pool.reuse(job.ids) if pool.keep_cache else ([], 0)
+            # the batch is padded to its longest prompt: its padded size stays within the budget (the
+            # activation peak measured at warm-up is a prefill of ``prefill_tokens`` tokens)
+            padded = (len(batch) + 1) * max(longest, len(job.ids) - start)
+            if batch and (padded > budget or start or batch[0].start):
+                pool.remember(job.ids[:start], reused)      # a reused prefix is prefilled on its own
+                break
+            need = math.ceil((len(job.ids) + job.max_new + 1) / runner.block) - len(reused)
+            fresh = pool.take(need)
+            if fresh is None:
+                pool.remember(job.ids[:start], reused)
+                if not self._slots and not batch:
+                    self._waiting.popleft()
+                    safe_emit(job, [], True, "not enough KV-cache memory for this request")
+                    continue
+                self._admit_blocked = True
+                break
+            self._waiting.popleft()
+            batch.append(Slot(job=job, blocks=reused + fresh, start=start))
+            longest = max(longest, len(job.ids) - start)
+        return batch
+
+    def _prefill(self, batch: list[Slot]) -> None:
+        runner = self.runner
+        started = time.perf_counter()
+        try:
+            logits = runner.prefill([(s.job.ids, s.blocks, s.start) for s in batch])
+            jobs = [s.job for s in batch]
+            dev = runner.device
+            temperature, top_p, greedy, penalty = row_parameters(jobs, len(jobs), dev)
+            seen = seen_mask([j.ids for j in jobs], [j.repetition_penalty for j in jobs], logits.shape[-1], dev)
+            first = sample(logits, temperature, top_p, greedy, sampling_mode(jobs), penalty, seen).tolist()
+        except Exception as exc:  # noqa: BLE001 - these requests fail; the others go on
+            log.exception("%s: prefill failed", self.name)
+            for slot in batch:
+                self._pool.release(slot.blocks)
+                safe_emit(slot.job, [], True, describe(exc))
+            return
+        done = time.perf_counter()
+        self.prefill_log.append(dict(rows=len(batch), tokens=sum(len(s.job.ids) - s.start for s in batch),
+                                     reused=sum(s.start for s in batch), seconds=round(done - started, 4),
+                                     waited=round(max(started - s.job.submitted for s in batch), 4)))
+        for slot, token in zip(batch, first):
+            slot.n_written = len(slot.job.ids)
+            self._accept(slot, token)
+            self._slots.append(slot)
+
     def _launch(self, inflight: deque) -> None:
         runner = self.runner
-        mode = sampling_mode(self._slots)
+        mode = sampling_mode([slot.job for slot in self._slots])
         rows, out = runner.decode(len(self._slots), mode)
         snapshot = list(self._slots)
         for slot in snapshot:
@@ -304,16 +357,12 @@ class FastScheduler(AdmissionMixin):
         snapshot, host, event = step
         if event is not None:
             event.synchronize()
-        values = host.tolist()
-        for i, slot in enumerate(snapshot):
-            if slot.done:
-                continue
-            token = values[i]
-            self._accept(slot, token)
+        for slot, token in zip(snapshot, host.tolist()):
+            if not slot.done:
+                self._accept(slot, token)
 
     def _accept(self, slot: Slot, token: int) -> None:
         slot.generated.append(token)
-        slot.last_token = token
         finished = token in slot.job.eos or len(slot.generated) >= slot.job.max_new
         if finished:
             slot.done = True
@@ -348,12 +397,10 @@ class FastScheduler(AdmissionMixin):
         self._slots = []
 
     def _shutdown(self) -> None:
-        for slot in self._slots:
-            if not slot.done:
-                safe_emit(slot.job, [], True, "the engine is shutting down")
+        self._fail_all_active("the engine is shutting down")
         for job in self._waiting:
             safe_emit(job, [], True, "the engine is shutting down")
-        self._slots, self._waiting = [], deque()
+        self._waiting = deque()
         self.runner.release()
         if self.runner.cuda:
             torch.cuda.synchronize(self.runner.device)

@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 
 from . import matmuls
-from .sampling import sample
 from .weights import Projection
 
 log = logging.getLogger("vicuna_demo.engines.fastpath")
@@ -84,19 +83,13 @@ class TuningMixin:
     def warm_prefill(self) -> None:
         """Run prefill once at typical sizes (and with a cached prefix) so that the kernels it needs are loaded
         now: CUDA loads kernels lazily, and the first 512-token prefill otherwise took ~0.7 s more."""
-        if not self.cuda:
-            return
         shapes = [(1, 16), (1, 200), (1, 512), (2, 512), (4, 512), (8, 512), (1, 1500), (1, 3000)]
         for n, length in shapes:
             if n * length > max(self.options.prefill_tokens, 512) or length + 1 >= self.max_len:
                 continue
-            blocks = [0] * math.ceil(length / self.block)      # block 0 is the trash block
-            logits = self.prefill([([1] * length, blocks, 0)] * n)
-            for mode in ("greedy", "sample", "top_p"):
-                ones = torch.ones(n, device=self.device)
-                sample(logits, ones, ones * 0.9, torch.zeros(n, dtype=torch.bool, device=self.device), mode)
+            self.trial_prefill(n, length, modes=("greedy", "sample", "top_p"))
         length = min(600, self.max_len - 2)
-        self.prefill([([1] * length, [0] * math.ceil(length / self.block), length - 64)])
+        self.trial_prefill(1, length, start=length - 64)
         torch.cuda.synchronize(self.device)
 
     def _choose_splits(self, rows: int) -> tuple[int, int, int]:
@@ -109,8 +102,6 @@ class TuningMixin:
         """Per batch bucket, time the paged-attention kernel over ``context`` cached tokens per row with several
         (splits, warps, stages) and keep the fastest for the graphs. Runs once at warm-up, before capture."""
         from . import kernels as fk
-        if not (self.cuda and self.use_kernels):
-            return {}
         per_row = math.ceil((context + 1) / self.block)
         rows_max = min(self.max_rows, (self.n_blocks - 1) // per_row)
         if rows_max < 1:

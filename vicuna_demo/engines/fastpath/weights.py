@@ -33,20 +33,18 @@ class QuantWeight:
     lut: str | None = None                 # nf4: the PTX that decodes a word with ``code`` in registers
     lut16: str | None = None               # nf4: the same with fp16 outputs
     pairs: torch.Tensor | None = None      # nf4: 256 fp16 pairs, one per packed byte (nf4_cuda.pair_table)
-    table_ints: list[int] | None = None    # nf4: the table's bytes as 8 ints (nf4_cuda.table_ints)
 
     def add_word_decoding(self) -> "QuantWeight":
         """Fill ``words``, ``lut`` and the CUDA GEMV's tables (nf4), for our word-decoding GEMVs; left None
         where ``data`` cannot be viewed as aligned int32 words. At set-up only: it reads the code table back
         to the host (never inside a CUDA-graph capture)."""
-        from .nf4_cuda import pair_table, table_ints
+        from .nf4_cuda import pair_table
         from .nf4_lut import ptx
         if self.kind == "nf4" and self.data.numel() % 4 == 0 and self.data.storage_offset() % 4 == 0:
             self.words = self.data.view(torch.int32)
             code = self.code.detach().float().cpu().numpy()
             self.lut, self.lut16 = ptx(code), ptx(code, half=True)
             self.pairs = torch.from_numpy(pair_table(code).view(np.int32)).to(self.data.device)
-            self.table_ints = table_ints(code)
         return self
 
 
