@@ -17,11 +17,12 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from vicuna_demo.config import ConfigError, ModelSpec, load_settings
-from vicuna_demo.engines.fastpath import FastModel, FastOptions, FastScheduler, Job
+from vicuna_demo.engines.fastpath import FastModel, FastOptions, FastScheduler, Job, nf4_lut
 from vicuna_demo.loading import _quantization
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,13 +272,47 @@ KERNEL_CHECK = textwrap.dedent("""
 """)
 
 
+# -- NumPy emulation of the PTX instructions nf4_lut.program uses (checks the selectors without a GPU) --
+def _prmt(a: np.ndarray, b: np.ndarray, c) -> np.ndarray:
+    """PTX ``prmt.b32`` (default mode): output byte j = byte (c >> 4j) & 7 of {b, a}; bit 3 replicates its sign."""
+    src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    c = np.broadcast_to(np.asarray(c, dtype=np.uint64), src.shape)
+    out = np.zeros(src.shape, dtype=np.uint64)
+    for j in range(4):
+        sel = (c >> np.uint64(4 * j)) & np.uint64(15)
+        byte = (src >> ((sel & np.uint64(7)) * np.uint64(8))) & np.uint64(0xFF)
+        byte = np.where(sel & np.uint64(8), np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0)), byte)
+        out |= byte << np.uint64(8 * j)
+    return out.astype(np.uint32)
+
+
+def _emulate(code, words) -> np.ndarray:
+    """Run ``nf4_lut.program(code)`` on uint32 ``words`` [n] in NumPy: -> float32 [n, 8] (elements 0-7 of each word)."""
+    regs = {"$8": np.asarray(words, dtype=np.uint32)}
+    val = lambda a: regs[a] if isinstance(a, str) else np.uint32(a)   # noqa: E731
+    for op, dst, *src in nf4_lut.program(code):
+        if op == "mov":
+            regs[dst] = np.full(regs["$8"].shape, src[0], dtype=np.uint32)
+        elif op == "shr":
+            regs[dst] = val(src[0]) >> np.uint32(src[1])
+        elif op == "and":
+            regs[dst] = val(src[0]) & val(src[1])
+        elif op == "or":
+            regs[dst] = val(src[0]) | val(src[1])
+        elif op == "prmt":
+            regs[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
+        elif op == "f16x2_to_f32":
+            pair = val(src[1])
+            regs[dst] = (pair & np.uint32(0xFFFF)).astype(np.uint16).view(np.float16).astype(np.float32)
+            regs[src[0]] = (pair >> np.uint32(16)).astype(np.uint16).view(np.float16).astype(np.float32)
+    return np.stack([regs[f"${i}"] for i in range(8)], axis=1)
+
+
 def test_word_decoding_program_gives_every_index_in_every_nibble_its_table_value():
     """The byte-permute program our NF4 GEMV runs on a GPU (nf4_lut.py), executed instruction by instruction
     in NumPy: every index 0-15 at each of a word's 8 positions decodes to bitsandbytes' NF4 (and FP4) value,
     as the fp16 copy of the table holds it, and the PTX holds every instruction of the program."""
-    import numpy as np
     import bitsandbytes.functional as bf
-    from vicuna_demo.engines.fastpath import nf4_lut
     rng = np.random.default_rng(0)
     q = np.concatenate([np.tile(np.arange(16)[:, None], (1, 8)), rng.integers(0, 16, size=(2000, 8))])
     q[16:32] = np.roll(np.arange(16)[:, None] + np.arange(8)[None, :], 3, axis=0) % 16   # mixed indices per word
@@ -286,7 +321,7 @@ def test_word_decoding_program_gives_every_index_in_every_nibble_its_table_value
     for kind in ("nf4", "fp4"):
         code = bf.get_4bit_type(kind, device="cpu").float().numpy()
         expected = code.astype(np.float16).astype(np.float32)[q]
-        assert np.array_equal(nf4_lut.emulate(code, words), expected), kind
+        assert np.array_equal(_emulate(code, words), expected), kind
         text = nf4_lut.ptx(code)
         assert text.count("prmt.b32") == 16 and text.count("cvt.f32.f16") == 8
         assert all(f"${i}" in text for i in range(9))

@@ -13,8 +13,8 @@ bitsandbytes packs two indices a byte, the first in the high nibble, so a little
 lowest first, are elements 1, 0, 3, 2, 5, 4, 7, 6 of its 8.
 
 The program is a list of operations (``program``), rendered once as PTX for Triton's
-``inline_asm_elementwise`` (``ptx``) and run by a NumPy emulation of the same instructions (``emulate``),
-which is how the tests check the selectors without a GPU. The table values are rounded to fp16 (relative
+``inline_asm_elementwise`` (``ptx``); tests/test_quantized.py runs the same list in a NumPy emulation of the
+instructions, which is how the selectors are checked without a GPU. The table values are rounded to fp16 (relative
 error at most 2**-11, the rounding a de-quantized fp16 copy of the weight has anyway).
 """
 
@@ -80,38 +80,3 @@ def ptx(code, half: bool = False) -> str:
                       f"cvt.f32.f16 {name(src[0])}, %nf4_h1;"]
     lines.append("}")
     return "\n".join(lines)
-
-
-def _prmt(a: np.ndarray, b: np.ndarray, c) -> np.ndarray:
-    """PTX ``prmt.b32`` (default mode): output byte j = byte (c >> 4j) & 7 of {b, a}; bit 3 replicates its sign."""
-    src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
-    c = np.broadcast_to(np.asarray(c, dtype=np.uint64), src.shape)
-    out = np.zeros(src.shape, dtype=np.uint64)
-    for j in range(4):
-        sel = (c >> np.uint64(4 * j)) & np.uint64(15)
-        byte = (src >> ((sel & np.uint64(7)) * np.uint64(8))) & np.uint64(0xFF)
-        byte = np.where(sel & np.uint64(8), np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0)), byte)
-        out |= byte << np.uint64(8 * j)
-    return out.astype(np.uint32)
-
-
-def emulate(code, words) -> np.ndarray:
-    """Run ``program(code)`` on uint32 ``words`` [n] in NumPy: -> float32 [n, 8] (elements 0-7 of each word)."""
-    regs = {"$8": np.asarray(words, dtype=np.uint32)}
-    val = lambda a: regs[a] if isinstance(a, str) else np.uint32(a)   # noqa: E731
-    for op, dst, *src in program(code):
-        if op == "mov":
-            regs[dst] = np.full(regs["$8"].shape, src[0], dtype=np.uint32)
-        elif op == "shr":
-            regs[dst] = val(src[0]) >> np.uint32(src[1])
-        elif op == "and":
-            regs[dst] = val(src[0]) & val(src[1])
-        elif op == "or":
-            regs[dst] = val(src[0]) | val(src[1])
-        elif op == "prmt":
-            regs[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
-        elif op == "f16x2_to_f32":
-            pair = val(src[1])
-            regs[dst] = (pair & np.uint32(0xFFFF)).astype(np.uint16).view(np.float16).astype(np.float32)
-            regs[src[0]] = (pair >> np.uint32(16)).astype(np.uint16).view(np.float16).astype(np.float32)
-    return np.stack([regs[f"${i}"] for i in range(8)], axis=1)
