@@ -214,31 +214,41 @@ KERNEL_CHECK = textwrap.dedent("""
         r.allocate_cache(40)
         return r
 
-    def check_decode(quantized, dense, label, configs):
+    def check_decode(quantized, dense, phases):
         # the kernel decode step (fused q/k/v and gate/up) on quantized against dense (its de-quantized
-        # twin, eager): prefill, then 3 steps of 2 rows and of 1 row
+        # twin, eager): one prefill (our de-quantize serves it: 2 x 37 tokens), then for each (rows, label,
+        # configs) phase 3 steps of that many rows, the kernels chosen by configs, noted under label
         kernels, eager = runner(quantized), runner(dense)
         kernels.use_kernels = True
         kernels.layers = [LayerWeights(layer, fuse=True, quant_kernels=True) for layer in quantized.model.layers]
-        assert all(layer.qkv is not None and layer.qkv.quant is not None for layer in kernels.layers), label
-        for p in kernels.linears():
-            if p.quant is not None:
-                p.config.update(configs)
+        assert all(layer.qkv is not None and layer.qkv.quant is not None for layer in kernels.layers)
+        label = [phases[0][1]]
+
+        def choose(configs, name):
+            def before():
+                label[0] = name
+                for p in kernels.linears():
+                    if p.quant is not None:
+                        p.config.update(configs)
+            return before
+        choose({74: DEQUANT}, label[0])()
         prompts = [torch.randint(0, 300, (21,)).tolist(), torch.randint(0, 300, (37,)).tolist()]
         compare_decode(eager, kernels, prompts, [[3, 7, 9, 11, 13], [4, 5, 6, 8, 10]],
-                       lambda got, ref: note(label, got, ref))
+                       lambda got, ref: note(label[0], got, ref),
+                       [(rows, choose(configs, name)) for rows, name, configs in phases])
         return kernels
 
-    kernels = check_decode(nf4, dense, "model", {
-        1: Tiled(16, 16, 128, 4, 3, "t", 1),   # one row without NVRTC, and batches: the tiled kernel
-        4: Tiled(16, 16, 128, 4, 3, "t", 1),
-        74: DEQUANT})                          # the prefill (2 x 37 tokens): our de-quantize
+    kernels = check_decode(nf4, dense, [
+        # batches: the tiled kernel, whole K; inputs in one run with K in parts; fp16 values
+        (2, "model", {4: Tiled(16, 16, 128, 4, 3, "t", 1)}),
+        (2, "model", {4: Tiled(16, 16, 128, 4, 3, "tc", 2)}),
+        (2, "model16", {4: Tiled(16, 32, 128, 4, 3, "thc", 1)}),
+        # one row without NVRTC: the tiled kernel too, in the same variants, and with K in 2 parts
+        (1, "model", {1: Tiled(16, 16, 128, 4, 3, "t", 1)}),
+        (1, "model", {1: Tiled(16, 16, 128, 4, 3, "tc", 2)}),
+        (1, "model16", {1: Tiled(16, 32, 128, 4, 3, "thc", 1)}),
+        (1, "model", {1: Tiled(16, 16, 128, 4, 3, "t", 2)})])
     assert all(layer.qkv.quant.absmax2 is not None for layer in kernels.layers)
-    # inputs in one run with K in parts; fp16 values
-    check_decode(nf4, dense, "model", {1: Tiled(16, 16, 128, 4, 3, "tc", 2), 4: Tiled(16, 16, 128, 4, 3, "tc", 2),
-                                       74: DEQUANT})
-    check_decode(nf4, dense, "model16", {1: Tiled(16, 32, 128, 4, 3, "thc", 1), 4: Tiled(16, 32, 128, 4, 3, "thc", 1),
-                                         74: DEQUANT})
 
     # 8-bit (LLM.int8 on CPU): q/k/v and gate/up joined into one int8 weight each, the modules made views of
     # it and still computing what they did; the kernel decode step against the de-quantized fp32 twin
@@ -256,12 +266,10 @@ KERNEL_CHECK = textwrap.dedent("""
     attn = int8.model.layers[0].self_attn
     with torch.inference_mode():
         before = [m(probe) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    check_decode(nf4, dense, "model", {1: Tiled(16, 16, 128, 4, 3, "t", 2),
-                                       4: Tiled(16, 16, 128, 4, 3, "t", 1), 74: DEQUANT})
-    check_decode(int8, dense8, "int8 model", {1: Gemv(8, 512, 4), 4: Tiled(16, 16, 64, 4, 3, "t", 2),
-                                              74: DEQUANT})
-    kernels = check_decode(int8, dense8, "int8 model", {1: Gemv(8, 512, 4), 4: Tiled(16, 16, 64, 4, 3),
-                                                        74: DEQUANT})
+    kernels = check_decode(int8, dense8, [
+        (2, "int8 model", {4: Tiled(16, 16, 64, 4, 3, "t", 2)}),
+        (2, "int8 model", {4: Tiled(16, 16, 64, 4, 3)}),
+        (1, "int8 model", {1: Gemv(8, 512, 4)})])
     fused = kernels.layers[0].qkv.quant
     assert fused.kind == "int8" and fused.shape == (256, 128)
     assert attn.k_proj.weight.data.data_ptr() == fused.data.data_ptr() + 128 * 128
